@@ -1,0 +1,39 @@
+# Every target bootstraps .venv from nothing; no step by hand.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+SEEDS ?= 100
+
+.PHONY: venv demo test lint check bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m engine.demo
+
+# pytest exits 5 when it collects no tests: say so loudly, but do not fail on it.
+test: $(STAMP)
+	@$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "WARNING: pytest collected no tests"; exit 0; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check engine adapters tests bench
+	$(VENV)/bin/mypy --strict engine
+
+check: test lint
+
+bench-quick: $(STAMP)
+	$(PY) -m bench.core --quick
+
+bench: $(STAMP)
+	$(PY) -m bench.core
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,810 @@
+"""The embedding API: one ``Node`` per node home.
+
+A node holds its dataset's collections as CRDT documents in its SQLite store,
+resolves records with ``engine.merge``, numbers vouchers with
+``engine.series`` and exchanges raw CRDT updates with other replicas. Every
+write is one SQLite transaction (update log + outbox + resolved records +
+series state) and is durable when the method returns.
+
+Several processes may open the same home; each write first catches up with
+what the others committed, under the store's write lock, so no write is lost.
+Reads come from the resolved ``records`` table and are always current.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import re
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import series as series_mod
+from .clock import Clock, HybridClock, SystemClock, system_random
+from .crdt import RecordDoc
+from .errors import (
+    DatasetMismatch,
+    RecordDeleted,
+    RecordNotFound,
+    SeriesError,
+    UnknownCollection,
+    UnknownReference,
+    UpdateError,
+    UserError,
+    ValidationError,
+)
+from .ids import is_id, new_id
+from .merge import CREATED, DELETED, new_state, resolve, seen_by
+from .schema import Collection, Schema, load_schema, parse_schema
+from .store import NodeStore
+from .values import decode, encode
+
+DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+DOC_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}(/\d{4}(-\d{2})?)?$")
+MAX_LOADED_DOCS = 64  # documents kept in memory; least recently used are dropped
+COMPACT_AFTER = 1000  # log rows of one document before it is folded into a snapshot
+EMPTY_UPDATE = b"\x00\x00"
+
+
+@dataclass(frozen=True)
+class Posted:
+    """A voucher that was booked: its record id and its number."""
+
+    id: str
+    number: str
+    provisional: bool = False
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What ``import_updates`` changed: documents that had something new,
+    records re-resolved, and update-log rows written."""
+
+    documents: int
+    records: int
+    stored: int
+
+
+@dataclass
+class _Loaded:
+    doc: RecordDoc
+    applied: int  # highest update-log seq integrated into ``doc``
+    snapshot: int  # ``upto`` of the snapshot it was loaded from
+    tail: int  # log rows after the snapshot
+
+
+class Node:
+    """An open node home. Not thread-safe; use one ``Node`` per thread."""
+
+    def __init__(
+        self, home: Path, store: NodeStore, schema: Schema, clock: Clock, rng: random.Random
+    ) -> None:
+        meta = store.meta()
+        self.home = Path(home)
+        self.store = store
+        self.schema = schema
+        self.dataset = meta["dataset"]
+        self.node_id = meta["node"]
+        self._clock = clock
+        self._rng = rng
+        self._hlc = HybridClock(clock, int(meta.get("hlc", "0")))
+        # One Yjs client id per process: two live Doc instances of one document
+        # must never share a client id, or the replicas diverge.
+        self._client_id = rng.getrandbits(52) + 1
+        self._docs: OrderedDict[str, _Loaded] = OrderedDict()
+        store.changed_elsewhere()
+
+    # -- opening -----------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        home: str | Path,
+        *,
+        dataset: str,
+        node: str,
+        schema: str | Path | Schema = "accounting",
+        relay: str | None = None,
+        token: str | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> Node:
+        """Create a node home. Raises UserError for bad names, HomeExists, SchemaError."""
+        if not DATASET_RE.match(dataset):
+            raise UserError(
+                f"invalid dataset name {dataset!r}: use letters, digits, '_', '.', '-' (max 64)"
+            )
+        if not NODE_RE.match(node):
+            raise UserError(f"invalid node name {node!r}: use letters, digits, '_', '-' (max 32)")
+        sch = schema if isinstance(schema, Schema) else load_schema(schema)
+        clock = clock or SystemClock()
+        meta = {
+            "dataset": dataset,
+            "node": node,
+            "schema_name": sch.name,
+            "schema_version": str(sch.version),
+            "schema_source": sch.source,
+            "hlc": "0",
+            "created_at": str(clock.wall_ms()),
+        }
+        if relay:
+            meta["relay"] = relay
+        if token:
+            meta["token"] = token
+        store = NodeStore.create(Path(home), meta)
+        return cls(Path(home), store, sch, clock, rng or system_random())
+
+    @classmethod
+    def open(
+        cls,
+        home: str | Path,
+        *,
+        dataset: str | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> Node:
+        """Open a node home. With ``dataset``, refuse a home of another dataset.
+
+        Raises HomeNotFound, FormatVersionError, DatasetMismatch.
+        """
+        store = NodeStore.open(Path(home))
+        meta = store.meta()
+        if dataset is not None and meta["dataset"] != dataset:
+            store.close()
+            raise DatasetMismatch(
+                f"{home} belongs to dataset '{meta['dataset']}', not '{dataset}'"
+            )
+        sch = parse_schema(meta["schema_source"], origin=f"{home} (stored schema)")
+        return cls(Path(home), store, sch, clock or SystemClock(), rng or system_random())
+
+    def close(self) -> None:
+        self._docs.clear()
+        self.store.close()
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing -----------------------------------------------------------
+
+    def put(self, collection: str, fields: dict[str, Any]) -> str:
+        """Insert a record, or update the one named by ``id`` or by the unique
+        key in ``fields`` (only the given fields change). Returns the record id.
+
+        Raises UnknownCollection, ValidationError, UnknownReference,
+        RecordNotFound, RecordDeleted; nothing is written then.
+        """
+        coll = self.collection(collection)
+        with self._write() as conn:
+            return self._put(conn, coll, fields)
+
+    def post_voucher(self, collection: str, fields: dict[str, Any]) -> Posted:
+        """Book a new voucher and give it the next number of its series
+        (unless ``fields`` carries a ``number`` typed by hand).
+
+        The number is durable together with the voucher; a failed booking
+        uses no number. Raises as ``put``, and SeriesError.
+        """
+        coll = self.collection(collection)
+        if not coll.is_voucher:
+            raise UserError(f"{collection} is a catalog, not a voucher book; use put")
+        if "id" in fields:
+            raise ValidationError(f"{collection}: a new voucher cannot name an id; use put to edit")
+        with self._write() as conn:
+            if fields.get("number"):
+                rid = self._put(conn, coll, fields)
+                return Posted(rid, str(fields["number"]))
+            rid = new_id(self._clock, self._rng)
+            date = self._partition_date(coll, fields)
+            alloc = series_mod.allocate(conn, coll, self.node_id, date, rid, self._clock.wall_ms())
+            self._put(conn, coll, {**fields, "number": alloc.number}, new_record_id=rid)
+            return Posted(rid, alloc.number, alloc.provisional)
+
+    def delete(self, collection: str, id_or_key: str) -> str:
+        """Delete a live record (a ``_deleted`` write that replicates). Returns its id.
+
+        Deleting a numbered voucher journals its number as void. Raises
+        RecordNotFound.
+        """
+        coll = self.collection(collection)
+        with self._write() as conn:
+            rid, docname = self._find_live(conn, coll, id_or_key)
+            loaded = self._doc(docname)
+            self._write_entry(conn, coll, loaded, rid, {DELETED: True})
+            if coll.is_voucher and coll.series is not None:
+                row = conn.execute(
+                    "SELECT json_extract(data, '$.number'), json_extract(data, '$.date') "
+                    "FROM records WHERE collection = ? AND id = ?",
+                    (coll.name, rid),
+                ).fetchone()
+                if row and row[0]:
+                    date = dt.date.fromisoformat(row[1]) if row[1] else None
+                    key = series_mod.series_key(coll, date)
+                    series_mod.void(conn, key, row[0], coll.name, rid, self._clock.wall_ms())
+            return rid
+
+    def restore(self, collection: str, record_id: str) -> None:
+        """Undo a delete (wins over the delete it has seen). Raises RecordNotFound."""
+        coll = self.collection(collection)
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT doc FROM records WHERE collection = ? AND id = ?", (coll.name, record_id)
+            ).fetchone()
+            if row is None:
+                raise RecordNotFound(f"{coll.name}: no record {record_id}")
+            self._write_entry(conn, coll, self._doc(row[0]), record_id, {DELETED: False})
+
+    def add_block(self, collection: str, first: int, last: int, year: int | None = None) -> None:
+        """Take a block of a ``blocks`` series leased by the relay, then give
+        final numbers to provisionally numbered vouchers. Raises SeriesError."""
+        coll = self.collection(collection)
+        key = self._blocks_key(coll, year)
+        with self._write() as conn:
+            series_mod.add_block(conn, key, first, last, self._clock.wall_ms())
+            self._finalize_provisional(conn, coll)
+
+    def refill_blocks(self, source: series_mod.BlockSource) -> int:
+        """Lease blocks so every ``blocks`` series of this year holds its reserve,
+        and finalize provisional numbers. Returns the numbers leased."""
+        leased = 0
+        year = dt.date.fromtimestamp(self._clock.wall_ms() / 1000).year
+        for coll in self.schema.ordered():
+            if coll.series is None or coll.series.strategy != "blocks":
+                continue
+            key = self._blocks_key(coll, year)
+            while True:
+                missing = coll.series.reserve - series_mod.reserve_left(self.store.conn, key)
+                if missing <= 0 and not self._has_provisional(coll):
+                    break
+                count = max(coll.series.block_size, missing)
+                first, last = source.lease(key, count)
+                self.add_block(coll.name, first, last, year)
+                leased += last - first + 1
+        return leased
+
+    def reserve_left(self, collection: str, year: int | None = None) -> int:
+        """Unused leased numbers of a ``blocks`` series."""
+        coll = self.collection(collection)
+        return series_mod.reserve_left(self.store.conn, self._blocks_key(coll, year))
+
+    # -- reading -----------------------------------------------------------
+
+    def collection(self, name: str) -> Collection:
+        """The schema's collection. Raises UnknownCollection."""
+        coll = self.schema.collections.get(name)
+        if coll is None:
+            known = ", ".join(sorted(self.schema.collections))
+            raise UnknownCollection(f"unknown collection '{name}' (known: {known})")
+        return coll
+
+    def get(self, collection: str, id_or_key: str, *, codes: bool = False) -> dict[str, Any] | None:
+        """A live record by id or unique key, typed (Decimal, date, ...), or None.
+        With ``codes``, references show the target's code instead of its id."""
+        coll = self.collection(collection)
+        found = self._lookup(self.store.conn, coll, id_or_key)
+        if found is None:
+            return None
+        row = self.store.conn.execute(
+            "SELECT id, data FROM records WHERE collection = ? AND id = ? AND deleted = 0",
+            (coll.name, found[0]),
+        ).fetchone()
+        return self._rows_to_records(coll, [row], codes)[0] if row else None
+
+    def list(self, collection: str, *, codes: bool = False) -> list[dict[str, Any]]:
+        """All live records of a collection in id (creation time) order."""
+        coll = self.collection(collection)
+        rows = self.store.conn.execute(
+            "SELECT id, data FROM records WHERE collection = ? AND deleted = 0 ORDER BY id",
+            (coll.name,),
+        ).fetchall()
+        return self._rows_to_records(coll, rows, codes)
+
+    def find(self, collection: str, **equals: Any) -> list[dict[str, Any]]:
+        """Live records whose fields equal the given values."""
+        coll = self.collection(collection)
+        for name in equals:
+            if name not in coll.fields:
+                raise ValidationError(f"{collection}: unknown field '{name}'")
+        return [r for r in self.list(collection) if all(r.get(k) == v for k, v in equals.items())]
+
+    def count(self, collection: str) -> int:
+        coll = self.collection(collection)
+        row = self.store.conn.execute(
+            "SELECT COUNT(*) FROM records WHERE collection = ? AND deleted = 0", (coll.name,)
+        ).fetchone()
+        return int(row[0])
+
+    def conflicts(self) -> list[dict[str, Any]]:
+        """Every open conflict, derived from replicated state, sorted by id.
+
+        Each has ``id``, ``kind`` (concurrent_edit, edit_delete,
+        duplicate_key), ``collection``, ``records``, ``field`` and
+        ``values`` (``node``, ``hlc``, ``value``, ``in_force``), and an
+        ``explanation``.
+        """
+        conn = self.store.conn
+        out = []
+        for cid, coll, rid, kind, fld, data in conn.execute(
+            "SELECT id, collection, record_id, kind, field, data FROM record_conflicts"
+        ):
+            competitors = orjson.loads(data)
+            for i, c in enumerate(competitors):
+                c["in_force"] = i == 0
+            if kind == "concurrent_edit":
+                text = (
+                    f"'{fld}' was changed at the same time at {_nodes(competitors)}; "
+                    f"the later edit (from {competitors[0]['node']}) is in force, the other "
+                    "value is kept until someone resolves it"
+                )
+            else:
+                text = (
+                    f"the record was deleted at {competitors[0]['node']} while "
+                    f"{_nodes(competitors[1:])} edited it without seeing the delete"
+                )
+            out.append({"id": cid, "kind": kind, "collection": coll, "records": [rid],
+                        "field": fld, "values": competitors, "explanation": text})
+        for coll_name, key_field in ((c.name, c.key) for c in self.schema.collections.values()):
+            dupes = conn.execute(
+                "SELECT key FROM records WHERE collection = ? AND deleted = 0 AND key IS NOT NULL "
+                "GROUP BY key HAVING COUNT(*) > 1",
+                (coll_name,),
+            ).fetchall()
+            for (key,) in dupes:
+                rows = conn.execute(
+                    "SELECT id, created_node, created_hlc FROM records WHERE collection = ? "
+                    "AND key = ? AND deleted = 0 ORDER BY created_hlc, created_node",
+                    (coll_name, key),
+                ).fetchall()
+                ids = [r[0] for r in rows]
+                cid = _digest("duplicate_key", coll_name, key, *sorted(ids))
+                values = [
+                    {"node": n, "hlc": h, "value": rid, "in_force": i == 0}
+                    for i, (rid, n, h) in enumerate(rows)
+                ]
+                out.append({
+                    "id": cid, "kind": "duplicate_key", "collection": coll_name,
+                    "records": ids, "field": key_field, "key": key, "values": values,
+                    "explanation": (
+                        f"{len(ids)} live {coll_name} records share {key_field} '{key}' "
+                        f"(created at {_nodes(values)}); the earliest created is used "
+                        "for references"
+                    ),
+                })
+        out.sort(key=lambda c: c["id"])
+        return out
+
+    # -- replication -------------------------------------------------------
+
+    def documents(self) -> list[str]:
+        """Names of the CRDT documents this node holds."""
+        rows = self.store.conn.execute(
+            "SELECT doc FROM updates UNION SELECT doc FROM snapshots ORDER BY 1"
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def state(self) -> dict[str, bytes]:
+        """Per document, the Yjs state vector (what this node holds)."""
+        self.refresh()
+        return {name: self._doc(name).doc.state_vector() for name in self.documents()}
+
+    def export_updates(self, since: dict[str, bytes] | None = None) -> dict[str, bytes]:
+        """Per document, the update a replica in state ``since`` lacks
+        (everything when ``since`` is None). Documents with nothing new are left
+        out. Raises UpdateError for an invalid state vector."""
+        self.refresh()
+        out = {}
+        for name in self.documents():
+            sv = None if since is None else since.get(name)
+            data = self._doc(name).doc.diff(sv)
+            if data != EMPTY_UPDATE:
+                out[name] = data
+        return out
+
+    def import_updates(self, updates: dict[str, bytes]) -> ImportReport:
+        """Integrate updates from another replica in one durable transaction.
+
+        Idempotent: what is already here is not stored again. Raises
+        UpdateError (nothing stored) for a bad document name or bad bytes.
+        """
+        for name in updates:
+            self._collection_of(name)
+        documents = records = stored = 0
+        with self._write() as conn:
+            for name, data in updates.items():
+                coll = self._collection_of(name)
+                loaded = self._doc(name)
+                changed, effective, pending = loaded.doc.apply(bytes(data))
+                # A part that waits for missing updates is kept raw, or it would
+                # be lost on restart; otherwise only what was new is logged.
+                blob = bytes(data) if pending else effective
+                if blob is None:
+                    continue
+                documents += 1
+                stored += 1
+                self._log(conn, loaded, blob, "remote")
+                records += self._materialize(conn, coll, loaded.doc, changed)
+        return ImportReport(documents, records, stored)
+
+    def outbox(self, limit: int = 1000) -> list[tuple[int, str, bytes]]:
+        """Local updates the relay has not acknowledged: (seq, document, update)."""
+        rows = self.store.conn.execute(
+            "SELECT seq, doc, data FROM updates WHERE pending = 1 ORDER BY seq LIMIT ?", (limit,)
+        ).fetchall()
+        return [(int(s), str(d), bytes(b)) for s, d, b in rows]
+
+    def ack(self, seqs: list[int]) -> None:
+        """Mark outbox entries acknowledged by the relay (durably)."""
+        with self.store.transaction() as conn:
+            conn.executemany("UPDATE updates SET pending = 0 WHERE seq = ?", [(s,) for s in seqs])
+
+    def refresh(self) -> bool:
+        """Bring loaded documents up to date with other processes' commits.
+        Returns True when something had changed."""
+        if not self.store.changed_elsewhere():
+            return False
+        for loaded in list(self._docs.values()):
+            self._catch_up(loaded)
+        return True
+
+    def compact(self, docname: str | None = None) -> int:
+        """Fold log rows into snapshots (acknowledged or remote rows are then
+        removed; the outbox stays). Returns the rows removed."""
+        removed = 0
+        names = [docname] if docname else self.documents()
+        for name in names:
+            with self._write() as conn:
+                removed += self._compact(conn, self._doc(name))
+        return removed
+
+    # -- internals ---------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self.store.transaction() as conn:
+            try:
+                self.refresh()
+                row = conn.execute("SELECT value FROM meta WHERE key = 'hlc'").fetchone()
+                self._hlc.observe(int(row[0]))
+                yield conn
+                self.store.set_meta("hlc", str(self._hlc.last))
+            except BaseException:
+                # In-memory documents may hold changes that will not commit.
+                self._docs.clear()
+                raise
+
+    def _put(
+        self,
+        conn: sqlite3.Connection,
+        coll: Collection,
+        fields: dict[str, Any],
+        new_record_id: str | None = None,
+    ) -> str:
+        if not isinstance(fields, dict):
+            raise ValidationError(f"{coll.name}: expected an object of fields")
+        unknown = [k for k in fields if k != "id" and k not in coll.fields]
+        if unknown:
+            raise ValidationError(
+                f"{coll.name}: unknown field(s) {', '.join(map(str, unknown))} "
+                f"(known: {', '.join(coll.fields)})"
+            )
+        existing: tuple[str, str] | None = None
+        if new_record_id is None and "id" in fields:
+            existing = self._find_live(conn, coll, str(fields["id"]))
+        elif new_record_id is None and fields.get(coll.key) is not None:
+            existing = self._lookup(conn, coll, str(fields[coll.key]), by_id=False)
+        values = self._encode(conn, coll, fields, creating=existing is None)
+        if existing is None:
+            rid = new_record_id or new_id(self._clock, self._rng)
+            docname = self._doc_name(coll, values)
+            values[CREATED] = True
+        else:
+            rid, docname = existing
+            if coll.partition and coll.partition_field in values:
+                moved = self._doc_name(coll, values)
+                if moved != docname:
+                    raise ValidationError(
+                        f"{coll.name}.{coll.partition_field}: cannot move a voucher from "
+                        f"period {docname.partition('/')[2]} to {moved.partition('/')[2]}; "
+                        "void it and book a new one"
+                    )
+        self._write_entry(conn, coll, self._doc(docname), rid, values)
+        return rid
+
+    def _write_entry(
+        self, conn: sqlite3.Connection, coll: Collection, loaded: _Loaded, rid: str,
+        values: dict[str, Any],
+    ) -> None:
+        states = loaded.doc.states(rid)
+        current = resolve(states)
+        if current.complete and current.deleted and DELETED not in values:
+            raise RecordDeleted(f"{coll.name} {rid} is deleted; restore it before editing")
+        hlc = self._hlc.tick(at_least=current.newest)
+        state = new_state(states.get(self.node_id), values, hlc, seen_by(states, self.node_id))
+        update = loaded.doc.write(rid, self.node_id, state)
+        self._log(conn, loaded, update, "local")
+        self._materialize(conn, coll, loaded.doc, {rid})
+
+    def _encode(
+        self, conn: sqlite3.Connection, coll: Collection, fields: dict[str, Any], creating: bool
+    ) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, value in fields.items():
+            if name == "id":
+                continue
+            fld = coll.fields[name]
+            where = f"{coll.name}.{name}"
+            stored = encode(fld, value, where)
+            if stored is None and fld.required:
+                raise ValidationError(f"{where}: required, cannot be empty")
+            if fld.type == "ref" and stored is not None:
+                assert fld.to is not None
+                stored = self._resolve_ref(conn, fld.to, stored, where)
+            elif fld.type == "lines" and stored is not None:
+                for i, line in enumerate(stored, 1):
+                    for sub in fld.fields:
+                        if sub.type == "ref" and sub.name in line:
+                            assert sub.to is not None
+                            line[sub.name] = self._resolve_ref(
+                                conn, sub.to, line[sub.name], f"{where} line {i}, {sub.name}"
+                            )
+            values[name] = stored
+        if creating:
+            missing = [f.name for f in coll.fields.values() if f.required and f.name not in values]
+            if missing:
+                raise ValidationError(f"{coll.name}: missing required field(s) {', '.join(missing)}")
+        return values
+
+    def _resolve_ref(self, conn: sqlite3.Connection, target: str, value: str, where: str) -> str:
+        found = self._lookup(conn, self.schema.collections[target], value)
+        if found is None:
+            raise UnknownReference(f"{where}: no {target} record with code or id {value!r}")
+        return found[0]
+
+    def _lookup(
+        self, conn: sqlite3.Connection, coll: Collection, id_or_key: str, by_id: bool = True
+    ) -> tuple[str, str] | None:
+        """(id, document) of the live record with that id or key. With several
+        live records on one key (a duplicate_key conflict), the earliest created."""
+        if by_id and is_id(id_or_key):
+            row = conn.execute(
+                "SELECT id, doc FROM records WHERE collection = ? AND id = ? AND deleted = 0",
+                (coll.name, id_or_key),
+            ).fetchone()
+            if row:
+                return str(row[0]), str(row[1])
+        row = conn.execute(
+            "SELECT id, doc FROM records WHERE collection = ? AND key = ? AND deleted = 0 "
+            "ORDER BY created_hlc, created_node LIMIT 1",
+            (coll.name, id_or_key),
+        ).fetchone()
+        return (str(row[0]), str(row[1])) if row else None
+
+    def _find_live(self, conn: sqlite3.Connection, coll: Collection, id_or_key: str) -> tuple[str, str]:
+        found = self._lookup(conn, coll, id_or_key)
+        if found is None:
+            raise RecordNotFound(f"{coll.name}: no live record with id or {coll.key} {id_or_key!r}")
+        return found
+
+    def _partition_date(self, coll: Collection, fields: dict[str, Any]) -> dt.date | None:
+        if coll.partition_field not in coll.fields:
+            return None
+        raw = fields.get(coll.partition_field)
+        if raw is None:
+            return None
+        stored = encode(coll.fields[coll.partition_field], raw, f"{coll.name}.{coll.partition_field}")
+        return dt.date.fromisoformat(stored)
+
+    def _doc_name(self, coll: Collection, values: dict[str, Any]) -> str:
+        if coll.partition is None:
+            return coll.name
+        date = values[coll.partition_field]
+        return f"{coll.name}/{date[:7] if coll.partition == 'month' else date[:4]}"
+
+    def _collection_of(self, docname: str) -> Collection:
+        if not isinstance(docname, str) or not DOC_RE.match(docname):
+            raise UpdateError(f"invalid document name {docname!r}")
+        name = docname.partition("/")[0]
+        if name not in self.schema.collections:
+            raise UpdateError(
+                f"document {docname!r} belongs to collection '{name}', which this node's "
+                f"schema ({self.schema.name} v{self.schema.version}) does not have"
+            )
+        return self.schema.collections[name]
+
+    def _doc(self, name: str) -> _Loaded:
+        loaded = self._docs.get(name)
+        if loaded is not None:
+            self._docs.move_to_end(name)
+            return loaded
+        loaded = _Loaded(RecordDoc(name, self._client_id), 0, 0, 0)
+        self._catch_up(loaded)
+        self._docs[name] = loaded
+        while len(self._docs) > MAX_LOADED_DOCS:
+            self._docs.popitem(last=False)
+        return loaded
+
+    def _catch_up(self, loaded: _Loaded) -> None:
+        conn = self.store.conn
+        snap = conn.execute(
+            "SELECT upto, data FROM snapshots WHERE doc = ?", (loaded.doc.name,)
+        ).fetchone()
+        if snap is not None and snap[0] > loaded.applied:
+            loaded.doc.apply(bytes(snap[1]))
+            loaded.snapshot = loaded.applied = int(snap[0])
+            loaded.tail = 0
+        for seq, data in conn.execute(
+            "SELECT seq, data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq",
+            (loaded.doc.name, loaded.applied),
+        ):
+            loaded.doc.apply(bytes(data))
+            loaded.applied = int(seq)
+            loaded.tail += 1
+
+    def _log(self, conn: sqlite3.Connection, loaded: _Loaded, data: bytes, origin: str) -> None:
+        cur = conn.execute(
+            "INSERT INTO updates (doc, data, origin, pending, at) VALUES (?, ?, ?, ?, ?)",
+            (loaded.doc.name, data, origin, int(origin == "local"), self._clock.wall_ms()),
+        )
+        assert cur.lastrowid is not None
+        loaded.applied = cur.lastrowid
+        loaded.tail += 1
+        if loaded.tail >= COMPACT_AFTER:
+            self._compact(conn, loaded)
+
+    def _compact(self, conn: sqlite3.Connection, loaded: _Loaded) -> int:
+        upto = loaded.applied
+        if upto <= loaded.snapshot:
+            return 0
+        conn.execute(
+            "INSERT INTO snapshots (doc, upto, data, at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (doc) DO UPDATE SET upto = excluded.upto, data = excluded.data, "
+            "at = excluded.at",
+            (loaded.doc.name, upto, loaded.doc.diff(), self._clock.wall_ms()),
+        )
+        cur = conn.execute(
+            "DELETE FROM updates WHERE doc = ? AND seq <= ? AND pending = 0",
+            (loaded.doc.name, upto),
+        )
+        loaded.snapshot = upto
+        loaded.tail = 0
+        return cur.rowcount
+
+    def _materialize(
+        self, conn: sqlite3.Connection, coll: Collection, doc: RecordDoc, rids: set[str]
+    ) -> int:
+        """Re-resolve records into ``records`` and ``record_conflicts``."""
+        rows, gone, conflicts = [], [], []
+        for rid in rids:
+            r = resolve(doc.states(rid))
+            gone.append((coll.name, rid))
+            self._hlc.observe(r.newest)
+            if not r.complete:
+                continue
+            values = _valid_values(coll, r.values)
+            key = values.get(coll.key)
+            rows.append((
+                coll.name, rid, doc.name, key, int(r.deleted), r.created[0] if r.created else 0,
+                r.created[1] if r.created else "", r.newest, orjson.dumps(values).decode(),
+            ))
+            for c in r.conflicts:
+                data = [{"node": p.node, "hlc": p.hlc, "value": p.value} for p in c.competitors]
+                conflicts.append((c.conflict_id(coll.name, rid), coll.name, rid, c.kind, c.field,
+                                  orjson.dumps(data).decode()))
+        conn.executemany("DELETE FROM records WHERE collection = ? AND id = ?", gone)
+        conn.executemany(
+            "DELETE FROM record_conflicts WHERE collection = ? AND record_id = ?", gone
+        )
+        conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.executemany("INSERT OR REPLACE INTO record_conflicts VALUES (?, ?, ?, ?, ?, ?)",
+                         conflicts)
+        return len(rows)
+
+    def _rows_to_records(
+        self, coll: Collection, rows: list[Any], codes: bool
+    ) -> list[dict[str, Any]]:
+        code_of: dict[str, dict[str, str]] = {}
+        if codes:
+            targets = {f.to for f in coll.fields.values() if f.type == "ref"}
+            targets |= {s.to for f in coll.fields.values() for s in f.fields if s.type == "ref"}
+            for target in targets:
+                assert target is not None
+                code_of[target] = dict(self.store.conn.execute(
+                    "SELECT id, key FROM records WHERE collection = ?", (target,)
+                ).fetchall())
+        out = []
+        for rid, data in rows:
+            stored = orjson.loads(data)
+            rec: dict[str, Any] = {"id": rid}
+            for name, fld in coll.fields.items():
+                if name not in stored or stored[name] is None:
+                    continue
+                value = stored[name]
+                if codes and fld.type == "ref":
+                    assert fld.to is not None
+                    value = code_of[fld.to].get(value, value)
+                elif codes and fld.type == "lines":
+                    value = [
+                        {k: (code_of[s.to].get(v, v) if (s := fld.line_field(k)) and s.to else v)
+                         for k, v in line.items()}
+                        for line in value
+                    ]
+                rec[name] = decode(fld, value) if not (codes and fld.type == "ref") else value
+            out.append(rec)
+        return out
+
+    def _blocks_key(self, coll: Collection, year: int | None) -> str:
+        if coll.series is None or coll.series.strategy != "blocks":
+            raise SeriesError(f"{coll.name} does not use a 'blocks' series")
+        if coll.series.reset == "yearly":
+            year = year or dt.date.fromtimestamp(self._clock.wall_ms() / 1000).year
+            return series_mod.series_key(coll, dt.date(year, 1, 1))
+        return series_mod.series_key(coll, None)
+
+    def _has_provisional(self, coll: Collection) -> bool:
+        row = self.store.conn.execute(
+            "SELECT 1 FROM provisional WHERE collection = ? AND final IS NULL LIMIT 1",
+            (coll.name,),
+        ).fetchone()
+        return row is not None
+
+    def _finalize_provisional(self, conn: sqlite3.Connection, coll: Collection) -> None:
+        pending = conn.execute(
+            "SELECT p.record_id, json_extract(r.data, '$.date') FROM provisional p "
+            "JOIN records r ON r.collection = p.collection AND r.id = p.record_id "
+            "WHERE p.collection = ? AND p.final IS NULL ORDER BY p.at, p.record_id",
+            (coll.name,),
+        ).fetchall()
+        for rid, date in pending:
+            day = dt.date.fromisoformat(date) if date else None
+            number = series_mod.finalize(conn, coll, self.node_id, rid, day, self._clock.wall_ms())
+            if number is None:
+                return
+            row = conn.execute(
+                "SELECT doc, deleted FROM records WHERE collection = ? AND id = ?",
+                (coll.name, rid),
+            ).fetchone()
+            if not row[1]:
+                self._write_entry(conn, coll, self._doc(row[0]), rid, {"number": number})
+
+
+def _valid_values(coll: Collection, values: dict[str, Any]) -> dict[str, Any]:
+    """Schema fields whose replicated value is well-formed; a malformed value
+    from a faulty peer is dropped the same way on every node."""
+    out = {}
+    for name, value in values.items():
+        fld = coll.fields.get(name)
+        if fld is None or value is None:
+            continue
+        try:
+            if fld.type in ("ref", "text"):
+                ok = isinstance(value, str)
+            elif fld.type == "lines":
+                ok = encode(fld, value, name) is not None
+            else:
+                ok = encode(fld, value, name) == value
+        except ValidationError:
+            ok = False
+        if ok:
+            out[name] = value
+    return out
+
+
+def _nodes(values: list[dict[str, Any]]) -> str:
+    names = sorted({v["node"] for v in values})
+    return " and ".join(names)
+
+
+def _digest(*parts: str) -> str:
+    import hashlib
+
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]

@@ -1,0 +1,6 @@
+"""Declarative schemas: TOML files and the built-in ``accounting`` schema."""
+
+from .loader import builtin_schema, load_schema, parse_schema
+from .model import Collection, Field, Schema, Series
+
+__all__ = ["Collection", "Field", "Schema", "Series", "builtin_schema", "load_schema", "parse_schema"]

@@ -1,0 +1,212 @@
+"""SQLite node store: update log, snapshots, outbox, records, series, metadata.
+
+Durability: WAL with ``synchronous=FULL``, so a commit is on disk when
+``transaction()`` returns. Several processes may open one store; writers are
+serialized by ``BEGIN IMMEDIATE`` and see each other's commits through
+``PRAGMA data_version``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import FormatVersionError, HomeExists, HomeNotFound, StoreError
+
+STORE_FILE = "branchline.db"
+FORMAT_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+SCHEMA_SQL = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+
+-- Update log: every CRDT update this node holds that is not yet folded into a
+-- snapshot. pending = 1 marks local updates the relay has not acknowledged
+-- (the outbox), and they survive compaction until acknowledged.
+CREATE TABLE updates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc TEXT NOT NULL,
+    data BLOB NOT NULL,
+    origin TEXT NOT NULL CHECK (origin IN ('local', 'remote')),
+    pending INTEGER NOT NULL DEFAULT 0,
+    at INTEGER NOT NULL
+);
+CREATE INDEX updates_doc ON updates (doc, seq);
+CREATE INDEX updates_outbox ON updates (seq) WHERE pending = 1;
+
+-- Snapshot of a document: its full state after replaying every update with
+-- seq <= upto.
+CREATE TABLE snapshots (
+    doc TEXT PRIMARY KEY,
+    upto INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    at INTEGER NOT NULL
+);
+
+-- Records as resolved from CRDT state (values JSON in stored form), kept in the
+-- same transaction as the update that changed them.
+CREATE TABLE records (
+    collection TEXT NOT NULL,
+    id TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    key TEXT,
+    deleted INTEGER NOT NULL,
+    created_hlc INTEGER NOT NULL,
+    created_node TEXT NOT NULL,
+    updated_hlc INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (collection, id)
+) WITHOUT ROWID;
+CREATE INDEX records_key ON records (collection, key);
+
+-- Conflicts inside one record (concurrent_edit, edit_delete), derived.
+CREATE TABLE record_conflicts (
+    id TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    field TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX record_conflicts_record ON record_conflicts (collection, record_id);
+
+CREATE TABLE series_counters (series TEXT PRIMARY KEY, next INTEGER NOT NULL);
+CREATE TABLE series_blocks (
+    series TEXT NOT NULL,
+    start INTEGER NOT NULL,
+    stop INTEGER NOT NULL,  -- last number of the block, inclusive
+    next INTEGER NOT NULL,
+    PRIMARY KEY (series, start)
+);
+CREATE TABLE series_journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    series TEXT NOT NULL,
+    number TEXT NOT NULL,
+    event TEXT NOT NULL CHECK (event IN ('issued', 'provisional', 'finalized', 'void', 'lease')),
+    collection TEXT,
+    record_id TEXT,
+    detail TEXT,
+    at INTEGER NOT NULL
+);
+CREATE TABLE provisional (
+    record_id TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,
+    series TEXT NOT NULL,
+    provisional TEXT NOT NULL,
+    final TEXT,
+    at INTEGER NOT NULL,
+    finalized_at INTEGER
+);
+"""
+
+
+class NodeStore:
+    """An open node store. Not thread-safe: one per thread."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self.conn = conn
+        self._data_version = -1
+
+    @staticmethod
+    def file_in(home: Path) -> Path:
+        return Path(home) / STORE_FILE
+
+    @classmethod
+    def create(cls, home: Path, meta: dict[str, str]) -> NodeStore:
+        """Create the store in ``home`` (made if missing). Raises HomeExists."""
+        home = Path(home)
+        path = cls.file_in(home)
+        if path.exists():
+            raise HomeExists(f"{home} already holds a node store ({path.name}); open it instead")
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create node home {home}: {exc}") from None
+        store = cls(path, _connect(path))
+        with store.transaction():
+            # executescript() would commit; statement by statement keeps it atomic.
+            for statement in SCHEMA_SQL.split(";"):
+                if statement.strip():
+                    store.conn.execute(statement)
+            store.conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)", sorted(meta.items())
+            )
+            store.conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+        return store
+
+    @classmethod
+    def open(cls, home: Path) -> NodeStore:
+        """Open an existing store. Raises HomeNotFound or FormatVersionError."""
+        path = cls.file_in(Path(home))
+        if not path.is_file():
+            raise HomeNotFound(
+                f"no node store in {home}; create one with 'branchline node init --home {home} ...'"
+            )
+        conn = _connect(path)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != FORMAT_VERSION:
+            conn.close()
+            raise FormatVersionError(
+                f"{path} has store format {version}, this Branchline reads format "
+                f"{FORMAT_VERSION}; use the Branchline version that wrote it"
+            )
+        return cls(path, conn)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the store's write lock; durable on exit.
+
+        Rolls back and re-raises on any exception.
+        """
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"{self.path}: cannot start a write ({exc})") from None
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self.conn.execute("ROLLBACK")
+            raise StoreError(f"{self.path}: commit failed ({exc})") from None
+
+    def changed_elsewhere(self) -> bool:
+        """True when another connection committed since the last call."""
+        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        changed = version != self._data_version
+        self._data_version = version
+        return changed
+
+    def meta(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def integrity_check(self) -> str:
+        return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {path}: {exc}") from None
+    return conn
+
