@@ -18,7 +18,7 @@ import random
 import re
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +52,11 @@ DOC_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}(/\d{4}(-\d{2})?)?$")
 MAX_LOADED_DOCS = 64  # documents kept in memory; least recently used are dropped
 COMPACT_AFTER = 1000  # log rows of one document before it is folded into a snapshot
 EMPTY_UPDATE = b"\x00\x00"
+
+# Aliases: inside ``Node`` the name ``list`` is the method, not the type.
+Records = list[dict[str, Any]]
+Strings = list[str]
+Outbox = list[tuple[int, str, bytes]]
 
 
 @dataclass(frozen=True)
@@ -159,9 +164,7 @@ class Node:
         meta = store.meta()
         if dataset is not None and meta["dataset"] != dataset:
             store.close()
-            raise DatasetMismatch(
-                f"{home} belongs to dataset '{meta['dataset']}', not '{dataset}'"
-            )
+            raise DatasetMismatch(f"{home} belongs to dataset '{meta['dataset']}', not '{dataset}'")
         sch = parse_schema(meta["schema_source"], origin=f"{home} (stored schema)")
         return cls(Path(home), store, sch, clock or SystemClock(), rng or system_random())
 
@@ -300,7 +303,7 @@ class Node:
         ).fetchone()
         return self._rows_to_records(coll, [row], codes)[0] if row else None
 
-    def list(self, collection: str, *, codes: bool = False) -> list[dict[str, Any]]:
+    def list(self, collection: str, *, codes: bool = False) -> Records:
         """All live records of a collection in id (creation time) order."""
         coll = self.collection(collection)
         rows = self.store.conn.execute(
@@ -309,7 +312,7 @@ class Node:
         ).fetchall()
         return self._rows_to_records(coll, rows, codes)
 
-    def find(self, collection: str, **equals: Any) -> list[dict[str, Any]]:
+    def find(self, collection: str, **equals: Any) -> Records:
         """Live records whose fields equal the given values."""
         coll = self.collection(collection)
         for name in equals:
@@ -324,7 +327,7 @@ class Node:
         ).fetchone()
         return int(row[0])
 
-    def conflicts(self) -> list[dict[str, Any]]:
+    def conflicts(self) -> Records:
         """Every open conflict, derived from replicated state, sorted by id.
 
         Each has ``id``, ``kind`` (concurrent_edit, edit_delete,
@@ -351,8 +354,17 @@ class Node:
                     f"the record was deleted at {competitors[0]['node']} while "
                     f"{_nodes(competitors[1:])} edited it without seeing the delete"
                 )
-            out.append({"id": cid, "kind": kind, "collection": coll, "records": [rid],
-                        "field": fld, "values": competitors, "explanation": text})
+            out.append(
+                {
+                    "id": cid,
+                    "kind": kind,
+                    "collection": coll,
+                    "records": [rid],
+                    "field": fld,
+                    "values": competitors,
+                    "explanation": text,
+                }
+            )
         for coll_name, key_field in ((c.name, c.key) for c in self.schema.collections.values()):
             dupes = conn.execute(
                 "SELECT key FROM records WHERE collection = ? AND deleted = 0 AND key IS NOT NULL "
@@ -371,21 +383,28 @@ class Node:
                     {"node": n, "hlc": h, "value": rid, "in_force": i == 0}
                     for i, (rid, n, h) in enumerate(rows)
                 ]
-                out.append({
-                    "id": cid, "kind": "duplicate_key", "collection": coll_name,
-                    "records": ids, "field": key_field, "key": key, "values": values,
-                    "explanation": (
-                        f"{len(ids)} live {coll_name} records share {key_field} '{key}' "
-                        f"(created at {_nodes(values)}); the earliest created is used "
-                        "for references"
-                    ),
-                })
+                out.append(
+                    {
+                        "id": cid,
+                        "kind": "duplicate_key",
+                        "collection": coll_name,
+                        "records": ids,
+                        "field": key_field,
+                        "key": key,
+                        "values": values,
+                        "explanation": (
+                            f"{len(ids)} live {coll_name} records share {key_field} '{key}' "
+                            f"(created at {_nodes(values)}); the earliest created is used "
+                            "for references"
+                        ),
+                    }
+                )
         out.sort(key=lambda c: c["id"])
         return out
 
     # -- replication -------------------------------------------------------
 
-    def documents(self) -> list[str]:
+    def documents(self) -> Strings:
         """Names of the CRDT documents this node holds."""
         rows = self.store.conn.execute(
             "SELECT doc FROM updates UNION SELECT doc FROM snapshots ORDER BY 1"
@@ -435,14 +454,14 @@ class Node:
                 records += self._materialize(conn, coll, loaded.doc, changed)
         return ImportReport(documents, records, stored)
 
-    def outbox(self, limit: int = 1000) -> list[tuple[int, str, bytes]]:
+    def outbox(self, limit: int = 1000) -> Outbox:
         """Local updates the relay has not acknowledged: (seq, document, update)."""
         rows = self.store.conn.execute(
             "SELECT seq, doc, data FROM updates WHERE pending = 1 ORDER BY seq LIMIT ?", (limit,)
         ).fetchall()
         return [(int(s), str(d), bytes(b)) for s, d, b in rows]
 
-    def ack(self, seqs: list[int]) -> None:
+    def ack(self, seqs: Iterable[int]) -> None:
         """Mark outbox entries acknowledged by the relay (durably)."""
         with self.store.transaction() as conn:
             conn.executemany("UPDATE updates SET pending = 0 WHERE seq = ?", [(s,) for s in seqs])
@@ -521,7 +540,11 @@ class Node:
         return rid
 
     def _write_entry(
-        self, conn: sqlite3.Connection, coll: Collection, loaded: _Loaded, rid: str,
+        self,
+        conn: sqlite3.Connection,
+        coll: Collection,
+        loaded: _Loaded,
+        rid: str,
         values: dict[str, Any],
     ) -> None:
         states = loaded.doc.states(rid)
@@ -561,7 +584,9 @@ class Node:
         if creating:
             missing = [f.name for f in coll.fields.values() if f.required and f.name not in values]
             if missing:
-                raise ValidationError(f"{coll.name}: missing required field(s) {', '.join(missing)}")
+                raise ValidationError(
+                    f"{coll.name}: missing required field(s) {', '.join(missing)}"
+                )
         return values
 
     def _resolve_ref(self, conn: sqlite3.Connection, target: str, value: str, where: str) -> str:
@@ -589,7 +614,9 @@ class Node:
         ).fetchone()
         return (str(row[0]), str(row[1])) if row else None
 
-    def _find_live(self, conn: sqlite3.Connection, coll: Collection, id_or_key: str) -> tuple[str, str]:
+    def _find_live(
+        self, conn: sqlite3.Connection, coll: Collection, id_or_key: str
+    ) -> tuple[str, str]:
         found = self._lookup(conn, coll, id_or_key)
         if found is None:
             raise RecordNotFound(f"{coll.name}: no live record with id or {coll.key} {id_or_key!r}")
@@ -601,7 +628,9 @@ class Node:
         raw = fields.get(coll.partition_field)
         if raw is None:
             return None
-        stored = encode(coll.fields[coll.partition_field], raw, f"{coll.name}.{coll.partition_field}")
+        stored = encode(
+            coll.fields[coll.partition_field], raw, f"{coll.name}.{coll.partition_field}"
+        )
         return dt.date.fromisoformat(stored)
 
     def _doc_name(self, coll: Collection, values: dict[str, Any]) -> str:
@@ -692,35 +721,53 @@ class Node:
                 continue
             values = _valid_values(coll, r.values)
             key = values.get(coll.key)
-            rows.append((
-                coll.name, rid, doc.name, key, int(r.deleted), r.created[0] if r.created else 0,
-                r.created[1] if r.created else "", r.newest, orjson.dumps(values).decode(),
-            ))
+            rows.append(
+                (
+                    coll.name,
+                    rid,
+                    doc.name,
+                    key,
+                    int(r.deleted),
+                    r.created[0] if r.created else 0,
+                    r.created[1] if r.created else "",
+                    r.newest,
+                    orjson.dumps(values).decode(),
+                )
+            )
             for c in r.conflicts:
                 data = [{"node": p.node, "hlc": p.hlc, "value": p.value} for p in c.competitors]
-                conflicts.append((c.conflict_id(coll.name, rid), coll.name, rid, c.kind, c.field,
-                                  orjson.dumps(data).decode()))
+                conflicts.append(
+                    (
+                        c.conflict_id(coll.name, rid),
+                        coll.name,
+                        rid,
+                        c.kind,
+                        c.field,
+                        orjson.dumps(data).decode(),
+                    )
+                )
         conn.executemany("DELETE FROM records WHERE collection = ? AND id = ?", gone)
         conn.executemany(
             "DELETE FROM record_conflicts WHERE collection = ? AND record_id = ?", gone
         )
         conn.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        conn.executemany("INSERT OR REPLACE INTO record_conflicts VALUES (?, ?, ?, ?, ?, ?)",
-                         conflicts)
+        conn.executemany(
+            "INSERT OR REPLACE INTO record_conflicts VALUES (?, ?, ?, ?, ?, ?)", conflicts
+        )
         return len(rows)
 
-    def _rows_to_records(
-        self, coll: Collection, rows: list[Any], codes: bool
-    ) -> list[dict[str, Any]]:
+    def _rows_to_records(self, coll: Collection, rows: Iterable[Any], codes: bool) -> Records:
         code_of: dict[str, dict[str, str]] = {}
         if codes:
             targets = {f.to for f in coll.fields.values() if f.type == "ref"}
             targets |= {s.to for f in coll.fields.values() for s in f.fields if s.type == "ref"}
             for target in targets:
                 assert target is not None
-                code_of[target] = dict(self.store.conn.execute(
-                    "SELECT id, key FROM records WHERE collection = ?", (target,)
-                ).fetchall())
+                code_of[target] = dict(
+                    self.store.conn.execute(
+                        "SELECT id, key FROM records WHERE collection = ?", (target,)
+                    ).fetchall()
+                )
         out = []
         for rid, data in rows:
             stored = orjson.loads(data)
@@ -734,8 +781,10 @@ class Node:
                     value = code_of[fld.to].get(value, value)
                 elif codes and fld.type == "lines":
                     value = [
-                        {k: (code_of[s.to].get(v, v) if (s := fld.line_field(k)) and s.to else v)
-                         for k, v in line.items()}
+                        {
+                            k: (code_of[s.to].get(v, v) if (s := fld.line_field(k)) and s.to else v)
+                            for k, v in line.items()
+                        }
                         for line in value
                     ]
                 rec[name] = decode(fld, value) if not (codes and fld.type == "ref") else value

@@ -89,8 +89,12 @@ def allocate(
 
 
 def finalize(
-    conn: sqlite3.Connection, coll: Collection, node: str, record_id: str,
-    date: dt.date | None, at_ms: int,
+    conn: sqlite3.Connection,
+    coll: Collection,
+    node: str,
+    record_id: str,
+    date: dt.date | None,
+    at_ms: int,
 ) -> str | None:
     """Final number for a provisionally numbered voucher, or None while no
     leased number is available. The mapping stays in ``provisional``."""
@@ -122,7 +126,9 @@ def add_block(conn: sqlite3.Connection, key: str, first: int, last: int, at_ms: 
         (key, last, first),
     ).fetchone()
     if overlap:
-        raise SeriesError(f"{key}: block {first}..{last} overlaps held block {overlap[0]}..{overlap[1]}")
+        raise SeriesError(
+            f"{key}: block {first}..{last} overlaps held block {overlap[0]}..{overlap[1]}"
+        )
     conn.execute(
         "INSERT INTO series_blocks (series, start, stop, next) VALUES (?, ?, ?, ?)",
         (key, first, last, first),
@@ -138,8 +144,9 @@ def reserve_left(conn: sqlite3.Connection, key: str) -> int:
     return int(row[0])
 
 
-def void(conn: sqlite3.Connection, key: str, number: str, coll: str, record_id: str,
-         at_ms: int) -> None:
+def void(
+    conn: sqlite3.Connection, key: str, number: str, coll: str, record_id: str, at_ms: int
+) -> None:
     """Journal a number that will not be used again (its voucher was deleted)."""
     _journal(conn, key, number, "void", coll, record_id, None, at_ms)
 
@@ -174,8 +181,14 @@ def _take_from_blocks(conn: sqlite3.Connection, key: str) -> int | None:
 
 
 def _journal(
-    conn: sqlite3.Connection, key: str, number: str, event: str, coll: str | None,
-    record_id: str | None, detail: str | None, at_ms: int,
+    conn: sqlite3.Connection,
+    key: str,
+    number: str,
+    event: str,
+    coll: str | None,
+    record_id: str | None,
+    detail: str | None,
+    at_ms: int,
 ) -> None:
     conn.execute(
         "INSERT INTO series_journal (series, number, event, collection, record_id, detail, at) "

@@ -37,8 +37,9 @@ class RecordDoc:
     def _on_transaction(self, event: TransactionEvent) -> None:
         self._updates.append(event.update)
 
-    def _on_map(self, event: MapEvent[Any]) -> None:
-        for key, change in event.keys.items():
+    def _on_map(self, event: MapEvent) -> None:
+        keys: dict[str, dict[str, Any]] = event.keys  # type: ignore[attr-defined]
+        for key, change in keys.items():
             rid, _, node = key.partition(SEP)
             if change["action"] == "delete":
                 self._index.get(rid, set()).discard(node)
@@ -76,7 +77,7 @@ class RecordDoc:
         """Replace ``node``'s entry of a record; returns the Yjs update made."""
         with self._doc.transaction(origin="local"):
             self._map[f"{record_id}{SEP}{node}"] = orjson.dumps(state).decode()
-        changed, update = self._take()
+        _, update = self._take()
         assert update is not None
         return update
 

@@ -54,7 +54,9 @@ class FieldConflict:
     def conflict_id(self, collection: str, record_id: str) -> str:
         """Stable across nodes: derived from the competing writes only."""
         parts = [self.kind, collection, record_id, self.field]
-        parts += [f"{c.node}@{c.hlc}" for c in sorted(self.competitors, key=lambda c: (c.node, c.hlc))]
+        parts += [
+            f"{c.node}@{c.hlc}" for c in sorted(self.competitors, key=lambda c: (c.node, c.hlc))
+        ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 

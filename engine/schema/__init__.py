@@ -3,4 +3,12 @@
 from .loader import builtin_schema, load_schema, parse_schema
 from .model import Collection, Field, Schema, Series
 
-__all__ = ["Collection", "Field", "Schema", "Series", "builtin_schema", "load_schema", "parse_schema"]
+__all__ = [
+    "Collection",
+    "Field",
+    "Schema",
+    "Series",
+    "builtin_schema",
+    "load_schema",
+    "parse_schema",
+]

@@ -114,8 +114,16 @@ def _collection(where: _Where, cname: str, body: Any) -> Collection:
         raise where.error("collection names are lower-case letters, digits and '_'")
     if not isinstance(body, dict):
         raise where.error("must be a table")
-    allowed = {"kind", "key", "fields", "priority", "partition", "partition_field", "series",
-               "urgent_when"}
+    allowed = {
+        "kind",
+        "key",
+        "fields",
+        "priority",
+        "partition",
+        "partition_field",
+        "series",
+        "urgent_when",
+    }
     unknown = set(body) - allowed
     if unknown:
         raise where.error(f"unknown key(s): {', '.join(sorted(unknown))}")
@@ -166,8 +174,15 @@ def _collection(where: _Where, cname: str, body: Any) -> Collection:
         if not isinstance(uv, str | bool | int):
             raise where.at(fld=uf).error("urgent_when values must be text, bool or int")
     return Collection(
-        name=cname, kind=kind, key=key, fields=fields, priority=priority,
-        partition=partition, partition_field=pfield, series=series, urgent_when=dict(urgent),
+        name=cname,
+        kind=kind,
+        key=key,
+        fields=fields,
+        priority=priority,
+        partition=partition,
+        partition_field=pfield,
+        series=series,
+        urgent_when=dict(urgent),
     )
 
 
@@ -237,7 +252,9 @@ def _series(where: _Where, raw: Any, fields: dict[str, Field], pfield: str) -> S
         raise where.error("a 'node' series template must contain {node}, or numbers would clash")
     if reset == "yearly":
         if "{year" not in template:
-            raise where.error("a yearly reset needs {year} in the template, or numbers would repeat")
+            raise where.error(
+                "a yearly reset needs {year} in the template, or numbers would repeat"
+            )
         if pfield not in fields or fields[pfield].type != "date" or not fields[pfield].required:
             raise where.at(fld=pfield).error("a yearly reset needs a required date field")
     reserve = raw.get("reserve", 100)
@@ -245,5 +262,11 @@ def _series(where: _Where, raw: Any, fields: dict[str, Field], pfield: str) -> S
     for label, val in (("reserve", reserve), ("block_size", block)):
         if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= 1_000_000:
             raise where.error(f"series {label} must be an integer from 1 to 1000000")
-    return Series(prefix=prefix, strategy=strategy, template=template, reset=reset,
-                  reserve=reserve, block_size=block)
+    return Series(
+        prefix=prefix,
+        strategy=strategy,
+        template=template,
+        reset=reset,
+        reserve=reserve,
+        block_size=block,
+    )

@@ -181,7 +181,7 @@ class NodeStore:
 
     def changed_elsewhere(self) -> bool:
         """True when another connection committed since the last call."""
-        version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        version = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
         changed = version != self._data_version
         self._data_version = version
         return changed
@@ -209,4 +209,3 @@ def _connect(path: Path) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open {path}: {exc}") from None
     return conn
-
