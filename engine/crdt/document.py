@@ -31,6 +31,7 @@ class RecordDoc:
         self._index: dict[str, set[str]] = {}
         self._updates: list[bytes] = []
         self._changed: set[str] = set()
+        self._fresh: dict[str, Any] = {}  # key -> text, from the last transaction
         self._doc.observe(self._on_transaction)
         self._map.observe(self._on_map)
 
@@ -39,13 +40,21 @@ class RecordDoc:
 
     def _on_map(self, event: MapEvent) -> None:
         keys: dict[str, dict[str, Any]] = event.keys  # type: ignore[attr-defined]
+        index, fresh, changed = self._index, self._fresh, self._changed
         for key, change in keys.items():
             rid, _, node = key.partition(SEP)
+            changed.add(rid)
             if change["action"] == "delete":
-                self._index.get(rid, set()).discard(node)
+                index.get(rid, set()).discard(node)
+                continue
+            nodes = index.get(rid)
+            if nodes is None:
+                index[rid] = {node}
             else:
-                self._index.setdefault(rid, set()).add(node)
-            self._changed.add(rid)
+                nodes.add(node)
+            # The event carries the new text: reading it back from the Map
+            # would cost a lookup per key on bulk imports.
+            fresh[key] = change.get("newValue")
 
     def _take(self) -> tuple[set[str], bytes | None]:
         changed, self._changed = self._changed, set()
@@ -56,9 +65,12 @@ class RecordDoc:
         """Integrate a remote update.
 
         Returns (record ids changed, the effective update or None when nothing
-        was new, whether part of it waits for missing earlier updates).
+        was integrated, whether it waits whole for missing earlier updates).
+        A partly integrated update may also hold a waiting part: callers that
+        log updates keep the raw bytes whenever anything was integrated.
         Raises UpdateError for bytes that are not a Yjs update.
         """
+        self._fresh.clear()
         try:
             with self._doc.transaction(origin="remote"):
                 self._doc.apply_update(update)
@@ -66,15 +78,20 @@ class RecordDoc:
             self._take()
             raise UpdateError(f"document {self.name}: not a valid update ({exc})") from None
         changed, effective = self._take()
-        try:
-            incoming = decode_state_vector(get_state(update))
-        except Exception:
-            incoming = {}
-        pending = is_behind(decode_state_vector(self._doc.get_state()), incoming)
+        pending = False
+        if effective is None:
+            # Nothing integrated: a duplicate, or an update waiting for earlier
+            # ones. Only then is it worth decoding the update's state vector.
+            try:
+                incoming = decode_state_vector(get_state(update))
+            except Exception:
+                incoming = {}
+            pending = is_behind(decode_state_vector(self._doc.get_state()), incoming)
         return changed, effective, pending
 
     def write(self, record_id: str, node: str, state: NodeState) -> bytes:
         """Replace ``node``'s entry of a record; returns the Yjs update made."""
+        self._fresh.clear()
         with self._doc.transaction(origin="local"):
             self._map[f"{record_id}{SEP}{node}"] = orjson.dumps(state).decode()
         _, update = self._take()
@@ -83,11 +100,12 @@ class RecordDoc:
 
     def states(self, record_id: str) -> dict[str, NodeState]:
         """Each writing node's entry of a record, parsed. Entries that are not
-        well-formed (a buggy or hostile peer) are left out, the same way on
-        every node, so they cannot break resolution."""
+        JSON objects (a buggy or hostile peer) are left out, the same way on
+        every node."""
         out = {}
         for node in self._index.get(record_id, ()):
-            raw = self._map.get(f"{record_id}{SEP}{node}")
+            key = f"{record_id}{SEP}{node}"
+            raw = self._fresh[key] if key in self._fresh else self._map.get(key)
             state = _parse_state(raw)
             if state is not None:
                 out[node] = state
@@ -110,21 +128,11 @@ class RecordDoc:
 
 
 def _parse_state(raw: Any) -> NodeState | None:
+    """The JSON object of an entry; its fields are checked by ``merge.resolve``."""
     if not isinstance(raw, str):
         return None
     try:
         state = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(state, dict):
-        return None
-    for entry in state.values():
-        if not (
-            isinstance(entry, list)
-            and len(entry) == 3
-            and type(entry[0]) is int
-            and isinstance(entry[1], dict)
-            and all(type(v) is int for v in entry[1].values())
-        ):
-            return None
-    return state
+    return state if type(state) is dict else None

@@ -28,7 +28,7 @@ from typing import Any
 DELETED = "_deleted"
 CREATED = "_created"
 
-Entry = list[Any]  # [hlc: int, seen: dict[str, int], value]
+Entry = list[Any]  # [hlc: int, seen: dict[str, int], value]; see ``well_formed``
 NodeState = dict[str, Entry]
 
 
@@ -80,7 +80,7 @@ def seen_by(states: dict[str, NodeState], writer: str) -> dict[str, int]:
     """What ``writer`` has observed of the other nodes' entries: node -> newest hlc."""
     out = {}
     for node, state in states.items():
-        if node != writer and state:
+        if node != writer and state and well_formed(state):
             out[node] = max(entry[0] for entry in state.values())
     return out
 
@@ -98,6 +98,9 @@ def new_state(
 def resolve(states: dict[str, NodeState]) -> Resolved:
     """Resolve a record from each node's entry (see module docstring)."""
     out = Resolved()
+    if len(states) == 1:
+        return _resolve_single(states, out)
+    states = {node: state for node, state in states.items() if well_formed(state)}
     by_field: dict[str, list[tuple[str, Entry]]] = {}
     for node, state in states.items():
         for name, entry in state.items():
@@ -141,11 +144,55 @@ def resolve(states: dict[str, NodeState]) -> Resolved:
             Competitor(other, entry[0], {name: entry[2]})
             for name, entries in sorted(by_field.items())
             if name != DELETED
-            for other, entry in entries
+            # By node, so the conflict does not depend on the order entries came in.
+            for other, entry in sorted(entries, key=lambda ne: ne[0])
             if other != node and delete_seen.get(other, 0) < entry[0]
         ]
         if unseen:
             out.conflicts.append(
                 FieldConflict("edit_delete", DELETED, (Competitor(node, hlc, True), *unseen))
             )
+    return out
+
+
+def well_formed(state: Any) -> bool:
+    """True when every entry is ``[int hlc, {node: int hlc}, value]``. Entries
+    from a faulty peer that are not are ignored, the same way on every node."""
+    if type(state) is not dict:
+        return False
+    for entry in state.values():
+        if type(entry) is not list or len(entry) != 3 or type(entry[0]) is not int:
+            return False
+        seen = entry[1]
+        if type(seen) is not dict or (seen and any(type(v) is not int for v in seen.values())):
+            return False
+    return True
+
+
+def _resolve_single(states: dict[str, NodeState], out: Resolved) -> Resolved:
+    """Fast path for a record only one node has written: nothing can conflict.
+    Checks entries as it goes (see ``well_formed``); a malformed one leaves the
+    record empty and incomplete."""
+    ((node, state),) = states.items()
+    values, writers = out.values, out.writers
+    newest = 0
+    for name, entry in state.items():
+        if type(entry) is not list or len(entry) != 3:
+            return Resolved()
+        hlc, seen, value = entry
+        if type(hlc) is not int or type(seen) is not dict:
+            return Resolved()
+        if seen and any(type(v) is not int for v in seen.values()):
+            return Resolved()
+        if hlc > newest:
+            newest = hlc
+        if name == CREATED:
+            out.created = (hlc, node)
+            continue
+        if name == DELETED:
+            out.deleted = bool(value)
+        else:
+            values[name] = value
+        writers[name] = (node, hlc)
+    out.newest = newest
     return out
