@@ -68,8 +68,12 @@ def allocate(
     key = series_key(coll, date)
     year = date.year if date else None
     if series.strategy == "node":
-        seq = _next_counter(conn, key)
-        number = format_number(series, node, year, seq)
+        # A node re-created from an export restarts its counters; numbers its
+        # earlier life issued are in the records, so skip those: never reuse.
+        while True:
+            number = format_number(series, node, year, _next_counter(conn, key))
+            if not _number_known(conn, coll.name, number):
+                break
         _journal(conn, key, number, "issued", coll.name, record_id, None, at_ms)
         return Allocation(number, key, False)
     seq_or_none = _take_from_blocks(conn, key)
@@ -164,6 +168,13 @@ def _next_counter(conn: sqlite3.Connection, key: str) -> int:
         (key,),
     ).fetchone()
     return int(row[0])
+
+
+def _number_known(conn: sqlite3.Connection, collection: str, number: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM records WHERE collection = ? AND key = ? LIMIT 1", (collection, number)
+    ).fetchone()
+    return row is not None
 
 
 def _take_from_blocks(conn: sqlite3.Connection, key: str) -> int | None:
