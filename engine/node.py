@@ -367,14 +367,16 @@ class Node:
             )
         for coll_name, key_field in ((c.name, c.key) for c in self.schema.collections.values()):
             dupes = conn.execute(
-                "SELECT key FROM records WHERE collection = ? AND deleted = 0 AND key IS NOT NULL "
+                "SELECT key FROM records INDEXED BY records_key "
+                "WHERE collection = ? AND deleted = 0 AND key IS NOT NULL "
                 "GROUP BY key HAVING COUNT(*) > 1",
                 (coll_name,),
             ).fetchall()
             for (key,) in dupes:
                 rows = conn.execute(
-                    "SELECT id, created_node, created_hlc FROM records WHERE collection = ? "
-                    "AND key = ? AND deleted = 0 ORDER BY created_hlc, created_node",
+                    "SELECT id, created_node, created_hlc FROM records INDEXED BY records_key "
+                    "WHERE collection = ? AND key = ? AND deleted = 0 "
+                    "ORDER BY created_hlc, created_node",
                     (coll_name, key),
                 ).fetchall()
                 ids = [r[0] for r in rows]
@@ -610,7 +612,8 @@ class Node:
             if row:
                 return str(row[0]), str(row[1])
         row = conn.execute(
-            "SELECT id, doc FROM records WHERE collection = ? AND key = ? AND deleted = 0 "
+            "SELECT id, doc FROM records INDEXED BY records_key "
+            "WHERE collection = ? AND key = ? AND deleted = 0 "
             "ORDER BY created_hlc, created_node LIMIT 1",
             (coll.name, id_or_key),
         ).fetchone()
@@ -816,7 +819,7 @@ class Node:
         pending = conn.execute(
             "SELECT p.record_id, json_extract(r.data, '$.date') FROM provisional p "
             "JOIN records r ON r.collection = p.collection AND r.id = p.record_id "
-            "WHERE p.collection = ? AND p.final IS NULL ORDER BY p.at, p.record_id",
+            "WHERE p.collection = ? AND p.final IS NULL ORDER BY p.rowid",
             (coll.name,),
         ).fetchall()
         for rid, date in pending:

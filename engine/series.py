@@ -17,7 +17,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Protocol
 
-from .errors import SeriesError
+from .errors import SeriesError, ValidationError
 from .schema.model import Collection, Series
 
 PROVISIONAL_TEMPLATE = "{prefix}-{node}-P{seq:06}"
@@ -46,7 +46,11 @@ def series_key(coll: Collection, date: dt.date | None) -> str:
     series = _series(coll)
     if series.reset == "yearly":
         if date is None:
-            raise SeriesError(f"{coll.name}: a yearly series needs the voucher's date")
+            # A user mistake (the required date is missing), not a numbering failure.
+            raise ValidationError(
+                f"{coll.name}.{coll.partition_field}: required, cannot be empty "
+                "(a yearly series numbers vouchers by their date)"
+            )
         return f"{coll.name}@{date.year}"
     return coll.name
 
@@ -172,7 +176,8 @@ def _next_counter(conn: sqlite3.Connection, key: str) -> int:
 
 def _number_known(conn: sqlite3.Connection, collection: str, number: str) -> bool:
     row = conn.execute(
-        "SELECT 1 FROM records WHERE collection = ? AND key = ? LIMIT 1", (collection, number)
+        "SELECT 1 FROM records INDEXED BY records_key WHERE collection = ? AND key = ? LIMIT 1",
+        (collection, number),
     ).fetchone()
     return row is not None
 

@@ -60,7 +60,9 @@ CREATE TABLE records (
     data TEXT NOT NULL,
     PRIMARY KEY (collection, id)
 ) WITHOUT ROWID;
-CREATE INDEX records_key ON records (collection, key);
+-- Lookups by unique key name this index (INDEXED BY): without ANALYZE
+-- statistics SQLite prefers scanning the primary key.
+CREATE INDEX records_key ON records (collection, key, created_hlc, created_node);
 
 -- Conflicts inside one record (concurrent_edit, edit_delete), derived.
 CREATE TABLE record_conflicts (
