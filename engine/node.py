@@ -454,6 +454,7 @@ class Node:
                 stored += 1
                 self._log(conn, loaded, blob, "remote")
                 records += self._materialize(conn, coll, loaded.doc, changed)
+                loaded.doc.release()
         return ImportReport(documents, records, stored)
 
     def outbox(self, limit: int = 1000) -> Outbox:
@@ -683,6 +684,7 @@ class Node:
             loaded.doc.apply(bytes(data))
             loaded.applied = int(seq)
             loaded.tail += 1
+        loaded.doc.release()
 
     def _log(self, conn: sqlite3.Connection, loaded: _Loaded, data: bytes, origin: str) -> None:
         cur = conn.execute(

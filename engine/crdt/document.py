@@ -98,6 +98,11 @@ class RecordDoc:
         assert update is not None
         return update
 
+    def release(self) -> None:
+        """Drop the entry texts kept from the last transaction (call once the
+        changed records are resolved; a bulk import holds megabytes there)."""
+        self._fresh = {}
+
     def states(self, record_id: str) -> dict[str, NodeState]:
         """Each writing node's entry of a record, parsed. Entries that are not
         JSON objects (a buggy or hostile peer) are left out, the same way on
