@@ -1,0 +1,538 @@
+"""The ``branchline`` command line (issue 2 §7): a contract scripts rely on.
+
+Every command takes ``--home DIR`` (default ``$BRANCHLINE_HOME``, else the
+current directory). ``--json`` prints exactly one JSON document on stdout
+(Decimal as strings, dates as ISO text); ``put``, ``voucher`` and ``delete``
+always print their one JSON object. Any ``BranchlineError`` or usage mistake
+becomes one line ``error: ...`` on stderr and the exit code of the error
+(2 for user mistakes, 1 for problems of the environment or the data on disk);
+user mistakes are caught before anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+import orjson
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from . import __version__
+from .errors import BranchlineError, RecordNotFound, UserError
+from .exchange import export_to_file, import_from_file, save_state
+from .node import Node
+
+HOME_HELP = "node home directory (default: $BRANCHLINE_HOME, else the current directory)"
+MAX_INPUT_BYTES = 64 << 20  # fields JSON read from stdin
+PIPE_WIDTH = 160  # columns of a table when stdout is not a terminal
+
+
+# -- error handling ----------------------------------------------------------
+
+
+def _one_line(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return " | ".join(lines) or "unknown error"
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {_one_line(message)}", err=True)
+
+
+class BranchlineGroup(click.Group):
+    """The top-level group: turns every expected error into one stderr line
+    and its exit code, also under click's test runner."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        code = 0
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            # Without standalone mode click returns the exit code of --help and
+            # --version, and the command's own return value (None) otherwise.
+            code = rv if isinstance(rv, int) else 0
+        except BranchlineError as exc:
+            _fail(str(exc))
+            code = exc.exit_code
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            code = exc.exit_code
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            _fail(exc.format_message() + hint)
+            code = exc.exit_code
+        except click.ClickException as exc:
+            _fail(exc.format_message())
+            code = exc.exit_code
+        except click.Abort:
+            _fail("aborted")
+            code = 1
+        except BrokenPipeError:
+            # The reader of stdout went away (e.g. `| head`): stop quietly, and
+            # keep Python from complaining when it flushes stdout at exit.
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                try:
+                    os.dup2(devnull, sys.stdout.fileno())
+                finally:
+                    os.close(devnull)
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+# -- input and output --------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise UserError(f"invalid JSON: {name} is not a number Branchline accepts")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            # json.loads would silently keep the last one; a typo must not pass.
+            raise UserError(f"invalid JSON: field {key!r} is given twice")
+        out[key] = value
+    return out
+
+
+def parse_fields(text: str) -> dict[str, Any]:
+    """A JSON object of fields with exact decimals (``-`` reads stdin).
+
+    Raises UserError for anything that is not one JSON object.
+    """
+    if text == "-":
+        raw = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+        if len(raw) > MAX_INPUT_BYTES:
+            raise UserError(f"JSON on stdin is longer than {MAX_INPUT_BYTES} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError("invalid JSON on stdin: not UTF-8 text") from None
+    try:
+        value = json.loads(
+            text,
+            parse_float=Decimal,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_no_duplicates,
+        )
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise UserError("invalid JSON: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise UserError(
+            f'expected a JSON object of fields like \'{{"code": "KH001"}}\', '
+            f"got a JSON {_json_kind(value)}"
+        )
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)  # exact: money never goes through a float
+    raise TypeError(f"cannot show {type(value).__name__} as JSON")
+
+
+def to_json(value: Any) -> str:
+    """One JSON document: Decimal as strings, dates as ISO text."""
+    return orjson.dumps(value, default=_default, option=orjson.OPT_INDENT_2).decode()
+
+
+def _emit(value: Any) -> None:
+    click.echo(to_json(value))
+
+
+def _console() -> Console:
+    # Created per command, so it writes to the stdout of the moment (the test
+    # runner swaps it); no colour codes when stdout is not a terminal.
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Piped to a file or a pager: rich would assume 80 columns and fold
+        # ids and numbers; a wider page keeps one record per line.
+        console = Console(highlight=False, width=PIPE_WIDTH)
+    return console
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "; ".join(
+            " ".join(f"{k}={_show(v)}" for k, v in line.items())
+            if isinstance(line, dict)
+            else _show(line)
+            for line in value
+        )
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_show(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@contextlib.contextmanager
+def _opened(home: Path) -> Iterator[Node]:
+    node = Node.open(home)
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+home_option = click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="BRANCHLINE_HOME",
+    default=".",
+    show_envvar=True,
+    help=HOME_HELP,
+)
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="print one JSON document on stdout"
+)
+# put, voucher and delete always print their one JSON object (the contract of
+# issue 2 §7); --json is accepted so scripts may pass it to every command.
+json_always_option = click.option(
+    "--json", "as_json", is_flag=True, help="accepted for uniformity; the output is always JSON"
+)
+
+
+# -- commands ----------------------------------------------------------------
+
+
+@click.group(cls=BranchlineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="branchline")
+def cli() -> None:
+    """Branchline: offline-first replication of business data.
+
+    Exit codes: 0 done, 2 user mistake (nothing written), 1 anything else.
+    """
+
+
+@cli.group()
+def node() -> None:
+    """Create and inspect node homes."""
+
+
+@node.command("init")
+@home_option
+@click.option("--dataset", required=True, help="dataset (company books) the node belongs to")
+@click.option("--node", "node_name", required=True, help="node id, unique in the dataset")
+@click.option(
+    "--schema",
+    default="accounting",
+    show_default=True,
+    help="built-in schema name or a schema TOML file",
+)
+@click.option("--relay", default=None, help="relay URL (ws:// or wss://); needs --token")
+@click.option("--token", default=None, help="this node's relay token; needs --relay")
+@json_option
+def node_init(
+    home: Path,
+    dataset: str,
+    node_name: str,
+    schema: str,
+    relay: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Create a node home of DATASET with node id NODE."""
+    if (relay is None) != (token is None):
+        raise UserError("--relay and --token go together: give both or neither")
+    if relay is not None:
+        parts = urlsplit(relay)
+        if parts.scheme not in ("ws", "wss") or not parts.netloc:
+            raise UserError(f"--relay {relay!r}: expected a ws:// or wss:// URL")
+    created = Node.create(
+        home, dataset=dataset, node=node_name, schema=schema, relay=relay, token=token
+    )
+    with contextlib.closing(created):
+        info = {
+            "home": str(home),
+            "dataset": created.dataset,
+            "node": created.node_id,
+            "schema": created.schema.name,
+            "schema_version": created.schema.version,
+            "relay": relay,
+        }
+    if as_json:
+        _emit(info)
+        return
+    _console().print(
+        Text(
+            f"created node '{created.node_id}' of dataset '{created.dataset}' in {home} "
+            f"(schema {created.schema.name} v{created.schema.version})"
+        )
+    )
+
+
+@cli.command()
+@home_option
+@click.argument("collection")
+@click.argument("fields_json", metavar="JSON")
+@json_always_option
+def put(home: Path, collection: str, fields_json: str, as_json: bool) -> None:
+    """Create a record, or update the one whose unique key (or id) JSON names.
+
+    An update changes only the fields given. JSON '-' reads stdin.
+    Prints {"id": ...}.
+    """
+    fields = parse_fields(fields_json)
+    with _opened(home) as n:
+        rid = n.put(collection, fields)
+    _emit({"id": rid})
+
+
+@cli.command()
+@home_option
+@click.argument("voucher_type", metavar="TYPE")
+@click.argument("fields_json", metavar="JSON")
+@json_always_option
+def voucher(home: Path, voucher_type: str, fields_json: str, as_json: bool) -> None:
+    """Book a voucher of TYPE with the next number of its series.
+
+    JSON '-' reads stdin. Prints {"id": ..., "number": ..., "provisional": ...}.
+    """
+    fields = parse_fields(fields_json)
+    with _opened(home) as n:
+        posted = n.post_voucher(voucher_type, fields)
+    _emit({"id": posted.id, "number": posted.number, "provisional": posted.provisional})
+
+
+@cli.command()
+@home_option
+@click.argument("collection")
+@click.argument("id_or_key", metavar="ID_OR_KEY")
+@json_always_option
+def delete(home: Path, collection: str, id_or_key: str, as_json: bool) -> None:
+    """Delete a live record by id (or unique key). Prints {"id": ...}."""
+    with _opened(home) as n:
+        rid = n.delete(collection, id_or_key)
+    _emit({"id": rid})
+
+
+@cli.command("get")
+@home_option
+@click.argument("collection")
+@click.argument("id_or_key", metavar="ID_OR_KEY")
+@json_option
+def get_cmd(home: Path, collection: str, id_or_key: str, as_json: bool) -> None:
+    """Show one live record by id or unique key (references as codes)."""
+    with _opened(home) as n:
+        coll = n.collection(collection)
+        record = n.get(collection, id_or_key, codes=True)
+    if record is None:
+        raise RecordNotFound(f"{collection}: no live record with id or {coll.key} {id_or_key!r}")
+    if as_json:
+        _emit(record)
+        return
+    table = Table(title=f"{collection} {id_or_key}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for name, value in record.items():
+        table.add_row(Text(name), Text(_show(value)))
+    _console().print(table)
+
+
+@cli.command("list")
+@home_option
+@click.argument("collection")
+@json_option
+def list_cmd(home: Path, collection: str, as_json: bool) -> None:
+    """List the live records of COLLECTION (references as codes)."""
+    with _opened(home) as n:
+        coll = n.collection(collection)
+        records = n.list(collection, codes=True)
+    if as_json:
+        _emit(records)
+        return
+    table = Table(title=f"{collection} ({_count(len(records), 'record')})")
+    table.add_column("id", no_wrap=True)
+    names = [*coll.fields]
+    for name in names:
+        table.add_column(name, overflow="fold")
+    for rec in records:
+        table.add_row(Text(rec["id"]), *(Text(_show(rec.get(name))) for name in names))
+    _console().print(table)
+
+
+@cli.command()
+@home_option
+@json_option
+def conflicts(home: Path, as_json: bool) -> None:
+    """List open conflicts: concurrent edits, edit vs delete, duplicate keys."""
+    with _opened(home) as n:
+        found = n.conflicts()
+    if as_json:
+        _emit(found)
+        return
+    if not found:
+        _console().print("no conflicts")
+        return
+    table = Table(title=_count(len(found), "conflict"))
+    for name in ("kind", "collection", "records", "field", "values (in force first)"):
+        table.add_column(name, overflow="fold")
+    for c in found:
+        values = "\n".join(
+            f"{'*' if v['in_force'] else ' '} {v['node']}: {_show(v['value'])}" for v in c["values"]
+        )
+        table.add_row(
+            Text(c["kind"]),
+            Text(c["collection"]),
+            Text("\n".join(c["records"])),
+            Text(c["field"]),
+            Text(values),
+        )
+    console = _console()
+    console.print(table)
+    for c in found:
+        console.print(Text(f"- {c['explanation']}"))
+
+
+@cli.command("export")
+@home_option
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--since-state",
+    "since_state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="state file of the receiving node ('branchline state'): export only what it lacks",
+)
+@json_option
+def export_cmd(home: Path, file: Path, since_state: Path | None, as_json: bool) -> None:
+    """Write this node's CRDT updates to an export FILE (atomically)."""
+    with _opened(home) as n:
+        done = export_to_file(n, file, created_ms=_now_ms(), since_state=since_state)
+        dataset, node_id = n.dataset, n.node_id
+    if as_json:
+        _emit(
+            {
+                "file": str(file),
+                "dataset": dataset,
+                "node": node_id,
+                "documents": done.documents,
+                "bytes": done.bytes,
+                "since_state_of": done.since_node,
+            }
+        )
+        return
+    since = f" (what node '{done.since_node}' lacks)" if done.since_node else ""
+    _console().print(
+        Text(f"exported {_count(done.documents, 'document')}{since}, {done.bytes} bytes, to {file}")
+    )
+
+
+@cli.command("import")
+@home_option
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+def import_cmd(home: Path, file: Path, as_json: bool) -> None:
+    """Integrate an export FILE of the same dataset (importing twice changes nothing)."""
+    with _opened(home) as n:
+        done = import_from_file(n, file)
+    header, report = done.header, done.report
+    in_file = len(header.documents)
+    if as_json:
+        _emit(
+            {
+                "file": str(file),
+                "dataset": header.dataset,
+                "from_node": header.node,
+                "documents_in_file": in_file,
+                "documents_changed": report.documents,
+                "records_changed": report.records,
+                "changed": report.documents > 0,
+            }
+        )
+        return
+    if report.documents == 0:
+        text = (
+            f"nothing new in {file} (from node '{header.node}'): "
+            f"all {_count(in_file, 'document')} were already here"
+        )
+    else:
+        text = (
+            f"imported {file} from node '{header.node}': {report.documents} of "
+            f"{_count(in_file, 'document')} changed, {_count(report.records, 'record')} updated"
+        )
+    _console().print(Text(text))
+
+
+@cli.command("state")
+@home_option
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+def state_cmd(home: Path, file: Path, as_json: bool) -> None:
+    """Write this node's state to FILE, for another node's 'export --since-state'."""
+    with _opened(home) as n:
+        done = save_state(n, file, created_ms=_now_ms())
+        dataset, node_id = n.dataset, n.node_id
+    if as_json:
+        _emit(
+            {
+                "file": str(file),
+                "dataset": dataset,
+                "node": node_id,
+                "documents": done.documents,
+                "bytes": done.bytes,
+            }
+        )
+        return
+    _console().print(
+        Text(
+            f"wrote the state of node '{node_id}' ({_count(done.documents, 'document')}, "
+            f"{done.bytes} bytes) to {file}"
+        )
+    )
+
+
+def main() -> None:
+    """Entry point of the ``branchline`` command; exits with the command's code."""
+    cli(prog_name="branchline")
