@@ -40,7 +40,7 @@ from .errors import (
     UserError,
     ValidationError,
 )
-from .ids import is_id, new_id
+from .ids import is_id, new_id, node_salt
 from .merge import CREATED, DELETED, new_state, resolve, seen_by
 from .schema import Collection, Schema, load_schema, parse_schema
 from .store import NodeStore
@@ -104,6 +104,7 @@ class Node:
         # One Yjs client id per process: two live Doc instances of one document
         # must never share a client id, or the replicas diverge.
         self._client_id = rng.getrandbits(52) + 1
+        self._salt = node_salt(self.node_id)
         self._docs: OrderedDict[str, _Loaded] = OrderedDict()
         store.changed_elsewhere()
 
@@ -207,7 +208,7 @@ class Node:
             if fields.get("number"):
                 rid = self._put(conn, coll, fields)
                 return Posted(rid, str(fields["number"]))
-            rid = new_id(self._clock, self._rng)
+            rid = self._new_id()
             date = self._partition_date(coll, fields)
             alloc = series_mod.allocate(conn, coll, self.node_id, date, rid, self._clock.wall_ms())
             self._put(conn, coll, {**fields, "number": alloc.number}, new_record_id=rid)
@@ -504,6 +505,9 @@ class Node:
                 self._docs.clear()
                 raise
 
+    def _new_id(self) -> str:
+        return new_id(self._hlc.tick(), self._salt, self._rng)
+
     def _put(
         self,
         conn: sqlite3.Connection,
@@ -527,8 +531,12 @@ class Node:
             key = encode(coll.fields[coll.key], fields[coll.key], f"{coll.name}.{coll.key}")
             existing = self._lookup(conn, coll, key, by_id=False)
         values = self._encode(conn, coll, fields, creating=existing is None)
+        if existing is not None and "id" not in fields:
+            # Found by its key: re-writing the same key would only show up as
+            # an edit in conflicts.
+            values.pop(coll.key, None)
         if existing is None:
-            rid = new_record_id or new_id(self._clock, self._rng)
+            rid = new_record_id or self._new_id()
             docname = self._doc_name(coll, values)
             values[CREATED] = True
         else:
@@ -605,6 +613,8 @@ class Node:
     ) -> tuple[str, str] | None:
         """(id, document) of the live record with that id or key. With several
         live records on one key (a duplicate_key conflict), the earliest created."""
+        if not id_or_key.isascii() and not _encodable(id_or_key):
+            return None  # no stored key holds unpaired surrogates; SQLite cannot bind it
         if by_id and is_id(id_or_key):
             row = conn.execute(
                 "SELECT id, doc FROM records WHERE collection = ? AND id = ? AND deleted = 0",
@@ -860,6 +870,14 @@ def _valid_values(coll: Collection, values: dict[str, Any]) -> dict[str, Any]:
         if ok:
             out[name] = value
     return out
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _nodes(values: list[dict[str, Any]]) -> str:
