@@ -1,6 +1,6 @@
 """The pure merge core (engine.merge) against the five merge musts of DESIGN §3.
 
-A record is ``{node: {field: [hlc, seen, value]}}``; ``resolve`` must give the
+A record is ``{node: NodeState}`` (see engine.merge.record); ``resolve`` must give the
 same answer for the same entries on every node, whatever order they come in.
 The Hypothesis model below simulates nodes that write with partial knowledge
 and exchange entries, and checks ``resolve`` against ground truth kept
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.merge import CREATED, DELETED, Competitor, new_state, resolve, seen_by
-from engine.merge.record import NodeState
+from engine.merge.record import NodeState, entries
 
 States = dict[str, NodeState]
 
@@ -40,8 +40,13 @@ def merged(*views: States) -> States:
     return out
 
 
+def _fields(state: NodeState) -> dict[str, Any]:
+    """field -> (hlc, seen, value) of one entry ({} for none)."""
+    return entries(state) if state else {}
+
+
 def _newest(state: NodeState) -> int:
-    return max(entry[0] for entry in state.values())
+    return max((entry[0] for entry in _fields(state).values()), default=0)
 
 
 def shuffled(states: States, rng: random.Random) -> States:
@@ -50,9 +55,9 @@ def shuffled(states: States, rng: random.Random) -> States:
     rng.shuffle(nodes)
     out = {}
     for node in nodes:
-        names = list(states[node])
+        names = list(states[node]["f"])
         rng.shuffle(names)
-        out[node] = {name: states[node][name] for name in names}
+        out[node] = {"w": states[node]["w"], "f": {name: states[node]["f"][name] for name in names}}
     return out
 
 
@@ -339,7 +344,7 @@ class Version:
 
     @property
     def newest(self) -> int:
-        return max((e[0] for e in self.state.values()), default=0)
+        return _newest(self.state)
 
 
 @dataclass
@@ -386,16 +391,18 @@ class Model:
             return
         r = resolve(self.states(node))
         for name in FIELDS:
-            entries = [
-                (w, v.state[name], v.events[name]) for w, v in view.items() if name in v.state
+            found = [
+                (w, _fields(v.state)[name], v.events[name])
+                for w, v in view.items()
+                if name in _fields(v.state)
             ]
-            if not entries:
+            if not found:
                 assert name not in r.writers
                 continue
             survivors = [
                 (w, e)
-                for w, e, ev in entries
-                if not any(ev in self.observed[ev2] for w2, _, ev2 in entries if w2 != w)
+                for w, e, ev in found
+                if not any(ev in self.observed[ev2] for w2, _, ev2 in found if w2 != w)
             ]
             survivors.sort(key=lambda we: (we[1][0], we[0]), reverse=True)
             top_node, top = survivors[0]
@@ -417,10 +424,10 @@ class Model:
             deleter, _ = r.writers[DELETED]
             delete_event = view[deleter].events[DELETED]
             unseen = {
-                (w, v.state[name][0], name)
+                (w, _fields(v.state)[name][0], name)
                 for w, v in view.items()
                 if w != deleter
-                for name in v.state
+                for name in _fields(v.state)
                 if name not in (DELETED, CREATED)
                 and v.events[name] not in self.observed[delete_event]
             }

@@ -13,6 +13,7 @@ from .record import (
     new_state,
     resolve,
     seen_by,
+    well_formed,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "new_state",
     "resolve",
     "seen_by",
+    "well_formed",
 ]

@@ -1,14 +1,19 @@
 """Resolving one record from what each node has written to it.
 
-A record lives in the CRDT as one entry per writing node: ``NodeState`` maps
-a field to ``[hlc, seen, value]``, where ``seen`` is, per other node, the
-newest timestamp of that node's entry the writer had observed when it wrote
-(a node's entry is replaced atomically, so that one number says exactly which
-of its field values the writer knew). Every node computes the same result
-from the same entries, whatever order they arrived in:
+A record lives in the CRDT as one entry per writing node, a ``NodeState``::
 
-* an entry another entry has seen (``other.seen[node] >= hlc``) is
-  superseded; the survivors of a field are concurrent writes;
+    {"w": [[hlc, seen], ...],             # the node's writes still referenced
+     "f": {field: [write_index, value]}}  # each field's latest value and its write
+
+``hlc`` is the write's hybrid-clock timestamp; ``seen`` is, per other node,
+the newest timestamp of that node's entry the writer had observed (a node's
+entry is replaced as a whole, so that one number says exactly which of its
+field values the writer knew). One put is one write shared by all its fields,
+which keeps entries small. Every node computes the same result from the same
+entries, whatever order they arrived in:
+
+* a field value another node's write has seen (``other.seen[node] >= hlc``)
+  is superseded; the survivors of a field are concurrent writes;
 * the value in force is the survivor with the highest (hlc, node); the others
   are kept and reported as a ``concurrent_edit`` conflict unless they hold
   the same value;
@@ -16,7 +21,8 @@ from the same entries, whatever order they arrived in:
   a live delete that had not seen another node's later field write is an
   ``edit_delete`` conflict;
 * ``_created`` is written once by the creating node; a record whose creation
-  has not arrived yet is incomplete and not shown.
+  has not arrived yet is incomplete and not shown;
+* an entry that is not well-formed (a faulty peer) is ignored everywhere.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ from typing import Any
 DELETED = "_deleted"
 CREATED = "_created"
 
-Entry = list[Any]  # [hlc: int, seen: dict[str, int], value]; see ``well_formed``
-NodeState = dict[str, Entry]
+NodeState = dict[str, Any]  # {"w": [[hlc, seen], ...], "f": {field: [write, value]}}
+Entry = tuple[int, dict[str, int], Any]  # one field's (hlc, seen, value)
 
 
 @dataclass(frozen=True)
@@ -80,44 +86,64 @@ def seen_by(states: dict[str, NodeState], writer: str) -> dict[str, int]:
     """What ``writer`` has observed of the other nodes' entries: node -> newest hlc."""
     out = {}
     for node, state in states.items():
-        if node != writer and state and well_formed(state):
-            out[node] = max(entry[0] for entry in state.values())
+        if node != writer and well_formed(state) and state["w"]:
+            out[node] = max(write[0] for write in state["w"])
     return out
 
 
 def new_state(
     current: NodeState | None, values: dict[str, Any], hlc: int, seen: dict[str, int]
 ) -> NodeState:
-    """The writer's replacement entry: its earlier fields plus ``values`` at ``hlc``."""
-    state = dict(current or {})
+    """The writer's replacement entry: its earlier fields plus ``values``, all
+    written by one new write at ``hlc``. Writes no field refers to any more
+    are dropped."""
+    old_writes = current["w"] if current else []
+    fields = {
+        name: [ref, value] for name, (ref, value) in (current["f"] if current else {}).items()
+    }
     for name, value in values.items():
-        state[name] = [hlc, seen, value]
-    return state
+        fields[name] = [-1, value]
+    used = sorted({ref for ref, _ in fields.values() if ref >= 0})
+    renumber = {old: new for new, old in enumerate(used)}
+    writes = [old_writes[i] for i in used] + [[hlc, seen]]
+    last = len(writes) - 1
+    for entry in fields.values():
+        entry[0] = renumber[entry[0]] if entry[0] >= 0 else last
+    return {"w": writes, "f": fields}
+
+
+def entries(state: NodeState) -> dict[str, Entry]:
+    """A well-formed state's fields as (hlc, seen, value)."""
+    writes = state["w"]
+    return {name: (*writes[ref], value) for name, (ref, value) in state["f"].items()}
 
 
 def resolve(states: dict[str, NodeState]) -> Resolved:
     """Resolve a record from each node's entry (see module docstring)."""
     out = Resolved()
+    states = {node: state for node, state in states.items() if well_formed(state)}
     if len(states) == 1:
         return _resolve_single(states, out)
-    states = {node: state for node, state in states.items() if well_formed(state)}
     by_field: dict[str, list[tuple[str, Entry]]] = {}
+    delete_seen: dict[str, dict[str, int]] = {}
     for node, state in states.items():
-        for name, entry in state.items():
+        for name, entry in entries(state).items():
             by_field.setdefault(name, []).append((node, entry))
             if entry[0] > out.newest:
                 out.newest = entry[0]
+            if name == DELETED:
+                delete_seen[node] = entry[1]
     created = by_field.pop(CREATED, None)
     if created:
         node, entry = min(created, key=lambda ne: (ne[1][0], ne[0]))
         out.created = (entry[0], node)
     for name in sorted(by_field):
-        entries = by_field[name]
+        fentries = by_field[name]
         survivors = [
             (node, entry)
-            for node, entry in entries
+            for node, entry in fentries
             if not any(
-                other is not entry and other[1].get(node, 0) >= entry[0] for _, other in entries
+                other is not entry and other[1].get(node, 0) >= entry[0] for _, other in fentries
             )
         ]
         survivors.sort(key=lambda ne: (ne[1][0], ne[0]), reverse=True)
@@ -139,14 +165,14 @@ def resolve(states: dict[str, NodeState]) -> Resolved:
             )
     if out.deleted:
         node, hlc = out.writers[DELETED]
-        delete_seen = states[node][DELETED][1]
+        seen = delete_seen[node]
         unseen = [
             Competitor(other, entry[0], {name: entry[2]})
-            for name, entries in sorted(by_field.items())
+            for name, fentries in sorted(by_field.items())
             if name != DELETED
             # By node, so the conflict does not depend on the order entries came in.
-            for other, entry in sorted(entries, key=lambda ne: ne[0])
-            if other != node and delete_seen.get(other, 0) < entry[0]
+            for other, entry in sorted(fentries, key=lambda ne: ne[0])
+            if other != node and seen.get(other, 0) < entry[0]
         ]
         if unseen:
             out.conflicts.append(
@@ -156,36 +182,35 @@ def resolve(states: dict[str, NodeState]) -> Resolved:
 
 
 def well_formed(state: Any) -> bool:
-    """True when every entry is ``[int hlc, {node: int hlc}, value]``. Entries
-    from a faulty peer that are not are ignored, the same way on every node."""
-    if type(state) is not dict:
+    """True for ``{"w": [[int, {str: int}], ...], "f": {str: [valid index, value]}}``."""
+    if type(state) is not dict or len(state) != 2:
         return False
-    for entry in state.values():
-        if type(entry) is not list or len(entry) != 3 or type(entry[0]) is not int:
+    writes, fields = state.get("w"), state.get("f")
+    if type(writes) is not list or type(fields) is not dict:
+        return False
+    for write in writes:
+        if type(write) is not list or len(write) != 2 or type(write[0]) is not int:
             return False
-        seen = entry[1]
+        seen = write[1]
         if type(seen) is not dict or (seen and any(type(v) is not int for v in seen.values())):
+            return False
+    count = len(writes)
+    for entry in fields.values():
+        if type(entry) is not list or len(entry) != 2:
+            return False
+        ref = entry[0]
+        if type(ref) is not int or not 0 <= ref < count:
             return False
     return True
 
 
 def _resolve_single(states: dict[str, NodeState], out: Resolved) -> Resolved:
-    """Fast path for a record only one node has written: nothing can conflict.
-    Checks entries as it goes (see ``well_formed``); a malformed one leaves the
-    record empty and incomplete."""
+    """Fast path for a record only one node has written: nothing can conflict."""
     ((node, state),) = states.items()
+    writes = state["w"]
     values, writers = out.values, out.writers
-    newest = 0
-    for name, entry in state.items():
-        if type(entry) is not list or len(entry) != 3:
-            return Resolved()
-        hlc, seen, value = entry
-        if type(hlc) is not int or type(seen) is not dict:
-            return Resolved()
-        if seen and any(type(v) is not int for v in seen.values()):
-            return Resolved()
-        if hlc > newest:
-            newest = hlc
+    for name, (ref, value) in state["f"].items():
+        hlc = writes[ref][0]
         if name == CREATED:
             out.created = (hlc, node)
             continue
@@ -194,5 +219,5 @@ def _resolve_single(states: dict[str, NodeState], out: Resolved) -> Resolved:
         else:
             values[name] = value
         writers[name] = (node, hlc)
-    out.newest = newest
+    out.newest = max((write[0] for write in writes), default=0)
     return out
