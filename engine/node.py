@@ -680,6 +680,16 @@ class Node:
 
     def _catch_up(self, loaded: _Loaded) -> None:
         conn = self.store.conn
+        if not conn.in_transaction:
+            # One read snapshot for the snapshot row and the log rows: another
+            # process compacting in between would otherwise delete rows this
+            # node has not applied while its snapshot read was still older.
+            conn.execute("BEGIN")
+            try:
+                self._catch_up(loaded)
+            finally:
+                conn.execute("COMMIT")
+            return
         snap = conn.execute(
             "SELECT upto, data FROM snapshots WHERE doc = ?", (loaded.doc.name,)
         ).fetchone()

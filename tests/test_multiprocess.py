@@ -194,3 +194,64 @@ def test_refresh_sees_another_process_write(tmp_path: Path) -> None:
     node.put("customers", {"code": "KH1", "name": "after"})
     assert node.get("customers", "KH1")["address"] == "Đà Nẵng"
     node.close()
+
+
+class _Interleave:
+    """A connection that lets another writer commit just before a given query,
+    to place a race deterministically (another process could do the same)."""
+
+    def __init__(self, conn: Any, before: str, action: Any) -> None:
+        self.conn, self.before, self.action, self.fired = conn, before, action, False
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if not self.fired and sql.startswith(self.before):
+            self.fired = True
+            self.action()
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+def test_catching_up_is_consistent_with_a_compaction_elsewhere(tmp_path: Path) -> None:
+    """Another process compacts (folding remote rows into a snapshot) and
+    writes while this one reads the log to catch up: this node must still
+    see every update, or its next write re-materializes the record from a
+    document that lacks them."""
+    clock = ManualClock()
+    home = tmp_path / "home"
+    a = Node.create(home, dataset="mp", node="SRV", clock=clock, rng=random.Random(1))
+    remote = Node.create(tmp_path / "r", dataset="mp", node="R", clock=clock, rng=random.Random(2))
+    b = Node.open(home, clock=clock, rng=random.Random(3))
+    try:
+        rid = remote.put("customers", {"code": "K", "name": "from R"})
+        a.import_updates(remote.export_updates())
+        remote.put("customers", {"id": rid, "address": "Huế"})
+        b.put("customers", {"code": "B0", "name": "b"})  # a commit a will notice
+
+        def elsewhere() -> None:
+            b.import_updates(remote.export_updates(since=b.state()))
+            b.compact()
+            b.put("customers", {"code": "B1", "name": "b"})
+
+        real = a.store.conn
+        a.store.conn = _Interleave(real, "SELECT seq, data FROM updates", elsewhere)
+        try:
+            assert a.refresh()
+        finally:
+            a.store.conn = real
+        assert a.get("customers", rid)["address"] == "Huế"  # the records table has it
+        fresh = Node.open(home, clock=clock, rng=random.Random(4))
+        assert decoded_state(a) == decoded_state(fresh)
+        fresh.close()
+        a.put("customers", {"id": rid, "name": "edited here"})
+        assert a.get("customers", rid) == {
+            "id": rid,
+            "code": "K",
+            "name": "edited here",
+            "address": "Huế",
+        }
+        assert a.conflicts() == []
+    finally:
+        for n in (a, b, remote):
+            n.close()
