@@ -28,7 +28,7 @@ import orjson
 
 from . import series as series_mod
 from .clock import Clock, HybridClock, SystemClock, system_random
-from .crdt import RecordDoc
+from .crdt import RecordDoc, trim_heap
 from .errors import (
     DatasetMismatch,
     RecordDeleted,
@@ -44,7 +44,7 @@ from .ids import is_id, new_id, node_salt
 from .merge import CREATED, DELETED, new_state, resolve, seen_by
 from .schema import Collection, Schema, load_schema, parse_schema
 from .store import NodeStore
-from .values import INT_MAX, INT_MIN, decode, encode
+from .values import decode, encode, is_stored
 
 DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
@@ -52,6 +52,7 @@ DOC_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}(/\d{4}(-\d{2})?)?$")
 MAX_LOADED_DOCS = 64  # documents kept in memory; least recently used are dropped
 COMPACT_AFTER = 1000  # log rows of one document before it is folded into a snapshot
 EMPTY_UPDATE = b"\x00\x00"
+TRIM_AFTER_BYTES = 4 << 20  # after importing this much, hand freed memory back
 
 # Aliases: inside ``Node`` the name ``list`` is the method, not the type.
 Records = list[dict[str, Any]]
@@ -445,8 +446,8 @@ class Node:
             for name, data in updates.items():
                 coll = self._collection_of(name)
                 loaded = self._doc(name)
-                changed, effective, pending = loaded.doc.apply(bytes(data))
-                if effective is None and not pending:
+                changed, integrated, pending = loaded.doc.apply(bytes(data))
+                if not integrated and not pending:
                     continue  # nothing new: importing twice stores nothing
                 # The raw bytes, not just what integrated: a part waiting for
                 # missing updates would otherwise be lost on restart.
@@ -456,6 +457,8 @@ class Node:
                 self._log(conn, loaded, blob, "remote")
                 records += self._materialize(conn, coll, loaded.doc, changed)
                 loaded.doc.release()
+        if sum(len(data) for data in updates.values()) > TRIM_AFTER_BYTES:
+            trim_heap()
         return ImportReport(documents, records, stored)
 
     def outbox(self, limit: int = 1000) -> Outbox:
@@ -671,7 +674,16 @@ class Node:
         if loaded is not None:
             self._docs.move_to_end(name)
             return loaded
-        loaded = _Loaded(RecordDoc(name, self._client_id), 0, 0, 0)
+        snap = self.store.conn.execute(
+            "SELECT upto, data FROM snapshots WHERE doc = ?", (name,)
+        ).fetchone()
+        if snap is None:
+            loaded = _Loaded(RecordDoc(name, self._client_id), 0, 0, 0)
+        else:
+            upto, data = int(snap[0]), bytes(snap[1])
+            loaded = _Loaded(RecordDoc(name, self._client_id, data), upto, upto, 0)
+            del data, snap
+            trim_heap()
         self._catch_up(loaded)
         self._docs[name] = loaded
         while len(self._docs) > MAX_LOADED_DOCS:
@@ -860,24 +872,11 @@ class Node:
 def _valid_values(coll: Collection, values: dict[str, Any]) -> dict[str, Any]:
     """Schema fields whose replicated value is well-formed; a malformed value
     from a faulty peer is dropped the same way on every node."""
+    fields = coll.fields
     out = {}
     for name, value in values.items():
-        fld = coll.fields.get(name)
-        if fld is None or value is None:
-            continue
-        kind = fld.type
-        if kind in ("text", "ref"):
-            ok = type(value) is str
-        elif kind == "bool":
-            ok = type(value) is bool
-        elif kind == "int":
-            ok = type(value) is int and INT_MIN <= value <= INT_MAX
-        else:
-            try:
-                ok = encode(fld, value, name) == value
-            except ValidationError:
-                ok = False
-        if ok:
+        fld = fields.get(name)
+        if fld is not None and value is not None and is_stored(fld, value):
             out[name] = value
     return out
 

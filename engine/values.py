@@ -10,6 +10,7 @@ References are record ids here; resolving codes to ids is the node's job.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from decimal import (
     Decimal,
     InvalidOperation,
@@ -51,6 +52,50 @@ def encode(fld: Field, value: Any, where: str) -> Stored:
     if t == "lines":
         return _lines(fld, value, where)
     raise ValidationError(f"{where}: unsupported field type {t!r}")
+
+
+_DECIMAL_RE = re.compile(r"-?\d+(\.\d+)?(E[+-]\d+)?")
+_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def is_stored(fld: Field, value: Stored) -> bool:
+    """True when ``value`` (from a replica) is a well-formed stored value of
+    ``fld`` that ``decode`` can read. Cheaper than ``encode``: it runs for
+    every field of every record an import brings."""
+    t = fld.type
+    if t == "text" or t == "ref":
+        return type(value) is str
+    if t == "decimal":
+        return type(value) is str and len(value) <= 100 and bool(_DECIMAL_RE.fullmatch(value))
+    if t == "bool":
+        return type(value) is bool
+    if t == "int":
+        return type(value) is int and INT_MIN <= value <= INT_MAX
+    if t == "date":
+        if type(value) is not str or not _DATE_RE.fullmatch(value):
+            return False
+        try:
+            dt.date.fromisoformat(value)
+        except ValueError:
+            return False
+        return True
+    if t == "lines":
+        if type(value) is not list or len(value) > MAX_LINES:
+            return False
+        for line in value:
+            if type(line) is not dict:
+                return False
+            for sub in fld.fields:
+                item = line.get(sub.name)
+                if item is None:
+                    if sub.required:
+                        return False
+                elif not is_stored(sub, item):
+                    return False
+            if len(line) > len(fld.fields) or any(fld.line_field(k) is None for k in line):
+                return False
+        return True
+    return False
 
 
 def decode(fld: Field, stored: Stored) -> Any:

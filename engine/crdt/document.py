@@ -3,11 +3,14 @@
 A node only ever rewrites its own key of a record, so concurrent writers
 never collide inside Yjs; merging happens in ``engine.merge`` on top. The
 index ``record id -> writing nodes`` is kept current from the Map's events.
+``trim_heap`` hands memory freed after a large load back to the system.
 Single-threaded: the owner must not share a ``RecordDoc`` between threads.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from typing import Any
 
 import orjson
@@ -22,79 +25,124 @@ SEP = "|"
 
 
 class RecordDoc:
-    """A loaded document; ``client_id`` must be unique per live instance."""
+    """A loaded document; ``client_id`` must be unique per live instance.
 
-    def __init__(self, name: str, client_id: int) -> None:
+    ``snapshot`` (an update holding the whole document) is applied before any
+    observer is attached, and the index is built from the Map's keys: loading
+    a large document then costs no per-key events. Raises UpdateError for a
+    snapshot that is not a Yjs update.
+    """
+
+    def __init__(self, name: str, client_id: int, snapshot: bytes | None = None) -> None:
         self.name = name
         self._doc: Doc[Any] = Doc(client_id=client_id)
         self._map: Map[Any] = self._doc.get(ROOT, type=Map)
-        self._index: dict[str, set[str]] = {}
-        self._updates: list[bytes] = []
+        # record id -> the node that wrote it, or a set when several did (rare;
+        # one set per record would cost ~200 bytes each).
+        self._index: dict[str, str | set[str]] = {}
         self._changed: set[str] = set()
         self._fresh: dict[str, Any] = {}  # key -> text, from the last transaction
+        self._capture = False
+        self._update: bytes | None = None
+        if snapshot is not None:
+            try:
+                self._doc.apply_update(snapshot)
+            except Exception as exc:  # pycrdt raises bare exceptions for bad input
+                raise UpdateError(f"document {name}: not a valid snapshot ({exc})") from None
+            for key in self._map:
+                rid, _, node = key.partition(SEP)
+                self._add(rid, node)
         self._doc.observe(self._on_transaction)
         self._map.observe(self._on_map)
 
+    def _add(self, rid: str, node: str) -> None:
+        have = self._index.get(rid)
+        if have is None:
+            self._index[rid] = node
+        elif isinstance(have, str):
+            if have != node:
+                self._index[rid] = {have, node}
+        else:
+            have.add(node)
+
+    def _discard(self, rid: str, node: str) -> None:
+        have = self._index.get(rid)
+        if isinstance(have, str):
+            if have == node:
+                del self._index[rid]
+        elif have is not None:
+            have.discard(node)
+            if not have:
+                del self._index[rid]
+
+    def _nodes(self, rid: str) -> tuple[str, ...] | set[str]:
+        have = self._index.get(rid)
+        if have is None:
+            return ()
+        return (have,) if isinstance(have, str) else have
+
     def _on_transaction(self, event: TransactionEvent) -> None:
-        self._updates.append(event.update)
+        # Reading ``event.update`` copies the whole update: only local writes,
+        # whose update is logged, need it.
+        if self._capture:
+            self._update = event.update
 
     def _on_map(self, event: MapEvent) -> None:
         keys: dict[str, dict[str, Any]] = event.keys  # type: ignore[attr-defined]
-        index, fresh, changed = self._index, self._fresh, self._changed
+        fresh, changed = self._fresh, self._changed
         for key, change in keys.items():
             rid, _, node = key.partition(SEP)
             changed.add(rid)
             if change["action"] == "delete":
-                index.get(rid, set()).discard(node)
+                self._discard(rid, node)
                 continue
-            nodes = index.get(rid)
-            if nodes is None:
-                index[rid] = {node}
-            else:
-                nodes.add(node)
+            self._add(rid, node)
             # The event carries the new text: reading it back from the Map
             # would cost a lookup per key on bulk imports.
             fresh[key] = change.get("newValue")
 
-    def _take(self) -> tuple[set[str], bytes | None]:
-        changed, self._changed = self._changed, set()
-        updates, self._updates = self._updates, []
-        return changed, (updates[0] if len(updates) == 1 else None)
-
-    def apply(self, update: bytes) -> tuple[set[str], bytes | None, bool]:
+    def apply(self, update: bytes) -> tuple[set[str], bool, bool]:
         """Integrate a remote update.
 
-        Returns (record ids changed, the effective update or None when nothing
-        was integrated, whether it waits whole for missing earlier updates).
-        A partly integrated update may also hold a waiting part: callers that
-        log updates keep the raw bytes whenever anything was integrated.
+        Returns (record ids changed, whether anything was integrated, whether
+        it waits whole for missing earlier updates). A partly integrated
+        update may also hold a waiting part: callers that log updates keep
+        the raw bytes whenever anything was integrated.
         Raises UpdateError for bytes that are not a Yjs update.
         """
         self._fresh.clear()
+        self._changed = set()
+        before = self._doc.get_state()
         try:
             with self._doc.transaction(origin="remote"):
                 self._doc.apply_update(update)
         except Exception as exc:  # pycrdt raises bare exceptions for bad input
-            self._take()
             raise UpdateError(f"document {self.name}: not a valid update ({exc})") from None
-        changed, effective = self._take()
+        changed, self._changed = self._changed, set()
+        after = self._doc.get_state()
+        integrated = bool(changed) or after != before
         pending = False
-        if effective is None:
-            # Nothing integrated: a duplicate, or an update waiting for earlier
-            # ones. Only then is it worth decoding the update's state vector.
+        if not integrated:
+            # A duplicate, or an update waiting for earlier ones: only then is
+            # it worth decoding the update's state vector.
             try:
                 incoming = decode_state_vector(get_state(update))
             except Exception:
                 incoming = {}
-            pending = is_behind(decode_state_vector(self._doc.get_state()), incoming)
-        return changed, effective, pending
+            pending = is_behind(decode_state_vector(after), incoming)
+        return changed, integrated, pending
 
     def write(self, record_id: str, node: str, state: NodeState) -> bytes:
         """Replace ``node``'s entry of a record; returns the Yjs update made."""
         self._fresh.clear()
-        with self._doc.transaction(origin="local"):
-            self._map[f"{record_id}{SEP}{node}"] = orjson.dumps(state).decode()
-        _, update = self._take()
+        self._capture = True
+        try:
+            with self._doc.transaction(origin="local"):
+                self._map[f"{record_id}{SEP}{node}"] = orjson.dumps(state).decode()
+        finally:
+            self._capture = False
+        self._changed = set()
+        update, self._update = self._update, None
         assert update is not None
         return update
 
@@ -108,7 +156,7 @@ class RecordDoc:
         JSON objects (a buggy or hostile peer) are left out, the same way on
         every node."""
         out = {}
-        for node in self._index.get(record_id, ()):
+        for node in self._nodes(record_id):
             key = f"{record_id}{SEP}{node}"
             raw = self._fresh[key] if key in self._fresh else self._map.get(key)
             state = _parse_state(raw)
@@ -130,6 +178,23 @@ class RecordDoc:
             return self._doc.get_update(state_vector)
         except Exception as exc:
             raise UpdateError(f"document {self.name}: invalid state vector ({exc})") from None
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc only; a no-op elsewhere).
+    Loading a large document frees hundreds of MB that malloc would keep."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc: Any = None
 
 
 def _parse_state(raw: Any) -> NodeState | None:

@@ -18,7 +18,7 @@ from ..errors import FormatVersionError, HomeExists, HomeNotFound, StoreError
 STORE_FILE = "branchline.db"
 FORMAT_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
-CACHE_KIB = 65_536
+CACHE_KIB = 16_384
 
 SCHEMA_SQL = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -209,8 +209,8 @@ def _connect(path: Path) -> sqlite3.Connection:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
-        # Bulk imports touch every page of the records table; the default 2 MB
-        # cache makes that several times slower.
+        # Bulk imports touch many pages of the records table; the default 2 MB
+        # cache makes them slower, a much larger one costs memory per process.
         conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open {path}: {exc}") from None
