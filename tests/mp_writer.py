@@ -4,8 +4,9 @@ Usage: python mp_writer.py HOME WORKER COUNT SEED
 
 Waits for a line on stdin (so all writers start together), then COUNT times:
 creates its own record, partially updates its own field of the shared record,
-and overwrites the one field all writers fight over. After each write
-returns it prints ``<op> <json>`` (flushed).
+and overwrites the one field all writers fight over; worker 0 also
+acknowledges the outbox and compacts now and then. After each write returns
+it prints ``<op> <json>`` (flushed).
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def main() -> None:
         say("field", {"field": f"w{worker}", "value": value})
         node.put("things", {"code": "HOT", "label": value})
         say("hot", {"value": value})
+        if worker == 0 and i % 15 == 14:
+            # As if the relay acknowledged the outbox: compaction may now fold
+            # and delete rows the other writers are reading.
+            node.ack(seq for seq, _, _ in node.outbox())
+            node.compact()
     node.close()
     say("done", {"worker": worker})
 
