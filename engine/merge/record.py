@@ -121,6 +121,8 @@ def entries(state: NodeState) -> dict[str, Entry]:
 def resolve(states: dict[str, NodeState]) -> Resolved:
     """Resolve a record from each node's entry (see module docstring)."""
     out = Resolved()
+    if len(states) == 1:
+        return _resolve_single(states, out)
     states = {node: state for node, state in states.items() if well_formed(state)}
     if len(states) == 1:
         return _resolve_single(states, out)
@@ -205,19 +207,41 @@ def well_formed(state: Any) -> bool:
 
 
 def _resolve_single(states: dict[str, NodeState], out: Resolved) -> Resolved:
-    """Fast path for a record only one node has written: nothing can conflict."""
+    """Fast path for a record only one node has written: nothing can conflict.
+    Checks the entry as it goes, as ``well_formed`` does: a malformed entry
+    gives an empty, incomplete record."""
     ((node, state),) = states.items()
-    writes = state["w"]
+    if type(state) is not dict or len(state) != 2:
+        return Resolved()
+    writes, fields = state.get("w"), state.get("f")
+    if type(writes) is not list or type(fields) is not dict:
+        return Resolved()
+    stamps = []
+    for write in writes:
+        if type(write) is not list or len(write) != 2:
+            return Resolved()
+        hlc, seen = write
+        if type(hlc) is not int or type(seen) is not dict:
+            return Resolved()
+        if seen and any(type(v) is not int for v in seen.values()):
+            return Resolved()
+        stamps.append(hlc)
+    count = len(stamps)
     values, writers = out.values, out.writers
-    for name, (ref, value) in state["f"].items():
-        hlc = writes[ref][0]
+    for name, entry in fields.items():
+        if type(entry) is not list or len(entry) != 2:
+            return Resolved()
+        ref, value = entry
+        if type(ref) is not int or not 0 <= ref < count:
+            return Resolved()
+        hlc = stamps[ref]
         if name == CREATED:
             out.created = (hlc, node)
-            continue
-        if name == DELETED:
+        elif name == DELETED:
             out.deleted = bool(value)
+            writers[name] = (node, hlc)
         else:
             values[name] = value
-        writers[name] = (node, hlc)
-    out.newest = max((write[0] for write in writes), default=0)
+            writers[name] = (node, hlc)
+    out.newest = max(stamps, default=0)
     return out
