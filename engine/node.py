@@ -674,48 +674,57 @@ class Node:
         if loaded is not None:
             self._docs.move_to_end(name)
             return loaded
-        snap = self.store.conn.execute(
-            "SELECT upto, data FROM snapshots WHERE doc = ?", (name,)
-        ).fetchone()
-        if snap is None:
-            loaded = _Loaded(RecordDoc(name, self._client_id), 0, 0, 0)
-        else:
-            upto, data = int(snap[0]), bytes(snap[1])
-            loaded = _Loaded(RecordDoc(name, self._client_id, data), upto, upto, 0)
-            del data, snap
+        with self._reading() as conn:
+            snap = conn.execute(
+                "SELECT upto, data FROM snapshots WHERE doc = ?", (name,)
+            ).fetchone()
+            upto = int(snap[0]) if snap else 0
+            rows = conn.execute(
+                "SELECT seq, data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq", (name, upto)
+            ).fetchall()
+        updates = ([snap[1]] if snap else []) + [data for _, data in rows]
+        size = sum(len(u) for u in updates)
+        applied = int(rows[-1][0]) if rows else upto
+        loaded = _Loaded(RecordDoc(name, self._client_id, updates), applied, upto, len(rows))
+        del updates, snap, rows
+        if size > TRIM_AFTER_BYTES:
             trim_heap()
-        self._catch_up(loaded)
         self._docs[name] = loaded
         while len(self._docs) > MAX_LOADED_DOCS:
             self._docs.popitem(last=False)
         return loaded
 
-    def _catch_up(self, loaded: _Loaded) -> None:
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """One read snapshot of the store (or the write transaction under way):
+        another process compacting between two queries would otherwise delete
+        log rows this process has not applied yet."""
         conn = self.store.conn
-        if not conn.in_transaction:
-            # One read snapshot for the snapshot row and the log rows: another
-            # process compacting in between would otherwise delete rows this
-            # node has not applied while its snapshot read was still older.
-            conn.execute("BEGIN")
-            try:
-                self._catch_up(loaded)
-            finally:
-                conn.execute("COMMIT")
+        if conn.in_transaction:
+            yield conn
             return
-        snap = conn.execute(
-            "SELECT upto, data FROM snapshots WHERE doc = ?", (loaded.doc.name,)
-        ).fetchone()
-        if snap is not None and snap[0] > loaded.applied:
-            loaded.doc.apply(bytes(snap[1]))
-            loaded.snapshot = loaded.applied = int(snap[0])
-            loaded.tail = 0
-        for seq, data in conn.execute(
-            "SELECT seq, data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq",
-            (loaded.doc.name, loaded.applied),
-        ):
-            loaded.doc.apply(bytes(data))
-            loaded.applied = int(seq)
-            loaded.tail += 1
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _catch_up(self, loaded: _Loaded) -> None:
+        with self._reading() as conn:
+            snap = conn.execute(
+                "SELECT upto, data FROM snapshots WHERE doc = ?", (loaded.doc.name,)
+            ).fetchone()
+            if snap is not None and snap[0] > loaded.applied:
+                loaded.doc.apply(bytes(snap[1]))
+                loaded.snapshot = loaded.applied = int(snap[0])
+                loaded.tail = 0
+            for seq, data in conn.execute(
+                "SELECT seq, data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq",
+                (loaded.doc.name, loaded.applied),
+            ):
+                loaded.doc.apply(bytes(data))
+                loaded.applied = int(seq)
+                loaded.tail += 1
         loaded.doc.release()
 
     def _log(self, conn: sqlite3.Connection, loaded: _Loaded, data: bytes, origin: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -27,13 +28,13 @@ SEP = "|"
 class RecordDoc:
     """A loaded document; ``client_id`` must be unique per live instance.
 
-    ``snapshot`` (an update holding the whole document) is applied before any
-    observer is attached, and the index is built from the Map's keys: loading
-    a large document then costs no per-key events. Raises UpdateError for a
-    snapshot that is not a Yjs update.
+    ``initial`` updates (a snapshot and the log after it) are applied before
+    any observer is attached, and the index is built from the Map's keys:
+    loading a large document then costs no per-key events. Raises
+    UpdateError for bytes that are not a Yjs update.
     """
 
-    def __init__(self, name: str, client_id: int, snapshot: bytes | None = None) -> None:
+    def __init__(self, name: str, client_id: int, initial: Iterable[bytes] = ()) -> None:
         self.name = name
         self._doc: Doc[Any] = Doc(client_id=client_id)
         self._map: Map[Any] = self._doc.get(ROOT, type=Map)
@@ -44,14 +45,14 @@ class RecordDoc:
         self._fresh: dict[str, Any] = {}  # key -> text, from the last transaction
         self._capture = False
         self._update: bytes | None = None
-        if snapshot is not None:
+        for update in initial:
             try:
-                self._doc.apply_update(snapshot)
+                self._doc.apply_update(update)
             except Exception as exc:  # pycrdt raises bare exceptions for bad input
-                raise UpdateError(f"document {name}: not a valid snapshot ({exc})") from None
-            for key in self._map:
-                rid, _, node = key.partition(SEP)
-                self._add(rid, node)
+                raise UpdateError(f"document {name}: not a valid update ({exc})") from None
+        for key in self._map:
+            rid, _, node = key.partition(SEP)
+            self._add(rid, node)
         self._doc.observe(self._on_transaction)
         self._map.observe(self._on_map)
 
