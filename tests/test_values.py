@@ -22,7 +22,7 @@ from engine import Node
 from engine.clock import ManualClock
 from engine.errors import RecordNotFound, ValidationError
 from engine.schema import Field
-from engine.values import INT_MAX, INT_MIN, decode, encode
+from engine.values import INT_MAX, INT_MIN, decode, encode, is_stored
 
 TEXT = Field("t", "text")
 INT = Field("i", "int")
@@ -384,3 +384,43 @@ def test_lookups_by_a_malformed_key_find_nothing(node: Node) -> None:
     assert node.find("things", code="\udcff") == []
     with pytest.raises(RecordNotFound):
         node.delete("things", "bad \ud800 key")
+
+
+@given(
+    st.one_of(
+        decimals.map(lambda v: (DECIMAL, v)),
+        ints64.map(lambda v: (INT, v)),
+        st.dates().map(lambda v: (DATE, v)),
+        texts.map(lambda v: (TEXT, v)),
+        st.booleans().map(lambda v: (BOOL, v)),
+        lines.map(lambda v: (LINES, v)),
+    )
+)
+def test_every_encoded_value_passes_the_import_check(case: tuple[Field, Any]) -> None:
+    """``is_stored`` (run on every value a replica sends) accepts all ``encode`` makes."""
+    fld, value = case
+    assert is_stored(fld, encode(fld, value, "x"))
+
+
+@pytest.mark.parametrize(
+    ("fld", "stored"),
+    [
+        (DECIMAL, "abc"),
+        (DECIMAL, 1.5),
+        (DECIMAL, "NaN"),
+        (DECIMAL, "1" * 101),
+        (INT, 2**64),
+        (INT, True),
+        (INT, "1"),
+        (DATE, "2026-02-30"),
+        (DATE, "20260101"),
+        (BOOL, 1),
+        (TEXT, 5),
+        (LINES, [{"qty": "1"}]),
+        (LINES, [{"label": "a", "qty": "1", "x": 1}]),
+        (LINES, "nope"),
+        (LINES, [["label"]]),
+    ],
+)
+def test_malformed_replicated_values_fail_the_import_check(fld: Field, stored: Any) -> None:
+    assert not is_stored(fld, stored)
