@@ -50,7 +50,11 @@ DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 DOC_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}(/\d{4}(-\d{2})?)?$")
 MAX_LOADED_DOCS = 64  # documents kept in memory; least recently used are dropped
-COMPACT_AFTER = 1000  # log rows of one document before it is folded into a snapshot
+# A document's log is folded into a new snapshot once it holds COMPACT_MIN_ROWS
+# rows and a quarter of the snapshot's size (re-encoding a large document costs
+# about a second, so it must be rare), or COMPACT_MAX_ROWS rows in any case.
+COMPACT_MIN_ROWS = 1000
+COMPACT_MAX_ROWS = 20_000
 EMPTY_UPDATE = b"\x00\x00"
 TRIM_AFTER_BYTES = 4 << 20  # after importing this much, hand freed memory back
 
@@ -85,6 +89,13 @@ class _Loaded:
     applied: int  # highest update-log seq integrated into ``doc``
     snapshot: int  # ``upto`` of the snapshot it was loaded from
     tail: int  # log rows after the snapshot
+    tail_bytes: int = 0
+    base_bytes: int = 0  # size of the snapshot
+
+    def due_for_compaction(self) -> bool:
+        if self.tail >= COMPACT_MAX_ROWS:
+            return True
+        return self.tail >= COMPACT_MIN_ROWS and self.tail_bytes * 4 >= self.base_bytes
 
 
 class Node:
@@ -685,7 +696,14 @@ class Node:
         updates = ([snap[1]] if snap else []) + [data for _, data in rows]
         size = sum(len(u) for u in updates)
         applied = int(rows[-1][0]) if rows else upto
-        loaded = _Loaded(RecordDoc(name, self._client_id, updates), applied, upto, len(rows))
+        loaded = _Loaded(
+            RecordDoc(name, self._client_id, updates),
+            applied,
+            upto,
+            len(rows),
+            tail_bytes=sum(len(data) for _, data in rows),
+            base_bytes=len(snap[1]) if snap else 0,
+        )
         del updates, snap, rows
         if size > TRIM_AFTER_BYTES:
             trim_heap()
@@ -717,7 +735,8 @@ class Node:
             if snap is not None and snap[0] > loaded.applied:
                 loaded.doc.apply(bytes(snap[1]))
                 loaded.snapshot = loaded.applied = int(snap[0])
-                loaded.tail = 0
+                loaded.tail = loaded.tail_bytes = 0
+                loaded.base_bytes = len(snap[1])
             for seq, data in conn.execute(
                 "SELECT seq, data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq",
                 (loaded.doc.name, loaded.applied),
@@ -725,6 +744,7 @@ class Node:
                 loaded.doc.apply(bytes(data))
                 loaded.applied = int(seq)
                 loaded.tail += 1
+                loaded.tail_bytes += len(data)
         loaded.doc.release()
 
     def _log(self, conn: sqlite3.Connection, loaded: _Loaded, data: bytes, origin: str) -> None:
@@ -735,25 +755,28 @@ class Node:
         assert cur.lastrowid is not None
         loaded.applied = cur.lastrowid
         loaded.tail += 1
-        if loaded.tail >= COMPACT_AFTER:
+        loaded.tail_bytes += len(data)
+        if loaded.due_for_compaction():
             self._compact(conn, loaded)
 
     def _compact(self, conn: sqlite3.Connection, loaded: _Loaded) -> int:
         upto = loaded.applied
         if upto <= loaded.snapshot:
             return 0
+        snapshot = loaded.doc.diff()
         conn.execute(
             "INSERT INTO snapshots (doc, upto, data, at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (doc) DO UPDATE SET upto = excluded.upto, data = excluded.data, "
             "at = excluded.at",
-            (loaded.doc.name, upto, loaded.doc.diff(), self._clock.wall_ms()),
+            (loaded.doc.name, upto, snapshot, self._clock.wall_ms()),
         )
         cur = conn.execute(
             "DELETE FROM updates WHERE doc = ? AND seq <= ? AND pending = 0",
             (loaded.doc.name, upto),
         )
         loaded.snapshot = upto
-        loaded.tail = 0
+        loaded.tail = loaded.tail_bytes = 0
+        loaded.base_bytes = len(snapshot)
         return cur.rowcount
 
     def _materialize(
