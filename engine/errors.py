@@ -84,3 +84,87 @@ class SeriesError(BranchlineError):
 
 class SeriesExhausted(SeriesError):
     """A leased block range is used up and no provisional numbering is allowed."""
+
+
+# -- relay (issue 3) ---------------------------------------------------------
+
+
+class RelayStoreNotFound(StoreError):
+    """There is no relay store at the given path."""
+
+    exit_code = 2
+
+
+class RelayStoreExists(StoreError):
+    """A file already exists where a new relay store was to be created."""
+
+    exit_code = 2
+
+
+class UnknownDataset(UserError):
+    """The relay has no dataset of that name (datasets are made by enroll)."""
+
+
+class UnknownNode(UserError):
+    """The dataset has no enrolled node of that name."""
+
+
+class AuthError(BranchlineError):
+    """A node could not be authenticated (unknown node, wrong token). The
+    message never says which part was wrong, and never contains a token."""
+
+    exit_code = 2
+
+
+class NodeRevoked(AuthError):
+    """The node's token was right but the node has been revoked."""
+
+
+class ReadOnlyNode(AuthError):
+    """A read-only node tried to write; nothing was stored."""
+
+
+class UpdateTooLarge(UpdateError):
+    """An update is larger than the relay accepts; nothing was stored."""
+
+    exit_code = 2
+
+
+class RelayLimitError(BranchlineError):
+    """A relay limit (documents per dataset, batch size, lease size) was hit."""
+
+    exit_code = 2
+
+
+class ProtocolError(BranchlineError):
+    """A sync-protocol failure (``engine.protocol``), with the wire ``code`` of
+    the error table in docs/protocol.md (e.g. ``bad_frame``, ``auth_failed``).
+
+    Like h11, the subclass says whose fault it is: ``LocalProtocolError`` (this
+    side asked its session for something invalid), ``RemoteProtocolError`` (the
+    peer sent something invalid) and ``PeerRejected`` (the peer ended the session
+    with an error frame).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} [{code}]")
+        self.code = code
+        self.message = message
+
+
+class LocalProtocolError(ProtocolError):
+    """This side misused its session (wrong state, over a limit, bad argument).
+    Nothing was sent and the session state is unchanged; fix the caller."""
+
+    exit_code = 2
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent a frame that is malformed, over a limit or not allowed now.
+    The session has queued an error frame for the peer and is closing: send
+    ``data_to_send()``, then close the connection."""
+
+
+class PeerRejected(ProtocolError):
+    """The peer ended the session with an error frame (``code``, ``message``):
+    e.g. the relay refused the token or serves another dataset."""

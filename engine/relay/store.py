@@ -1,0 +1,208 @@
+"""The relay's durable store: the interface the relay server uses.
+
+One ``RelayStore`` holds, for every dataset, the enrolled nodes (tokens only
+as salted hashes), a CRDT update log per document with snapshots, and the
+company-wide ``blocks`` series counters. ``SqliteRelayStore``
+(``sqlite_store.py``) is the embedded default; a PostgreSQL store for several
+relay processes can implement the same contract later.
+
+Contract shared by every method:
+
+- A method that writes is durable when it returns: after a crash (even
+  SIGKILL or power loss) the write is there, or the method had not returned.
+  A method that raises wrote nothing (``append_updates`` reports per update
+  instead, see there).
+- Errors are ``BranchlineError`` subclasses from ``engine.errors``; user
+  mistakes (bad names, unknown dataset or node) are ``UserError``.
+- Tokens never appear in a message, a log line or the store file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..errors import BranchlineError
+
+EMPTY_UPDATE = b"\x00\x00"  # a Yjs update holding nothing
+EMPTY_STATE_VECTOR = b"\x00"  # the state vector of an empty document
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """A freshly issued token (shown once) and whether it replaced the
+    node's earlier token, which no longer authenticates."""
+
+    dataset: str
+    node: str
+    token: str
+    read_only: bool
+    replaced: bool
+    dataset_created: bool
+
+    def __repr__(self) -> str:  # keeps the token out of logs and tracebacks
+        return (
+            f"Enrollment(dataset={self.dataset!r}, node={self.node!r}, token=<hidden>, "
+            f"read_only={self.read_only}, replaced={self.replaced})"
+        )
+
+
+@dataclass(frozen=True)
+class NodeGrant:
+    """What an authenticated node may do in its dataset."""
+
+    dataset: str
+    node: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class UpdateIn:
+    """One update offered to ``append_updates``: document, Yjs update bytes,
+    and the node that sent it."""
+
+    doc: str
+    data: bytes
+    node: str
+
+
+@dataclass(frozen=True)
+class Appended:
+    """The outcome of one update of an ``append_updates`` batch.
+
+    ``stored``: new content, logged under ``seq``. ``duplicate``: everything
+    in it was already held, nothing logged (acknowledge it anyway).
+    ``rejected``: nothing stored; ``error`` says why (bad document name or
+    bytes, too large, node unknown, revoked or read-only).
+    """
+
+    doc: str
+    status: Literal["stored", "duplicate", "rejected"]
+    seq: int | None = None
+    error: BranchlineError | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the update may be acknowledged to its sender."""
+        return self.status != "rejected"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    read_only: bool
+    revoked: bool
+    enrolled_at: int  # ms since the epoch
+    revoked_at: int | None
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    name: str
+    updates: int  # updates stored since the document was created
+    bytes: int  # bytes of those updates
+    log_rows: int  # rows not yet folded into the snapshot
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    created_at: int
+    nodes: list[NodeInfo] = field(default_factory=list)
+    documents: list[DocumentInfo] = field(default_factory=list)
+    series: dict[str, int] = field(default_factory=dict)  # series key -> next number
+
+
+class RelayStore(ABC):
+    """The relay's durable state. See the module docstring for the contract
+    shared by all methods."""
+
+    # -- nodes -------------------------------------------------------------
+
+    @abstractmethod
+    def enroll(self, dataset: str, node: str, *, read_only: bool = False) -> Enrollment:
+        """Issue a new token for ``node`` of ``dataset`` (the dataset is created
+        on its first enroll). Re-enrolling a node (also a revoked one) replaces
+        its token: the old one stops working once this returns, and the node's
+        read-only flag becomes ``read_only``. Only a salted hash of the token is
+        stored; the caller must show the token once and forget it.
+
+        Raises UserError for a dataset or node name that is not valid.
+        """
+
+    @abstractmethod
+    def revoke(self, dataset: str, node: str) -> bool:
+        """Revoke a node: its token no longer authenticates and its writes are
+        rejected from the moment this returns. Returns False when it was
+        already revoked. Raises UnknownDataset, UnknownNode."""
+
+    @abstractmethod
+    def authenticate(self, dataset: str, node: str, token: str) -> NodeGrant:
+        """Check a node's token in constant time. Raises AuthError (unknown
+        dataset or node, or wrong token; the message does not say which) or
+        NodeRevoked (right token, revoked node). Writes nothing."""
+
+    # -- updates -----------------------------------------------------------
+
+    @abstractmethod
+    def append_updates(self, dataset: str, updates: Sequence[UpdateIn]) -> list[Appended]:
+        """Store a batch of updates in ONE transaction (group commit); durable
+        when this returns. Results are in the order of ``updates``.
+
+        Updates whose content the store already holds are not stored again
+        (``duplicate``). An update that is invalid, too large, or sent by a
+        node that is not enrolled, revoked or read-only is ``rejected`` and
+        stored in no part; the others of the batch are unaffected.
+
+        Raises UnknownDataset (nothing stored), RelayLimitError for a batch
+        larger than the limit, StoreError when the commit fails (nothing of
+        the batch stored: acknowledge nothing).
+        """
+
+    @abstractmethod
+    def state_vector(self, dataset: str, doc: str) -> bytes:
+        """The Yjs state vector of what the relay holds of ``doc`` (the empty
+        state vector for a document it does not have). Raises UnknownDataset,
+        UpdateError for an invalid document name."""
+
+    @abstractmethod
+    def diff(self, dataset: str, doc: str, state_vector: bytes | None = None) -> bytes:
+        """The Yjs update a replica in ``state_vector`` lacks (everything when
+        None; ``EMPTY_UPDATE`` for a document the relay does not have).
+        Raises UnknownDataset, UpdateError for an invalid state vector or
+        document name."""
+
+    @abstractmethod
+    def documents(self, dataset: str) -> list[str]:
+        """Names of the dataset's documents, sorted. Raises UnknownDataset."""
+
+    @abstractmethod
+    def compact(self, dataset: str, doc: str | None = None) -> int:
+        """Fold the update log of one document (or all of the dataset) into its
+        snapshot by replay. Atomic per document: an interrupted compaction
+        leaves the previous snapshot and log. Returns log rows removed.
+        Raises UnknownDataset."""
+
+    # -- series ------------------------------------------------------------
+
+    @abstractmethod
+    def lease(
+        self, dataset: str, series_key: str, count: int, *, node: str | None = None
+    ) -> tuple[int, int]:
+        """Lease ``count`` numbers of the company-wide series ``series_key``:
+        an inclusive range ``(first, last)`` no caller ever got or will get,
+        across restarts and concurrent callers (threads or processes). Durable
+        before it returns. Raises UnknownDataset, UserError for a bad key or
+        count, RelayLimitError above the lease limit."""
+
+    # -- inspection --------------------------------------------------------
+
+    @abstractmethod
+    def status(self) -> list[DatasetInfo]:
+        """Every dataset with its nodes, documents and series (never tokens)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store; later calls are not allowed."""
