@@ -33,6 +33,7 @@ from . import __version__
 from .errors import BranchlineError, RecordNotFound, UserError
 from .exchange import export_to_file, import_from_file, save_state
 from .node import Node
+from .relay.cli import relay_group
 
 HOME_HELP = "node home directory (default: $BRANCHLINE_HOME, else the current directory)"
 MAX_INPUT_BYTES = 64 << 20  # fields JSON read from stdin
@@ -531,6 +532,9 @@ def state_cmd(home: Path, file: Path, as_json: bool) -> None:
             f"{done.bytes} bytes) to {file}"
         )
     )
+
+
+cli.add_command(relay_group)
 
 
 def main() -> None:

@@ -1,0 +1,180 @@
+"""``branchline relay ...``: admin commands of the relay store.
+
+Same contract as the rest of the CLI (``engine/cli.py``): a ``BranchlineError``
+becomes one ``error: ...`` line on stderr with its exit code, ``--json``
+prints one JSON document. Tokens are printed only by ``enroll``, once; no
+other command ever shows one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from .sqlite_store import SqliteRelayStore
+
+store_argument = click.argument("store", type=click.Path(dir_okay=False, path_type=Path))
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="print one JSON document on stdout"
+)
+
+
+def _emit(value: Any) -> None:
+    click.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[SqliteRelayStore]:
+    store = SqliteRelayStore.open(path)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@click.group("relay")
+def relay_group() -> None:
+    """Relay store administration (the server itself: 'relay serve', later)."""
+
+
+@relay_group.command("init")
+@store_argument
+@json_option
+def init_cmd(store: Path, as_json: bool) -> None:
+    """Create an empty relay store file STORE."""
+    SqliteRelayStore.create(store).close()
+    if as_json:
+        _emit({"store": str(store), "created": True})
+    else:
+        click.echo(f"created relay store {store}")
+
+
+@relay_group.command("enroll")
+@store_argument
+@click.argument("dataset")
+@click.argument("node")
+@click.option("--read-only", is_flag=True, help="the node may read but not write")
+@json_option
+def enroll_cmd(store: Path, dataset: str, node: str, read_only: bool, as_json: bool) -> None:
+    """Issue a token for NODE of DATASET (the dataset is created on first
+    enroll). Re-enrolling a node replaces its token."""
+    with _opened(store) as relay:
+        done = relay.enroll(dataset, node, read_only=read_only)
+    if as_json:
+        _emit(
+            {
+                "token": done.token,
+                "dataset": done.dataset,
+                "node": done.node,
+                "read_only": done.read_only,
+                "replaced": done.replaced,
+                "dataset_created": done.dataset_created,
+            }
+        )
+        return
+    if done.dataset_created:
+        click.echo(f"created dataset '{dataset}'")
+    if done.replaced:
+        click.echo(
+            f"node '{node}' was enrolled before: its previous token no longer works "
+            "(a revoked node is active again)"
+        )
+    mode = "read-only" if read_only else "read-write"
+    click.echo(f"enrolled node '{node}' of dataset '{dataset}' ({mode}); token:")
+    click.echo(done.token)
+    click.echo("This token will not be shown again; the relay keeps only a hash of it.")
+
+
+@relay_group.command("revoke")
+@store_argument
+@click.argument("dataset")
+@click.argument("node")
+@json_option
+def revoke_cmd(store: Path, dataset: str, node: str, as_json: bool) -> None:
+    """Revoke NODE of DATASET: its token stops working and its writes are refused."""
+    with _opened(store) as relay:
+        newly = relay.revoke(dataset, node)
+    if as_json:
+        _emit({"dataset": dataset, "node": node, "revoked": True, "already": not newly})
+    elif newly:
+        click.echo(f"revoked node '{node}' of dataset '{dataset}'")
+    else:
+        click.echo(f"node '{node}' of dataset '{dataset}' was already revoked")
+
+
+@relay_group.command("status")
+@store_argument
+@json_option
+def status_cmd(store: Path, as_json: bool) -> None:
+    """Datasets, their nodes (read-only, revoked), documents and update counts."""
+    with _opened(store) as relay:
+        info = relay.status()
+    if as_json:
+        _emit(
+            {
+                "store": str(store),
+                "datasets": [
+                    {
+                        "name": ds.name,
+                        "created_at": ds.created_at,
+                        "nodes": [
+                            {
+                                "name": n.name,
+                                "read_only": n.read_only,
+                                "revoked": n.revoked,
+                                "enrolled_at": n.enrolled_at,
+                                "revoked_at": n.revoked_at,
+                            }
+                            for n in ds.nodes
+                        ],
+                        "documents": [
+                            {
+                                "name": d.name,
+                                "updates": d.updates,
+                                "bytes": d.bytes,
+                                "log_rows": d.log_rows,
+                            }
+                            for d in ds.documents
+                        ],
+                        "updates": sum(d.updates for d in ds.documents),
+                        "series": ds.series,
+                    }
+                    for ds in info
+                ],
+            }
+        )
+        return
+    console = Console(highlight=False)
+    if not info:
+        console.print(f"{store}: no datasets yet (enroll a node to create one)")
+        return
+    for ds in info:
+        updates = sum(d.updates for d in ds.documents)
+        console.print(
+            f"dataset {ds.name}: {len(ds.nodes)} node(s), {len(ds.documents)} document(s), "
+            f"{updates} update(s)"
+        )
+        nodes = Table("node", "access", "state", box=None)
+        for n in ds.nodes:
+            nodes.add_row(
+                n.name,
+                "read-only" if n.read_only else "read-write",
+                "revoked" if n.revoked else "active",
+            )
+        console.print(nodes)
+        if ds.documents:
+            docs = Table("document", "updates", "bytes", "log rows", box=None)
+            for d in ds.documents:
+                docs.add_row(d.name, str(d.updates), str(d.bytes), str(d.log_rows))
+            console.print(docs)
+
+
+# ``list`` is the same view: operators reach for either name.
+relay_group.add_command(status_cmd, "list")
