@@ -479,6 +479,18 @@ class Node:
         ).fetchall()
         return [(int(s), str(d), bytes(b)) for s, d, b in rows]
 
+    def pending(self) -> dict[str, int]:
+        """Per collection (every one of the schema), the records with local
+        changes the relay has not acknowledged yet."""
+        out = dict.fromkeys(self.schema.collections, 0)
+        for doc, count in self.store.conn.execute(
+            "SELECT doc, COUNT(DISTINCT record) FROM updates WHERE pending = 1 GROUP BY doc"
+        ):
+            name = str(doc).partition("/")[0]
+            if name in out:
+                out[name] += int(count)
+        return out
+
     def ack(self, seqs: Iterable[int]) -> None:
         """Mark outbox entries acknowledged by the relay (durably)."""
         with self.store.transaction() as conn:
@@ -581,7 +593,7 @@ class Node:
         hlc = self._hlc.tick(at_least=current.newest)
         state = new_state(states.get(self.node_id), values, hlc, seen_by(states, self.node_id))
         update = loaded.doc.write(rid, self.node_id, state)
-        self._log(conn, loaded, update, "local")
+        self._log(conn, loaded, update, "local", rid)
         self._materialize(conn, coll, loaded.doc, {rid})
 
     def _encode(
@@ -747,10 +759,18 @@ class Node:
                 loaded.tail_bytes += len(data)
         loaded.doc.release()
 
-    def _log(self, conn: sqlite3.Connection, loaded: _Loaded, data: bytes, origin: str) -> None:
+    def _log(
+        self,
+        conn: sqlite3.Connection,
+        loaded: _Loaded,
+        data: bytes,
+        origin: str,
+        record: str | None = None,
+    ) -> None:
         cur = conn.execute(
-            "INSERT INTO updates (doc, data, origin, pending, at) VALUES (?, ?, ?, ?, ?)",
-            (loaded.doc.name, data, origin, int(origin == "local"), self._clock.wall_ms()),
+            "INSERT INTO updates (doc, data, origin, pending, record, at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (loaded.doc.name, data, origin, int(origin == "local"), record, self._clock.wall_ms()),
         )
         assert cur.lastrowid is not None
         loaded.applied = cur.lastrowid

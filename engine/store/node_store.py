@@ -32,6 +32,7 @@ CREATE TABLE updates (
     data BLOB NOT NULL,
     origin TEXT NOT NULL CHECK (origin IN ('local', 'remote')),
     pending INTEGER NOT NULL DEFAULT 0,
+    record TEXT,  -- the record a local update wrote (one per local update)
     at INTEGER NOT NULL
 );
 CREATE INDEX updates_doc ON updates (doc, seq);
