@@ -396,6 +396,8 @@ class SqliteRelayStore(RelayStore):
     ) -> None:
         writers: dict[str, BranchlineError | None] = {}
         counts: dict[str, tuple[int, int]] = {}
+        room: dict[str, BranchlineError | None] = {}
+        new_docs: set[str] = set()  # documents this batch creates
         now = _now()
         for i, u in enumerate(updates):
             if results[i] is not None:
@@ -403,8 +405,10 @@ class SqliteRelayStore(RelayStore):
             if u.node not in writers:
                 writers[u.node] = self._writer_error(conn, ds_id, dataset, u.node)
             err = writers[u.node]
-            if err is None and u.doc not in counts:
-                err = self._room_for(conn, ds_id, dataset, u.doc)
+            if err is None and u.doc not in room:
+                room[u.doc] = self._room_for(conn, ds_id, dataset, u.doc, new_docs)
+            if err is None:
+                err = room[u.doc]
             if err is not None:
                 results[i] = Appended(u.doc, "rejected", error=err)
                 continue
@@ -482,8 +486,10 @@ class SqliteRelayStore(RelayStore):
         return None
 
     def _room_for(
-        self, conn: sqlite3.Connection, ds_id: int, dataset: str, doc: str
+        self, conn: sqlite3.Connection, ds_id: int, dataset: str, doc: str, new_docs: set[str]
     ) -> BranchlineError | None:
+        """None when ``doc`` exists or the dataset may have one more document
+        (counting those the batch creates, which are added to ``new_docs``)."""
         if conn.execute(
             "SELECT 1 FROM documents WHERE dataset_id = ? AND doc = ?", (ds_id, doc)
         ).fetchone():
@@ -491,10 +497,12 @@ class SqliteRelayStore(RelayStore):
         (count,) = conn.execute(
             "SELECT count(*) FROM documents WHERE dataset_id = ?", (ds_id,)
         ).fetchone()
-        if count >= self.limits.max_documents_per_dataset:
+        if count + len(new_docs) >= self.limits.max_documents_per_dataset:
             return RelayLimitError(
-                f"dataset {dataset!r} already has {count} documents, the relay's limit"
+                f"dataset {dataset!r} already has {count + len(new_docs)} documents, "
+                "the relay's limit"
             )
+        new_docs.add(doc)
         return None
 
     def state_vector(self, dataset: str, doc: str) -> bytes:
