@@ -1,0 +1,278 @@
+"""The relay side of a sync session. See docs/protocol.md.
+
+The session never checks tokens or touches storage: it emits events and the
+driver (the relay server) answers after doing the I/O::
+
+    HelloReceived   -> check token/dataset in the store -> accept(read_only=..., documents=...)
+                       or reject("auth_failed" | "wrong_dataset", message)
+    SyncRequested   -> sync_reply(doc, diff the client lacks, relay's state vector)
+    UpdateReceived  -> commit durably (deduplicate), then ack([ref]); fan out to
+                       the dataset's other sessions with their send_update(doc, data)
+    LeaseRequested  -> grant_lease(ref, first, last) or deny_lease(ref, message)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from . import codes
+from .events import Event, HelloReceived, LeaseRequested, SyncRequested, UpdateReceived
+from .limits import (
+    DEFAULT_HEARTBEAT_MS,
+    MAX_DOCS_PER_FRAME,
+    MAX_DOCUMENTS,
+    PROTOCOL_VERSIONS,
+    Limits,
+)
+from .messages import (
+    DOC_RE,
+    Ack,
+    Docs,
+    Hello,
+    Lease,
+    LeaseDeny,
+    LeaseGrant,
+    Message,
+    Sync1,
+    Sync2,
+    Synced,
+    SyncEnd,
+    Update,
+    Welcome,
+)
+from .session import Session, SessionState
+
+
+def _check(ok: bool, code: str, message: str) -> None:
+    if not ok:
+        raise LocalProtocolError(code, message)
+
+
+class RelaySession(Session):
+    """Sans-I/O relay session for one client connection. Waits for ``hello``."""
+
+    def __init__(
+        self,
+        *,
+        versions: Sequence[int] = PROTOCOL_VERSIONS,
+        limits: Limits | None = None,
+        heartbeat_ms: int = DEFAULT_HEARTBEAT_MS,
+    ) -> None:
+        super().__init__(limits or Limits(), heartbeat_ms)
+        self._versions = tuple(versions)
+        self.hello: Hello | None = None
+        self.version: int | None = None
+        self.read_only = False
+        self._pending_refs: set[int] = set()  # client updates not acked yet
+        self._pending_syncs: set[str] = set()  # sync1 not answered yet
+        self._leases: dict[int, str] = {}  # lease ref -> series
+        self._last_pass = -1
+        self._end_pass: int | None = None  # sync_end received, synced not sent
+        self._end_waits: set[int] = set()  # refs to ack before that synced
+
+    # -- state ------------------------------------------------------------------
+
+    @property
+    def dataset(self) -> str | None:
+        """The dataset named in hello (None before it)."""
+        return self.hello.dataset if self.hello else None
+
+    @property
+    def node(self) -> str | None:
+        return self.hello.node if self.hello else None
+
+    @property
+    def pending_refs(self) -> frozenset[int]:
+        """Client updates emitted as events and not acked yet."""
+        return frozenset(self._pending_refs)
+
+    # -- handshake ----------------------------------------------------------------
+
+    def accept(self, *, read_only: bool, documents: Iterable[str] = ()) -> None:
+        """Admit the client: queue ``welcome`` and the ``docs`` list (the
+        dataset's document names); the session is OPEN. Raises
+        LocalProtocolError unless a hello awaits an answer, or for bad names."""
+        _check(
+            self._state is SessionState.CONNECTING and self.hello is not None,
+            codes.PROTOCOL_VIOLATION,
+            "accept needs a hello awaiting an answer",
+        )
+        assert self.hello is not None and self.version is not None
+        names = list(dict.fromkeys(documents))
+        _check(
+            len(names) <= MAX_DOCUMENTS,
+            codes.LIMIT_EXCEEDED,
+            f"more than {MAX_DOCUMENTS} documents",
+        )
+        for name in names:
+            _check(
+                isinstance(name, str) and bool(DOC_RE.fullmatch(name)),
+                codes.BAD_FRAME,
+                f"invalid document name {name!r}",
+            )
+        self.read_only = read_only
+        hello = self.hello
+        self._send(
+            Welcome(
+                self.version, hello.dataset, hello.node, read_only, self._limits, self._heartbeat_ms
+            )
+        )
+        for start in range(0, max(len(names), 1), MAX_DOCS_PER_FRAME):
+            part = names[start : start + MAX_DOCS_PER_FRAME]
+            self._send(Docs(tuple(part), final=start + MAX_DOCS_PER_FRAME >= len(names)))
+        self._state = SessionState.OPEN
+
+    def reject(self, code: str, message: str) -> None:
+        """Refuse the client with an error frame (``auth_failed``,
+        ``wrong_dataset``, ...): the session is CLOSING. Same as ``fail``."""
+        self.fail(code, message)
+
+    # -- answers ------------------------------------------------------------------
+
+    def sync_reply(self, doc: str, diff: bytes, state_vector: bytes) -> None:
+        """Answer ``SyncRequested(doc)``: queue ``sync2`` (``diff``, chunked when
+        large) then ``sync1`` (the relay's ``state_vector``). Raises
+        LocalProtocolError when no request for ``doc`` is pending or the diff
+        exceeds the transfer limits. Ignored when closing or closed."""
+        if not self._require_open("reply to a sync request"):
+            return
+        _check(
+            doc in self._pending_syncs,
+            codes.PROTOCOL_VIOLATION,
+            f"no sync request for {doc!r} is pending",
+        )
+        frames_before = len(self._out)
+        try:
+            self._send(Sync2(doc, diff))
+            self._send(Sync1(doc, state_vector))
+        except LocalProtocolError:
+            del self._out[frames_before:]  # never half an answer
+            raise
+        self._pending_syncs.discard(doc)
+
+    def ack(self, refs: Iterable[int]) -> None:
+        """Acknowledge client updates as durably stored (call only after the
+        commit). Raises LocalProtocolError for a ref not pending. Ignored when
+        closing or closed (the client will send them again)."""
+        if not self._require_open("ack"):
+            return
+        refs = tuple(dict.fromkeys(refs))
+        unknown = [r for r in refs if r not in self._pending_refs]
+        _check(not unknown, codes.PROTOCOL_VIOLATION, f"refs not pending: {unknown[:5]}")
+        if not refs:
+            return
+        self._send(Ack(refs))
+        self._pending_refs.difference_update(refs)
+        self._end_waits.difference_update(refs)
+        self._maybe_synced()
+
+    def send_update(self, doc: str, data: bytes) -> None:
+        """Fan an update of another node out to this client (no ack comes back).
+        Raises LocalProtocolError for a bad name or an update over the transfer
+        limits. Ignored when closing or closed."""
+        if not self._require_open("send an update"):
+            return
+        _check(
+            isinstance(doc, str) and bool(DOC_RE.fullmatch(doc)),
+            codes.BAD_FRAME,
+            f"invalid document name {doc!r}",
+        )
+        self._send(Update(doc, data))
+
+    def grant_lease(self, ref: int, first: int, last: int) -> None:
+        """Answer ``LeaseRequested(ref)`` with numbers ``first``..``last``.
+        Raises LocalProtocolError for a ref not pending or a bad range."""
+        if not self._require_open("grant a lease"):
+            return
+        _check(ref in self._leases, codes.PROTOCOL_VIOLATION, f"lease {ref} is not pending")
+        _check(
+            type(first) is int and type(last) is int and 1 <= first <= last < 2**63,
+            codes.BAD_FRAME,
+            f"bad lease range {first!r}..{last!r}",
+        )
+        self._send(LeaseGrant(ref, self._leases.pop(ref), first, last))
+
+    def deny_lease(self, ref: int, message: str) -> None:
+        """Answer ``LeaseRequested(ref)`` with a refusal; the session goes on."""
+        if not self._require_open("deny a lease"):
+            return
+        _check(ref in self._leases, codes.PROTOCOL_VIOLATION, f"lease {ref} is not pending")
+        self._send(LeaseDeny(ref, self._leases.pop(ref), message))
+
+    # -- internals --------------------------------------------------------------
+
+    def _maybe_synced(self) -> None:
+        if self._end_pass is not None and not self._end_waits:
+            self._send(Synced(self._end_pass))
+            self._end_pass = None
+
+    def _handle(self, msg: Message) -> list[Event]:
+        if self._state is SessionState.CONNECTING:
+            return self._handshake(msg)
+        limits = self._limits
+        if isinstance(msg, Update):
+            if msg.ref is None:
+                raise self._violation(msg, "without a ref")
+            if self.read_only:
+                raise RemoteProtocolError(
+                    codes.READ_ONLY, f"node {self.node!r} is read-only; its update was not stored"
+                )
+            if msg.ref in self._pending_refs:
+                raise self._violation(msg, f"reusing ref {msg.ref} that awaits its ack")
+            if len(self._pending_refs) >= limits.max_inflight:
+                raise RemoteProtocolError(
+                    codes.LIMIT_EXCEEDED,
+                    f"more than {limits.max_inflight} updates await acks; wait for acks",
+                )
+            self._pending_refs.add(msg.ref)
+            return [UpdateReceived(msg.doc, msg.payload, msg.ref)]
+        if isinstance(msg, Sync1):
+            if msg.doc in self._pending_syncs:
+                raise self._violation(msg, f"for {msg.doc!r} while one is pending")
+            if self._end_pass is not None:
+                raise self._violation(msg, "between sync_end and synced")
+            if len(self._pending_syncs) >= limits.max_syncs:
+                raise RemoteProtocolError(
+                    codes.LIMIT_EXCEEDED, f"more than {limits.max_syncs} sync requests pending"
+                )
+            self._pending_syncs.add(msg.doc)
+            return [SyncRequested(msg.doc, msg.payload)]
+        if isinstance(msg, SyncEnd):
+            if self._pending_syncs or self._end_pass is not None or msg.pass_id <= self._last_pass:
+                raise self._violation(msg, f"for pass {msg.pass_id}")
+            self._last_pass = self._end_pass = msg.pass_id
+            # Updates received before sync_end belong to the pass: synced waits
+            # for their acks, so the client sees them acked before "synced".
+            self._end_waits = set(self._pending_refs)
+            self._maybe_synced()
+            return []
+        if isinstance(msg, Lease):
+            if self.read_only:
+                raise RemoteProtocolError(
+                    codes.READ_ONLY, f"node {self.node!r} is read-only; it cannot lease numbers"
+                )
+            if msg.ref in self._leases:
+                raise self._violation(msg, f"reusing pending lease ref {msg.ref}")
+            if len(self._leases) >= limits.max_leases:
+                raise RemoteProtocolError(
+                    codes.LIMIT_EXCEEDED, f"more than {limits.max_leases} leases pending"
+                )
+            self._leases[msg.ref] = msg.series
+            return [LeaseRequested(msg.series, msg.count, msg.ref)]
+        raise self._violation(msg, "from a client")
+
+    def _handshake(self, msg: Message) -> list[Event]:
+        if not isinstance(msg, Hello) or self.hello is not None:
+            raise self._violation(msg, "during the handshake")
+        common = set(msg.versions) & set(self._versions)
+        if not common:
+            raise RemoteProtocolError(
+                codes.UNSUPPORTED_VERSION,
+                f"the client speaks protocol versions {list(msg.versions)}, this relay "
+                f"{list(self._versions)}; upgrade the older side",
+            )
+        self.hello = msg
+        self.version = max(common)
+        self._limits = self._limits.merge(msg.limits)
+        return [HelloReceived(msg.dataset, msg.node, msg.token, msg.versions, self.version)]
