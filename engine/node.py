@@ -46,9 +46,9 @@ from .schema import Collection, Schema, load_schema, parse_schema
 from .store import NodeStore
 from .values import decode, encode, is_stored
 
-DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
-DOC_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}(/\d{4}(-\d{2})?)?$")
+DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
+DOC_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}(/\d{4}(-\d{2})?)?\Z")
 MAX_LOADED_DOCS = 64  # documents kept in memory; least recently used are dropped
 # A document's log is folded into a new snapshot once it holds COMPACT_MIN_ROWS
 # rows and a quarter of the snapshot's size (re-encoding a large document costs
@@ -431,13 +431,23 @@ class Node:
         self.refresh()
         return {name: self._doc(name).doc.state_vector() for name in self.documents()}
 
-    def export_updates(self, since: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    def export_updates(
+        self, since: dict[str, bytes] | None = None, *, docs: Iterable[str] | None = None
+    ) -> dict[str, bytes]:
         """Per document, the update a replica in state ``since`` lacks
         (everything when ``since`` is None). Documents with nothing new are left
-        out. Raises UpdateError for an invalid state vector."""
+        out. ``docs`` limits the export to those documents (a sync answer needs
+        one document; diffing all of them per answer was quadratic). Raises
+        UpdateError for an invalid state vector."""
         self.refresh()
         out = {}
-        for name in self.documents():
+        held = self.documents()
+        if docs is None:
+            names = held
+        else:
+            have = set(held)
+            names = [d for d in dict.fromkeys(docs) if d in have]
+        for name in names:
             sv = None if since is None else since.get(name)
             data = self._doc(name).doc.diff(sv)
             if data != EMPTY_UPDATE:

@@ -103,6 +103,20 @@ CREATE TABLE provisional (
     at INTEGER NOT NULL,
     finalized_at INTEGER
 );
+
+-- Sync failures (engine.sync): what could not be uploaded or imported, with
+-- the reason: one row per (direction, document, reason), counting attempts.
+CREATE TABLE sync_failures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    direction TEXT NOT NULL CHECK (direction IN ('upload', 'download')),
+    doc TEXT NOT NULL,
+    record TEXT,
+    reason TEXT NOT NULL,
+    first_at INTEGER NOT NULL,
+    last_at INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    UNIQUE (direction, doc, reason)
+);
 """
 
 
@@ -132,9 +146,8 @@ class NodeStore:
         store = cls(path, _connect(path))
         with store.transaction():
             # executescript() would commit; statement by statement keeps it atomic.
-            for statement in SCHEMA_SQL.split(";"):
-                if statement.strip():
-                    store.conn.execute(statement)
+            for statement in _statements(SCHEMA_SQL):
+                store.conn.execute(statement)
             store.conn.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?)", sorted(meta.items())
             )
@@ -216,3 +229,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise StoreError(f"cannot open {path}: {exc}") from None
     return conn
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a schema script (comments dropped first, since they
+    may hold semicolons; the script has no string literals containing --)."""
+    text = "\n".join(line.split("--", 1)[0] for line in script.splitlines())
+    return [stmt for stmt in text.split(";") if stmt.strip()]

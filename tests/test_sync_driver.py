@@ -1,0 +1,366 @@
+"""SyncDriver against an in-memory relay (RelaySession + SqliteRelayStore, no
+sockets, no asyncio): convergence after offline work on two nodes, upload
+order, outbox cleared only on ack, re-send after a cut, dataset mismatch,
+corrupt fan-out recorded as a download failure, blocks leases."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.clock import ManualClock
+from engine.errors import AuthError, DatasetMismatch, UpdateError
+from engine.node import Node
+from engine.protocol import (
+    ClientSession,
+    Event,
+    HelloReceived,
+    LeaseRequested,
+    Limits,
+    RelaySession,
+    SessionState,
+    SyncRequested,
+    UpdateReceived,
+    codes,
+    decode_message,
+    encode_message,
+)
+from engine.protocol import messages as m
+from engine.relay.sqlite_store import SqliteRelayStore
+from engine.relay.store import UpdateIn
+from engine.sync import SyncDriver, failure_counts, upload_order
+
+START_MS = 1_767_225_600_000 + 40 * 86_400_000  # 2026-02-10
+
+
+class MemRelay:
+    """A relay driver over the real relay store, without sockets."""
+
+    def __init__(self, path: Path, serves: str | None = None) -> None:
+        self.store = SqliteRelayStore.create(path)
+        self.serves = serves
+        self.links: list[Link] = []
+        self.hold_acks = False
+        self.held: list[tuple[RelaySession, int]] = []
+        self.received: list[tuple[str, str]] = []  # (node, doc) of updates in arrival order
+
+    def handle(self, link: Link, events: list[Event]) -> None:
+        session = link.relay
+        for ev in events:
+            if isinstance(ev, HelloReceived):
+                if self.serves is not None and ev.dataset != self.serves:
+                    session.reject(
+                        codes.WRONG_DATASET,
+                        f"this relay serves dataset {self.serves!r}, not {ev.dataset!r}",
+                    )
+                    continue
+                try:
+                    grant = self.store.authenticate(ev.dataset, ev.node, ev.token)
+                except AuthError as exc:
+                    session.reject(codes.AUTH_FAILED, str(exc))
+                    continue
+                session.accept(
+                    read_only=grant.read_only, documents=self.store.documents(ev.dataset)
+                )
+            elif isinstance(ev, SyncRequested):
+                ds = session.dataset
+                assert ds is not None
+                session.sync_reply(
+                    ev.doc,
+                    self.store.diff(ds, ev.doc, ev.state_vector),
+                    self.store.state_vector(ds, ev.doc),
+                )
+            elif isinstance(ev, UpdateReceived):
+                ds, node = session.dataset, session.node
+                assert ds is not None and node is not None and ev.ref is not None
+                (result,) = self.store.append_updates(ds, [UpdateIn(ev.doc, ev.data, node)])
+                if not result.ok:
+                    session.fail(codes.BAD_UPDATE, str(result.error))
+                    continue
+                self.received.append((node, ev.doc))
+                for other in self.links:
+                    if other is not link and other.relay.state is SessionState.OPEN:
+                        other.relay.send_update(ev.doc, ev.data)
+                if self.hold_acks:
+                    self.held.append((session, ev.ref))
+                else:
+                    session.ack([ev.ref])
+            elif isinstance(ev, LeaseRequested):
+                ds = session.dataset
+                assert ds is not None
+                first, last = self.store.lease(ds, ev.series, ev.count)
+                session.grant_lease(ev.ref, first, last)
+
+    def release_acks(self) -> None:
+        for session, ref in self.held:
+            session.ack([ref])
+        self.held.clear()
+
+    def connect(self, node: Node, token: str) -> Link:
+        link = Link(self, node, token)
+        self.links.append(link)
+        return link
+
+    def pump(self, rounds: int = 10_000) -> None:
+        """Move frames both ways on every link until nothing moves."""
+        for _ in range(rounds):
+            moved = False
+            for link in list(self.links):
+                moved |= link.step()
+            if not moved:
+                return
+        raise AssertionError("the network did not settle")
+
+
+class Link:
+    """One connection: a driver with its client session, and a relay session."""
+
+    def __init__(self, relay: MemRelay, node: Node, token: str) -> None:
+        self.network = relay
+        self.node = node
+        self.relay = RelaySession()
+        self.progress: list[tuple[str, int, int]] = []
+        self.driver = SyncDriver(
+            node,
+            ClientSession(dataset=node.dataset, node=node.node_id, token=token),
+            wall_ms=lambda: START_MS,
+            on_progress=lambda c, d, t: self.progress.append((c, d, t)),
+        )
+        self.up_frames: list[bytes] = []  # every frame the node sent
+
+    def step(self) -> bool:
+        if self.relay.state is SessionState.CLOSED:
+            return False
+        moved = False
+        for frame in self.driver.data_to_send():
+            moved = True
+            self.up_frames.append(frame)
+            self.network.handle(self, self.relay.receive_frame(frame))
+        for frame in self.relay.data_to_send():
+            moved = True
+            self.driver.receive(frame)
+        return moved
+
+    def cut(self) -> None:
+        """The link dies: frames in flight are lost, both sessions end."""
+        self.driver.data_to_send()
+        self.relay.data_to_send()
+        self.driver.session.close()
+        self.relay.close()
+        self.network.links.remove(self)
+
+
+def make_node(tmp: Path, name: str, dataset: str = "acme") -> Node:
+    return Node.create(
+        tmp / name,
+        dataset=dataset,
+        node=name,
+        clock=ManualClock(START_MS),
+        rng=random.Random(name),
+    )
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[MemRelay]:
+    r = MemRelay(tmp_path / "relay.db")
+    yield r
+    r.store.close()
+
+
+def book_day(n: Node, tag: str) -> None:
+    n.put("customers", {"code": f"C-{tag}", "name": f"Customer {tag}"})
+    n.put("items", {"code": f"I-{tag}", "name": f"Item {tag}", "unit": "pcs", "price": "10"})
+    n.put("warehouses", {"code": f"W-{tag}", "name": f"Store {tag}"})
+    for i in range(3):
+        n.post_voucher(
+            "sales_invoice",
+            {
+                "date": "2026-02-10" if i else "2026-01-05",
+                "customer": f"C-{tag}",
+                "warehouse": f"W-{tag}",
+                "paid": False,
+                "lines": [{"item": f"I-{tag}", "qty": "1", "price": "10", "vat_rate": "10"}],
+            },
+        )
+
+
+def books(n: Node) -> dict[str, list[str]]:
+    out = {}
+    for coll in ("customers", "items", "warehouses", "sales_invoice"):
+        out[coll] = sorted(str(r.get("number") or r.get("code")) for r in n.list(coll))
+    return out
+
+
+def test_two_nodes_converge_after_offline_work(tmp_path: Path, relay: MemRelay) -> None:
+    a, b = make_node(tmp_path, "A"), make_node(tmp_path, "B")
+    book_day(a, "a")
+    book_day(b, "b")
+    la = relay.connect(a, relay.store.enroll("acme", "A").token)
+    relay.pump()
+    assert la.driver.synced and la.driver.stats.passes_completed == 1
+    lb = relay.connect(b, relay.store.enroll("acme", "B").token)
+    relay.pump()
+    assert lb.driver.synced
+    # Live: A gets B's changes by fan-out; B got A's in its pass.
+    assert books(a) == books(b)
+    assert len(books(a)["sales_invoice"]) == 6
+    assert a.pending() == dict.fromkeys(a.schema.collections, 0)
+    assert b.store.meta()["last_sync"] == str(START_MS)
+    # Progress: every collection ends with done == total.
+    final = {c: (d, t) for c, d, t in lb.progress}
+    assert final and all(d == t for d, t in final.values())
+    # A later write by another process on A's home is shipped live by poll().
+    other = Node.open(tmp_path / "A")
+    other.put("customers", {"code": "C-late", "name": "Late"})
+    other.close()
+    assert la.driver.poll() == 1
+    relay.pump()
+    assert b.get("customers", "C-late") is not None
+    assert la.driver.synced
+
+
+def test_catalogs_before_vouchers_current_period_first(tmp_path: Path, relay: MemRelay) -> None:
+    a = make_node(tmp_path, "A")
+    book_day(a, "a")
+    order = upload_order(a, a.documents(), dt.date(2026, 2, 10))
+    kinds = [a.collection(d.partition("/")[0]).kind for d in order]
+    assert kinds == sorted(kinds, key=lambda k: k != "catalog")
+    vouchers = [d for d in order if d.startswith("sales_invoice/")]
+    assert vouchers == ["sales_invoice/2026-02", "sales_invoice/2026-01"]
+    link = relay.connect(a, relay.store.enroll("acme", "A").token)
+    relay.pump()
+    # What the relay received, in order: every catalog before any voucher.
+    docs = [doc for _, doc in relay.received]
+    first_voucher = min(i for i, d in enumerate(docs) if d.startswith("sales_invoice"))
+    assert all(not d.startswith("sales_invoice") for d in docs[:first_voucher])
+    assert {"customers", "items", "warehouses"} <= set(docs[:first_voucher])
+    assert docs[first_voucher] == "sales_invoice/2026-02"
+    sync1 = [
+        msg.doc
+        for msg in (decode_message(f, max_frame=1 << 30) for f in link.up_frames)
+        if isinstance(msg, m.Sync1)
+    ]
+    assert sync1 == order
+
+
+def test_outbox_cleared_only_on_ack_and_resend_after_cut_is_harmless(
+    tmp_path: Path, relay: MemRelay
+) -> None:
+    a = make_node(tmp_path, "A")
+    book_day(a, "a")
+    token = relay.store.enroll("acme", "A").token
+    pending_before = len(a.outbox())
+    relay.hold_acks = True
+    link = relay.connect(a, token)
+    relay.pump()
+    # The relay stored everything but acked nothing: the outbox is intact.
+    assert relay.received and len(a.outbox()) == pending_before
+    assert not link.driver.synced
+    link.cut()
+    relay.held.clear()  # the acks die with the link
+    stored = {d.name: d.updates for d in relay.store.status()[0].documents}
+    relay.hold_acks = False
+    link2 = relay.connect(a, token)
+    relay.pump()
+    assert link2.driver.synced
+    assert a.outbox() == []
+    # Nothing new was stored by the re-send (duplicates are not stored twice).
+    assert {d.name: d.updates for d in relay.store.status()[0].documents} == stored
+    # A third node gets exactly A's books.
+    c = make_node(tmp_path, "C")
+    relay.connect(c, relay.store.enroll("acme", "C").token)
+    relay.pump()
+    assert books(c) == books(a)
+
+
+def test_live_rows_wait_for_acks_within_inflight_room(tmp_path: Path, relay: MemRelay) -> None:
+    a = make_node(tmp_path, "A")
+    link = relay.connect(a, relay.store.enroll("acme", "A").token)
+    relay.pump()
+    relay.hold_acks = True
+    for i in range(5):
+        a.put("customers", {"code": f"K{i}", "name": "x"})
+    assert link.driver.poll() == 5
+    assert link.driver.poll() == 0  # not sent twice while in flight
+    relay.pump()
+    assert len(a.outbox()) == 5
+    relay.release_acks()
+    relay.pump()
+    assert a.outbox() == []
+
+
+def test_dataset_mismatch_refused_naming_both(tmp_path: Path) -> None:
+    relay = MemRelay(tmp_path / "relay.db", serves="globex")
+    a = make_node(tmp_path, "A")
+    relay.connect(a, relay.store.enroll("acme", "A").token)
+    with pytest.raises(DatasetMismatch) as err:
+        relay.pump()
+    assert "globex" in str(err.value) and "acme" in str(err.value)
+    relay.store.close()
+    # A relay that welcomes the node into another dataset is refused by the client.
+    b = make_node(tmp_path, "B")
+    driver = SyncDriver(
+        b, ClientSession(dataset="acme", node="B", token="t"), wall_ms=lambda: START_MS
+    )
+    driver.data_to_send()
+    welcome = encode_message(m.Welcome(1, "globex", "B", False, Limits(), 1500), max_frame=1 << 20)
+    with pytest.raises(DatasetMismatch) as err2:
+        driver.receive(welcome)
+    assert "globex" in str(err2.value) and "acme" in str(err2.value)
+
+
+def test_wrong_token_raises_auth_error(tmp_path: Path, relay: MemRelay) -> None:
+    a = make_node(tmp_path, "A")
+    relay.store.enroll("acme", "A")
+    relay.connect(a, "not-the-token")
+    with pytest.raises(AuthError):
+        relay.pump()
+
+
+def test_corrupt_fanout_is_a_download_failure_and_sync_goes_on(
+    tmp_path: Path, relay: MemRelay
+) -> None:
+    a, b = make_node(tmp_path, "A"), make_node(tmp_path, "B")
+    la = relay.connect(a, relay.store.enroll("acme", "A").token)
+    lb = relay.connect(b, relay.store.enroll("acme", "B").token)
+    relay.pump()
+    lb.relay.send_update("customers", b"\xff\xfe garbage")
+    lb.relay.send_update("no_such_collection", b"\x01\x02\x03")
+    a.put("customers", {"code": "C1", "name": "One"})
+    la.driver.poll()
+    relay.pump()
+    assert b.get("customers", "C1") is not None
+    assert failure_counts(b) == {"upload": 0, "download": 2}
+    rows = b.store.conn.execute(
+        "SELECT direction, doc, reason, attempts FROM sync_failures ORDER BY doc"
+    ).fetchall()
+    assert rows[0][1] == "customers" and "not a valid update" in rows[0][2]
+    with pytest.raises(UpdateError):  # the node itself still refuses the bytes
+        b.import_updates({"customers": b"\xff\xfe garbage"})
+    assert lb.relay.state is SessionState.OPEN
+
+
+def test_blocks_series_reserve_leased_on_connect(tmp_path: Path, relay: MemRelay) -> None:
+    schema = tmp_path / "blocks.toml"
+    text = (Path(__file__).parents[1] / "engine/schema/accounting.toml").read_text()
+    schema.write_text(
+        text.replace('prefix = "HD", strategy = "node"', 'prefix = "HD", strategy = "blocks"')
+    )
+    a = Node.create(
+        tmp_path / "A",
+        dataset="acme",
+        node="A",
+        schema=schema,
+        clock=ManualClock(START_MS),
+        rng=random.Random(1),
+    )
+    coll = a.collection("sales_invoice")
+    assert coll.series is not None and coll.series.strategy == "blocks"
+    assert a.reserve_left("sales_invoice") == 0
+    relay.connect(a, relay.store.enroll("acme", "A").token)
+    relay.pump()
+    assert a.reserve_left("sales_invoice") >= coll.series.reserve
