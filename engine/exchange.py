@@ -55,8 +55,8 @@ MAX_NAME_CHARS = 128
 MAX_TIME_MS = 2**63 - 1
 
 _Decoder = Callable[[bytes], tuple["Header", dict[str, bytes]]]
-_NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]+$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]+\Z")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 _HEADER_KEYS = frozenset(
     {"format", "dataset", "node", "created_ms", "documents", "body_length", "body_sha256"}
 )

@@ -15,7 +15,7 @@ import re
 from .clock import COUNTER_BITS
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+ID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}\Z")
 _MASK64 = (1 << 64) - 1
 
 

@@ -39,12 +39,12 @@ from .limits import (
 # Kept identical to engine.node's patterns (a test checks); engine.node itself
 # cannot be imported here because it uses SQLite. Matched with fullmatch, so a
 # trailing newline (which '$' would let through) is refused.
-DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
-DOC_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}(/\d{4}(-\d{2})?)?$")
-CODE_RE = re.compile(r"^[a-z][a-z_]{0,39}$")
-SERIES_RE = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{MAX_SERIES_CHARS}}}$")
-TOKEN_RE = re.compile(rf"^[\x21-\x7e]{{1,{MAX_TOKEN_CHARS}}}$")
+DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
+DOC_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}(/\d{4}(-\d{2})?)?\Z")
+CODE_RE = re.compile(r"^[a-z][a-z_]{0,39}\Z")
+SERIES_RE = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{MAX_SERIES_CHARS}}}\Z")
+TOKEN_RE = re.compile(rf"^[\x21-\x7e]{{1,{MAX_TOKEN_CHARS}}}\Z")
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ from .store import (
 FORMAT_VERSION = 1
 APPLICATION_ID = 0x424C5259  # "BLRY": a Branchline relay store
 BUSY_TIMEOUT_MS = 30_000
-SERIES_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@/-]{0,127}$")
+SERIES_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@/-]{0,127}\Z")
 SALT_BYTES = 16
 
 SCHEMA_SQL = """

@@ -22,7 +22,7 @@ from .model import (
     Series,
 )
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}\Z")
 BUILTIN = ("accounting",)
 
 
