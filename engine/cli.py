@@ -534,6 +534,178 @@ def state_cmd(home: Path, file: Path, as_json: bool) -> None:
     )
 
 
+# -- sync (issue 3: node run, sync, node offline/online, status) ------------
+
+
+@node.command("run")
+@home_option
+@click.option(
+    "--backoff-max",
+    type=click.FloatRange(0.1, 3600),
+    default=3.0,
+    show_default=True,
+    help="longest wait between reconnection attempts, in seconds",
+)
+@click.option("-v", "--verbose", is_flag=True, help="also log debug details")
+def node_run(home: Path, backoff_max: float, verbose: bool) -> None:
+    """Keep this node synced with its relay until Ctrl-C or SIGTERM.
+
+    Connects, syncs, ships local writes (also other processes') live and
+    reconnects with capped exponential backoff; logs state changes on stderr.
+    """
+    import asyncio
+    import logging
+    import signal
+
+    from .transport import Backoff, LiveSync
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+    async def run(n: Node) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with LiveSync(n, backoff=Backoff(cap_s=backoff_max)):
+            await stop.wait()
+
+    with _opened(home) as n:
+        asyncio.run(run(n))
+
+
+@node.command("offline")
+@home_option
+def node_offline(home: Path) -> None:
+    """Explicit offline mode: a running 'node run' stops connecting."""
+    from .transport import set_offline
+
+    with _opened(home) as n:
+        set_offline(n, True)
+    click.echo(f"node is in offline mode; 'branchline node online --home {home}' to reconnect")
+
+
+@node.command("online")
+@home_option
+def node_online(home: Path) -> None:
+    """Leave offline mode: a running 'node run' connects again."""
+    from .transport import set_offline
+
+    with _opened(home) as n:
+        set_offline(n, False)
+    click.echo("node may connect again")
+
+
+@cli.command("sync")
+@home_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 86_400),
+    default=60.0,
+    show_default=True,
+    help="seconds to reach a full sync before giving up",
+)
+@json_option
+def sync_cmd(home: Path, timeout: float, as_json: bool) -> None:
+    """Sync once: push all, pull all; exit 0 only when fully synced.
+
+    Shows a progress bar per collection when stdout is a terminal.
+    """
+    import asyncio
+
+    from rich.progress import Progress
+
+    from .transport import node_sync
+
+    console = _console()
+    with _opened(home) as n:
+        if console.is_terminal and not as_json:
+            with Progress(console=console, transient=False) as bars:
+                tasks: dict[str, Any] = {}
+
+                def progress(collection: str, done: int, total: int) -> None:
+                    if collection not in tasks:
+                        tasks[collection] = bars.add_task(collection, total=total)
+                    bars.update(tasks[collection], completed=done, total=total)
+
+                driver = asyncio.run(node_sync(n, timeout=timeout, on_progress=progress))
+        else:
+            driver = asyncio.run(node_sync(n, timeout=timeout))
+        pending = sum(n.pending().values())
+    result = {
+        "synced": True,
+        "received": driver.stats.imported,
+        "acknowledged": driver.stats.acked_rows,
+        "download_failures": driver.stats.download_failures,
+        "pending": pending,
+    }
+    if as_json:
+        _emit(result)
+        return
+    console.print(
+        Text(
+            f"synced: {_count(driver.stats.imported, 'update')} received, "
+            f"{_count(driver.stats.acked_rows, 'local change')} acknowledged"
+        )
+    )
+
+
+@cli.command("status")
+@home_option
+@json_option
+def status_cmd(home: Path, as_json: bool) -> None:
+    """Sync status: online, last sync, pending changes, conflicts, failures."""
+    from .sync import failure_counts
+    from .transport import run_status
+
+    with _opened(home) as n:
+        meta = n.store.meta()
+        run = run_status(n, _now_ms())
+        last = meta.get("last_sync")
+        info: dict[str, Any] = {
+            "dataset": n.dataset,
+            "node": n.node_id,
+            "online": run["online"],
+            "state": run["state"],
+            "offline_mode": run["offline_mode"],
+            "relay": meta.get("relay"),
+            "last_sync": int(last) if last else None,
+            "pending": n.pending(),
+            "conflicts": len(n.conflicts()),
+            "failures": failure_counts(n),
+        }
+    if as_json:
+        _emit(info)
+        return
+    table = Table(title=f"node '{info['node']}' of dataset '{info['dataset']}'", show_header=False)
+    table.add_column("field")
+    table.add_column("value", overflow="fold")
+    when = (
+        dt.datetime.fromtimestamp(info["last_sync"] / 1000, dt.UTC).isoformat(timespec="seconds")
+        if info["last_sync"]
+        else "never"
+    )
+    pending = {k: v for k, v in info["pending"].items() if v}
+    rows = [
+        ("online", _show(info["online"]) + f" ({info['state']})"),
+        ("offline mode", _show(info["offline_mode"])),
+        ("relay", info["relay"] or "none"),
+        ("last sync", when),
+        ("pending", _show(pending) if pending else "nothing"),
+        ("conflicts", str(info["conflicts"])),
+        (
+            "failures",
+            f"upload {info['failures']['upload']}, download {info['failures']['download']}",
+        ),
+    ]
+    for name, value in rows:
+        table.add_row(Text(name), Text(value))
+    _console().print(table)
+
+
 cli.add_command(relay_group)
 
 
