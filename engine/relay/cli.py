@@ -8,6 +8,11 @@ other command ever shows one.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
+import ssl
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +23,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from ..errors import UserError
 from .sqlite_store import SqliteRelayStore
 
 store_argument = click.argument("store", type=click.Path(dir_okay=False, path_type=Path))
@@ -41,7 +47,7 @@ def _opened(path: Path) -> Iterator[SqliteRelayStore]:
 
 @click.group("relay")
 def relay_group() -> None:
-    """Relay store administration (the server itself: 'relay serve', later)."""
+    """Relay store administration and the relay server ('relay serve')."""
 
 
 @relay_group.command("init")
@@ -178,3 +184,74 @@ def status_cmd(store: Path, as_json: bool) -> None:
 
 # ``list`` is the same view: operators reach for either name.
 relay_group.add_command(status_cmd, "list")
+
+
+@relay_group.command("serve")
+@store_argument
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option(
+    "--port",
+    default=8765,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="port to listen on (0: any free port)",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="PEM certificate chain: serve wss:// (needs --tls-key)",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="PEM private key of --tls-cert",
+)
+def serve_cmd(
+    store: Path, host: str, port: int, tls_cert: Path | None, tls_key: Path | None
+) -> None:
+    """Serve the relay store STORE over websockets (with /healthz and /metrics
+    on the same port) until SIGINT or SIGTERM, then shut down cleanly:
+    updates received before the signal are committed and acknowledged."""
+    if (tls_cert is None) != (tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together: give both or neither")
+    context = None
+    if tls_cert is not None and tls_key is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(tls_cert, tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise UserError(
+                f"cannot load the TLS certificate {tls_cert} / key {tls_key}: {exc}"
+            ) from None
+    # Connection state changes are logged at INFO (never a token); basicConfig
+    # does nothing when the embedding program configured logging already.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with _opened(store) as relay:
+        asyncio.run(_serve(relay, host, port, context))
+
+
+async def _serve(
+    store: SqliteRelayStore, host: str, port: int, context: ssl.SSLContext | None
+) -> None:
+    from .server import RelayServer
+
+    server = RelayServer(store, host=host, port=port, ssl_context=context)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    click.echo(f"relay serving {store.path} on {server.url}", nl=True)
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.stop()
+    click.echo("relay stopped")

@@ -1,0 +1,720 @@
+"""Relay server tests: a real ``RelayServer`` on a loopback port (0 = any free
+port) with a temporary SQLite store, driven by raw ``websockets`` clients that
+speak the protocol through ``engine.protocol.ClientSession``.
+
+No sleeps as assertions: "X did not arrive" is checked by a round trip on the
+same connection that the relay must answer after X would have been queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from pycrdt import Doc, Map
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from engine.protocol import (
+    EMPTY_STATE_VECTOR,
+    Acked,
+    ClientSession,
+    DiffReceived,
+    ErrorReceived,
+    Event,
+    LeaseGranted,
+    Opened,
+    RemoteState,
+    UpdateReceived,
+    codes,
+    encode_message,
+)
+from engine.protocol.messages import Update
+from engine.relay import EMPTY_UPDATE, SqliteRelayStore
+from engine.relay.server import RelayServer, ServerLimits
+
+BRANCHLINE = str(Path(sys.executable).parent / "branchline")
+TIMEOUT = 20.0  # generous: only a hang reaches it
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+@dataclass
+class Tokens:
+    a1: str  # dataset "acme", node A1
+    a2: str  # dataset "acme", node A2
+    ro: str  # dataset "acme", node RO, read-only
+    gone: str  # dataset "acme", node GONE, revoked
+    b1: str  # dataset "beta", node B1
+
+
+@pytest.fixture
+def relay_db(tmp_path: Path) -> tuple[Path, Tokens]:
+    path = tmp_path / "relay.db"
+    with SqliteRelayStore.create(path) as store:
+        tokens = Tokens(
+            a1=store.enroll("acme", "A1").token,
+            a2=store.enroll("acme", "A2").token,
+            ro=store.enroll("acme", "RO", read_only=True).token,
+            gone=store.enroll("acme", "GONE").token,
+            b1=store.enroll("beta", "B1").token,
+        )
+        store.revoke("acme", "GONE")
+    return path, tokens
+
+
+class Client:
+    """A protocol client over a real websocket."""
+
+    def __init__(self, ws: ClientConnection, session: ClientSession) -> None:
+        self.ws = ws
+        self.session = session
+        self.events: list[Event] = []  # everything received, in order
+
+    @classmethod
+    async def connect(cls, url: str, dataset: str, node: str, token: str) -> Client:
+        ws = await connect(url, max_size=None, compression=None, open_timeout=TIMEOUT)
+        client = cls(ws, ClientSession(dataset=dataset, node=node, token=token))
+        await client.flush()
+        return client
+
+    @classmethod
+    async def opened(cls, url: str, dataset: str, node: str, token: str) -> tuple[Client, Opened]:
+        client = await cls.connect(url, dataset, node, token)
+        opened = await client.wait(Opened)
+        return client, opened
+
+    async def flush(self) -> None:
+        for frame in self.session.data_to_send():
+            await self.ws.send(frame)
+
+    async def wait(self, kind: type[T], where: Callable[[T], bool] = lambda _: True) -> T:
+        """Read until an event of ``kind`` matching ``where`` arrives."""
+
+        async def loop() -> T:
+            while True:
+                message = await self.ws.recv()
+                assert isinstance(message, bytes)
+                events = self.session.receive_frame(message)
+                self.events.extend(events)
+                await self.flush()
+                for event in events:
+                    if isinstance(event, kind) and where(event):
+                        return event
+
+        return await asyncio.wait_for(loop(), TIMEOUT)
+
+    async def closed(self) -> None:
+        """Read until the relay closes the connection."""
+
+        async def loop() -> None:
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    message = await self.ws.recv()
+                    if isinstance(message, bytes):
+                        self.events.extend(self.session.receive_frame(message))
+
+        await asyncio.wait_for(loop(), TIMEOUT)
+
+    async def error(self) -> ErrorReceived:
+        """The error frame the relay sends before closing, then the close."""
+        err = await self.wait(ErrorReceived)
+        await self.closed()
+        return err
+
+    async def round_trip(self, doc: str) -> bytes:
+        """A full sync pass of ``doc`` (as an empty replica): everything the
+        relay queued to us before answering arrives before the answer."""
+        self.session.start_sync([(doc, EMPTY_STATE_VECTOR)])
+        await self.flush()
+        diff = await self.wait(DiffReceived, lambda e: e.doc == doc)
+        await self.wait(RemoteState, lambda e: e.doc == doc)
+        self.session.answer_state(doc, [])
+        await self.flush()
+        return diff.data
+
+    async def put(self, doc: str, data: bytes, ref: int) -> None:
+        self.session.send_update(doc, data, ref)
+        await self.flush()
+
+    async def acked(self, *refs: int) -> None:
+        wanted = set(refs)
+        while wanted:
+            ack = await self.wait(Acked)
+            wanted -= set(ack.refs)
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+class Writer:
+    """A pycrdt document producing incremental updates."""
+
+    def __init__(self) -> None:
+        self.doc: Doc[Any] = Doc()
+        self.map: Map[Any] = self.doc.get("m", type=Map)
+
+    def put(self, key: str, value: Any) -> bytes:
+        before = self.doc.get_state()
+        self.map[key] = value
+        update: bytes = self.doc.get_update(before)
+        return update
+
+
+def keys_of(update: bytes) -> dict[str, Any]:
+    doc: Doc[Any] = Doc()
+    doc.apply_update(update)
+    return dict(doc.get("m", type=Map).to_py() or {})
+
+
+def stored_keys(path: Path, dataset: str, doc: str) -> dict[str, Any]:
+    """What a fresh store instance on the same file holds of ``doc``."""
+    with SqliteRelayStore.open(path) as store:
+        return keys_of(store.diff(dataset, doc))
+
+
+def update_count(path: Path, dataset: str) -> int:
+    with SqliteRelayStore.open(path) as store:
+        for info in store.status():
+            if info.name == dataset:
+                return sum(d.updates for d in info.documents)
+    return 0
+
+
+async def with_server(
+    path: Path,
+    body: Callable[[RelayServer], Awaitable[None]],
+    **kwargs: Any,
+) -> RelayServer:
+    store = SqliteRelayStore.open(path)
+    server = RelayServer(store, port=0, **kwargs)
+    await server.start()
+    try:
+        await body(server)
+    finally:
+        await server.stop()
+        store.close()
+    return server
+
+
+def http_get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
+
+
+# -- handshake and auth --------------------------------------------------------------
+
+
+def test_handshake_lists_documents_and_access(relay_db: tuple[Path, Tokens]) -> None:
+    path, tok = relay_db
+    with SqliteRelayStore.open(path) as store:
+        store.append_updates("acme", [])
+    w = Writer()
+    with SqliteRelayStore.open(path) as store:
+        from engine.relay import UpdateIn
+
+        store.append_updates("acme", [UpdateIn("customers", w.put("c1", "Ada"), "A1")])
+
+    async def body(server: RelayServer) -> None:
+        assert server.url == f"ws://127.0.0.1:{server.port}/"
+        a1, opened = await Client.opened(server.url, "acme", "A1", tok.a1)
+        assert opened.dataset == "acme" and opened.node == "A1"
+        assert not opened.read_only
+        assert opened.documents == ("customers",)
+        ro, opened_ro = await Client.opened(server.url, "acme", "RO", tok.ro)
+        assert opened_ro.read_only
+        assert keys_of(await ro.round_trip("customers")) == {"c1": "Ada"}
+        assert server.connections == 2
+        await a1.close()
+        await ro.close()
+
+    run(with_server(path, body))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "node", "which", "code", "says"),
+    [
+        ("acme", "A1", "a2", codes.AUTH_FAILED, "authentication failed"),
+        ("acme", "GONE", "gone", codes.AUTH_FAILED, "revoked"),
+        ("beta", "A1", "a1", codes.WRONG_DATASET, "enrolled in dataset 'acme', not 'beta'"),
+        ("nosuch", "A1", "a1", codes.WRONG_DATASET, "enrolled in dataset 'acme'"),
+        ("acme", "B1", "b1", codes.WRONG_DATASET, "enrolled in dataset 'beta', not 'acme'"),
+        ("nosuch", "X", "a1", codes.AUTH_FAILED, "authentication failed"),
+    ],
+)
+def test_refused_hello_gets_error_frame_then_close(
+    relay_db: tuple[Path, Tokens], dataset: str, node: str, which: str, code: str, says: str
+) -> None:
+    path, tok = relay_db
+    token = getattr(tok, which)
+
+    async def body(server: RelayServer) -> None:
+        client = await Client.connect(server.url, dataset, node, token)
+        err = await client.error()
+        assert err.code == code
+        assert says in err.message
+        assert token not in err.message
+
+    server = run(with_server(path, body))
+    assert server.metrics.connections_rejected[code] == 1
+    assert update_count(path, "acme") == 0 and update_count(path, "beta") == 0
+
+
+def test_read_only_node_writing_is_refused_and_nothing_stored(
+    relay_db: tuple[Path, Tokens],
+) -> None:
+    path, tok = relay_db
+
+    async def body(server: RelayServer) -> None:
+        ro, opened = await Client.opened(server.url, "acme", "RO", tok.ro)
+        assert opened.read_only
+        # ClientSession refuses locally; a hostile client sends the frame anyway.
+        frame = encode_message(
+            Update("customers", Writer().put("x", 1), 1), max_frame=ro.session.limits.max_frame
+        )
+        await ro.ws.send(frame)
+        err = await ro.error()
+        assert err.code == codes.READ_ONLY
+
+    run(with_server(path, body))
+    assert update_count(path, "acme") == 0
+    assert stored_keys(path, "acme", "customers") == {}
+
+
+# -- updates, acks, fan-out ----------------------------------------------------------
+
+
+def test_ack_comes_after_the_update_is_in_the_store(relay_db: tuple[Path, Tokens]) -> None:
+    path, tok = relay_db
+
+    async def body(server: RelayServer) -> None:
+        a1, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        w = Writer()
+        for i in range(20):
+            await a1.put("customers", w.put(f"c{i}", i), ref=i)
+            await a1.acked(i)
+            # Read by another store instance while the server still runs.
+            assert stored_keys(path, "acme", "customers")[f"c{i}"] == i
+        await a1.close()
+
+    server = run(with_server(path, body))
+    assert server.metrics.updates_in["stored"] == 20
+    assert server.metrics.batches_committed >= 1
+
+
+def test_fan_out_reaches_the_dataset_only_and_never_the_sender(
+    relay_db: tuple[Path, Tokens],
+) -> None:
+    path, tok = relay_db
+
+    async def body(server: RelayServer) -> None:
+        a1, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        a2, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+        ro, _ = await Client.opened(server.url, "acme", "RO", tok.ro)
+        b1, _ = await Client.opened(server.url, "beta", "B1", tok.b1)
+        w = Writer()
+        update = w.put("c1", "Ada")
+        await a1.put("customers", update, ref=7)
+        await a1.acked(7)
+        for peer in (a2, ro):
+            got = await peer.wait(UpdateReceived)
+            assert got.doc == "customers" and got.data == update and got.ref is None
+        # A fan-out to b1 or a1 would have been queued before a1's ack was
+        # sent; a later round trip on each proves none came.
+        assert await b1.round_trip("customers") == EMPTY_UPDATE
+        await a1.round_trip("customers")
+        for lonely in (a1, b1):
+            assert not [e for e in lonely.events if isinstance(e, UpdateReceived)]
+        for c in (a1, a2, ro, b1):
+            await c.close()
+
+    server = run(with_server(path, body))
+    assert server.metrics.updates_fanned_out == 2
+
+
+def test_duplicate_update_is_acked_but_stored_once(relay_db: tuple[Path, Tokens]) -> None:
+    path, tok = relay_db
+
+    async def body(server: RelayServer) -> None:
+        a1, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        a2, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+        update = Writer().put("c1", "Ada")
+        await a1.put("customers", update, ref=1)
+        await a1.put("customers", update, ref=2)
+        await a1.acked(1, 2)
+        await a2.put("customers", update, ref=1)  # another node re-delivers it
+        await a2.acked(1)
+        await a1.close()
+        await a2.close()
+
+    server = run(with_server(path, body))
+    assert update_count(path, "acme") == 1
+    assert server.metrics.updates_in["stored"] == 1
+    assert server.metrics.updates_in["duplicate"] == 2
+    assert server.metrics.updates_fanned_out == 1  # the stored one, to A2
+
+
+def test_revoked_while_connected_gets_auth_failed_and_nothing_stored(
+    relay_db: tuple[Path, Tokens],
+) -> None:
+    path, tok = relay_db
+
+    async def body(server: RelayServer) -> None:
+        a2, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+        await asyncio.to_thread(_revoke, path, "acme", "A2")
+        await a2.put("customers", Writer().put("x", 1), ref=1)
+        err = await a2.error()
+        assert err.code == codes.AUTH_FAILED and "revoked" in err.message
+
+    run(with_server(path, body))
+    assert update_count(path, "acme") == 0
+
+
+def _revoke(path: Path, dataset: str, node: str) -> None:
+    with SqliteRelayStore.open(path) as store:
+        store.revoke(dataset, node)
+
+
+# -- robustness ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"\x00\x00", codes.BAD_FRAME),
+        (b"\x00\x00\x00\x02{}", codes.BAD_FRAME),
+        (b"\xff" * 64, codes.FRAME_TOO_LARGE),
+        (b"\x00" * ((1 << 20) + 100), codes.FRAME_TOO_LARGE),
+        ("text frame", codes.BAD_FRAME),
+    ],
+    ids=["short", "no-type", "huge-header-length", "over-max-frame", "text"],
+)
+def test_bad_frame_closes_only_its_connection(
+    relay_db: tuple[Path, Tokens], frame: bytes | str, code: str
+) -> None:
+    path, tok = relay_db
+
+    async def body(server: RelayServer) -> None:
+        good, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        for opened in (False, True):  # before and after the handshake
+            bad = (
+                (await Client.opened(server.url, "acme", "A2", tok.a2))[0]
+                if opened
+                else await Client.connect(server.url, "acme", "A2", tok.a2)
+            )
+            await bad.ws.send(frame)
+            # Before the handshake the hello already went: the relay may
+            # welcome first, then see the bad frame.
+            err = await bad.error()
+            assert err.code == code
+        w = Writer()
+        await good.put("customers", w.put("still", "ok"), ref=1)
+        await good.acked(1)
+        await good.close()
+
+    run(with_server(path, body))
+    assert stored_keys(path, "acme", "customers") == {"still": "ok"}
+
+
+def test_frame_beyond_twice_the_limit_is_cut_by_websockets(relay_db: tuple[Path, Tokens]) -> None:
+    path, tok = relay_db
+
+    async def body(server: RelayServer) -> None:
+        good, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        bad, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+        await bad.ws.send(b"\x00" * (3 << 20))
+        await bad.closed()
+        assert bad.ws.close_code == 1009  # message too big
+        await good.put("customers", Writer().put("k", 1), ref=1)
+        await good.acked(1)
+        await good.close()
+
+    run(with_server(path, body))
+
+
+def test_abrupt_disconnects_do_not_disturb_others(relay_db: tuple[Path, Tokens]) -> None:
+    path, tok = relay_db
+
+    async def body(server: RelayServer) -> None:
+        good, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        w = Writer()
+        for i in range(5):
+            gone, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+            await gone.put("customers", Writer().put(f"gone{i}", i), ref=1)
+            gone.ws.transport.abort()  # no close frame, maybe before the ack
+            await good.put("customers", w.put(f"k{i}", i), ref=i)
+            await good.acked(i)
+        await good.close()
+
+    run(with_server(path, body))
+    keys = stored_keys(path, "acme", "customers")
+    assert all(keys[f"k{i}"] == i for i in range(5))
+
+
+def test_rate_limit_ends_the_connection(relay_db: tuple[Path, Tokens]) -> None:
+    path, tok = relay_db
+    frozen = 1_000  # the clock never moves: the bucket never refills
+
+    async def body(server: RelayServer) -> None:
+        good, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        noisy, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+        w = Writer()
+        for i in range(10):
+            noisy.session.send_update("customers", w.put(f"n{i}", i), i)
+        await noisy.flush()
+        err = await noisy.error()
+        assert err.code == codes.RATE_LIMITED
+        await good.put("customers", Writer().put("ok", 1), ref=1)
+        await good.acked(1)
+        await good.close()
+
+    run(
+        with_server(
+            path,
+            body,
+            now_ms=lambda: frozen,
+            limits=ServerLimits(rate_frames_per_s=1, rate_burst=6),
+        )
+    )
+
+
+def test_slow_consumer_is_dropped_not_buffered(relay_db: tuple[Path, Tokens]) -> None:
+    path, tok = relay_db
+
+    async def body(server: RelayServer) -> None:
+        writer, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        sleeper, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+        # The sleeper never reads: its socket buffers fill, then its send queue.
+        w = Writer()
+        blob = "x" * (256 << 10)
+        for i in range(60):
+            await writer.put("customers", w.put(f"k{i}", f"{i}{blob}"), ref=i)
+            await writer.acked(i)
+            if server.metrics.slow_consumers_dropped:
+                break
+        assert server.metrics.slow_consumers_dropped == 1
+        await sleeper.closed()
+        await writer.close()
+
+    run(with_server(path, body, limits=ServerLimits(send_queue_frames=8)))
+
+
+# -- leases -----------------------------------------------------------------------------
+
+
+def test_lease_round_trip_never_repeats_numbers(relay_db: tuple[Path, Tokens]) -> None:
+    path, tok = relay_db
+
+    async def body(server: RelayServer) -> None:
+        a1, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        a2, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+        a1.session.request_lease("SI/2025", 10, ref=1)
+        await a1.flush()
+        g1 = await a1.wait(LeaseGranted)
+        a2.session.request_lease("SI/2025", 5, ref=1)
+        await a2.flush()
+        g2 = await a2.wait(LeaseGranted)
+        assert (g1.series, g1.first, g1.last) == ("SI/2025", 1, 10)
+        assert (g2.first, g2.last) == (11, 15)
+        await a1.close()
+        await a2.close()
+
+    run(with_server(path, body))
+    run(with_server(path, _lease_after_restart(tok)))
+
+
+def _lease_after_restart(tok: Tokens) -> Callable[[RelayServer], Awaitable[None]]:
+    async def body(server: RelayServer) -> None:
+        a1, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        a1.session.request_lease("SI/2025", 1, ref=9)
+        await a1.flush()
+        g = await a1.wait(LeaseGranted)
+        assert (g.first, g.last) == (16, 16)
+        await a1.close()
+
+    return body
+
+
+# -- HTTP endpoints -----------------------------------------------------------------------
+
+
+def test_healthz_and_metrics(relay_db: tuple[Path, Tokens]) -> None:
+    path, tok = relay_db
+
+    async def body(server: RelayServer) -> None:
+        base = f"http://127.0.0.1:{server.port}"
+        status, _, text = await asyncio.to_thread(http_get, base + "/healthz")
+        assert (status, text) == (200, "ok\n")
+        a1, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        a2, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+        await a1.put("customers", Writer().put("k", 1), ref=1)
+        await a1.acked(1)
+        await a2.wait(UpdateReceived)
+        status, ctype, text = await asyncio.to_thread(http_get, base + "/metrics")
+        assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
+        lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+        assert lines["branchline_relay_connections_open"] == "2"
+        assert lines["branchline_relay_connections_total"] == "2"
+        assert lines['branchline_relay_updates_in_total{result="stored"}'] == "1"
+        assert lines['branchline_relay_updates_in_total{result="duplicate"}'] == "0"
+        assert lines["branchline_relay_updates_fanned_out_total"] == "1"
+        assert lines["branchline_relay_datasets_connected"] == "1"
+        assert lines["branchline_relay_commit_seconds_count"] == "1"
+        assert int(lines["branchline_relay_bytes_in_total"]) > 0
+        assert int(lines["branchline_relay_documents_in_memory"]) >= 1
+        for token in (tok.a1, tok.a2):
+            assert token not in text
+        await a1.close()
+        await a2.close()
+
+    run(with_server(path, body))
+
+
+def test_healthz_reports_a_dead_store(relay_db: tuple[Path, Tokens]) -> None:
+    path, _ = relay_db
+
+    async def body(server: RelayServer) -> None:
+        server.store.close()
+        status, _, text = await asyncio.to_thread(
+            http_get, f"http://127.0.0.1:{server.port}/healthz"
+        )
+        assert status == 503 and text.startswith("store unavailable")
+
+    run(with_server(path, body))
+
+
+# -- shutdown -------------------------------------------------------------------------------
+
+
+def test_stop_acks_what_was_received_then_says_unavailable(
+    relay_db: tuple[Path, Tokens],
+) -> None:
+    path, tok = relay_db
+    acked: set[int] = set()
+
+    async def main() -> None:
+        store = SqliteRelayStore.open(path)
+        server = RelayServer(store, port=0)
+        await server.start()
+        a1, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        w = Writer()
+        for i in range(50):
+            a1.session.send_update("customers", w.put(f"k{i}", i), i)
+        await a1.flush()
+        await a1.acked(0)
+        stopping = asyncio.create_task(server.stop())
+        err = await a1.wait(ErrorReceived)
+        assert err.code == codes.UNAVAILABLE
+        await stopping
+        store.close()
+        acked.update(r for e in a1.events if isinstance(e, Acked) for r in e.refs)
+        assert a1.ws.close_code in (1000, 1001)
+
+    run(main())
+    keys = stored_keys(path, "acme", "customers")
+    assert acked and all(keys[f"k{r}"] == r for r in acked)
+
+
+# -- the CLI, killed mid-stream ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_cli(path: Path, port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [BRANCHLINE, "relay", "serve", str(path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert f"ws://127.0.0.1:{port}/" in line, (line, proc.stderr.read() if proc.stderr else "")
+    return proc
+
+
+def test_cli_serve_killed_mid_stream_keeps_everything_acked(
+    relay_db: tuple[Path, Tokens],
+) -> None:
+    path, tok = relay_db
+    port = _free_port()
+    proc = _start_cli(path, port)
+    url = f"ws://127.0.0.1:{port}/"
+    acked: set[int] = set()
+    try:
+
+        async def stream() -> None:
+            a1, _ = await Client.opened(url, "acme", "A1", tok.a1)
+            w = Writer()
+            sent = 0
+            while len(acked) < 300:
+                while sent < 2000 and a1.session.inflight_room > 0 and sent - len(acked) < 200:
+                    a1.session.send_update("customers", w.put(f"k{sent}", sent), sent)
+                    sent += 1
+                await a1.flush()
+                ack = await a1.wait(Acked)
+                acked.update(ack.refs)
+            proc.send_signal(signal.SIGKILL)  # mid-stream: more sent than acked
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    ack = await a1.wait(Acked)
+                    acked.update(ack.refs)
+
+        run(stream())
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL
+    proc = _start_cli(path, port)
+    try:
+
+        async def check() -> None:
+            a2, opened = await Client.opened(url, "acme", "A2", tok.a2)
+            assert "customers" in opened.documents
+            keys = keys_of(await a2.round_trip("customers"))
+            missing = [r for r in acked if keys.get(f"k{r}") != r]
+            assert not missing, f"{len(missing)} acknowledged updates lost"
+            await a2.close()
+
+        run(check())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, err
+    assert "relay stopped" in out
+    for token in (tok.a1, tok.a2):
+        assert token not in out and token not in err
+
+
+def test_cli_serve_missing_store_is_one_error_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [BRANCHLINE, "relay", "serve", str(tmp_path / "nope.db")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
