@@ -1,0 +1,287 @@
+"""Node sync over real websockets on loopback: an in-test asyncio relay
+(RelaySession + SqliteRelayStore in a thread) and `branchline node run`
+subprocesses; `branchline sync` exit codes; `status --json` shape.
+
+Timing assertions are generous bounds; the real figures are printed (-s)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from engine.errors import AuthError
+from engine.node import Node
+from engine.protocol import (
+    HelloReceived,
+    RelaySession,
+    SessionState,
+    SyncRequested,
+    UpdateReceived,
+    codes,
+)
+from engine.relay.sqlite_store import SqliteRelayStore
+from engine.relay.store import UpdateIn
+
+BRANCHLINE = [str(Path(sys.executable).parent / "branchline")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ThreadRelay:
+    """A minimal asyncio websocket relay in a background thread."""
+
+    def __init__(self, store_path: Path, port: int) -> None:
+        self.store_path = store_path
+        self.port = port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.conns: dict[RelaySession, ServerConnection] = {}
+        self.server: object | None = None
+
+    def start(self) -> None:
+        self.store = SqliteRelayStore.open(self.store_path)
+        self.thread.start()
+        fut = asyncio.run_coroutine_threadsafe(self._start(), self.loop)
+        fut.result(10)
+
+    async def _start(self) -> None:
+        self.server = await serve(self.handler, "127.0.0.1", self.port, ping_interval=None)
+
+    def stop(self) -> None:
+        async def _stop() -> None:
+            server = self.server
+            assert server is not None
+            server.close()  # type: ignore[attr-defined]
+            await server.wait_closed()  # type: ignore[attr-defined]
+
+        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.store.close()
+
+    async def flush(self, session: RelaySession) -> None:
+        ws = self.conns.get(session)
+        if ws is None:
+            return
+        for frame in session.data_to_send():
+            try:
+                await ws.send(frame)
+            except ConnectionClosed:
+                return
+
+    async def handler(self, ws: ServerConnection) -> None:
+        session = RelaySession()
+        self.conns[session] = ws
+        try:
+            while session.state is not SessionState.CLOSED:
+                try:
+                    msg = await asyncio.wait_for(ws.recv(), timeout=0.05)
+                except TimeoutError:
+                    msg = None
+                events = []
+                if msg is not None:
+                    events = session.receive_frame(msg if isinstance(msg, bytes) else b"")
+                events += session.tick(time.monotonic_ns() // 1_000_000)
+                for ev in events:
+                    await self.handle(session, ev)
+                await self.flush(session)
+        except ConnectionClosed:
+            pass
+        finally:
+            session.close()
+            del self.conns[session]
+
+    async def handle(self, session: RelaySession, ev: object) -> None:
+        if isinstance(ev, HelloReceived):
+            try:
+                grant = self.store.authenticate(ev.dataset, ev.node, ev.token)
+            except AuthError as exc:
+                session.reject(codes.AUTH_FAILED, str(exc))
+                return
+            session.accept(read_only=grant.read_only, documents=self.store.documents(ev.dataset))
+        elif isinstance(ev, SyncRequested):
+            ds = session.dataset
+            assert ds is not None
+            session.sync_reply(
+                ev.doc,
+                self.store.diff(ds, ev.doc, ev.state_vector),
+                self.store.state_vector(ds, ev.doc),
+            )
+        elif isinstance(ev, UpdateReceived):
+            ds, node = session.dataset, session.node
+            assert ds is not None and node is not None and ev.ref is not None
+            (res,) = self.store.append_updates(ds, [UpdateIn(ev.doc, ev.data, node)])
+            if not res.ok:
+                session.fail(codes.BAD_UPDATE, str(res.error))
+                return
+            session.ack([ev.ref])
+            for other in list(self.conns):
+                open_peer = other is not session and other.state is SessionState.OPEN
+                if open_peer and other.dataset == ds:
+                    other.send_update(ev.doc, ev.data)
+                    await self.flush(other)
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*BRANCHLINE, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def init_home(home: Path, node: str, port: int, token: str) -> None:
+    out = cli(
+        "node", "init", "--home", str(home), "--dataset", "acme", "--node", node,
+        "--relay", f"ws://127.0.0.1:{port}/", "--token", token,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+
+
+def has(home: Path, code: str) -> bool:
+    with Node.open(home) as n:
+        return n.get("customers", code) is not None
+
+
+def wait_for(predicate: object, timeout: float) -> float:
+    """Seconds until predicate() is true; fails after timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():  # type: ignore[operator]
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"not true after {timeout} s")
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Path, int, dict[str, str]]]:
+    store_path = tmp_path / "relay.db"
+    store = SqliteRelayStore.create(store_path)
+    tokens = {n: store.enroll("acme", n).token for n in ("A", "B")}
+    store.close()
+    yield store_path, free_port(), tokens
+
+
+def test_offline_work_then_relay_then_live_changes(
+    tmp_path: Path, setup: tuple[Path, int, dict[str, str]]
+) -> None:
+    store_path, port, tokens = setup
+    homes = {n: tmp_path / n for n in ("A", "B")}
+    for n, home in homes.items():
+        init_home(home, n, port, tokens[n])
+        out = cli(
+            "put", "--home", str(home), "customers", json.dumps({"code": f"C-{n}", "name": n})
+        )
+        assert out.returncode == 0, out.stderr
+    runs = {
+        n: subprocess.Popen(
+            [*BRANCHLINE, "node", "run", "--home", str(home), "--backoff-max", "0.5"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n, home in homes.items()
+    }
+    relay = ThreadRelay(store_path, port)
+    try:
+        time.sleep(1.0)  # the nodes try, fail and back off
+        status = json.loads(cli("status", "--home", str(homes["A"]), "--json").stdout)
+        assert status["online"] is False and status["pending"]["customers"] == 1
+        relay.start()
+        restored = time.monotonic()
+        wait_for(lambda: has(homes["B"], "C-A") and has(homes["A"], "C-B"), 10)
+        converged = time.monotonic() - restored
+        # A change made by another process on A's home, while linked.
+        wait_for(
+            lambda: json.loads(cli("status", "--home", str(homes["B"]), "--json").stdout)["online"],
+            10,
+        )
+        put_at = time.monotonic()
+        out = cli("put", "--home", str(homes["A"]), "customers", '{"code": "C-live", "name": "x"}')
+        assert out.returncode == 0
+        wait_for(lambda: has(homes["B"], "C-live"), 10)
+        live = time.monotonic() - put_at
+        print(f"\nlink restored -> offline changes converged: {converged:.3f} s")
+        print(f"change by a CLI process on A -> visible on B: {live:.3f} s (includes CLI start)")
+        assert converged < 5 and live < 5
+        status = json.loads(cli("status", "--home", str(homes["A"]), "--json").stdout)
+        assert set(status) >= {
+            "dataset", "node", "online", "last_sync", "pending", "conflicts", "failures",
+        }  # fmt: skip
+        assert status["dataset"] == "acme" and status["node"] == "A"
+        assert status["online"] is True and isinstance(status["last_sync"], int)
+        assert status["failures"] == {"upload": 0, "download": 0}
+        wait_for(
+            lambda: (
+                json.loads(cli("status", "--home", str(homes["A"]), "--json").stdout)["pending"][
+                    "customers"
+                ]
+                == 0
+            ),
+            5,
+        )
+        # Offline mode: the running node drops the link.
+        assert cli("node", "offline", "--home", str(homes["A"])).returncode == 0
+        wait_for(
+            lambda: (
+                json.loads(cli("status", "--home", str(homes["A"]), "--json").stdout)["state"]
+                == "offline mode"
+            ),
+            5,
+        )
+        human = cli("status", "--home", str(homes["A"]))
+        assert human.returncode == 0 and "offline mode" in human.stdout
+    finally:
+        for proc in runs.values():
+            proc.send_signal(signal.SIGTERM)
+        logs = {n: proc.communicate(timeout=15)[1] for n, proc in runs.items()}
+        if relay.thread.is_alive():
+            relay.stop()
+    for n, proc in runs.items():
+        assert proc.returncode == 0, logs[n]
+        assert tokens[n] not in logs[n]  # never log the token
+        assert "online" in logs[n] and "backing off" in logs[n]
+
+
+def test_sync_exit_codes(tmp_path: Path, setup: tuple[Path, int, dict[str, str]]) -> None:
+    store_path, port, tokens = setup
+    home = tmp_path / "A"
+    init_home(home, "A", port, tokens["A"])
+    cli("put", "--home", str(home), "customers", '{"code": "C1", "name": "x"}')
+    down = cli("sync", "--home", str(home), "--timeout", "10")
+    assert down.returncode == 1
+    assert down.stderr.startswith("error: cannot reach the relay") and down.stderr.count("\n") == 1
+    relay = ThreadRelay(store_path, port)
+    relay.start()
+    try:
+        bad = tmp_path / "bad"
+        init_home(bad, "A", port, "wrong-token")
+        refused = cli("sync", "--home", str(bad), "--timeout", "10")
+        assert refused.returncode == 2, refused.stderr
+        assert "token" in refused.stderr and refused.stderr.count("\n") == 1
+        ok = cli("sync", "--home", str(home), "--timeout", "20", "--json")
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["synced"] is True
+        status = json.loads(cli("status", "--home", str(home), "--json").stdout)
+        assert status["pending"]["customers"] == 0 and status["last_sync"]
+        assert status["online"] is False  # no `node run` is running
+    finally:
+        relay.stop()
+
+
+if os.environ.get("BRANCHLINE_SKIP_LIVE"):  # pragma: no cover - opt-out on slow CI
+    pytestmark = pytest.mark.skip("BRANCHLINE_SKIP_LIVE set")
