@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -36,12 +38,13 @@ from engine.protocol import (
     LeaseGranted,
     Opened,
     RemoteState,
+    SyncComplete,
     UpdateReceived,
     codes,
     encode_message,
 )
 from engine.protocol.messages import Update
-from engine.relay import EMPTY_UPDATE, SqliteRelayStore
+from engine.relay import EMPTY_UPDATE, SqliteRelayStore, UpdateIn
 from engine.relay.server import RelayServer, ServerLimits
 
 BRANCHLINE = str(Path(sys.executable).parent / "branchline")
@@ -86,15 +89,19 @@ class Client:
         self.events: list[Event] = []  # everything received, in order
 
     @classmethod
-    async def connect(cls, url: str, dataset: str, node: str, token: str) -> Client:
-        ws = await connect(url, max_size=None, compression=None, open_timeout=TIMEOUT)
+    async def connect(
+        cls, url: str, dataset: str, node: str, token: str, tls: ssl.SSLContext | None = None
+    ) -> Client:
+        ws = await connect(url, max_size=None, compression=None, open_timeout=TIMEOUT, ssl=tls)
         client = cls(ws, ClientSession(dataset=dataset, node=node, token=token))
         await client.flush()
         return client
 
     @classmethod
-    async def opened(cls, url: str, dataset: str, node: str, token: str) -> tuple[Client, Opened]:
-        client = await cls.connect(url, dataset, node, token)
+    async def opened(
+        cls, url: str, dataset: str, node: str, token: str, tls: ssl.SSLContext | None = None
+    ) -> tuple[Client, Opened]:
+        client = await cls.connect(url, dataset, node, token, tls)
         opened = await client.wait(Opened)
         return client, opened
 
@@ -145,6 +152,7 @@ class Client:
         await self.wait(RemoteState, lambda e: e.doc == doc)
         self.session.answer_state(doc, [])
         await self.flush()
+        await self.wait(SyncComplete)
         return diff.data
 
     async def put(self, doc: str, data: bytes, ref: int) -> None:
@@ -224,12 +232,8 @@ def http_get(url: str) -> tuple[int, str, str]:
 
 def test_handshake_lists_documents_and_access(relay_db: tuple[Path, Tokens]) -> None:
     path, tok = relay_db
-    with SqliteRelayStore.open(path) as store:
-        store.append_updates("acme", [])
     w = Writer()
     with SqliteRelayStore.open(path) as store:
-        from engine.relay import UpdateIn
-
         store.append_updates("acme", [UpdateIn("customers", w.put("c1", "Ada"), "A1")])
 
     async def body(server: RelayServer) -> None:
@@ -516,6 +520,25 @@ def test_slow_consumer_is_dropped_not_buffered(relay_db: tuple[Path, Tokens]) ->
     run(with_server(path, body, limits=ServerLimits(send_queue_frames=8)))
 
 
+def test_silent_peer_is_dropped_after_three_heartbeats(relay_db: tuple[Path, Tokens]) -> None:
+    path, tok = relay_db
+
+    async def body(server: RelayServer) -> None:
+        good, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        mute = await Client.connect(server.url, "acme", "A2", tok.a2)
+        # The mute client never reads again, so never answers the relay's
+        # pings; the good one keeps talking (and answers pings) meanwhile.
+        gone = asyncio.create_task(mute.ws.wait_closed())
+        while not gone.done():
+            await good.round_trip("customers")
+        await good.put("customers", Writer().put("k", 1), ref=1)
+        await good.acked(1)
+        assert server.connections == 1
+        await good.close()
+
+    run(with_server(path, body, limits=ServerLimits(heartbeat_ms=100, tick_ms=20)))
+
+
 # -- leases -----------------------------------------------------------------------------
 
 
@@ -598,6 +621,33 @@ def test_healthz_reports_a_dead_store(relay_db: tuple[Path, Tokens]) -> None:
         assert status == 503 and text.startswith("store unavailable")
 
     run(with_server(path, body))
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls(relay_db: tuple[Path, Tokens], tmp_path: Path) -> None:
+    path, tok = relay_db
+    cert, key = tmp_path / "relay.crt", tmp_path / "relay.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    client_tls = ssl.create_default_context(cafile=str(cert))
+
+    async def body(server: RelayServer) -> None:
+        assert server.url.startswith("wss://")
+        a1, _ = await Client.opened(server.url, "acme", "A1", tok.a1, client_tls)
+        await a1.put("customers", Writer().put("k", 1), ref=1)
+        await a1.acked(1)
+        await a1.close()
+
+    run(with_server(path, body, ssl_context=server_tls))
+    assert stored_keys(path, "acme", "customers") == {"k": 1}
 
 
 # -- shutdown -------------------------------------------------------------------------------
@@ -718,3 +768,19 @@ def test_cli_serve_missing_store_is_one_error_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+
+
+def test_cli_serve_tls_needs_cert_and_key(relay_db: tuple[Path, Tokens], tmp_path: Path) -> None:
+    path, _ = relay_db
+    cert = tmp_path / "c.pem"
+    cert.write_text("not a certificate")
+    for extra in (["--tls-cert", str(cert)], ["--tls-cert", str(cert), "--tls-key", str(cert)]):
+        done = subprocess.run(
+            [BRANCHLINE, "relay", "serve", str(path), "--port", "0", *extra],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
