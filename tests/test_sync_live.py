@@ -139,6 +139,11 @@ class ThreadRelay:
                     await self.flush(other)
 
 
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*BRANCHLINE, *args], capture_output=True, text=True, timeout=timeout, check=False
@@ -285,3 +290,28 @@ def test_sync_exit_codes(tmp_path: Path, setup: tuple[Path, int, dict[str, str]]
 
 if os.environ.get("BRANCHLINE_SKIP_LIVE"):  # pragma: no cover - opt-out on slow CI
     pytestmark = pytest.mark.skip("BRANCHLINE_SKIP_LIVE set")
+
+
+def test_sync_through_the_real_relay_process(
+    tmp_path: Path, setup: tuple[Path, int, dict[str, str]]
+) -> None:
+    """`branchline relay serve` (RelayServer) with `branchline sync` on two homes."""
+    store_path, port, tokens = setup
+    homes = {n: tmp_path / n for n in ("A", "B")}
+    for n, home in homes.items():
+        init_home(home, n, port, tokens[n])
+        cli("put", "--home", str(home), "customers", json.dumps({"code": f"C-{n}", "name": n}))
+    relay = subprocess.Popen(
+        [*BRANCHLINE, "relay", "serve", str(store_path), "--port", str(port)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: listening(port), 10)
+        for n in ("A", "B", "A"):
+            out = cli("sync", "--home", str(homes[n]), "--timeout", "20")
+            assert out.returncode == 0, out.stderr
+        assert has(homes["A"], "C-B") and has(homes["B"], "C-A")
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        relay.communicate(timeout=15)
