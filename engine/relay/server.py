@@ -194,6 +194,11 @@ class _Pending:
     ref: int
 
 
+#: Per dataset of a batch: its results, or why its commit failed; and the
+#: seconds each successful commit took.
+_Outcome = tuple[dict[str, list[Appended] | BaseException], list[float]]
+
+
 @dataclass
 class _HelloAnswer:
     grant: NodeGrant | None
@@ -668,28 +673,54 @@ class RelayServer:
     # -- group commit ----------------------------------------------------------------
 
     async def _committer(self) -> None:
+        """Group commit loop. The next batch's commit is handed to the store
+        thread before the previous batch is settled (acks, fan-out), so the
+        store and the event loop work at the same time; batches are still
+        committed and settled in queue order, and acks still follow commits."""
         assert self._queue is not None
         queue = self._queue
+        ahead: tuple[list[_Pending], asyncio.Future[_Outcome]] | None = None
         while True:
-            batch = [await queue.get()]
-            while len(batch) < self.limits.max_batch:
-                try:
-                    batch.append(queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
+            if ahead is None:
+                batch = [await queue.get(), *self._take(queue, self.limits.max_batch - 1)]
+                ahead = (batch, self._start_commit(batch))
+            batch, running = ahead
+            ahead = None
             try:
-                await self._commit(batch)
+                try:
+                    outcome = await running
+                finally:
+                    rest = self._take(queue, self.limits.max_batch)
+                    if rest:
+                        ahead = (rest, self._start_commit(rest))
+                self._settle_batch(batch, outcome)
             except Exception:
                 log.exception("group commit of %d updates failed", len(batch))
             finally:
                 for _ in batch:
                     queue.task_done()
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    @staticmethod
+    def _take(queue: asyncio.Queue[_Pending], limit: int) -> list[_Pending]:
+        out: list[_Pending] = []
+        while len(out) < limit:
+            try:
+                out.append(queue.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return out
+
+    def _start_commit(self, batch: list[_Pending]) -> asyncio.Future[_Outcome]:
         by_dataset: dict[str, list[_Pending]] = {}
         for p in batch:
             by_dataset.setdefault(p.dataset, []).append(p)
-        outcomes, seconds = await self._run(self._append, by_dataset)
+        return asyncio.ensure_future(self._run(self._append, by_dataset))
+
+    def _settle_batch(self, batch: list[_Pending], result: _Outcome) -> None:
+        outcomes, seconds = result
+        by_dataset: dict[str, list[_Pending]] = {}
+        for p in batch:
+            by_dataset.setdefault(p.dataset, []).append(p)
         for took in seconds:
             self.metrics.commit_seconds.observe(took)
         for dataset, items in by_dataset.items():
@@ -710,9 +741,7 @@ class RelayServer:
                 continue
             self._settle(dataset, items, outcome)
 
-    def _append(
-        self, by_dataset: dict[str, list[_Pending]]
-    ) -> tuple[dict[str, list[Appended] | BaseException], list[float]]:
+    def _append(self, by_dataset: dict[str, list[_Pending]]) -> _Outcome:
         """Store thread: one ``append_updates`` per dataset of the batch; the
         outcome per dataset and the seconds each successful commit took."""
         out: dict[str, list[Appended] | BaseException] = {}
