@@ -168,3 +168,24 @@ class RemoteProtocolError(ProtocolError):
 class PeerRejected(ProtocolError):
     """The peer ended the session with an error frame (``code``, ``message``):
     e.g. the relay refused the token or serves another dataset."""
+
+
+class SyncError(BranchlineError):
+    """Sync could not complete (relay unreachable, link lost, timeout...)."""
+
+    exit_code = 1
+
+
+class RelayUnreachable(SyncError):
+    """The relay could not be reached or the link broke."""
+
+
+class SyncTimeout(SyncError):
+    """A one-shot sync did not complete in the time given."""
+
+
+class RelayRefused(SyncError):
+    """The relay ended the session with an error frame that needs a person
+    (unsupported version, read-only...)."""
+
+    exit_code = 2

@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from .. import series as series_mod
 from ..errors import (
     AuthError,
-    BranchlineError,
     DatasetMismatch,
+    RelayRefused,
+    RelayUnreachable,
     RemoteProtocolError,
     UpdateError,
 )
@@ -72,27 +73,6 @@ ProgressCallback = Callable[[str, int, int], None]
 _FATAL_CODES = frozenset(
     {codes.AUTH_FAILED, codes.WRONG_DATASET, codes.UNSUPPORTED_VERSION, codes.READ_ONLY}
 )
-
-
-class SyncError(BranchlineError):
-    """Sync could not complete (relay unreachable, link lost, timeout...)."""
-
-    exit_code = 1
-
-
-class RelayUnreachable(SyncError):
-    """The relay could not be reached or the link broke."""
-
-
-class SyncTimeout(SyncError):
-    """A one-shot sync did not complete in the time given."""
-
-
-class RelayRefused(SyncError):
-    """The relay ended the session with an error frame that needs a person
-    (unsupported version, read-only...)."""
-
-    exit_code = 2
 
 
 @dataclass
