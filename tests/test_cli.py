@@ -502,7 +502,8 @@ def test_demo_runs_and_converges() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "engine.demo"], capture_output=True, text=True, timeout=120
     )
-    assert result.returncode == 0, result.stderr
-    assert "hanoi and saigon are identical" in result.stdout
-    for shown in ("HDhanoi-000001", "HDsaigon-000001", "duplicate_key", "concurrent_edit"):
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "HN, HCM and DN are identical" in result.stdout
+    assert "every node shows identical books; everything stopped cleanly" in result.stdout
+    for shown in ("HDHN-000001", "HDDN-000001", "duplicate_key", "concurrent_edit"):
         assert shown in result.stdout
