@@ -752,7 +752,7 @@ def run(workdir: Path, console: Console, seed: int = 2024) -> None:
             day.show_books()
             _step(console, "7. Stopping")
             day.shut_down()
-        except BaseException:
+        except Exception:
             for label, _proc, _log in day.procs.started:
                 tail = day.procs.tail(label)
                 if tail:
@@ -779,12 +779,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console(highlight=False)
     os.environ.pop("BRANCHLINE_HOME", None)  # every command names its --home
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=False)
-        run(args.keep, console, args.seed)
-        return 0
-    with tempfile.TemporaryDirectory(prefix="branchline-demo-") as tmp:
-        run(Path(tmp), console, args.seed)
+    # SIGTERM unwinds like Ctrl-C does, so the finally blocks stop every process.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(128 + signal.SIGTERM))
+    try:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=False)
+            run(args.keep, console, args.seed)
+        else:
+            with tempfile.TemporaryDirectory(prefix="branchline-demo-") as tmp:
+                run(Path(tmp), console, args.seed)
+    except AssertionError as exc:
+        console.print(Text(f"✘ the demo failed: {exc}", style="bold red"))
+        return 1
     return 0
 
 
