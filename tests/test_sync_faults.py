@@ -201,7 +201,9 @@ def acked_codes(home: Path, prefix: str) -> tuple[set[str], int]:
         }
         pending_ids = {
             str(r[0])
-            for r in conn.execute("SELECT record FROM updates WHERE pending = 1 AND origin = 'local'")
+            for r in conn.execute(
+                "SELECT record FROM updates WHERE pending = 1 AND origin = 'local'"
+            )
         }
     return {code for rid, code in mine.items() if rid not in pending_ids}, len(pending_ids)
 
@@ -258,7 +260,7 @@ def test_relay_sigkill_mid_sync_loses_nothing_acked_and_nodes_converge(
         time.sleep(0.2)  # a few more writes while the relay is down (they stay pending)
         acked = {n: acked_codes(homes[n], n) for n in ("A", "B")}
         for n, (codes, pending) in acked.items():
-            print(f"\nnode {n}: {len(codes)} records acknowledged, {pending} pending at the kill")
+            print(f"\nnode {n}: {len(codes)} records acknowledged, {pending} pending (relay down)")
         assert any(pending > 0 for _, pending in acked.values()), "kill was not mid-sync"
 
         relay.start()  # same store, same port
@@ -267,7 +269,9 @@ def test_relay_sigkill_mid_sync_loses_nothing_acked_and_nodes_converge(
         held = codes_of(homes["C"])
         for n, (codes, _) in acked.items():
             lost = codes - held
-            assert not lost, f"{len(lost)} acknowledged records of {n} lost, e.g. {sorted(lost)[:5]}"
+            assert not lost, (
+                f"{len(lost)} acknowledged records of {n} lost, e.g. {sorted(lost)[:5]}"
+            )
 
         # The nodes come back by themselves and converge (writers finish meanwhile).
         for proc in runs.values():
@@ -487,7 +491,9 @@ def test_dead_link_detected_by_heartbeat_and_reconnected_on_heal(
         proxy.heal()
         healed_at = time.monotonic()
         wait_for(
-            lambda: {"D-A", "D-B"} <= codes_of(homes["A"]) and {"D-A", "D-B"} <= codes_of(homes["B"]),
+            lambda: (
+                {"D-A", "D-B"} <= codes_of(homes["A"]) and {"D-A", "D-B"} <= codes_of(homes["B"])
+            ),
             20,
             "converged after heal",
         )

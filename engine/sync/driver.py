@@ -188,6 +188,9 @@ class SyncDriver:
         self._next_ref = SYNTHETIC_REF_BASE
         self._leases: dict[int, _Lease] = {}
         self._leasing: set[str] = set()  # series keys with a lease request pending
+        #: Set when the relay opened the session read-only while this node has
+        #: local changes: they can never be uploaded (recorded as upload failures).
+        self.upload_refused: str | None = None
 
     # -- state ---------------------------------------------------------------
 
@@ -324,6 +327,25 @@ class SyncDriver:
         self.session.start_sync([(d, states.get(d, EMPTY_STATE_VECTOR)) for d in order])
         if not ev.read_only:
             self._request_leases()
+        else:
+            self._refuse_pending_uploads()
+
+    def _refuse_pending_uploads(self) -> None:
+        """A read-only node with local changes: record one upload failure per
+        document holding them (the rows stay in the outbox, nothing is sent)."""
+        pending = self.node.store.conn.execute(
+            "SELECT doc, COUNT(*) FROM updates WHERE pending = 1 GROUP BY doc ORDER BY doc"
+        ).fetchall()
+        if not pending:
+            return
+        reason = (
+            f"node {self.node.node_id!r} is enrolled read-only on the relay: its local "
+            "changes are not uploaded; enroll it again without --read-only to upload them"
+        )
+        for doc, _count in pending:
+            record_failure(self.node, "upload", str(doc), reason, self._wall_ms())
+        total = sum(int(c) for _, c in pending)
+        self.upload_refused = f"{reason} ({total} pending in {len(pending)} documents)"
 
     def _import(self, doc: str, data: bytes) -> None:
         if self.stats.first_update_ms is None:

@@ -149,7 +149,13 @@ class _Connection:
             raise RelayUnreachable(f"the relay closed the connection ({exc})") from None
         if msg is not None:
             self.driver.receive(msg if isinstance(msg, bytes) else msg.encode())
-        self.driver.tick(self.monotonic_ms())
+        try:
+            self.driver.tick(self.monotonic_ms())
+        except RelayUnreachable:
+            # A dead link: the closing handshake would wait out close_timeout
+            # (10 s) on a peer that no longer answers. Drop the socket now.
+            self.ws.transport.abort()
+            raise
         self.driver.poll()
         await self.flush()
 
@@ -216,6 +222,9 @@ async def node_sync(
                 )
                 await conn.flush()
                 while not conn.driver.synced:
+                    refused = conn.driver.upload_refused
+                    if refused is not None and conn.driver.session.synced:
+                        raise RelayRefused(refused)  # downloaded all; uploads impossible
                     try:
                         await conn.step(POLL_S)
                     except (OSError, ConnectionClosed) as exc:
@@ -383,6 +392,8 @@ class LiveSync:
                 await conn.step(POLL_S)
                 if conn.driver.opened is not None and self.state != "online":
                     self._set_state("online", safe_url(self.url))
+                    if conn.driver.upload_refused is not None:
+                        log.error("%s", conn.driver.upload_refused)
                 if conn.driver.synced:
                     self._synced.set()
                 else:
