@@ -492,6 +492,12 @@ class Day:
             "  DN and HCM both create customer [bold]KH005[/] (Hoa Mai / Sao Việt); DN and HN "
             "both change KH003's address"
         )
+        own = books(dn.fresh())["stock"]
+        on_hand = ", ".join(f"{code} {own.get((code, dn.warehouse), 0)}" for code, *_ in ITEMS)
+        self.console.print(
+            f"  DN, cut off, still shows stock on hand in {dn.warehouse} as of its last sync "
+            f"plus its own work: {on_hand}"
+        )
         status = self.status_json(DN)
         table = Table(
             title="branchline status --home DN --json (while cut off)", title_justify="left"
