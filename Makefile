@@ -31,9 +31,11 @@ check: test lint
 
 bench-quick: $(STAMP)
 	$(PY) -m bench.core --quick
+	$(PY) -m bench.sync --quick
 
 bench: $(STAMP)
 	$(PY) -m bench.core
+	$(PY) -m bench.sync
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
