@@ -47,6 +47,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from engine.node import Node
 from engine.protocol import Acked, ClientSession, Opened, UpdateReceived
 from engine.relay.sqlite_store import SqliteRelayStore
+from engine.sync import SyncError
 from engine.transport import node_sync, set_offline
 
 from .report import fmt
@@ -62,6 +63,8 @@ DATASET = "bench"
 DOC = "customers"
 SUBSCRIBERS = 3
 SEED = 20260101
+#: Catch-up size tried when the target size fails (fits the relay's 16 MiB update limit).
+FALLBACK_RECORDS = 30_000
 
 
 @dataclass(frozen=True)
@@ -384,6 +387,7 @@ def run_state(home: Path) -> str:
 
 
 def bench_catchup_and_restore(tmp: Path, sizes: Sizes) -> dict[str, Any]:
+    tmp.mkdir(parents=True, exist_ok=True)
     schema = write_schema(tmp)
     store_path = tmp / "relay-catchup.db"
     with SqliteRelayStore.create(store_path) as store:
@@ -466,7 +470,23 @@ def bench_catchup_and_restore(tmp: Path, sizes: Sizes) -> dict[str, Any]:
 
 def goals(b: dict[str, Any]) -> list[Goal]:
     r, c = b["relay"], b["catchup"]
+    failed = c.get("failed_at_target_size")
+    extra = (
+        [
+            Goal(
+                "Catch-up",
+                f"{failed['records']:,} records: sync failed",
+                float("inf"),
+                "s",
+                5,
+                False,
+            )
+        ]
+        if failed
+        else []
+    )
     return [
+        *extra,
         Goal(
             "Relay throughput",
             "updates in, durably acked",
@@ -536,6 +556,14 @@ def render(doc: dict[str, Any], checked: list[Goal], results: Path) -> str:
         "",
         f"- A's upload (`node_sync` returned, all acked): {c['upload_s']:.2f} s; "
         f"visible on B: {c['visible_on_b_s']:.2f} s ({c['update_bytes'] / 1e6:.1f} MB update)",
+        *(
+            [
+                f"- at {c['failed_at_target_size']['records']:,} records A's sync failed: "
+                f"`{c['failed_at_target_size']['error']}`"
+            ]
+            if c.get("failed_at_target_size")
+            else []
+        ),
         "",
         "### Link restored to first change delivered",
         "",
@@ -602,7 +630,16 @@ def main(argv: list[str] | None = None) -> int:
         r = benchmarks["relay"]
         say(f"relay: in {r['in_per_s']:,.0f}/s, delivered {r['delivered_per_s']:,.0f}/s")
         say("catch-up and link restored...")
-        benchmarks["catchup"] = bench_catchup_and_restore(tmp, sizes)
+        try:
+            benchmarks["catchup"] = bench_catchup_and_restore(tmp / "c1", sizes)
+        except SyncError as exc:  # a miss to report, then a size the relay takes
+            say(f"catch-up of {sizes.catchup_records:,} records failed: {exc}")
+            smaller = Sizes(**{**asdict(sizes), "catchup_records": FALLBACK_RECORDS})
+            benchmarks["catchup"] = bench_catchup_and_restore(tmp / "c2", smaller)
+            benchmarks["catchup"]["failed_at_target_size"] = {
+                "records": sizes.catchup_records,
+                "error": str(exc),
+            }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if not any(base.iterdir()):
