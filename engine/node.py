@@ -28,7 +28,7 @@ import orjson
 
 from . import series as series_mod
 from .clock import Clock, HybridClock, SystemClock, system_random
-from .crdt import RecordDoc, trim_heap
+from .crdt import MAX_MERGE, RecordDoc, merge, trim_heap
 from .errors import (
     DatasetMismatch,
     RecordDeleted,
@@ -62,6 +62,8 @@ TRIM_AFTER_BYTES = 4 << 20  # after importing this much, hand freed memory back
 Records = list[dict[str, Any]]
 Strings = list[str]
 Outbox = list[tuple[int, str, bytes]]
+Parts = list[tuple[list[int], bytes]]  # (outbox seqs carried, update)
+Rows = list[tuple[int, bytes]]
 
 
 @dataclass(frozen=True)
@@ -453,6 +455,48 @@ class Node:
             if data != EMPTY_UPDATE:
                 out[name] = data
         return out
+
+    def export_parts(self, doc: str, since: bytes | None, max_bytes: int) -> Parts:
+        """What a replica in state ``since`` lacks of ``doc``, as updates of at
+        most ``max_bytes`` each, each with the outbox seqs it carries (so an
+        acknowledgement of it can clear them).
+
+        One part when the whole diff fits. Otherwise the document's outbox
+        rows, in order and merged in groups under ``max_bytes``: what the
+        replica lacks besides them (changes that came from elsewhere, say by
+        file) goes in a later exchange, once the replica's state includes the
+        parts and the rest is small. Seqs are read before the diff is
+        computed, so a part never claims a row it does not hold. Raises
+        UpdateError for an invalid state vector.
+        """
+        self.refresh()
+        with self._reading() as conn:
+            rows = [
+                (int(seq), bytes(data))
+                for seq, data in conn.execute(
+                    "SELECT seq, data FROM updates WHERE pending = 1 AND doc = ? ORDER BY seq",
+                    (doc,),
+                )
+            ]
+        if doc not in self.documents():
+            return [([seq for seq, _ in rows], EMPTY_UPDATE)] if rows else []
+        loaded = self._doc(doc)
+        whole = loaded.doc.diff(since)
+        if len(whole) <= max_bytes:
+            return [([seq for seq, _ in rows], whole)] if whole != EMPTY_UPDATE or rows else []
+        del whole
+        parts: Parts = []
+        group: Rows = []
+        size = 0
+        for seq, data in rows:
+            if group and (size + len(data) > max_bytes // 2 or len(group) >= MAX_MERGE):
+                parts.append(([s for s, _ in group], merge([d for _, d in group])))
+                group, size = [], 0
+            group.append((seq, data))
+            size += len(data)
+        if group:
+            parts.append(([s for s, _ in group], merge([d for _, d in group])))
+        return parts
 
     def import_updates(self, updates: dict[str, bytes]) -> ImportReport:
         """Integrate updates from another replica in one durable transaction.

@@ -70,3 +70,21 @@ def test_compaction_keeps_unacknowledged_updates_and_replicas_still_converge(
     other.import_updates(node.export_updates(other.state()))
     for name in ("customers", "items", "sales_invoice"):
         assert other.list(name) == node.list(name)
+
+
+def test_an_import_that_waits_for_an_earlier_update_survives_restart(tmp_path: Path) -> None:
+    """Imported out of order, the later update waits; it must be logged, so
+    that after a restart the earlier one completes it. (Regression: waiting
+    was judged from ``get_state(update)``, which omits clients whose items
+    do not start at clock 0, so the waiting update was dropped.)"""
+    a = make(tmp_path / "a")
+    a.put("customers", {"code": "KH1", "name": "An"})
+    a.put("customers", {"code": "KH1", "name": "An Phát"})  # replaces the first entry
+    (_, _, first), (_, _, second) = a.outbox()
+    b = make(tmp_path / "b", "HCM")
+    report = b.import_updates({"customers": second})
+    assert report.stored == 1 and b.list("customers") == []
+    b.close()
+    b = Node.open(tmp_path / "b")
+    b.import_updates({"customers": first})
+    assert [r["name"] for r in b.list("customers")] == ["An Phát"]

@@ -563,3 +563,26 @@ def test_sigkill_loses_nothing_reported(tmp_path: Path) -> None:
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "child":
     child(sys.argv[2], int(sys.argv[3]))
+
+
+def test_an_update_that_waits_for_an_earlier_one_is_kept_across_reopen(tmp_path: Path) -> None:
+    """The second update of a client, arriving first, waits; it must be
+    stored (not taken for a duplicate) and survive a restart until the first
+    one arrives. (Regression: waiting was judged from ``get_state(update)``,
+    which omits clients whose items do not start at clock 0.)"""
+    a = Node.create(tmp_path / "a", dataset="acme", node="A")
+    a.put("customers", {"code": "KH1", "name": "An"})
+    a.put("customers", {"code": "KH1", "name": "An Phát"})  # replaces the first entry
+    (_, _, first), (_, _, second) = a.outbox()
+    s = SqliteRelayStore.create(tmp_path / "relay.db")
+    s.enroll("acme", "A")
+    [res] = s.append_updates("acme", [UpdateIn("customers", second, "A")])
+    assert res.status == "stored"
+    s.close()
+    s = SqliteRelayStore.open(tmp_path / "relay.db")
+    [res] = s.append_updates("acme", [UpdateIn("customers", first, "A")])
+    assert res.status == "stored"
+    fresh = Node.create(tmp_path / "b", dataset="acme", node="B")
+    fresh.import_updates({"customers": s.diff("acme", "customers")})
+    assert [r["name"] for r in fresh.list("customers")] == ["An Phát"]
+    s.close()

@@ -15,11 +15,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from pycrdt import Doc, Map, MapEvent, TransactionEvent, get_state
+from pycrdt import Doc, Map, MapEvent, TransactionEvent, get_update, merge_updates
 
 from ..errors import UpdateError
 from ..merge.record import NodeState
-from .statevec import decode_state_vector, is_behind
 
 ROOT = "r"
 SEP = "|"
@@ -124,13 +123,15 @@ class RecordDoc:
         integrated = bool(changed) or after != before
         pending = False
         if not integrated:
-            # A duplicate, or an update waiting for earlier ones: only then is
-            # it worth decoding the update's state vector.
+            # A duplicate, or an update waiting for earlier ones. What of it
+            # lies beyond our state holds items (a non-zero client count) only
+            # when it waits. (``pycrdt.get_state(update)`` cannot tell: it
+            # omits every client whose items do not start at clock 0.)
             try:
-                incoming = decode_state_vector(get_state(update))
+                beyond = get_update(update, after)
             except Exception:
-                incoming = {}
-            pending = is_behind(decode_state_vector(after), incoming)
+                beyond = b"\x00"
+            pending = beyond[:1] != b"\x00"
         return changed, integrated, pending
 
     def write(self, record_id: str, node: str, state: NodeState) -> bytes:
@@ -179,6 +180,20 @@ class RecordDoc:
             return self._doc.get_update(state_vector)
         except Exception as exc:
             raise UpdateError(f"document {self.name}: invalid state vector ({exc})") from None
+
+
+MAX_MERGE = 1000  # updates merged at once: pycrdt's merge is quadratic in their number
+
+
+def merge(updates: list[bytes]) -> bytes:
+    """One update holding all of ``updates`` (at most ``MAX_MERGE``).
+    Raises UpdateError for bytes that are not updates."""
+    if len(updates) > MAX_MERGE:
+        raise ValueError(f"merge of {len(updates)} updates; merge at most {MAX_MERGE} at once")
+    try:
+        return bytes(merge_updates(*updates))
+    except Exception as exc:  # pycrdt raises bare exceptions for bad input
+        raise UpdateError(f"cannot merge updates ({exc})") from None
 
 
 def trim_heap() -> None:

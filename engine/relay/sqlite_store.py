@@ -48,9 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pycrdt import Doc, TransactionEvent, get_state
+from pycrdt import Doc, TransactionEvent, get_update
 
-from ..crdt.statevec import decode_state_vector, is_behind
+from ..crdt.statevec import decode_state_vector
 from ..errors import (
     AuthError,
     BranchlineError,
@@ -760,13 +760,13 @@ class SqliteRelayStore(RelayStore):
         ).rowcount
         # A snapshot holds no waiting parts: keep a waiting row until the
         # document covers everything it carries.
-        sv = decode_state_vector(loaded.doc.get_state())
+        sv = loaded.doc.get_state()
         kept = 0
         for seq, blob in conn.execute(
             "SELECT seq, data FROM updates WHERE dataset_id = ? AND doc = ? AND waiting = 1",
             key,
         ).fetchall():
-            if is_behind(sv, decode_state_vector(get_state(bytes(blob)))):
+            if get_update(bytes(blob), sv)[:1] != b"\x00":  # items still beyond the state
                 kept += 1
             else:
                 conn.execute("DELETE FROM updates WHERE seq = ?", (seq,))
@@ -783,12 +783,15 @@ def _integrate(loaded: _Loaded, update: bytes) -> tuple[bool, bool]:
     updates not seen yet). Raises UpdateError for bytes that are not an update."""
     before = loaded.changes
     try:
-        incoming = decode_state_vector(get_state(update))
         loaded.doc.apply_update(update)
+        # What lies beyond the document's state holds items (a non-zero
+        # client count) only when part of the update waits for earlier ones.
+        # (``pycrdt.get_state(update)`` cannot tell: it omits every client
+        # whose items do not start at clock 0.)
+        beyond = get_update(update, loaded.doc.get_state())
     except Exception as exc:  # pycrdt raises bare exceptions for bad input
         raise UpdateError(f"not a valid update ({exc})") from None
-    waiting = is_behind(decode_state_vector(loaded.doc.get_state()), incoming)
-    return loaded.changes != before, waiting
+    return loaded.changes != before, beyond[:1] != b"\x00"
 
 
 def _hash(salt: bytes, token: str) -> bytes:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .. import series as series_mod
+from ..crdt.statevec import decode_state_vector
 from ..errors import (
     AuthError,
     DatasetMismatch,
@@ -62,6 +63,9 @@ from ..protocol import (
 #: Refs of state-diff answers and lease requests start here; outbox seqs (the
 #: refs of live updates) are SQLite rowids and stay far below.
 SYNTHETIC_REF_BASE = 1 << 52
+#: Largest update one sync answer sends; a larger diff goes in several parts
+#: (the relay refuses single updates above its limit, 16 MiB by default).
+MAX_ANSWER_BYTES = 8 << 20
 #: Live outbox rows read per ``poll`` (also bounded by the session's in-flight room).
 MAX_LIVE_BATCH = 256
 #: Reasons longer than this are cut before they are stored.
@@ -89,7 +93,7 @@ class _DocPass:
     collection: str
     downloaded: bool = False
     answered: bool = False
-    ref: int | None = None  # answer in flight
+    refs: set[int] = field(default_factory=set)  # answer parts in flight
     done: bool = False
 
 
@@ -364,45 +368,68 @@ class SyncDriver:
         while self._answers and self.session.state is SessionState.OPEN:
             if not self.session.read_only and self.session.inflight_room < 1:
                 return  # answered when acks make room
-            doc, sv = self._answers.popleft()
-            self._answer(doc, sv)
+            doc, sv = self._answers[0]
+            if not self._answer(doc, sv):
+                return  # more parts than room: answered when acks make room
+            self._answers.popleft()
 
-    def _answer(self, doc: str, sv: bytes) -> None:
+    def _answer(self, doc: str, sv: bytes) -> bool:
+        """Answer the relay's state of ``doc``; False when the answer needs
+        more in-flight room than there is now (nothing was sent)."""
         entry = self._docs.get(doc)
         if self.session.read_only:
             self.session.answer_state(doc, [])
         else:
-            # Seqs first, diff second: a row committed in between is in the
-            # diff but not in the map, never the other way round.
-            seqs = [
-                int(s)
-                for (s,) in self.node.store.conn.execute(
-                    "SELECT seq FROM updates WHERE pending = 1 AND doc = ? ORDER BY seq", (doc,)
-                )
-            ]
             try:
-                diff = self.node.export_updates({doc: sv}, docs=[doc]).get(doc, EMPTY_UPDATE)
+                parts = self._parts(doc, sv)
             except UpdateError as exc:
-                # The relay's state vector is unreadable: upload everything.
+                # Nothing of it can go up in updates the relay accepts: say so
+                # where the user looks, and let the pass go on.
                 record_failure(self.node, "upload", doc, str(exc), self._wall_ms())
-                diff = self.node.export_updates(docs=[doc]).get(doc, EMPTY_UPDATE)
-            if diff == EMPTY_UPDATE and not seqs:
-                self.session.answer_state(doc, [])
-            else:
-                # An empty diff with pending rows: the relay holds them (an ack
-                # was lost in a cut); the empty update earns the ack that clears them.
+                parts = []
+            if len(parts) > self.session.inflight_room:
+                return False
+            answer = []
+            for seqs, data in parts:
                 ref = self._new_ref()
-                self.session.answer_state(doc, [(ref, diff)])
+                answer.append((ref, data))
                 self._inflight[ref] = seqs
                 self._ref_doc[ref] = doc
                 self._sent.update(seqs)
-                self.stats.diffs_sent += 1
                 if entry is not None:
-                    entry.ref = ref
+                    entry.refs.add(ref)
+            self.session.answer_state(doc, answer)
+            self.stats.diffs_sent += len(answer)
         self._to_answer.discard(doc)
         if entry is not None:
             entry.answered = True
             self._maybe_done(doc)
+        return True
+
+    def _parts(self, doc: str, sv: bytes) -> list[tuple[list[int], bytes]]:
+        # An empty diff with pending rows is still sent: the relay holds them
+        # (an ack was lost in a cut) and the empty update earns the ack that
+        # clears them. ``export_parts`` reads seqs before it diffs, so a row
+        # committed in between is in a part but not claimed by it: it is sent
+        # again later, which is harmless.
+        try:
+            return self.node.export_parts(doc, sv, MAX_ANSWER_BYTES)
+        except UpdateError:
+            if self._readable(sv):
+                raise
+            # The relay's state vector is unreadable: upload everything.
+            record_failure(
+                self.node, "upload", doc, "unreadable relay state vector", self._wall_ms()
+            )
+            return self.node.export_parts(doc, None, MAX_ANSWER_BYTES)
+
+    @staticmethod
+    def _readable(sv: bytes) -> bool:
+        try:
+            decode_state_vector(sv)
+        except UpdateError:
+            return False
+        return True
 
     def _ship_live(self) -> int:
         if not self.live or self.session.read_only:
@@ -448,7 +475,7 @@ class SyncDriver:
         entry = self._docs.get(doc)
         if entry is None or entry.done or not (entry.downloaded and entry.answered):
             return
-        if entry.ref is not None and entry.ref in self._inflight:
+        if any(ref in self._inflight for ref in entry.refs):
             return
         entry.done = True
         prog = self.progress[entry.collection]
