@@ -166,7 +166,7 @@ CREATE TABLE leases (
 class RelayLimits:
     """Bounds on everything that grows with input."""
 
-    max_update_bytes: int = 16 << 20
+    max_update_bytes: int = 128 << 20  # a 100k-record catalog is ~42 MB as one update
     max_batch: int = 10_000  # updates per append_updates call
     memory_budget_bytes: int = 256 << 20  # documents in memory (estimated)
     max_loaded_docs: int = 4096

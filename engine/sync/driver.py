@@ -64,8 +64,9 @@ from ..protocol import (
 #: refs of live updates) are SQLite rowids and stay far below.
 SYNTHETIC_REF_BASE = 1 << 52
 #: Largest update one sync answer sends; a larger diff goes in several parts
-#: (the relay refuses single updates above its limit, 16 MiB by default).
-MAX_ANSWER_BYTES = 8 << 20
+#: made of the outbox rows (the relay refuses single updates above its limit,
+#: 128 MiB by default; a 100,000-record catalog is about 42 MB).
+MAX_ANSWER_BYTES = 64 << 20
 #: Live outbox rows read per ``poll`` (also bounded by the session's in-flight room).
 MAX_LIVE_BATCH = 256
 #: Reasons longer than this are cut before they are stored.
