@@ -162,10 +162,10 @@ def machine_facts(tmp: Path) -> dict[str, Any]:
     }
 
 
-def run_facts(argv: list[str]) -> dict[str, Any]:
+def run_facts(argv: list[str], module: str = "bench.core") -> dict[str, Any]:
     dirty = _git("status", "--porcelain", "--", "engine")
     return {
-        "command": " ".join(["python", "-m", "bench.core", *argv]),
+        "command": " ".join(["python", "-m", module, *argv]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": _git("rev-parse", "HEAD"),
         "engine_uncommitted_changes": bool(dirty),

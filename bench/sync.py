@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="sync-", dir=base))
     try:
         doc: dict[str, Any] = {
-            **run_facts(argv),
+            **run_facts(argv, "bench.sync"),
             "mode": "quick" if opts.quick else "full",
             "sizes": asdict(sizes),
             "machine": machine_facts(tmp),
