@@ -48,6 +48,8 @@ SAMPLES: list[m.Message] = [
     m.Pong(),
     m.Chunk(3, 0, 2, b"abc", size=5, head=m.Update("items", b"", ref=9)),
     m.Chunk(3, 1, 2, b"de"),
+    m.Updates((m.Update("customers", b"\x01\x02", ref=1), m.Update("items", b"", ref=MAX_REF))),
+    m.Updates((m.Update("customers", b"abc"), m.Update("sales_invoice/2026-01", b"\x00\x00"))),
 ]
 
 
@@ -301,6 +303,7 @@ _types = st.sampled_from([*m._PARSERS, "nope"])
                 "n",
                 "size",
                 "m",
+                "items",
             ]
         ),
         _json,
@@ -314,6 +317,53 @@ def test_fuzz_plausible_headers(t: str, fields: dict[str, Any], payload: bytes) 
     except orjson.JSONEncodeError:
         return  # integers beyond 64 bits cannot even be sent by orjson
     _decodes_or_protocol_error(data)
+
+
+_items = st.lists(
+    st.dictionaries(
+        st.sampled_from(["doc", "size", "ref"]),
+        st.sampled_from(["items", "customers", "Bad", "", None, True, 1.0])
+        | st.integers(-2, 40)
+        | _json,
+        max_size=3,
+    )
+    | _json,
+    max_size=5,
+)
+
+
+@settings(max_examples=700, deadline=None)
+@given(_items | _json, st.binary(max_size=40))
+def test_fuzz_updates_batches(items: Any, payload: bytes) -> None:
+    try:
+        data = frame({"t": "updates", "items": items}, payload)
+    except orjson.JSONEncodeError:
+        return
+    _decodes_or_protocol_error(data)
+
+
+def test_updates_batch_decoding_rules() -> None:
+    good = {
+        "t": "updates",
+        "items": [{"doc": "items", "size": 2, "ref": 1}, {"doc": "x", "size": 1}],
+    }
+    msg = decode_message(frame(good, b"abc"), max_frame=MAX)
+    assert msg == m.Updates((m.Update("items", b"ab", 1), m.Update("x", b"c")))
+    for items, payload in [
+        ([], b""),  # no item
+        ([{"doc": "items", "size": 2}], b"abc"),  # sizes short of the payload
+        ([{"doc": "items", "size": 4}], b"abc"),  # sizes beyond it
+        ([{"doc": "Items", "size": 3}], b"abc"),  # bad name
+        ([{"doc": "items", "size": 3, "ref": -1}], b"abc"),  # bad ref
+        ([{"doc": "items", "size": True}], b"a"),
+        ([{"doc": "items"}], b""),
+        (["items"], b""),
+        ([{"doc": "i", "size": 0}] * 1025, b""),  # over MAX_BATCH_ITEMS
+    ]:
+        assert code_of(frame({"t": "updates", "items": items}, payload)) == codes.BAD_FRAME
+    # Never chunked: a chunk cannot carry an updates header.
+    head = {"t": "chunk", "id": 1, "i": 0, "n": 1, "size": 1, "m": good}
+    assert code_of(frame(head, b"a")) == codes.BAD_FRAME
 
 
 @settings(max_examples=300, deadline=None)

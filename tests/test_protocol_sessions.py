@@ -39,7 +39,7 @@ from engine.protocol import (
     decode_message,
 )
 from engine.protocol import messages as m
-from engine.protocol.limits import MIN_FRAME_BYTES
+from engine.protocol.limits import MAX_BATCH_ITEMS, MIN_FRAME_BYTES
 
 DIFF_REF_BASE = 1 << 40  # refs of state-diff uploads; outbox seqs stay below
 
@@ -741,3 +741,154 @@ def test_lease_round_trip(relay: Relay, tmp_path: Path) -> None:
     denied = [e for e in hn.events if isinstance(e, LeaseDenied)]
     assert denied == [LeaseDenied(3, "journal", "no blocks series 'journal'")]
     assert hn.session.state is SessionState.OPEN  # a denial does not end the session
+
+
+# -- batched updates (`updates` frames) ---------------------------------------------
+
+
+def frames_of(frames: list[bytes]) -> list[m.Message]:
+    return [m.decode_message(f, max_frame=1 << 30) for f in frames]
+
+
+def test_client_batch_round_trip_keeps_order_refs_and_acks() -> None:
+    c, r = opened_pair()
+    updates = [
+        ("customers" if i % 3 else "items", bytes([i % 256]) * (i % 7), 100 + i) for i in range(300)
+    ]
+    c.send_updates(updates)
+    assert c.inflight_room == c.limits.max_inflight - 300
+    assert set(c.unacked) == {ref for _, _, ref in updates}
+    frames = c.data_to_send()
+    assert len(frames) == 1 and isinstance(frames_of(frames)[0], m.Updates)
+    events = [e for f in frames for e in r.receive_frame(f)]
+    assert events == [UpdateReceived(doc, data, ref) for doc, data, ref in updates]
+    assert r.pending_refs == {ref for _, _, ref in updates}
+    r.ack([ref for _, _, ref in updates])
+    acks = [e for f in r.data_to_send() for e in c.receive_frame(f)]
+    assert acks == [Acked(tuple(ref for _, _, ref in updates))]
+    assert c.unacked == {} and c.inflight_room == c.limits.max_inflight
+
+
+def test_relay_batch_reaches_the_client_as_single_updates_in_order() -> None:
+    c, r = opened_pair()
+    updates = [("customers", f"u{i}".encode()) for i in range(50)]
+    r.send_updates(updates)
+    frames = r.data_to_send()
+    assert [type(x) for x in frames_of(frames)] == [m.Updates]
+    events = [e for f in frames for e in c.receive_frame(f)]
+    assert events == [UpdateReceived(doc, data) for doc, data in updates]
+    r.send_updates([])  # nothing to send
+    assert r.data_to_send() == []
+
+
+def test_batches_split_at_the_frame_limit_and_big_updates_go_alone() -> None:
+    c, r = opened_pair(max_frame=MIN_FRAME_BYTES)
+    small, big, huge = b"s" * 1000, b"b" * (MIN_FRAME_BYTES - 200), b"h" * (3 * MIN_FRAME_BYTES)
+    updates = [("items", small, 1), ("items", small, 2), ("items", huge, 3)]
+    updates += [("items", small, 10 + i) for i in range(150)]  # > one frame of smalls
+    updates += [("items", big, 4), ("items", small, 5)]
+    c.send_updates(updates)
+    frames = c.data_to_send()
+    assert all(len(f) <= MIN_FRAME_BYTES for f in frames)
+    kinds = [type(x).__name__ for x in frames_of(frames)]
+    # 2 smalls batched; the huge one chunked alone; the 150 smalls in 3 batches
+    # (64 per frame); the big one alone; a lone small one as a plain update.
+    assert kinds[0] == "Updates" and kinds[1:5] == ["Chunk"] * 4
+    assert kinds[5:8] == ["Updates"] * 3 and kinds[8:] == ["Update", "Update"]
+    events = [e for f in frames for e in r.receive_frame(f)]
+    assert events == [UpdateReceived(doc, data, ref) for doc, data, ref in updates]
+    # The other way too.
+    r.send_updates([(doc, data) for doc, data, _ in updates])
+    events = [e for f in r.data_to_send() for e in c.receive_frame(f)]
+    assert events == [UpdateReceived(doc, data) for doc, data, _ in updates]
+
+
+def test_batch_header_stays_under_its_limit_and_the_item_limit() -> None:
+    c, r = opened_pair(max_frame=64 << 20, max_inflight=4096)
+    long_doc = "d" * 63
+    updates = [(long_doc, b"", (1 << 52) + i) for i in range(3000)]
+    c.send_updates(updates)
+    frames = c.data_to_send()
+    msgs = frames_of(frames)
+    assert all(isinstance(x, m.Updates) and len(x.items) <= MAX_BATCH_ITEMS for x in msgs)
+    assert len(msgs) > 3  # the 32 KiB header bound, not the item count, split these
+    events = [e for f in frames for e in r.receive_frame(f)]
+    assert [e.ref for e in events if isinstance(e, UpdateReceived)] == [
+        ref for _, _, ref in updates
+    ]
+    # Many tiny items are bounded by MAX_BATCH_ITEMS.
+    r.send_updates([("items", b"") for _ in range(2500)])
+    msgs = frames_of(r.data_to_send())
+    assert [len(x.items) for x in msgs if isinstance(x, m.Updates)] == [1024, 1024, 452]
+
+
+def test_send_updates_is_all_or_nothing_and_checks_in_flight_room() -> None:
+    c, r = opened_pair(max_inflight=4)
+    c.send_update("customers", b"a", 1)
+    for bad, code in [
+        ([("customers", b"x", i) for i in range(2, 6)], codes.LIMIT_EXCEEDED),  # 1 + 4 > 4
+        ([("customers", b"x", 2), ("customers", b"y", 2)], codes.PROTOCOL_VIOLATION),
+        ([("customers", b"x", 2), ("customers", b"y", 1)], codes.PROTOCOL_VIOLATION),
+        ([("customers", b"x", 2), ("Bad Name", b"y", 3)], codes.BAD_FRAME),
+        ([("customers", b"x", -1)], codes.BAD_FRAME),
+    ]:
+        with pytest.raises(LocalProtocolError) as info:
+            c.send_updates(bad)
+        assert info.value.code == code
+        assert set(c.unacked) == {1}
+    c.send_updates([("customers", b"b", 2), ("customers", b"c", 3), ("customers", b"d", 4)])
+    assert c.inflight_room == 0
+    for f in c.data_to_send():
+        r.receive_frame(f)
+    assert r.pending_refs == {1, 2, 3, 4}
+    # Over the transfer limits: nothing queued on either side.
+    c2, r2 = opened_pair(max_frame=MIN_FRAME_BYTES, max_transfer=MIN_FRAME_BYTES)
+    too_big = b"x" * (MIN_FRAME_BYTES + 1)
+    with pytest.raises(LocalProtocolError):
+        c2.send_updates([("items", b"ok", 1), ("items", too_big, 2)])
+    assert c2.data_to_send() == [] and c2.unacked == {}
+    with pytest.raises(LocalProtocolError):
+        r2.send_updates([("items", b"ok"), ("items", too_big)])
+    assert r2.data_to_send() == []
+
+
+def updates_frame(items: list[tuple[str, bytes, int | None]]) -> bytes:
+    return enc(m.Updates(tuple(m.Update(doc, data, ref) for doc, data, ref in items)))
+
+
+@pytest.mark.parametrize(
+    ("items", "code"),
+    [
+        ([("items", b"a", 1), ("items", b"b", None)], codes.PROTOCOL_VIOLATION),  # no ref
+        ([("items", b"a", 1), ("items", b"b", 1)], codes.PROTOCOL_VIOLATION),  # ref repeated
+        ([("items", b"a", i) for i in range(1, 4)], codes.LIMIT_EXCEEDED),  # 3 > max_inflight
+    ],
+)
+def test_relay_refuses_bad_batches_whole(
+    items: list[tuple[str, bytes, int | None]], code: str
+) -> None:
+    _c, r = opened_pair(max_inflight=2)
+    assert raises_code(r, updates_frame(items)) == code
+    assert r.pending_refs == frozenset()
+
+
+def test_client_refuses_a_relay_batch_with_refs() -> None:
+    c, _r = opened_pair()
+    frame = updates_frame([("items", b"a", None), ("items", b"b", 3)])
+    assert raises_code(c, frame) == codes.PROTOCOL_VIOLATION
+
+
+def test_read_only_client_cannot_send_batches_and_relay_refuses_them() -> None:
+    c = ClientSession(dataset="acme", node="hn", token="t")
+    r = RelaySession()
+    for f in c.data_to_send():
+        r.receive_frame(f)
+    r.accept(read_only=True, documents=[])
+    for f in r.data_to_send():
+        c.receive_frame(f)
+    with pytest.raises(LocalProtocolError) as info:
+        c.send_updates([("items", b"a", 1)])
+    assert info.value.code == codes.READ_ONLY
+    assert raises_code(r, updates_frame([("items", b"a", 1), ("items", b"b", 2)])) == (
+        codes.READ_ONLY
+    )

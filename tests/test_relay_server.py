@@ -43,7 +43,7 @@ from engine.protocol import (
     codes,
     encode_message,
 )
-from engine.protocol.messages import Update
+from engine.protocol.messages import Update, Updates, decode_message
 from engine.relay import EMPTY_UPDATE, SqliteRelayStore, UpdateIn
 from engine.relay.server import RelayServer, ServerLimits
 
@@ -351,6 +351,48 @@ def test_fan_out_reaches_the_dataset_only_and_never_the_sender(
 
     server = run(with_server(path, body))
     assert server.metrics.updates_fanned_out == 2
+
+
+def test_fan_out_to_a_subscriber_arrives_batched_complete_and_in_order(
+    relay_db: tuple[Path, Tokens],
+) -> None:
+    path, tok = relay_db
+    n = 200
+
+    async def body(server: RelayServer) -> None:
+        a1, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        a2, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+        w = Writer()
+        updates = [w.put(f"c{i}", i) for i in range(n)]
+        # One batch frame up: the relay commits the updates together.
+        a1.session.send_updates([("customers", u, i + 1) for i, u in enumerate(updates)])
+        sent = a1.session.data_to_send()
+        assert len(sent) == 1
+        await a1.ws.send(sent[0])
+        await a1.acked(*range(1, n + 1))
+        got: list[bytes] = []
+        frames = 0
+        while len(got) < n:
+            message = await asyncio.wait_for(a2.ws.recv(), TIMEOUT)
+            assert isinstance(message, bytes)
+            msg = decode_message(message, max_frame=a2.session.limits.max_frame)
+            if isinstance(msg, Updates | Update):
+                frames += 1
+            for event in a2.session.receive_frame(message):
+                if isinstance(event, UpdateReceived):
+                    assert event.doc == "customers" and event.ref is None
+                    got.append(event.data)
+        assert got == updates  # complete, in the sender's order
+        assert frames < n / 10  # several updates per frame
+        # Never to the sender: a later round trip proves none was queued to a1.
+        await a1.round_trip("customers")
+        assert not [e for e in a1.events if isinstance(e, UpdateReceived)]
+        for c in (a1, a2):
+            await c.close()
+
+    server = run(with_server(path, body))
+    assert server.metrics.updates_fanned_out == n
+    assert server.metrics.frames_out < 2 * n / 10 + 20
 
 
 def test_duplicate_update_is_acked_but_stored_once(relay_db: tuple[Path, Tokens]) -> None:

@@ -60,6 +60,7 @@ from .messages import (
     Synced,
     SyncEnd,
     Update,
+    Updates,
     Welcome,
 )
 from .session import Session, SessionState
@@ -244,6 +245,51 @@ class ClientSession(Session):
         self._send(Update(doc, data, ref))
         self._unacked[ref] = doc
 
+    def send_updates(self, updates: Sequence[tuple[str, bytes, int]]) -> None:
+        """Send several local updates, (doc, data, ref) each, in this order:
+        packed into ``updates`` frames under ``max_frame`` (an update too big
+        to share a frame goes alone as an ``update`` frame, chunked if need
+        be). Each ref is acknowledged exactly as with ``send_update``, and
+        every update counts against ``inflight_room``. All or nothing: raises
+        LocalProtocolError, with nothing sent, when not OPEN, read-only, for a
+        bad name, a ref in flight or repeated, more updates than
+        ``inflight_room``, or one over the transfer limits. Ignored when the
+        session is closing or closed; an empty list sends nothing."""
+        if not self._require_open("send updates"):
+            return
+        items = list(updates)
+        if not items:
+            return
+        _check(
+            not self.read_only,
+            codes.READ_ONLY,
+            "this node is read-only on the relay; it cannot send updates",
+        )
+        _check(
+            len(items) <= self.inflight_room,
+            codes.LIMIT_EXCEEDED,
+            f"{len(items)} updates with {len(self._unacked)} awaiting acks exceed the limit "
+            f"of {self._limits.max_inflight}; wait for acks or combine updates",
+        )
+        refs: set[int] = set()
+        for doc, data, ref in items:
+            _check(
+                isinstance(doc, str) and bool(DOC_RE.fullmatch(doc)),
+                codes.BAD_FRAME,
+                f"invalid document name {doc!r}",
+            )
+            _check_ref(ref, "update ref")
+            _check(
+                ref not in self._unacked and ref not in refs,
+                codes.PROTOCOL_VIOLATION,
+                f"update ref {ref} is already in flight",
+            )
+            _check(isinstance(data, bytes), codes.BAD_FRAME, f"update of {doc!r} is not bytes")
+            refs.add(ref)
+        self._send_updates([Update(doc, data, ref) for doc, data, ref in items])
+        for doc, _data, ref in items:
+            self._unacked[ref] = doc
+
     def request_lease(self, series: str, count: int, ref: int) -> None:
         """Ask for ``count`` numbers of ``blocks`` series ``series``; the answer
         is ``LeaseGranted`` or ``LeaseDenied`` with this ``ref``. Raises
@@ -339,6 +385,10 @@ class ClientSession(Session):
             if msg.ref is not None:
                 raise self._violation(msg, "with a ref (relay updates carry none)")
             return [UpdateReceived(msg.doc, msg.payload)]
+        if isinstance(msg, Updates):
+            if any(u.ref is not None for u in msg.items):
+                raise self._violation(msg, "with a ref (relay updates carry none)")
+            return [UpdateReceived(u.doc, u.payload) for u in msg.items]
         if isinstance(msg, Ack):
             unknown = [r for r in msg.refs if r not in self._unacked]
             if unknown:

@@ -27,6 +27,7 @@ MAX_MESSAGE_CHARS = 1000  # error messages are truncated to this on encoding
 MAX_SERIES_CHARS = 128
 MAX_LEASE_COUNT = 1_000_000
 MAX_DOCS_PER_FRAME = 256  # names per docs frame (256 * 75 bytes < MAX_HEADER_BYTES)
+MAX_BATCH_ITEMS = 1024  # updates per ``updates`` frame (its header must fit MAX_HEADER_BYTES too)
 MAX_DOCUMENTS = 100_000  # documents a relay may list for one dataset
 MIN_HEARTBEAT_MS = 100
 MAX_HEARTBEAT_MS = 600_000

@@ -23,6 +23,7 @@ from . import codes
 from .frames import decode_frame, encode_frame
 from .limits import (
     LIMIT_RANGES,
+    MAX_BATCH_ITEMS,
     MAX_DOCS_PER_FRAME,
     MAX_HEARTBEAT_MS,
     MAX_LEASE_COUNT,
@@ -130,6 +131,17 @@ class Update:
 
 
 @dataclass(frozen=True)
+class Updates:
+    """Several updates in one frame, in order; each item is exactly what a
+    single ``update`` frame would carry (client -> relay: every item has a
+    ``ref``; relay -> client: none has). On the wire the header lists each
+    item's ``doc``, ``size`` and ``ref``; the payload is the items' payloads
+    concatenated. Never chunked; 1 to ``MAX_BATCH_ITEMS`` items."""
+
+    items: tuple[Update, ...]
+
+
+@dataclass(frozen=True)
 class Ack:
     """Relay -> client: the updates with these refs are durably stored."""
 
@@ -202,6 +214,7 @@ Message: TypeAlias = (
     | SyncEnd
     | Synced
     | Update
+    | Updates
     | Ack
     | Lease
     | LeaseGrant
@@ -221,6 +234,7 @@ _TYPE_OF: dict[type[Any], str] = {
     SyncEnd: "sync_end",
     Synced: "synced",
     Update: "update",
+    Updates: "updates",
     Ack: "ack",
     Lease: "lease",
     LeaseGrant: "lease_grant",
@@ -229,7 +243,7 @@ _TYPE_OF: dict[type[Any], str] = {
     Pong: "pong",
     Chunk: "chunk",
 }
-_PAYLOAD_TYPES = frozenset({"sync1", "sync2", "update", "chunk"})
+_PAYLOAD_TYPES = frozenset({"sync1", "sync2", "update", "updates", "chunk"})
 
 
 def type_name(msg: Message) -> str:
@@ -272,6 +286,8 @@ def header_of(msg: Message) -> dict[str, Any]:
         h["doc"] = msg.doc
         if msg.ref is not None:
             h["ref"] = msg.ref
+    elif isinstance(msg, Updates):
+        h["items"] = [batch_item(u.doc, len(u.payload), u.ref) for u in msg.items]
     elif isinstance(msg, Ack):
         h["refs"] = list(msg.refs)
     elif isinstance(msg, Lease):
@@ -292,7 +308,17 @@ def payload_of(msg: Message) -> bytes:
     """The binary payload of a message (empty for header-only types)."""
     if isinstance(msg, Sync1 | Sync2 | Update | Chunk):
         return msg.payload
+    if isinstance(msg, Updates):
+        return b"".join(u.payload for u in msg.items)
     return b""
+
+
+def batch_item(doc: str, size: int, ref: int | None) -> dict[str, Any]:
+    """The header entry of one item of an ``updates`` frame."""
+    item: dict[str, Any] = {"doc": doc, "size": size}
+    if ref is not None:
+        item["ref"] = ref
+    return item
 
 
 def encode_message(msg: Message, *, max_frame: int) -> bytes:
@@ -445,6 +471,27 @@ def _update(h: dict[str, Any], payload: bytes) -> Update:
     return Update(doc=_str(h, "doc", DOC_RE), payload=payload, ref=ref)
 
 
+def _updates(h: dict[str, Any], payload: bytes) -> Updates:
+    items = _get(h, "items")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH_ITEMS:
+        raise _bad(f"updates field 'items' must be a list of 1 to {MAX_BATCH_ITEMS} items")
+    out: list[Update] = []
+    start = 0
+    for item in items:
+        if not isinstance(item, dict):
+            raise _bad("updates field 'items' holds a non-object")
+        # Each item is validated exactly like a single update's header.
+        fake = {**item, "t": "updates"}
+        size = _int(fake, "size", 0, len(payload) - start)
+        ref = _int(fake, "ref", 0, MAX_REF) if "ref" in item else None
+        doc = _str(fake, "doc", DOC_RE)
+        out.append(Update(doc=doc, payload=payload[start : start + size], ref=ref))
+        start += size
+    if start != len(payload):
+        raise _bad(f"updates items announce {start} bytes but the payload has {len(payload)}")
+    return Updates(items=tuple(out))
+
+
 def _ack(h: dict[str, Any], payload: bytes) -> Ack:
     return Ack(refs=_refs(h, "refs", LIMIT_RANGES["max_inflight"][1]))
 
@@ -508,6 +555,7 @@ _PARSERS: dict[str, Callable[[dict[str, Any], bytes], Message]] = {
     "sync_end": _sync_end,
     "synced": _synced,
     "update": _update,
+    "updates": _updates,
     "ack": _ack,
     "lease": _lease,
     "lease_grant": _lease_grant,

@@ -39,6 +39,7 @@ from .messages import (
     Synced,
     SyncEnd,
     Update,
+    Updates,
     Welcome,
 )
 from .session import Session, SessionState
@@ -180,6 +181,27 @@ class RelaySession(Session):
         )
         self._send(Update(doc, data))
 
+    def send_updates(self, updates: Sequence[tuple[str, bytes]]) -> None:
+        """Fan several updates of other nodes out to this client, (doc, data)
+        each, in this order (no ack comes back): packed into ``updates`` frames
+        under ``max_frame``, each frame encoded once; an update too big to
+        share a frame goes alone as an ``update`` frame (chunked if need be).
+        The client sees exactly what ``send_update`` of each, in order, would
+        have produced. All or nothing: raises LocalProtocolError, with nothing
+        queued, for a bad name, data that is not bytes, or an update over the
+        transfer limits. Ignored when closing or closed."""
+        if not self._require_open("send updates"):
+            return
+        items = list(updates)
+        for doc, data in items:
+            _check(
+                isinstance(doc, str) and bool(DOC_RE.fullmatch(doc)),
+                codes.BAD_FRAME,
+                f"invalid document name {doc!r}",
+            )
+            _check(isinstance(data, bytes), codes.BAD_FRAME, f"update of {doc!r} is not bytes")
+        self._send_updates([Update(doc, data) for doc, data in items])
+
     def grant_lease(self, ref: int, first: int, last: int) -> None:
         """Answer ``LeaseRequested(ref)`` with numbers ``first``..``last``.
         Raises LocalProtocolError for a ref not pending or a bad range."""
@@ -211,22 +233,28 @@ class RelaySession(Session):
         if self._state is SessionState.CONNECTING:
             return self._handshake(msg)
         limits = self._limits
-        if isinstance(msg, Update):
-            if msg.ref is None:
-                raise self._violation(msg, "without a ref")
-            if self.read_only:
-                raise RemoteProtocolError(
-                    codes.READ_ONLY, f"node {self.node!r} is read-only; its update was not stored"
-                )
-            if msg.ref in self._pending_refs:
-                raise self._violation(msg, f"reusing ref {msg.ref} that awaits its ack")
-            if len(self._pending_refs) >= limits.max_inflight:
-                raise RemoteProtocolError(
-                    codes.LIMIT_EXCEEDED,
-                    f"more than {limits.max_inflight} updates await acks; wait for acks",
-                )
-            self._pending_refs.add(msg.ref)
-            return [UpdateReceived(msg.doc, msg.payload, msg.ref)]
+        if isinstance(msg, Update | Updates):
+            items = msg.items if isinstance(msg, Updates) else (msg,)
+            # Every item is checked before any is taken: a bad batch yields no event.
+            refs: set[int] = set()
+            for item in items:
+                if item.ref is None:
+                    raise self._violation(msg, "without a ref")
+                if self.read_only:
+                    raise RemoteProtocolError(
+                        codes.READ_ONLY,
+                        f"node {self.node!r} is read-only; its update was not stored",
+                    )
+                if item.ref in self._pending_refs or item.ref in refs:
+                    raise self._violation(msg, f"reusing ref {item.ref} that awaits its ack")
+                if len(self._pending_refs) + len(refs) >= limits.max_inflight:
+                    raise RemoteProtocolError(
+                        codes.LIMIT_EXCEEDED,
+                        f"more than {limits.max_inflight} updates await acks; wait for acks",
+                    )
+                refs.add(item.ref)
+            self._pending_refs.update(refs)
+            return [UpdateReceived(u.doc, u.payload, u.ref) for u in items]
         if isinstance(msg, Sync1):
             if msg.doc in self._pending_syncs:
                 raise self._violation(msg, f"for {msg.doc!r} while one is pending")

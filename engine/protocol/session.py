@@ -9,6 +9,7 @@ what ``data_to_send`` returns, one websocket binary message per item.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import orjson
@@ -21,6 +22,8 @@ from .limits import (
     DEFAULT_HEARTBEAT_MS,
     HEADER_LENGTH_BYTES,
     LIMIT_RANGES,
+    MAX_BATCH_ITEMS,
+    MAX_HEADER_BYTES,
     MAX_HEARTBEAT_MS,
     MAX_REF,
     MIN_HEARTBEAT_MS,
@@ -36,6 +39,8 @@ from .messages import (
     Sync1,
     Sync2,
     Update,
+    Updates,
+    batch_item,
     decode_message,
     encode_message,
     header_of,
@@ -230,6 +235,51 @@ class Session:
             if exc.code != codes.FRAME_TOO_LARGE or not isinstance(msg, Sync1 | Sync2 | Update):
                 raise
         self._out.extend(self._chunks(msg))
+
+    def _send_updates(self, updates: Sequence[Update]) -> None:
+        """Queue ``updates`` in order, packed into as few ``updates`` frames as
+        fit ``max_frame``, the header limit and ``MAX_BATCH_ITEMS``. A lone
+        item, or one too big to share a frame, goes as a single ``update``
+        frame (chunked when needed), between the batches around it. Raises
+        LocalProtocolError with nothing queued when one exceeds the transfer
+        limits; callers validate names, refs and types first."""
+        max_frame = self._limits.max_frame
+        # Bytes of a frame holding no item: length prefix + the header's JSON.
+        empty = HEADER_LENGTH_BYTES + len(orjson.dumps({"t": "updates", "items": []}))
+        frames_before = len(self._out)
+        batch: list[Update] = []
+        header = size = 0  # the pending batch's item-header bytes and frame bytes
+
+        def flush() -> None:
+            if len(batch) == 1:
+                self._send(batch[0])
+            elif batch:
+                self._out.append(encode_message(Updates(tuple(batch)), max_frame=max_frame))
+            batch.clear()
+
+        try:
+            for msg in updates:
+                # One item's header entry plus its separating comma.
+                entry = len(orjson.dumps(batch_item(msg.doc, len(msg.payload), msg.ref))) + 1
+                if empty + entry + len(msg.payload) > max_frame:
+                    flush()  # too big to share a frame: alone, in order
+                    header = size = 0
+                    self._send(msg)
+                    continue
+                if (
+                    len(batch) >= MAX_BATCH_ITEMS
+                    or empty + size + entry + len(msg.payload) > max_frame
+                    or empty + header + entry > MAX_HEADER_BYTES + HEADER_LENGTH_BYTES
+                ):
+                    flush()
+                    header = size = 0
+                batch.append(msg)
+                header += entry
+                size += entry + len(msg.payload)
+            flush()
+        except LocalProtocolError:
+            del self._out[frames_before:]  # all or nothing
+            raise
 
     def _chunks(self, msg: ChunkableMessage) -> list[bytes]:
         limits = self._limits

@@ -782,18 +782,39 @@ class RelayServer:
             self._fail(conn, code, message)
         touched = set(acks) | set(failed)
         peers = self._datasets.get(dataset, set())
+        # Each subscriber's share of the batch, in commit order, never its own.
+        fanout: dict[_Connection, list[tuple[str, bytes]]] = {}
         for p in stored:
             for other in peers:
                 if other is not p.conn and other.session.state is SessionState.OPEN:
-                    try:
-                        other.session.send_update(p.doc, p.data)
-                    except LocalProtocolError as exc:
-                        log.error("%s: cannot fan out %r: %s", other.label(), p.doc, exc)
-                        continue
-                    self.metrics.updates_fanned_out += 1
-                    touched.add(other)
+                    fanout.setdefault(other, []).append((p.doc, p.data))
+        for other, updates in fanout.items():
+            self.metrics.updates_fanned_out += self._fan_out(other, updates)
+            touched.add(other)
         for conn in touched:
             self._flush(conn)
+
+    @staticmethod
+    def _fan_out(conn: _Connection, updates: list[tuple[str, bytes]]) -> int:
+        """Queue ``updates`` for ``conn`` in order, packed into as few frames as
+        its limits allow (one ``send_updates``); returns how many were queued.
+        Should the batch be refused (an update over the subscriber's transfer
+        limits), the updates go one by one and only the refused ones are left
+        out, logged, as before batching."""
+        try:
+            conn.session.send_updates(updates)
+            return len(updates)
+        except LocalProtocolError:
+            pass  # nothing was queued: retry one by one to keep the good ones
+        sent = 0
+        for doc, data in updates:
+            try:
+                conn.session.send_update(doc, data)
+            except LocalProtocolError as exc:
+                log.error("%s: cannot fan out %r: %s", conn.label(), doc, exc)
+                continue
+            sent += 1
+        return sent
 
     # -- heartbeats -------------------------------------------------------------------
 

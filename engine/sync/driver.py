@@ -438,28 +438,32 @@ class SyncDriver:
         room = min(self.session.inflight_room, MAX_LIVE_BATCH)
         if room <= 0:
             return 0
-        sent = 0
+        batch: list[tuple[str, bytes, int]] = []  # (doc, data, ref = seq), in seq order
+        cursor = self._cursor
         while room > 0:
             rows = self.node.store.conn.execute(
                 "SELECT seq, doc, data FROM updates WHERE pending = 1 AND seq > ? "
                 "ORDER BY seq LIMIT ?",
-                (self._cursor, MAX_LIVE_BATCH),
+                (cursor, MAX_LIVE_BATCH),
             ).fetchall()
             if not rows:
                 break
             for seq, doc, data in rows:
                 if room <= 0:
                     break
-                self._cursor = int(seq)
-                if seq in self._sent:
+                cursor = int(seq)
+                if cursor in self._sent:
                     continue
-                self.session.send_update(str(doc), bytes(data), int(seq))
-                self._inflight[int(seq)] = [int(seq)]
-                self._sent.add(int(seq))
+                batch.append((str(doc), bytes(data), cursor))
                 room -= 1
-                sent += 1
-        self.stats.live_sent += sent
-        return sent
+        # One call: several updates per frame (docs/protocol.md §6.2).
+        self.session.send_updates(batch)
+        self._cursor = cursor
+        for _doc, _data, seq in batch:
+            self._inflight[seq] = [seq]
+            self._sent.add(seq)
+        self.stats.live_sent += len(batch)
+        return len(batch)
 
     def _acked(self, refs: Iterable[int]) -> None:
         seqs: list[int] = []
