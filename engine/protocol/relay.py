@@ -7,7 +7,8 @@ driver (the relay server) answers after doing the I/O::
                        or reject("auth_failed" | "wrong_dataset", message)
     SyncRequested   -> sync_reply(doc, diff the client lacks, relay's state vector)
     UpdateReceived  -> commit durably (deduplicate), then ack([ref]); fan out to
-                       the dataset's other sessions with their send_update(doc, data)
+                       the dataset's other sessions with their send_updates([(doc, data), ...])
+                       (a client's ``updates`` frame yields one event per item, in order)
     LeaseRequested  -> grant_lease(ref, first, last) or deny_lease(ref, message)
 """
 

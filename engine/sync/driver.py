@@ -456,7 +456,7 @@ class SyncDriver:
                     continue
                 batch.append((str(doc), bytes(data), cursor))
                 room -= 1
-        # One call: several updates per frame (docs/protocol.md §6.2).
+        # One call: several updates per frame (docs/protocol.md §6.3).
         self.session.send_updates(batch)
         self._cursor = cursor
         for _doc, _data, seq in batch:
