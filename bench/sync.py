@@ -188,8 +188,18 @@ async def open_client(url: str, node: str, token: str) -> tuple[ClientConnection
 
 
 async def _writer(
-    url: str, node: str, token: str, updates: list[bytes], window: int, sent_at: list[float]
+    url: str,
+    node: str,
+    token: str,
+    updates: list[bytes],
+    window: int,
+    sent_at: list[float],
+    batched: bool = True,
 ) -> float:
+    """Send ``updates`` keeping ``window`` unacked; with ``batched`` the room
+    is filled by one ``send_updates`` (several single-record updates per
+    frame), else by one ``send_update`` (one frame) each. Returns when the
+    last ack arrived (monotonic seconds)."""
     ws, session = await open_client(url, node, token)
     n, next_i, acked = len(updates), 0, 0
     last_tick = time.monotonic()
@@ -197,10 +207,15 @@ async def _writer(
         room = min(session.inflight_room, window - (next_i - acked))
         if room > 0 and next_i < n:
             now = time.monotonic()
-            for _ in range(min(room, n - next_i)):
-                session.send_update(DOC, updates[next_i], next_i + 1)
-                sent_at[next_i] = now
-                next_i += 1
+            take = range(next_i, min(next_i + room, n))
+            if batched:
+                session.send_updates([(DOC, updates[i], i + 1) for i in take])
+            else:
+                for i in take:
+                    session.send_update(DOC, updates[i], i + 1)
+            for i in take:
+                sent_at[i] = now
+            next_i = take.stop
         now = time.monotonic()
         if now - last_tick > 0.2:
             session.tick(int(now * 1000))
@@ -217,7 +232,9 @@ async def _writer(
     return done
 
 
-def writers_process(url: str, tokens: list[str], sizes: Sizes, start: MpEvent, out: Any) -> None:
+def writers_process(
+    url: str, tokens: list[str], sizes: Sizes, start: MpEvent, out: Any, batched: bool
+) -> None:
     updates = [build_updates(w, sizes.per_writer) for w in range(sizes.writers)]
     sent_at = [[0.0] * sizes.per_writer for _ in range(sizes.writers)]
 
@@ -226,7 +243,7 @@ def writers_process(url: str, tokens: list[str], sizes: Sizes, start: MpEvent, o
         t0 = time.monotonic()
         ends = await asyncio.gather(
             *[
-                _writer(url, f"W{w}", tokens[w], updates[w], sizes.window, sent_at[w])
+                _writer(url, f"W{w}", tokens[w], updates[w], sizes.window, sent_at[w], batched)
                 for w in range(sizes.writers)
             ]
         )
@@ -283,7 +300,9 @@ def subscribers_process(
     out.put(asyncio.run(main()))
 
 
-def bench_relay(tmp: Path, sizes: Sizes, profile: Path | None = None) -> dict[str, Any]:
+def bench_relay(
+    tmp: Path, sizes: Sizes, profile: Path | None = None, batched: bool = True
+) -> dict[str, Any]:
     store_path = tmp / "relay-throughput.db"
     with SqliteRelayStore.create(store_path) as store:
         wtok = [store.enroll(DATASET, f"W{w}").token for w in range(sizes.writers)]
@@ -294,7 +313,9 @@ def bench_relay(tmp: Path, sizes: Sizes, profile: Path | None = None) -> dict[st
     try:
         subs = ctx.Process(target=subscribers_process, args=(relay.url, stok, sizes, ready, sq))
         subs.start()
-        writers = ctx.Process(target=writers_process, args=(relay.url, wtok, sizes, ready, wq))
+        writers = ctx.Process(
+            target=writers_process, args=(relay.url, wtok, sizes, ready, wq, batched)
+        )
         writers.start()
         w = wq.get(timeout=600)
         s = sq.get(timeout=600)
@@ -319,10 +340,13 @@ def bench_relay(tmp: Path, sizes: Sizes, profile: Path | None = None) -> dict[st
     return {
         "workload": (
             f"{sizes.writers} writer connections × {sizes.per_writer:,} single-key Yjs updates "
-            f"(window {sizes.window} in flight each) to one document, fanned out to "
+            f"(window {sizes.window} in flight each, "
+            f"{'several per `updates` frame' if batched else 'one frame each'}) "
+            "to one document, fanned out to "
             f"{SUBSCRIBERS} subscriber connections; relay = `branchline relay serve` process "
             "(SQLite store, durable group commit before each ack)."
         ),
+        "writer_frames": "batched" if batched else "single",
         "updates_in": total,
         "in_seconds": in_s,
         "in_per_s": total / in_s,
@@ -605,6 +629,11 @@ def main(argv: list[str] | None = None) -> int:
         "write its text report here",
     )
     parser.add_argument(
+        "--single-frames",
+        action="store_true",
+        help="writers send one update per frame (the pre-batching client behaviour)",
+    )
+    parser.add_argument(
         "--notes", type=Path, help="markdown lines (profile findings) to add to the results"
     )
     opts = parser.parse_args(argv)
@@ -622,11 +651,13 @@ def main(argv: list[str] | None = None) -> int:
             "load_at_start": load_facts(),
         }
         if opts.profile_relay:
-            r = bench_relay(tmp, sizes, opts.profile_relay.resolve())
+            r = bench_relay(tmp, sizes, opts.profile_relay.resolve(), not opts.single_frames)
             say(f"relay (profiled): in {r['in_per_s']:,.0f}/s; report in {opts.profile_relay}")
             return 0
         say("relay throughput...")
-        benchmarks: dict[str, Any] = {"relay": bench_relay(tmp, sizes)}
+        benchmarks: dict[str, Any] = {
+            "relay": bench_relay(tmp, sizes, batched=not opts.single_frames)
+        }
         r = benchmarks["relay"]
         say(f"relay: in {r['in_per_s']:,.0f}/s, delivered {r['delivered_per_s']:,.0f}/s")
         say("catch-up and link restored...")
