@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from engine.clock import ManualClock
@@ -892,3 +893,18 @@ def test_read_only_client_cannot_send_batches_and_relay_refuses_them() -> None:
     assert raises_code(r, updates_frame([("items", b"a", 1), ("items", b"b", 2)])) == (
         codes.READ_ONLY
     )
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        m.Update("a", b""),
+        m.Update("items", b"x" * 9, ref=0),
+        m.Update("sales_invoice/2026-01", b"x" * 12345, ref=(1 << 53) - 1),
+    ],
+)
+def test_packing_computes_the_item_header_bytes_exactly(item: m.Update) -> None:
+    from engine.protocol.session import _entry_bytes
+
+    encoded = orjson.dumps(m.batch_item(item.doc, len(item.payload), item.ref))
+    assert _entry_bytes(item) == len(encoded) + 1  # and its comma
