@@ -469,7 +469,6 @@ class Node:
         computed, so a part never claims a row it does not hold. Raises
         UpdateError for an invalid state vector.
         """
-        self.refresh()
         with self._reading() as conn:
             rows = [
                 (int(seq), bytes(data))
@@ -478,6 +477,11 @@ class Node:
                     (doc,),
                 )
             ]
+        # Only now catch up with other processes' commits: the diff below then
+        # holds every row just read. (Refreshing before the read let a row
+        # committed in between be claimed by a diff without it; its ack then
+        # cleared a row that never reached the relay.)
+        self.refresh()
         if doc not in self.documents():
             return [([seq for seq, _ in rows], EMPTY_UPDATE)] if rows else []
         loaded = self._doc(doc)
