@@ -36,6 +36,7 @@ from engine.protocol import (
     ErrorReceived,
     Event,
     LeaseGranted,
+    Limits,
     Opened,
     RemoteState,
     SyncComplete,
@@ -43,6 +44,7 @@ from engine.protocol import (
     codes,
     encode_message,
 )
+from engine.protocol.limits import MIN_FRAME_BYTES
 from engine.protocol.messages import Update, Updates, decode_message
 from engine.relay import EMPTY_UPDATE, SqliteRelayStore, UpdateIn
 from engine.relay.server import RelayServer, ServerLimits
@@ -393,6 +395,33 @@ def test_fan_out_to_a_subscriber_arrives_batched_complete_and_in_order(
     server = run(with_server(path, body))
     assert server.metrics.updates_fanned_out == n
     assert server.metrics.frames_out < 2 * n / 10 + 20
+
+
+def test_fan_out_skips_only_an_update_over_a_subscribers_limits(
+    relay_db: tuple[Path, Tokens], caplog: pytest.LogCaptureFixture
+) -> None:
+    path, tok = relay_db
+    small = Limits(max_frame=MIN_FRAME_BYTES, max_transfer=MIN_FRAME_BYTES)
+
+    async def body(server: RelayServer) -> None:
+        a1, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        ws = await connect(server.url, max_size=None, compression=None, open_timeout=TIMEOUT)
+        a2 = Client(ws, ClientSession(dataset="acme", node="A2", token=tok.a2, limits=small))
+        await a2.flush()
+        await a2.wait(Opened)
+        w = Writer()
+        first, big, last = w.put("c1", 1), w.put("c2", "x" * 2 * MIN_FRAME_BYTES), w.put("c3", 3)
+        a1.session.send_updates([("customers", first, 1), ("customers", big, 2)])
+        a1.session.send_updates([("customers", last, 3)])
+        await a1.flush()
+        await a1.acked(1, 2, 3)
+        got = [(await a2.wait(UpdateReceived)).data for _ in range(2)]
+        assert got == [first, last]  # the one a2 cannot take is left out, the rest arrive
+        for c in (a1, a2):
+            await c.close()
+
+    run(with_server(path, body))
+    assert "cannot fan out 'customers'" in caplog.text
 
 
 def test_duplicate_update_is_acked_but_stored_once(relay_db: tuple[Path, Tokens]) -> None:

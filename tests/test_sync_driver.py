@@ -293,6 +293,26 @@ def test_live_rows_wait_for_acks_within_inflight_room(tmp_path: Path, relay: Mem
     assert a.outbox() == []
 
 
+def test_live_rows_go_up_several_per_frame_in_seq_order(tmp_path: Path, relay: MemRelay) -> None:
+    a = make_node(tmp_path, "A")
+    link = relay.connect(a, relay.store.enroll("acme", "A").token)
+    relay.pump()
+    relay.hold_acks = True
+    for i in range(40):
+        a.put("customers", {"code": f"K{i}", "name": "x"})
+    seqs = [int(s) for (s,) in a.store.conn.execute("SELECT seq FROM updates WHERE pending = 1")]
+    before = len(link.up_frames)
+    assert link.driver.poll() == 40
+    relay.pump()
+    sent = [decode_message(f, max_frame=1 << 30) for f in link.up_frames[before:]]
+    batches = [msg for msg in sent if isinstance(msg, m.Updates)]
+    assert len(batches) == 1  # one frame for the 40 rows
+    assert [u.ref for u in batches[0].items] == sorted(seqs)  # ref = seq, in seq order
+    relay.release_acks()
+    relay.pump()
+    assert a.outbox() == []
+
+
 def test_dataset_mismatch_refused_naming_both(tmp_path: Path) -> None:
     relay = MemRelay(tmp_path / "relay.db", serves="globex")
     a = make_node(tmp_path, "A")
