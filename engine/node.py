@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-import re
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -42,13 +41,11 @@ from .errors import (
 )
 from .ids import is_id, new_id, node_salt
 from .merge import CREATED, DELETED, new_state, resolve, seen_by
+from .names import DATASET_RE, DOC_RE, NODE_RE
 from .schema import Collection, Schema, load_schema, parse_schema
 from .store import NodeStore
 from .values import decode, encode, is_stored
 
-DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
-DOC_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}(/\d{4}(-\d{2})?)?\Z")
 MAX_LOADED_DOCS = 64  # documents kept in memory; least recently used are dropped
 # A document's log is folded into a new snapshot once it holds COMPACT_MIN_ROWS
 # rows and a quarter of the snapshot's size (re-encoding a large document costs

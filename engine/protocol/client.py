@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ..names import DATASET_RE, DOC_RE, NODE_RE
 from . import codes
 from .events import (
     Acked,
@@ -43,9 +44,6 @@ from .limits import (
     Limits,
 )
 from .messages import (
-    DATASET_RE,
-    DOC_RE,
-    NODE_RE,
     SERIES_RE,
     TOKEN_RE,
     Ack,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeAlias
 
 from ..errors import RemoteProtocolError
+from ..names import DATASET_RE, DOC_RE, NODE_RE
 from . import codes
 from .frames import decode_frame, encode_frame
 from .limits import (
@@ -37,12 +38,8 @@ from .limits import (
     Limits,
 )
 
-# Kept identical to engine.node's patterns (a test checks); engine.node itself
-# cannot be imported here because it uses SQLite. Matched with fullmatch, so a
-# trailing newline (which '$' would let through) is refused.
-DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
-DOC_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}(/\d{4}(-\d{2})?)?\Z")
+# Dataset, node and document names come from engine.names, shared with the
+# node and the relay. Matched with fullmatch.
 CODE_RE = re.compile(r"^[a-z][a-z_]{0,39}\Z")
 SERIES_RE = re.compile(rf"^[^\x00-\x1f\x7f]{{1,{MAX_SERIES_CHARS}}}\Z")
 TOKEN_RE = re.compile(rf"^[\x21-\x7e]{{1,{MAX_TOKEN_CHARS}}}\Z")

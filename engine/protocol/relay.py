@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ..names import DOC_RE
 from . import codes
 from .events import Event, HelloReceived, LeaseRequested, SyncRequested, UpdateReceived
 from .limits import (
@@ -27,7 +28,6 @@ from .limits import (
     Limits,
 )
 from .messages import (
-    DOC_RE,
     Ack,
     Docs,
     Hello,

@@ -67,7 +67,7 @@ from ..errors import (
     UpdateTooLarge,
     UserError,
 )
-from ..node import DATASET_RE, DOC_RE, NODE_RE
+from ..names import DATASET_RE, DOC_RE, NODE_RE
 from .store import (
     EMPTY_STATE_VECTOR,
     EMPTY_UPDATE,

@@ -1,0 +1,14 @@
+"""Names of datasets, nodes and documents: one definition for every layer
+(node, protocol, relay). Pure: imports nothing of the engine.
+
+``\\Z``, not ``$``: ``$`` also matches before a trailing newline.
+"""
+
+from __future__ import annotations
+
+import re
+
+DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
+# A collection name, then for partitioned voucher books "/YYYY" or "/YYYY-MM".
+DOC_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}(/\d{4}(-\d{2})?)?\Z")
