@@ -1,5 +1,5 @@
-"""Node sync over real websockets on loopback: an in-test asyncio relay
-(RelaySession + SqliteRelayStore in a thread) and `branchline node run`
+"""Node sync over real websockets on loopback: the relay server (RelayServer
+in a thread, or `branchline relay serve`) and `branchline node run`
 subprocesses; `branchline sync` exit codes; `status --json` shape.
 
 Timing assertions are generous bounds; the real figures are printed (-s)."""
@@ -19,21 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 
-from engine.errors import AuthError
 from engine.node import Node
-from engine.protocol import (
-    HelloReceived,
-    RelaySession,
-    SessionState,
-    SyncRequested,
-    UpdateReceived,
-    codes,
-)
+from engine.relay.server import RelayServer
 from engine.relay.sqlite_store import SqliteRelayStore
-from engine.relay.store import UpdateIn
 
 BRANCHLINE = [str(Path(sys.executable).parent / "branchline")]
 
@@ -45,98 +34,28 @@ def free_port() -> int:
 
 
 class ThreadRelay:
-    """A minimal asyncio websocket relay in a background thread."""
+    """The real ``RelayServer`` on its own event loop in a background thread,
+    so the test can start and stop it while node processes run."""
 
     def __init__(self, store_path: Path, port: int) -> None:
         self.store_path = store_path
         self.port = port
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.conns: dict[RelaySession, ServerConnection] = {}
-        self.server: object | None = None
+        self.server: RelayServer | None = None
 
     def start(self) -> None:
         self.store = SqliteRelayStore.open(self.store_path)
+        self.server = RelayServer(self.store, host="127.0.0.1", port=self.port)
         self.thread.start()
-        fut = asyncio.run_coroutine_threadsafe(self._start(), self.loop)
-        fut.result(10)
-
-    async def _start(self) -> None:
-        self.server = await serve(self.handler, "127.0.0.1", self.port, ping_interval=None)
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
 
     def stop(self) -> None:
-        async def _stop() -> None:
-            server = self.server
-            assert server is not None
-            server.close()  # type: ignore[attr-defined]
-            await server.wait_closed()  # type: ignore[attr-defined]
-
-        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(10)
+        assert self.server is not None
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.store.close()
-
-    async def flush(self, session: RelaySession) -> None:
-        ws = self.conns.get(session)
-        if ws is None:
-            return
-        for frame in session.data_to_send():
-            try:
-                await ws.send(frame)
-            except ConnectionClosed:
-                return
-
-    async def handler(self, ws: ServerConnection) -> None:
-        session = RelaySession()
-        self.conns[session] = ws
-        try:
-            while session.state is not SessionState.CLOSED:
-                try:
-                    msg = await asyncio.wait_for(ws.recv(), timeout=0.05)
-                except TimeoutError:
-                    msg = None
-                events = []
-                if msg is not None:
-                    events = session.receive_frame(msg if isinstance(msg, bytes) else b"")
-                events += session.tick(time.monotonic_ns() // 1_000_000)
-                for ev in events:
-                    await self.handle(session, ev)
-                await self.flush(session)
-        except ConnectionClosed:
-            pass
-        finally:
-            session.close()
-            del self.conns[session]
-
-    async def handle(self, session: RelaySession, ev: object) -> None:
-        if isinstance(ev, HelloReceived):
-            try:
-                grant = self.store.authenticate(ev.dataset, ev.node, ev.token)
-            except AuthError as exc:
-                session.reject(codes.AUTH_FAILED, str(exc))
-                return
-            session.accept(read_only=grant.read_only, documents=self.store.documents(ev.dataset))
-        elif isinstance(ev, SyncRequested):
-            ds = session.dataset
-            assert ds is not None
-            session.sync_reply(
-                ev.doc,
-                self.store.diff(ds, ev.doc, ev.state_vector),
-                self.store.state_vector(ds, ev.doc),
-            )
-        elif isinstance(ev, UpdateReceived):
-            ds, node = session.dataset, session.node
-            assert ds is not None and node is not None and ev.ref is not None
-            (res,) = self.store.append_updates(ds, [UpdateIn(ev.doc, ev.data, node)])
-            if not res.ok:
-                session.fail(codes.BAD_UPDATE, str(res.error))
-                return
-            session.ack([ev.ref])
-            for other in list(self.conns):
-                open_peer = other is not session and other.state is SessionState.OPEN
-                if open_peer and other.dataset == ds:
-                    other.send_update(ev.doc, ev.data)
-                    await self.flush(other)
 
 
 def listening(port: int) -> bool:
