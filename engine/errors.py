@@ -189,3 +189,26 @@ class RelayRefused(SyncError):
     (unsupported version, read-only...)."""
 
     exit_code = 2
+
+
+# -- adapters (issue 5) -------------------------------------------------------
+
+
+class AdapterError(BranchlineError):
+    """An adapter could not be loaded, set up or run."""
+
+
+class AdapterNotFound(AdapterError):
+    """No adapter of that name is installed (entry-point group ``branchline.adapters``)."""
+
+    exit_code = 2
+
+
+class AdapterConfigError(AdapterError):
+    """An adapter's options or config file are invalid, or it does not fit the node's schema."""
+
+    exit_code = 2
+
+
+class QueryError(UserError):
+    """A read-only SQL query failed (syntax, unknown table) or tried to write."""

@@ -25,10 +25,12 @@ from typing import Any
 
 import orjson
 
+from . import plugins
 from . import series as series_mod
 from .clock import Clock, HybridClock, SystemClock, system_random
 from .crdt import MAX_MERGE, RecordDoc, merge, trim_heap
 from .errors import (
+    AdapterNotFound,
     DatasetMismatch,
     RecordDeleted,
     RecordNotFound,
@@ -42,6 +44,7 @@ from .errors import (
 from .ids import is_id, new_id, node_salt
 from .merge import CREATED, DELETED, new_state, resolve, seen_by
 from .names import DATASET_RE, DOC_RE, NODE_RE
+from .query import QueryResult, run_query
 from .schema import Collection, Schema, load_schema, parse_schema
 from .store import NodeStore
 from .values import decode, encode, is_stored
@@ -117,6 +120,8 @@ class Node:
         self._client_id = rng.getrandbits(52) + 1
         self._salt = node_salt(self.node_id)
         self._docs: OrderedDict[str, _Loaded] = OrderedDict()
+        # None unless the node enables adapters: then writes skip them at no cost.
+        self._adapters = plugins.AdapterSet.from_meta(meta, schema)
         store.changed_elsewhere()
 
     # -- opening -----------------------------------------------------------
@@ -133,8 +138,11 @@ class Node:
         token: str | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        adapters: Iterable[str] | dict[str, dict[str, Any]] | None = None,
     ) -> Node:
-        """Create a node home. Raises UserError for bad names, HomeExists, SchemaError."""
+        """Create a node home, with ``adapters`` enabled (names, or names ->
+        options). Raises UserError for bad names, HomeExists, SchemaError,
+        AdapterNotFound, AdapterConfigError."""
         if not DATASET_RE.match(dataset):
             raise UserError(
                 f"invalid dataset name {dataset!r}: use letters, digits, '_', '.', '-' (max 64)"
@@ -157,7 +165,16 @@ class Node:
         if token:
             meta["token"] = token
         store = NodeStore.create(Path(home), meta)
-        return cls(Path(home), store, sch, clock, rng or system_random())
+        created = cls(Path(home), store, sch, clock, rng or system_random())
+        if adapters:
+            wanted = adapters if isinstance(adapters, dict) else {key: {} for key in adapters}
+            try:
+                for name, options in wanted.items():
+                    created.enable_adapter(name, options)
+            except BaseException:
+                created.close()
+                raise
+        return created
 
     @classmethod
     def open(
@@ -858,6 +875,7 @@ class Node:
         self, conn: sqlite3.Connection, coll: Collection, doc: RecordDoc, rids: set[str]
     ) -> int:
         """Re-resolve records into ``records`` and ``record_conflicts``."""
+        watch = self._adapters.watch(conn, coll, self._states, rids) if self._adapters else None
         rows, incomplete, conflicts = [], [], []
         newest = 0
         # In key order: SQLite inserts several times faster.
@@ -913,6 +931,8 @@ class Node:
         conn.executemany(
             "INSERT OR REPLACE INTO record_conflicts VALUES (?, ?, ?, ?, ?, ?)", conflicts
         )
+        if watch is not None:
+            watch.deliver(conn)
         return len(rows)
 
     def _rows_to_records(self, coll: Collection, rows: Iterable[Any], codes: bool) -> Records:
@@ -983,6 +1003,86 @@ class Node:
             ).fetchone()
             if not row[1]:
                 self._write_entry(conn, coll, self._doc(row[0]), rid, {"number": number})
+
+    # -- adapters (issue 5) ------------------------------------------------
+
+    def adapters(self) -> dict[str, dict[str, Any]]:
+        """Enabled adapters: name -> options, in the order they were enabled."""
+        return plugins.enabled(self.store.meta())
+
+    def enable_adapter(self, name: str, options: dict[str, Any] | None = None) -> None:
+        """Enable an installed adapter (with options) and fill its tables from
+        the current records, in one transaction. Enabling it again replaces
+        its options and rebuilds. Raises AdapterNotFound, AdapterConfigError.
+
+        Other processes that have this home open keep their adapter set until
+        they reopen it: enable adapters while the node is otherwise closed.
+        """
+        adapter = plugins.load(name, self.schema, options)
+        with self._write() as conn:
+            wanted = plugins.enabled(self.store.meta())
+            wanted[name] = dict(options or {})
+            plugins.ensure_conflicts_table(conn)
+            adapter.setup(conn)
+            plugins.rebuild(conn, adapter, self._live_records(adapter), compare=False)
+            self.store.set_meta(plugins.META_KEY, orjson.dumps(wanted).decode())
+        self._adapters = plugins.AdapterSet.from_meta(self.store.meta(), self.schema)
+
+    def disable_adapter(self, name: str) -> None:
+        """Disable an adapter and drop its tables, views and conflicts.
+        Raises AdapterNotFound when it is not enabled."""
+        wanted = plugins.enabled(self.store.meta())
+        if name not in wanted:
+            raise AdapterNotFound(
+                f"adapter '{name}' is not enabled on this node "
+                f"(enabled: {', '.join(wanted) or 'none'})"
+            )
+        adapter = plugins.load(name, self.schema, wanted[name])
+        with self._write() as conn:
+            adapter.drop(conn)
+            plugins.ensure_conflicts_table(conn)
+            conn.execute("DELETE FROM adapter_conflicts WHERE adapter = ?", (name,))
+            del wanted[name]
+            self.store.set_meta(plugins.META_KEY, orjson.dumps(wanted).decode())
+        self._adapters = plugins.AdapterSet.from_meta(self.store.meta(), self.schema)
+
+    def rebuild_adapters(
+        self, names: Iterable[str] | None = None, *, compare: bool = True
+    ) -> plugins.RebuildReports:
+        """Rebuild enabled adapters' tables from the records and, with
+        ``compare``, report rows that differed from the incremental tables
+        (there should be none). One transaction: an interrupted rebuild
+        leaves the tables as they were. Raises AdapterNotFound."""
+        active = self._adapters.adapters if self._adapters else []
+        chosen = [a for a in active if names is None or a.name in set(names)]
+        missing = set(names or ()) - {a.name for a in chosen}
+        if missing:
+            raise AdapterNotFound(
+                f"adapter(s) {', '.join(sorted(missing))} not enabled on this node "
+                f"(enabled: {', '.join(a.name for a in active) or 'none'})"
+            )
+        with self._write() as conn:
+            return [
+                plugins.rebuild(conn, a, self._live_records(a), compare=compare) for a in chosen
+            ]
+
+    def invariant_conflicts(self) -> Records:
+        """Adapters' open conflicts (kind ``invariant``), shaped like
+        ``conflicts()`` plus ``level`` (error, warning), ``rule`` and ``adapter``."""
+        return plugins.conflict_dicts(self.store.conn)
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> QueryResult:
+        """Run one read-only SQL statement on the store (adapter tables,
+        views, records). Raises QueryError for writes or bad SQL."""
+        return run_query(self.store.path, sql, params)
+
+    def _states(self, docname: str, rid: str) -> dict[str, Any]:
+        return self._doc(docname).doc.states(rid)
+
+    def _live_records(self, adapter: plugins.Adapter) -> Iterator[plugins.RecordChange]:
+        return plugins.live_records(
+            self.store.conn, self.schema, adapter.collections, self._states
+        )
 
 
 def _valid_values(coll: Collection, values: dict[str, Any]) -> dict[str, Any]:

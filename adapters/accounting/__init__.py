@@ -1,0 +1,601 @@
+"""The ``accounting`` adapter: books and reports of the built-in schema (DESIGN §9).
+
+Tables: one per catalog (``customers``, ``items``...), ``vouchers``,
+``voucher_lines``, ``ledger_entries`` (double entry) and ``stock_moves``.
+Views name catalog records by code: ``stock_on_hand``, ``account_balances``,
+``receivables``, ``contract_progress``.
+
+Money is exact: amounts are integers of 1/100 (``MONEY_SCALE``) and
+quantities integers of 1/1000 (``QTY_SCALE``) in the tables; the views show
+them as exact decimal text. A line's amount (qty x price) and its VAT
+(amount x vat_rate) are rounded half up to the money unit, line by line, as an
+invoice does. A typed-in value the books cannot hold exactly (a quantity with
+four decimals, an amount beyond 2**62 units) is reported as an ``invariant``
+conflict (rule ``precision``).
+
+Checks after every merge, as conflicts of kind ``invariant`` in
+``adapter_conflicts``: ``unbalanced`` (a voucher whose debits differ from its
+credits), ``negative_stock`` (warning), ``posted_changed`` (a voucher's
+accounting fields written after it was posted: correct it by a reversal or a
+new version instead).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from itertools import islice
+from typing import Any
+
+import orjson
+
+from engine.errors import AdapterConfigError
+from engine.plugins import RecordChange
+from engine.schema import Collection, Schema
+
+from ..base import (
+    INSERT_CONFLICT,
+    ConflictRow,
+    conflict_row,
+    db,
+    digest,
+    drop_objects,
+    to_units,
+    units_sql,
+    units_text,
+)
+
+NAME = "accounting"
+MONEY_SCALE = 2
+QTY_SCALE = 3
+BATCH = 5000  # records per executemany batch in a rebuild
+
+VOUCHER_BOOKS = (
+    "sales_invoice",
+    "purchase_invoice",
+    "cash_receipt",
+    "cash_payment",
+    "stock_transfer",
+    "journal",
+)
+REQUIRED_CATALOGS = ("accounts", "customers", "suppliers", "items", "warehouses", "contracts")
+# Catalog decimals that are money and are summed or compared in views; other
+# catalog decimals (an item's list price) stay exact decimal text.
+MONEY_FIELDS = {("contracts", "value")}
+# Fields whose change after posting does not touch the books: the number
+# (a provisional number finalized) and the paid flag.
+NOT_POSTING = {"number", "paid"}
+RULES = ("unbalanced", "posted_changed", "precision")
+
+# Accounts of the postings (DESIGN §9).
+CASH, RECEIVABLE, GOODS, PAYABLE, REVENUE, OUTPUT_VAT = "111", "131", "156", "331", "511", "3331"
+
+VOUCHER_COLUMNS = {
+    "id": str,
+    "type": str,
+    "number": str,
+    "date": str,
+    "customer": str,
+    "supplier": str,
+    "warehouse": str,
+    "from_warehouse": str,
+    "to_warehouse": str,
+    "contract": str,
+    "paid": int,
+    "amount": int,
+    "vat": int,
+    "total": int,
+}
+LINE_COLUMNS = {
+    "voucher": str,
+    "line": int,
+    "item": str,
+    "account": str,
+    "qty": int,
+    "price": str,
+    "vat_rate": str,
+    "amount": int,
+    "vat": int,
+    "debit": int,
+    "credit": int,
+}
+ENTRY_COLUMNS = {
+    "voucher": str,
+    "entry": int,
+    "date": str,
+    "type": str,
+    "account_code": str,
+    "account_id": str,
+    "debit": int,
+    "credit": int,
+    "customer": str,
+    "supplier": str,
+    "contract": str,
+}
+MOVE_COLUMNS = {
+    "voucher": str,
+    "move": int,
+    "date": str,
+    "item": str,
+    "warehouse": str,
+    "qty": int,
+}
+TABLES = {
+    "vouchers": (VOUCHER_COLUMNS, "id"),
+    "voucher_lines": (LINE_COLUMNS, ("voucher", "line")),
+    "ledger_entries": (ENTRY_COLUMNS, ("voucher", "entry")),
+    "stock_moves": (MOVE_COLUMNS, ("voucher", "move")),
+}
+INDEXES = (
+    ("stock_moves", ("item", "warehouse")),
+    ("ledger_entries", ("account_code", "customer")),
+)
+VIEWS = ("stock_on_hand", "account_balances", "receivables", "contract_progress")
+
+_M = MONEY_SCALE
+
+
+def _view_sql() -> dict[str, str]:
+    q = QTY_SCALE
+    return {
+        "stock_on_hand": (
+            "CREATE VIEW stock_on_hand AS SELECT item, warehouse, "
+            f"{units_sql('qty', q)} AS qty FROM ("
+            "SELECT COALESCE(i.code, m.item) AS item, COALESCE(w.code, m.warehouse) AS warehouse, "
+            "SUM(m.qty) AS qty FROM stock_moves m "
+            "LEFT JOIN items i ON i.id = m.item LEFT JOIN warehouses w ON w.id = m.warehouse "
+            "GROUP BY m.item, m.warehouse) ORDER BY item, warehouse"
+        ),
+        "account_balances": (
+            "CREATE VIEW account_balances AS SELECT account, "
+            f"{units_sql('d', _M)} AS debit, {units_sql('c', _M)} AS credit, "
+            f"{units_sql('b', _M)} AS balance FROM ("
+            "SELECT account, SUM(d) AS d, SUM(c) AS c, SUM(d) - SUM(c) AS b FROM ("
+            "SELECT COALESCE(a.code, e.account_code, e.account_id) AS account, "
+            "e.debit AS d, e.credit AS c FROM ledger_entries e "
+            "LEFT JOIN accounts a ON a.id = e.account_id) GROUP BY account) ORDER BY account"
+        ),
+        "receivables": (
+            "CREATE VIEW receivables AS SELECT customer, "
+            f"{units_sql('inv', _M)} AS invoiced, {units_sql('rec', _M)} AS received, "
+            f"{units_sql('bal', _M)} AS balance FROM ("
+            "SELECT COALESCE(c.code, e.customer) AS customer, SUM(e.debit) AS inv, "
+            "SUM(e.credit) AS rec, SUM(e.debit) - SUM(e.credit) AS bal FROM ledger_entries e "
+            "LEFT JOIN customers c ON c.id = e.customer "
+            f"WHERE e.account_code = '{RECEIVABLE}' AND e.customer IS NOT NULL "
+            "GROUP BY e.customer) ORDER BY customer"
+        ),
+        "contract_progress": (
+            "CREATE VIEW contract_progress AS SELECT contract, "
+            f"{units_sql('val', _M)} AS value, {units_sql('inv', _M)} AS invoiced, "
+            f"{units_sql('rec', _M)} AS received FROM ("
+            "SELECT k.code AS contract, k.value AS val, COALESCE(s.inv, 0) AS inv, "
+            "COALESCE(s.rec, 0) AS rec FROM contracts k LEFT JOIN ("
+            "SELECT contract, SUM(debit) AS inv, SUM(credit) AS rec FROM ledger_entries "
+            f"WHERE account_code = '{RECEIVABLE}' AND contract IS NOT NULL GROUP BY contract"
+            ") s ON s.contract = k.id) ORDER BY contract"
+        ),
+    }
+
+
+@dataclass
+class _Built:
+    """The rows one voucher makes."""
+
+    voucher: tuple[Any, ...]
+    lines: list[tuple[Any, ...]] = field(default_factory=list)
+    entries: list[tuple[Any, ...]] = field(default_factory=list)
+    moves: list[tuple[Any, ...]] = field(default_factory=list)
+    conflicts: list[ConflictRow] = field(default_factory=list)
+
+
+class _Units:
+    """Converts typed-in decimals of one voucher, noting what was not exact."""
+
+    def __init__(self) -> None:
+        self.inexact: list[str] = []
+        self.too_large: list[str] = []
+
+    def __call__(self, value: Any, scale: int, where: str) -> int | None:
+        if value is None:
+            return 0
+        units, exact = to_units(value, scale)
+        if units is None:
+            self.too_large.append(where)
+        elif not exact:
+            self.inexact.append(where)
+        return units
+
+
+class AccountingAdapter:
+    """Books of the built-in ``accounting`` schema (module docstring)."""
+
+    name = NAME
+
+    def __init__(self, schema: Schema, options: dict[str, Any]) -> None:
+        if options:
+            raise AdapterConfigError(
+                f"adapter '{NAME}' takes no options (got {', '.join(sorted(options))})"
+            )
+        missing = [c for c in (*REQUIRED_CATALOGS, *VOUCHER_BOOKS) if c not in schema.collections]
+        if missing:
+            raise AdapterConfigError(
+                f"adapter '{NAME}' needs the built-in accounting schema; schema "
+                f"'{schema.name}' lacks {', '.join(missing)}"
+            )
+        self.schema = schema
+        self.catalogs: list[Collection] = [c for c in schema.ordered() if c.kind == "catalog"]
+        self.collections = frozenset([c.name for c in self.catalogs] + list(VOUCHER_BOOKS))
+        self._catalog_columns = {c.name: self._columns_of(c) for c in self.catalogs}
+
+    # -- the Adapter protocol ----------------------------------------------
+
+    def tables(self) -> Sequence[str]:
+        return [*(c.name for c in self.catalogs), *TABLES]
+
+    def setup(self, conn: sqlite3.Connection) -> None:
+        self._create_tables(conn)
+        self._create_indexes_and_views(conn)
+
+    def drop(self, conn: sqlite3.Connection) -> None:
+        drop_objects(conn, VIEWS, self.tables())
+
+    def apply(self, conn: sqlite3.Connection, changes: Sequence[RecordChange]) -> None:
+        vouchers = [c for c in changes if c.collection in VOUCHER_BOOKS]
+        for coll in self.catalogs:
+            mine = [c for c in changes if c.collection == coll.name]
+            if not mine:
+                continue
+            conn.executemany(
+                f'DELETE FROM "{coll.name}" WHERE id = ?',
+                [(c.id,) for c in mine if c.kind == "deleted"],
+            )
+            live = [c for c in mine if c.kind != "deleted"]
+            self._insert_catalog(conn, coll, live, replace=True)
+            self._catalog_conflicts(conn, coll, mine, live)
+        if not vouchers:
+            return
+        ids = [(c.id,) for c in vouchers]
+        pairs: set[tuple[str, str]] = set()
+        for (vid,) in ids:
+            pairs.update(
+                conn.execute(
+                    "SELECT DISTINCT item, warehouse FROM stock_moves WHERE voucher = ?", (vid,)
+                )
+            )
+        conn.executemany("DELETE FROM vouchers WHERE id = ?", ids)
+        for table in ("voucher_lines", "ledger_entries", "stock_moves"):
+            conn.executemany(f"DELETE FROM {table} WHERE voucher = ?", ids)
+        conn.executemany(
+            "DELETE FROM adapter_conflicts WHERE adapter = ? AND id = ?",
+            [
+                (NAME, digest("invariant", NAME, rule, c.collection, c.id))
+                for c in vouchers
+                for rule in RULES
+            ],
+        )
+        built = [self._build(c) for c in vouchers if c.kind != "deleted"]
+        self._insert_built(conn, built)
+        for b in built:
+            pairs.update((m[3], m[4]) for m in b.moves)
+        self._check_stock(conn, sorted(pairs))
+
+    def rebuild(self, conn: sqlite3.Connection, records: Iterable[RecordChange]) -> None:
+        self.drop(conn)
+        self._create_tables(conn)
+        catalogs = {c.name: c for c in self.catalogs}
+        it = iter(records)
+        while batch := list(islice(it, BATCH)):
+            by_coll: dict[str, list[RecordChange]] = {}
+            for change in batch:
+                by_coll.setdefault(change.collection, []).append(change)
+            built: list[_Built] = []
+            for name, group in by_coll.items():
+                if name in catalogs:
+                    self._insert_catalog(conn, catalogs[name], group, replace=False)
+                    self._catalog_conflicts(conn, catalogs[name], [], group)
+                elif name in VOUCHER_BOOKS:
+                    built += [self._build(c) for c in group]
+            self._insert_built(conn, built)
+        self._create_indexes_and_views(conn)
+        negative = conn.execute(
+            "SELECT item, warehouse, SUM(qty) FROM stock_moves GROUP BY item, warehouse "
+            "HAVING SUM(qty) < 0"
+        ).fetchall()
+        conn.executemany(INSERT_CONFLICT, [self._stock_conflict(*row) for row in negative])
+
+    # -- tables --------------------------------------------------------------
+
+    def _columns_of(self, coll: Collection) -> dict[str, type]:
+        cols: dict[str, type] = {"id": str}
+        for name, fld in coll.fields.items():
+            if fld.type in ("int", "bool") or (coll.name, name) in MONEY_FIELDS:
+                cols[name] = int
+            else:
+                cols[name] = str
+        return cols
+
+    def _create_tables(self, conn: sqlite3.Connection) -> None:
+        d = db(conn)
+        for coll in self.catalogs:
+            d[coll.name].create(self._catalog_columns[coll.name], pk="id", if_not_exists=True)
+        for table, (columns, pk) in TABLES.items():
+            d[table].create(columns, pk=pk, if_not_exists=True)
+
+    def _create_indexes_and_views(self, conn: sqlite3.Connection) -> None:
+        d = db(conn)
+        for table, columns in INDEXES:
+            d[table].create_index(columns, if_not_exists=True)
+        existing = set(d.view_names())
+        for view, sql in _view_sql().items():
+            if view not in existing:
+                conn.execute(sql)
+
+    def _insert_catalog(
+        self,
+        conn: sqlite3.Connection,
+        coll: Collection,
+        changes: Sequence[RecordChange],
+        replace: bool,
+    ) -> None:
+        if not changes:
+            return
+        columns = list(self._catalog_columns[coll.name])
+        rows = [self._catalog_row(coll, c) for c in changes]
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        conn.executemany(
+            f'{verb} INTO "{coll.name}" ({", ".join(columns)}) '
+            f"VALUES ({', '.join('?' * len(columns))})",
+            rows,
+        )
+
+    def _catalog_row(self, coll: Collection, change: RecordChange) -> tuple[Any, ...]:
+        v = change.values
+        row: list[Any] = [change.id]
+        for name, fld in coll.fields.items():
+            value = v.get(name)
+            if value is None:
+                row.append(None)
+            elif (coll.name, name) in MONEY_FIELDS:
+                row.append(to_units(value, MONEY_SCALE)[0])
+            elif fld.type == "bool":
+                row.append(int(value))
+            elif fld.type == "lines":
+                row.append(orjson.dumps(value).decode())
+            else:
+                row.append(value)
+        return tuple(row)
+
+    def _catalog_conflicts(
+        self,
+        conn: sqlite3.Connection,
+        coll: Collection,
+        changed: Sequence[RecordChange],
+        live: Sequence[RecordChange],
+    ) -> None:
+        money = [name for (c, name) in MONEY_FIELDS if c == coll.name]
+        if not money:
+            return
+        conn.executemany(
+            "DELETE FROM adapter_conflicts WHERE adapter = ? AND id = ?",
+            [(NAME, digest("invariant", NAME, "precision", coll.name, c.id)) for c in changed],
+        )
+        rows = []
+        for change in live:
+            units = _Units()
+            for name in money:
+                if change.values.get(name) is not None:
+                    units(change.values[name], MONEY_SCALE, name)
+            if units.inexact or units.too_large:
+                rows.append(self._precision_conflict(change, units))
+        conn.executemany(INSERT_CONFLICT, rows)
+
+    def _insert_built(self, conn: sqlite3.Connection, built: list[_Built]) -> None:
+        if not built:
+            return
+        conn.executemany(
+            f"INSERT INTO vouchers VALUES ({', '.join('?' * len(VOUCHER_COLUMNS))})",
+            [b.voucher for b in built],
+        )
+        conn.executemany(
+            f"INSERT INTO voucher_lines VALUES ({', '.join('?' * len(LINE_COLUMNS))})",
+            [row for b in built for row in b.lines],
+        )
+        conn.executemany(
+            f"INSERT INTO ledger_entries VALUES ({', '.join('?' * len(ENTRY_COLUMNS))})",
+            [row for b in built for row in b.entries],
+        )
+        conn.executemany(
+            f"INSERT INTO stock_moves VALUES ({', '.join('?' * len(MOVE_COLUMNS))})",
+            [row for b in built for row in b.moves],
+        )
+        conn.executemany(INSERT_CONFLICT, [row for b in built for row in b.conflicts])
+
+    # -- postings (DESIGN §9) -------------------------------------------------
+
+    def _build(self, change: RecordChange) -> _Built:
+        """The rows of one live voucher and the invariants it breaks."""
+        v = change.values
+        kind = change.collection
+        units = _Units()
+        date = v.get("date")
+        lines: list[tuple[Any, ...]] = []
+        entries: list[tuple[Any, ...]] = []
+        moves: list[tuple[Any, ...]] = []
+        vid = change.id
+        amount = vat = 0
+        customer, supplier, contract = v.get("customer"), v.get("supplier"), v.get("contract")
+
+        def entry(
+            code: str | None,
+            debit: int,
+            credit: int,
+            account_id: str | None = None,
+            party: tuple[str | None, str | None, str | None] = (None, None, None),
+        ) -> None:
+            entries.append(
+                (vid, len(entries) + 1, date, kind, code, account_id, debit, credit, *party)
+            )
+
+        def move(item: str, warehouse: str | None, qty: int | None) -> None:
+            moves.append((vid, len(moves) + 1, date, item, warehouse, qty))
+
+        if kind in ("sales_invoice", "purchase_invoice"):
+            for i, line in enumerate(v.get("lines") or (), 1):
+                qty_d = Decimal(line["qty"])
+                price_d = Decimal(line["price"])
+                rate = line.get("vat_rate")
+                qty = units(qty_d, QTY_SCALE, f"line {i} qty")
+                line_amount = to_units(qty_d * price_d, MONEY_SCALE)[0]
+                if line_amount is None:
+                    units.too_large.append(f"line {i} amount")
+                    line_amount = 0
+                line_vat = 0
+                if rate is not None:
+                    line_vat = to_units(Decimal(line_amount).scaleb(-MONEY_SCALE) * Decimal(rate),
+                                        MONEY_SCALE)[0] or 0
+                amount += line_amount
+                vat += line_vat
+                lines.append(
+                    (vid, i, line["item"], None, qty, line["price"], rate, line_amount,
+                     line_vat, None, None)
+                )
+                if kind == "sales_invoice":
+                    move(line["item"], v.get("warehouse"), None if qty is None else -qty)
+                else:
+                    move(line["item"], v.get("warehouse"), qty)
+            if kind == "sales_invoice":
+                party = (customer, None, contract)
+                entry(RECEIVABLE, amount + vat, 0, party=party)
+                entry(REVENUE, 0, amount, party=party)
+                if vat:
+                    entry(OUTPUT_VAT, 0, vat, party=party)
+            else:
+                party = (None, supplier, None)
+                entry(GOODS, amount, 0, party=party)
+                entry(PAYABLE, 0, amount, party=party)
+        elif kind in ("cash_receipt", "cash_payment"):
+            amount = units(v.get("amount"), MONEY_SCALE, "amount") or 0
+            if kind == "cash_receipt":
+                party = (customer, None, contract)
+                entry(CASH, amount, 0, party=party)
+                entry(RECEIVABLE, 0, amount, party=party)
+            else:
+                party = (None, supplier, None)
+                entry(PAYABLE, amount, 0, party=party)
+                entry(CASH, 0, amount, party=party)
+        elif kind == "stock_transfer":
+            for i, line in enumerate(v.get("lines") or (), 1):
+                qty = units(line["qty"], QTY_SCALE, f"line {i} qty")
+                lines.append((vid, i, line["item"], None, qty, None, None, None, None, None, None))
+                move(line["item"], v.get("from_warehouse"), None if qty is None else -qty)
+                move(line["item"], v.get("to_warehouse"), qty)
+        elif kind == "journal":
+            for i, line in enumerate(v.get("lines") or (), 1):
+                debit = units(line.get("debit"), MONEY_SCALE, f"line {i} debit") or 0
+                credit = units(line.get("credit"), MONEY_SCALE, f"line {i} credit") or 0
+                lines.append(
+                    (vid, i, None, line["account"], None, None, None, None, None, debit, credit)
+                )
+                entry(None, debit, credit, account_id=line["account"])
+                amount += debit
+        voucher = (
+            vid,
+            kind,
+            v.get("number"),
+            date,
+            customer,
+            supplier,
+            v.get("warehouse"),
+            v.get("from_warehouse"),
+            v.get("to_warehouse"),
+            contract,
+            None if v.get("paid") is None else int(v["paid"]),
+            amount,
+            vat,
+            amount + vat,
+        )
+        built = _Built(voucher, lines, entries, moves)
+        debits = sum(e[6] for e in entries)
+        credits = sum(e[7] for e in entries)
+        number = v.get("number") or vid
+        if debits != credits:
+            built.conflicts.append(
+                conflict_row(
+                    NAME, "unbalanced", "error", kind, [vid], "lines",
+                    [self._value(change, {"debit": units_text(debits, MONEY_SCALE),
+                                          "credit": units_text(credits, MONEY_SCALE)})],
+                    f"{kind} {number}: debits {units_text(debits, MONEY_SCALE)} differ from "
+                    f"credits {units_text(credits, MONEY_SCALE)}; correct it with a new version",
+                )
+            )
+        posting = [f for f in change.edited if f not in NOT_POSTING]
+        if posting:
+            built.conflicts.append(
+                conflict_row(
+                    NAME, "posted_changed", "error", kind, [vid], ",".join(posting),
+                    [self._value(change, posting)],
+                    f"{kind} {number} was changed after it was posted ({', '.join(posting)}); "
+                    "book a reversal or a new version instead of editing a posted voucher",
+                )
+            )
+        if units.inexact or units.too_large:
+            built.conflicts.append(self._precision_conflict(change, units))
+        return built
+
+    @staticmethod
+    def _value(change: RecordChange, value: Any) -> dict[str, Any]:
+        return {"node": change.created_node, "hlc": change.updated_hlc, "value": value,
+                "in_force": True}
+
+    def _precision_conflict(self, change: RecordChange, units: _Units) -> ConflictRow:
+        where = units.too_large + units.inexact
+        label = change.values.get("number") or change.values.get("code") or change.id
+        if units.too_large:
+            text = (f"{change.collection} {label}: {', '.join(units.too_large)} too large for "
+                    "the books (over 2**62 units); it is left out of them")
+        else:
+            text = (f"{change.collection} {label}: {', '.join(units.inexact)} has more decimals "
+                    f"than the books keep ({MONEY_SCALE} for money, {QTY_SCALE} for quantities); "
+                    "rounded half up")
+        return conflict_row(
+            NAME, "precision", "error" if units.too_large else "warning", change.collection,
+            [change.id], ",".join(where), [self._value(change, where)], text,
+        )
+
+    # -- stock ----------------------------------------------------------------
+
+    def _check_stock(self, conn: sqlite3.Connection, pairs: list[tuple[str, str]]) -> None:
+        stale, fresh = [], []
+        for item, warehouse in pairs:
+            total = conn.execute(
+                "SELECT SUM(qty) FROM stock_moves WHERE item = ? AND warehouse = ?",
+                (item, warehouse),
+            ).fetchone()[0]
+            if total is not None and total < 0:
+                fresh.append(self._stock_conflict(item, warehouse, total))
+            else:
+                stale.append((NAME, self._stock_id(item, warehouse)))
+        conn.executemany("DELETE FROM adapter_conflicts WHERE adapter = ? AND id = ?", stale)
+        conn.executemany(INSERT_CONFLICT, fresh)
+
+    @staticmethod
+    def _stock_id(item: str, warehouse: str | None) -> str:
+        return digest("invariant", NAME, "negative_stock", "items", item, warehouse or "")
+
+    def _stock_conflict(self, item: str, warehouse: str | None, total: int) -> ConflictRow:
+        qty = units_text(total, QTY_SCALE)
+        return conflict_row(
+            NAME, "negative_stock", "warning", "items", [item, warehouse or ""], "qty",
+            [{"node": "", "hlc": 0, "value": qty, "in_force": True}],
+            f"stock of item {{item}} in warehouse {{warehouse}} is {qty}: more went out "
+            "than came in (a sale recorded before its purchase, or a missing receipt)",
+            names={"item": ("items", item), "warehouse": ("warehouses", warehouse or "")},
+        )
+
+
+def factory(schema: Schema, options: dict[str, Any]) -> AccountingAdapter:
+    """Entry point of ``branchline.adapters``: ``accounting``."""
+    return AccountingAdapter(schema, options)

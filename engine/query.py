@@ -1,0 +1,109 @@
+"""Read-only SQL on a node's store, for scripts and for checking books.
+
+The store is opened on a second connection with ``mode=ro`` and
+``PRAGMA query_only``, and an authorizer refuses every action that writes,
+attaches another file or changes a setting: a query can read, never change,
+anything. Values come back as SQLite holds them (int, str, bytes, None;
+REAL as float).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import QueryError, StoreError
+
+MAX_ROWS = 1_000_000
+
+# Authorizer action codes a read may use; everything else (insert, update,
+# delete, create, drop, alter, attach, pragma writes, transactions) is denied.
+_READ_ACTIONS = {
+    sqlite3.SQLITE_SELECT,
+    sqlite3.SQLITE_READ,
+    sqlite3.SQLITE_FUNCTION,
+    sqlite3.SQLITE_RECURSIVE,
+}
+# PRAGMAs that only report (``PRAGMA table_info(x)`` and friends).
+_READ_PRAGMAS = {
+    "table_info",
+    "table_xinfo",
+    "table_list",
+    "index_list",
+    "index_info",
+    "index_xinfo",
+    "foreign_key_list",
+    "database_list",
+    "collation_list",
+    "function_list",
+    "user_version",
+    "data_version",
+    "page_count",
+    "page_size",
+    "query_only",
+}
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """Column names and rows of a read-only query."""
+
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+
+    def objects(self) -> list[dict[str, Any]]:
+        """Rows as dicts keyed by column name (a repeated name gets ``:2``, ``:3``...)."""
+        keys: list[str] = []
+        seen: dict[str, int] = {}
+        for name in self.columns:
+            seen[name] = seen.get(name, 0) + 1
+            keys.append(name if seen[name] == 1 else f"{name}:{seen[name]}")
+        return [dict(zip(keys, row, strict=True)) for row in self.rows]
+
+
+def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, src: Any) -> int:
+    if action in _READ_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and arg1 in _READ_PRAGMAS and arg2 is None:
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
+def run_query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> QueryResult:
+    """Run one read-only statement on the store file at ``path``.
+
+    Raises QueryError (with one clear line) for a statement that would
+    write, for several statements, or for an SQL error; StoreError when the
+    file cannot be opened.
+    """
+    if not sql.strip():
+        raise QueryError("query: empty SQL; give one SELECT statement")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {path} read-only: {exc}") from None
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        conn.set_authorizer(_authorize)
+        try:
+            cur = conn.execute(sql, params)
+            rows = cur.fetchmany(MAX_ROWS + 1)
+        except sqlite3.DatabaseError as exc:
+            text = str(exc)
+            if "not authorized" in text or "readonly" in text or "read-only" in text:
+                raise QueryError(
+                    "query: refused: queries are read-only (only SELECT and read PRAGMAs)"
+                ) from None
+            raise QueryError(f"query: {text}") from None
+        except sqlite3.ProgrammingError as exc:
+            raise QueryError(f"query: {exc}") from None
+        except sqlite3.Warning as exc:  # several statements in one string
+            raise QueryError(f"query: {exc}") from None
+        if len(rows) > MAX_ROWS:
+            raise QueryError(f"query: more than {MAX_ROWS:,} rows; add a LIMIT or aggregate")
+        columns = [d[0] for d in cur.description or ()]
+        return QueryResult(columns, [tuple(r) for r in rows])
+    finally:
+        conn.close()
