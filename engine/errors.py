@@ -191,6 +191,21 @@ class RelayRefused(SyncError):
     exit_code = 2
 
 
+class UpdatesRefused(RelayUnreachable):
+    """The relay refused some of this node's updates and ended the session:
+    their documents are set aside as sync failures (``branchline failures``)
+    and a new connection carries on with everything else."""
+
+
+class SyncIncomplete(SyncError):
+    """A one-shot sync moved everything it could, but some changes failed to
+    go up or come down and wait for a person (``branchline failures``)."""
+
+
+class FailureNotFound(UserError):
+    """No recorded sync failure has that id (it may be resolved already)."""
+
+
 # -- adapters (issue 5) -------------------------------------------------------
 
 

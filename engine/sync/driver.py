@@ -22,6 +22,16 @@ Guarantees:
   is sent again later, which is harmless).
 - A received update that cannot be imported is recorded in ``sync_failures``
   (direction ``download``) and the session goes on.
+- An update the relay refuses holds back only its document: the failure is
+  recorded (``engine.sync.failures``), the session ends with
+  ``UpdatesRefused`` and the next connection leaves that document's outbox
+  rows alone until ``retry``; every other document keeps flowing.
+- While live, ``blocks`` series reserves below their target are refilled
+  (also after a local booking by another process), with capped exponential
+  backoff after a refusal.
+
+The driver does not care which thread runs it, as long as it is one at a
+time: the transport runs every call on the thread that owns the ``Node``.
 """
 
 from __future__ import annotations
@@ -40,7 +50,9 @@ from ..errors import (
     RelayUnreachable,
     RemoteProtocolError,
     UpdateError,
+    UpdatesRefused,
 )
+from ..names import DOC_RE
 from ..node import EMPTY_UPDATE, Node
 from ..protocol import (
     EMPTY_STATE_VECTOR,
@@ -59,6 +71,7 @@ from ..protocol import (
     UpdateReceived,
     codes,
 )
+from . import failures as fl
 
 #: Refs of state-diff answers and lease requests start here; outbox seqs (the
 #: refs of live updates) are SQLite rowids and stay far below.
@@ -69,8 +82,13 @@ SYNTHETIC_REF_BASE = 1 << 52
 MAX_ANSWER_BYTES = 64 << 20
 #: Live outbox rows read per ``poll`` (also bounded by the session's in-flight room).
 MAX_LIVE_BATCH = 256
-#: Reasons longer than this are cut before they are stored.
-MAX_REASON_CHARS = 500
+#: While live, blocks reserves are checked this often (and after other
+#: processes' commits, e.g. a booking that used a leased number).
+LEASE_CHECK_MS = 1_000
+#: After a refused lease, the series waits min(cap, base * 2**(n-1)) before
+#: asking again (n: refusals in a row on this connection).
+LEASE_RETRY_BASE_MS = 1_000
+LEASE_RETRY_CAP_MS = 60_000
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -78,15 +96,29 @@ ProgressCallback = Callable[[str, int, int], None]
 _FATAL_CODES = frozenset(
     {codes.AUTH_FAILED, codes.WRONG_DATASET, codes.UNSUPPORTED_VERSION, codes.READ_ONLY}
 )
+# Codes by which the relay refuses an update it received (the message names
+# the document, see engine.relay.server._rejection). A code this version does
+# not know (say a future period lock) is taken as such a refusal too.
+_REFUSAL_CODES = frozenset(
+    {codes.BAD_UPDATE, codes.FRAME_TOO_LARGE, codes.UNKNOWN_DOCUMENT, codes.READ_ONLY}
+)
 
 
 @dataclass
 class Progress:
-    """Progress of one collection in the current pass: documents exchanged
-    (diff imported and our answer acknowledged) out of the pass's documents."""
+    """Progress of one collection in the current pass, in **records**.
+
+    ``total``: records with local changes to upload (counted from the outbox
+    when the pass starts) plus records received so far; ``done``: records
+    whose upload the relay acknowledged plus records received and imported.
+    What a diff brings is known only once it is imported, so ``total`` grows
+    while diffs arrive. ``docs_done``/``docs_total``: the pass's documents
+    exchanged (diff imported and answer acknowledged)."""
 
     done: int = 0
     total: int = 0
+    docs_done: int = 0
+    docs_total: int = 0
 
 
 @dataclass
@@ -135,37 +167,14 @@ def upload_order(node: Node, docs: Iterable[str], today: dt.date) -> list[str]:
     return ordered
 
 
-def record_failure(
-    node: Node, direction: str, doc: str, reason: str, at_ms: int, record: str | None = None
-) -> None:
-    """Record (or count again) a sync failure in the node's ``sync_failures``."""
-    with node.store.transaction() as conn:
-        conn.execute(
-            "INSERT INTO sync_failures (direction, doc, record, reason, first_at, last_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (direction, doc, reason) DO UPDATE SET "
-            "attempts = attempts + 1, last_at = excluded.last_at, "
-            "record = COALESCE(excluded.record, record)",
-            (direction, doc, record, reason[:MAX_REASON_CHARS], at_ms, at_ms),
-        )
-
-
-def failure_counts(node: Node) -> dict[str, int]:
-    """{"upload": n, "download": n}: recorded failures per direction."""
-    out = {"upload": 0, "download": 0}
-    for direction, count in node.store.conn.execute(
-        "SELECT direction, COUNT(*) FROM sync_failures GROUP BY direction"
-    ):
-        out[str(direction)] = int(count)
-    return out
-
-
 class SyncDriver:
     """Connects one ``Node`` to one ``ClientSession`` (one connection).
 
     ``wall_ms`` tells wall-clock time (for ``last_sync`` and failure dates);
-    ``on_progress(collection, done, total)`` is called when a collection's
-    progress changes. Not thread-safe. A new connection needs a new driver
-    (and a new session): everything unacknowledged is sent again then.
+    ``on_progress(collection, done, total)`` is called, with record counts
+    (see ``Progress``), when a collection's progress changes. Not
+    thread-safe: one call at a time. A new connection needs a new driver (and
+    a new session): everything unacknowledged is sent again then.
     """
 
     def __init__(
@@ -188,11 +197,29 @@ class SyncDriver:
         self._answers: deque[tuple[str, bytes]] = deque()  # RemoteStates awaiting room
         self._inflight: dict[int, list[int]] = {}  # ref -> outbox seqs it carries
         self._ref_doc: dict[int, str] = {}  # diff ref -> document
+        self._live_doc: dict[int, str] = {}  # live ref -> document
+        self._ref_records: dict[int, int] = {}  # diff ref -> records it newly carries
         self._sent: set[int] = set()  # outbox seqs sent or carried this connection
         self._cursor = 0  # live rows up to this seq were sent or skipped
         self._next_ref = SYNTHETIC_REF_BASE
         self._leases: dict[int, _Lease] = {}
         self._leasing: set[str] = set()  # series keys with a lease request pending
+        self._lease_denials: dict[str, int] = {}  # series key -> refusals in a row
+        self._lease_retry_at: dict[str, int] = {}  # series key -> monotonic ms
+        self._lease_checked_ms: int | None = None
+        self._now_ms: int | None = None  # monotonic, from the latest tick
+        #: Documents whose local changes are held back by an upload failure.
+        self.held: frozenset[str] = frozenset()
+        self._held_down: frozenset[str] = frozenset()
+        self._retry_up: frozenset[str] = frozenset()
+        self._retry_down: frozenset[str] = frozenset()
+        self._failed_down: frozenset[str] = frozenset()  # docs with download failures
+        self._asked_again: set[str] = set()  # retried downloads requested this connection
+        #: Documents this connection set aside because the relay refused them.
+        self.quarantined: list[str] = []
+        #: ``{"upload": n, "download": n}`` failures waiting for a person when
+        #: a one-shot sync ended (set by ``engine.transport.node_sync``).
+        self.failures: dict[str, int] = {}
         #: Set when the relay opened the session read-only while this node has
         #: local changes: they can never be uploaded (recorded as upload failures).
         self.upload_refused: str | None = None
@@ -201,9 +228,15 @@ class SyncDriver:
 
     @property
     def synced(self) -> bool:
-        """The pass completed, every update sent is acknowledged and the node's
-        outbox is empty (nothing left to push)."""
-        return self.session.synced and not self._answers and not self._has_pending()
+        """The pass completed, every update sent is acknowledged and the
+        node's outbox holds nothing but held documents (failures waiting for
+        a person: ``engine.sync.failures``)."""
+        return (
+            self.session.synced
+            and not self._answers
+            and not self._pending_retry()
+            and not self._has_pending()
+        )
 
     @property
     def live(self) -> bool:
@@ -222,8 +255,10 @@ class SyncDriver:
 
         Raises DatasetMismatch (the relay serves another dataset; the message
         names both), AuthError (token refused), RelayRefused (another error
-        frame that needs a person), RelayUnreachable (a retryable error frame
-        or a protocol error: reconnect), StoreError when the node's store fails.
+        frame that needs a person), UpdatesRefused (the relay refused updates:
+        their documents are now held, reconnect), RelayUnreachable (a
+        retryable error frame or a protocol error: reconnect), StoreError
+        when the node's store fails.
         """
         try:
             events = self.session.receive_frame(frame)
@@ -236,15 +271,22 @@ class SyncDriver:
         self.handle(events)
 
     def tick(self, now_ms: int) -> None:
-        """Feed monotonic time (heartbeats). Raises RelayUnreachable when the
-        link has been silent for too long."""
+        """Feed monotonic time (heartbeats, lease retries). Raises
+        RelayUnreachable when the link has been silent for too long."""
+        self._now_ms = now_ms
         self.handle(self.session.tick(now_ms))
 
     def poll(self) -> int:
-        """Pick up other processes' commits (``Node.refresh``) and send new
-        outbox rows as live updates, in seq order, within the session's
-        in-flight room. Returns the rows sent."""
-        self.node.refresh()
+        """Pick up other processes' commits (``Node.refresh``), including
+        ``retry`` requests; refill ``blocks`` reserves below target; send new
+        outbox rows of documents that are not held as live updates, in seq
+        order, within the session's in-flight room. Returns the rows sent."""
+        changed = self.node.refresh()
+        if changed and self.opened is not None:
+            self._load_failures()
+        if self.live and not self.session.read_only:
+            self._maybe_refill(changed)
+        self._ask_again()
         return self._ship_live()
 
     def data_to_send(self) -> list[bytes]:
@@ -257,13 +299,18 @@ class SyncDriver:
             if isinstance(ev, Opened):
                 self._opened(ev)
             elif isinstance(ev, DiffReceived):
-                self._import(ev.doc, ev.data)
+                received = self._import(ev.doc, ev.data, from_pass=True)
                 entry = self._docs.get(ev.doc)
                 if entry is not None:
                     entry.downloaded = True
+                    if received:
+                        prog = self.progress[entry.collection]
+                        prog.total += received
+                        prog.done += received
+                        self._report(entry.collection, prog)
                     self._maybe_done(ev.doc)
             elif isinstance(ev, UpdateReceived):
-                self._import(ev.doc, ev.data)
+                self._import(ev.doc, ev.data, from_pass=False)
             elif isinstance(ev, RemoteState):
                 self._answers.append((ev.doc, ev.state_vector))
             elif isinstance(ev, Acked):
@@ -275,12 +322,10 @@ class SyncDriver:
             elif isinstance(ev, LeaseGranted):
                 lease = self._leases.pop(ev.ref)
                 self._leasing.discard(ev.series)
+                self._lease_denials.pop(ev.series, None)
                 self.node.add_block(lease.collection, ev.first, ev.last, lease.year)
             elif isinstance(ev, LeaseDenied):
-                self._leases.pop(ev.ref, None)
-                # Not retried on this connection: the relay said no (e.g. no
-                # such series); provisional numbers keep the node working.
-                self.stats.extra["leases_denied"] = self.stats.extra.get("leases_denied", 0) + 1
+                self._lease_denied(ev)
             elif isinstance(ev, ErrorReceived):
                 self._error(ev)
             elif isinstance(ev, HeartbeatTimeout):
@@ -291,7 +336,29 @@ class SyncDriver:
         if self.live:
             self._ship_live()
 
-    # -- internals -----------------------------------------------------------
+    def refill(self) -> None:
+        """Request leases now for every ``blocks`` series below its reserve
+        (``poll`` does this by itself while live; leases refused lately wait
+        out their backoff)."""
+        if self.live and not self.session.read_only:
+            self._request_leases()
+
+    # -- failures and quarantine -----------------------------------------------
+
+    def _load_failures(self) -> None:
+        """Read which documents are held or being retried (``retry`` may have
+        run in another process). Documents released while connected have
+        their outbox rows looked at again."""
+        held = fl.held_uploads(self.node)
+        if self.held - held:
+            self._cursor = 0  # rows skipped while held are shipped now (``_sent`` skips the rest)
+        self.held = held
+        self._retry_up = fl.retrying_docs(self.node, fl.UPLOAD)
+        self._held_down = fl.held_downloads(self.node)
+        self._retry_down = fl.retrying_docs(self.node, fl.DOWNLOAD)
+        self._failed_down = frozenset(
+            f.doc for f in fl.list_failures(self.node) if f.direction == fl.DOWNLOAD
+        )
 
     def _error(self, ev: ErrorReceived) -> None:
         if ev.code == codes.AUTH_FAILED:
@@ -301,39 +368,75 @@ class SyncDriver:
                 f"the relay refused dataset {self.node.dataset!r} of node "
                 f"{self.node.node_id!r}: {ev.message}"
             )
-        if ev.code in (codes.BAD_UPDATE, codes.FRAME_TOO_LARGE, codes.UNKNOWN_DOCUMENT):
-            # Blame the documents whose updates were in flight.
-            docs = sorted(set(self.session.unacked.values())) or ["?"]
-            for doc in docs:
-                record_failure(
-                    self.node, "upload", doc, f"{ev.code}: {ev.message}", self._wall_ms()
-                )
+        refused: list[str] = []
+        if ev.code in _REFUSAL_CODES or ev.code not in codes.CODES:
+            refused = self._quarantine(ev)
         if ev.code in _FATAL_CODES:
             raise RelayRefused(f"the relay refused the session: {ev.message} [{ev.code}]")
+        if refused:
+            raise UpdatesRefused(
+                f"the relay refused updates of {', '.join(refused)}; set aside (see "
+                f"'branchline failures'), the rest goes on: {ev.message} [{ev.code}]"
+            )
         raise RelayUnreachable(f"the relay ended the session: {ev.message} [{ev.code}]")
 
-    def _opened(self, ev: Opened) -> None:
-        if ev.dataset != self.node.dataset:  # the session checks too; never trust one layer
-            raise DatasetMismatch(
-                f"the relay serves dataset {ev.dataset!r} but this node belongs to "
-                f"{self.node.dataset!r}"
+    def _quarantine(self, ev: ErrorReceived) -> list[str]:
+        """Record an upload failure for the documents the refusal is about and
+        hold them. The relay names the document of the refused update in its
+        message; failing that, only a single document in flight is certain.
+        Returns the documents held (none when it cannot tell)."""
+        inflight: dict[str, list[int]] = {}
+        for ref, doc in self.session.unacked.items():
+            inflight.setdefault(doc, []).append(ref)
+        named = [d for d in inflight if repr(d) in ev.message]
+        docs = named or (list(inflight) if len(inflight) == 1 else [])
+        reason = f"{ev.code}: {ev.message}"
+        for doc in sorted(docs):
+            seqs = [s for ref in inflight[doc] for s in self._inflight.get(ref, [])]
+            fl.record_failure(
+                self.node, fl.UPLOAD, doc, reason, self._wall_ms(), self._records_of(seqs)
             )
-        self.opened = ev
+            self.quarantined.append(doc)
+        if docs:
+            self.held = self.held | frozenset(docs)
+            self._retry_up = self._retry_up - frozenset(docs)
+        return sorted(docs)
+
+    def _records_of(self, seqs: list[int]) -> list[str]:
+        """Record ids written by outbox rows ``seqs`` (at most ``fl.MAX_RECORDS``)."""
+        out: set[str] = set()
+        for i in range(0, len(seqs), 500):
+            chunk = seqs[i : i + 500]
+            out.update(
+                str(r[0])
+                for r in self.node.store.conn.execute(
+                    "SELECT DISTINCT record FROM updates WHERE record IS NOT NULL "
+                    f"AND seq IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+            )
+            if len(out) >= fl.MAX_RECORDS:
+                break
+        return sorted(out)[: fl.MAX_RECORDS]
+
+    def _pending_retry(self) -> bool:
+        """A retried download not asked again yet (keeps a one-shot sync going)."""
+        return bool(self._retry_down - self._asked_again)
+
+    def _ask_again(self) -> None:
+        """While connected and between passes, start a pass over the retried
+        downloads (a new connection includes them in its first pass)."""
+        docs = sorted(self._retry_down - self._asked_again)
+        if not docs or not self.live or self.session.syncing:
+            return
+        self._asked_again.update(docs)
         states = self.node.state()
-        today = dt.date.fromtimestamp(self._wall_ms() / 1000)
-        order = upload_order(self.node, set(states) | set(ev.documents), today)
-        self._docs = {d: _DocPass(d.partition("/")[0]) for d in order}
-        self._to_answer = set(order)
-        self.progress = {}
-        for entry in self._docs.values():
-            self.progress.setdefault(entry.collection, Progress()).total += 1
-        for coll, prog in self.progress.items():
-            self._report(coll, prog)
-        self.session.start_sync([(d, states.get(d, EMPTY_STATE_VECTOR)) for d in order])
-        if not ev.read_only:
-            self._request_leases()
-        else:
-            self._refuse_pending_uploads()
+        for doc in docs:
+            entry = self._docs.setdefault(doc, _DocPass(doc.partition("/")[0]))
+            entry.downloaded = entry.answered = entry.done = False
+            self.progress.setdefault(entry.collection, Progress()).docs_total += 1
+            self._to_answer.add(doc)
+        self.session.start_sync([(d, states.get(d, EMPTY_STATE_VECTOR)) for d in docs])
 
     def _refuse_pending_uploads(self) -> None:
         """A read-only node with local changes: record one upload failure per
@@ -344,26 +447,100 @@ class SyncDriver:
         if not pending:
             return
         reason = (
-            f"node {self.node.node_id!r} is enrolled read-only on the relay: its local "
-            "changes are not uploaded; enroll it again without --read-only to upload them"
+            f"{codes.READ_ONLY}: node {self.node.node_id!r} is enrolled read-only on the "
+            "relay: its local changes are not uploaded; enroll it again without --read-only "
+            "to upload them"
         )
         for doc, _count in pending:
-            record_failure(self.node, "upload", str(doc), reason, self._wall_ms())
+            seqs = [
+                int(r[0])
+                for r in self.node.store.conn.execute(
+                    "SELECT seq FROM updates WHERE pending = 1 AND doc = ? LIMIT ?",
+                    (doc, fl.MAX_RECORDS),
+                )
+            ]
+            fl.record_failure(
+                self.node, fl.UPLOAD, str(doc), reason, self._wall_ms(), self._records_of(seqs)
+            )
         total = sum(int(c) for _, c in pending)
         self.upload_refused = f"{reason} ({total} pending in {len(pending)} documents)"
 
-    def _import(self, doc: str, data: bytes) -> None:
+    # -- internals -----------------------------------------------------------
+
+    def _opened(self, ev: Opened) -> None:
+        if ev.dataset != self.node.dataset:  # the session checks too; never trust one layer
+            raise DatasetMismatch(
+                f"the relay serves dataset {ev.dataset!r} but this node belongs to "
+                f"{self.node.dataset!r}"
+            )
+        self.opened = ev
+        if not ev.read_only:
+            # The relay takes this node's writes again: read-only refusals are moot.
+            docs = [f.doc for f in fl.list_failures(self.node) if f.code == codes.READ_ONLY]
+            fl.resolve(self.node, fl.UPLOAD, docs, only_retrying=False)
+        self._load_failures()
+        self._asked_again = set(self._retry_down)  # this first pass asks for them
+        states = self.node.state()
+        today = dt.date.fromtimestamp(self._wall_ms() / 1000)
+        order = [
+            d
+            for d in upload_order(self.node, set(states) | set(ev.documents), today)
+            if d not in self._held_down
+        ]
+        self._docs = {d: _DocPass(d.partition("/")[0]) for d in order}
+        self._to_answer = set(order)
+        self.progress = {}
+        for entry in self._docs.values():
+            self.progress.setdefault(entry.collection, Progress()).docs_total += 1
+        if not ev.read_only:
+            for doc, count in self.node.store.conn.execute(
+                "SELECT doc, COUNT(DISTINCT record) FROM updates WHERE pending = 1 GROUP BY doc"
+            ):
+                found = self._docs.get(str(doc))
+                if found is not None and doc not in self.held:
+                    self.progress[found.collection].total += int(count)
+        for coll, prog in self.progress.items():
+            self._report(coll, prog)
+        self.session.start_sync([(d, states.get(d, EMPTY_STATE_VECTOR)) for d in order])
+        if not ev.read_only:
+            self._request_leases()
+        else:
+            self._refuse_pending_uploads()
+            self._load_failures()
+
+    def _import(self, doc: str, data: bytes, *, from_pass: bool) -> int:
+        """Import a received update; returns the records it changed. A failure
+        is recorded (the session goes on); a pass diff imported cleanly
+        resolves the document's earlier download failures."""
         if self.stats.first_update_ms is None:
             self.stats.first_update_ms = self._wall_ms()
+        if doc in self._held_down:
+            return 0  # this node cannot hold it; it waits for ``retry``
         if data in (b"", EMPTY_UPDATE):
-            return
-        try:
-            self.node.import_updates({doc: data})
-        except UpdateError as exc:
-            self.stats.download_failures += 1
-            record_failure(self.node, "download", doc, str(exc), self._wall_ms())
-            return
-        self.stats.imported += 1
+            records = 0
+        else:
+            try:
+                report = self.node.import_updates({doc: data})
+            except UpdateError as exc:
+                self.stats.download_failures += 1
+                whole = bool(DOC_RE.match(doc)) and doc.partition("/")[0] in (
+                    self.node.schema.collections
+                )
+                code = fl.INVALID if whole else fl.SCHEMA
+                fl.record_failure(self.node, fl.DOWNLOAD, doc, f"{code}: {exc}", self._wall_ms())
+                self._failed_down = self._failed_down | {doc}
+                if code == fl.SCHEMA:
+                    self._held_down = self._held_down | {doc}
+                self._retry_down = self._retry_down - {doc}
+                return 0
+            self.stats.imported += 1
+            records = report.records
+        if from_pass and doc in self._failed_down:
+            # The node now holds everything the relay has of ``doc``.
+            fl.resolve(self.node, fl.DOWNLOAD, [doc], only_retrying=False)
+            self._failed_down = self._failed_down - {doc}
+            self._retry_down = self._retry_down - {doc}
+        return records
 
     def _answer_states(self) -> None:
         while self._answers and self.session.state is SessionState.OPEN:
@@ -376,27 +553,36 @@ class SyncDriver:
 
     def _answer(self, doc: str, sv: bytes) -> bool:
         """Answer the relay's state of ``doc``; False when the answer needs
-        more in-flight room than there is now (nothing was sent)."""
+        more in-flight room than there is now (nothing was sent). A held
+        document is answered with nothing: its changes wait for ``retry``."""
         entry = self._docs.get(doc)
-        if self.session.read_only:
+        if self.session.read_only or doc in self.held:
             self.session.answer_state(doc, [])
         else:
             try:
                 parts = self._parts(doc, sv)
             except UpdateError as exc:
                 # Nothing of it can go up in updates the relay accepts: say so
-                # where the user looks, and let the pass go on.
-                record_failure(self.node, "upload", doc, str(exc), self._wall_ms())
+                # where the user looks, hold it, and let the pass go on.
+                fl.record_failure(
+                    self.node, fl.UPLOAD, doc, f"{fl.LOCAL}: {exc}", self._wall_ms()
+                )
+                self.held = self.held | {doc}
                 parts = []
             if len(parts) > self.session.inflight_room:
                 return False
             answer = []
+            owner = self._owners(doc) if parts else {}
+            counted: set[str] = set()
             for seqs, data in parts:
                 ref = self._new_ref()
                 answer.append((ref, data))
                 self._inflight[ref] = seqs
                 self._ref_doc[ref] = doc
                 self._sent.update(seqs)
+                mine = {owner[s] for s in seqs if s in owner} - counted
+                counted |= mine
+                self._ref_records[ref] = len(mine)
                 if entry is not None:
                     entry.refs.add(ref)
             self.session.answer_state(doc, answer)
@@ -406,6 +592,17 @@ class SyncDriver:
             entry.answered = True
             self._maybe_done(doc)
         return True
+
+    def _owners(self, doc: str) -> dict[int, str]:
+        """Outbox seq -> record of ``doc``'s pending rows (progress counts records)."""
+        return {
+            int(seq): str(record)
+            for seq, record in self.node.store.conn.execute(
+                "SELECT seq, record FROM updates WHERE pending = 1 AND doc = ? "
+                "AND record IS NOT NULL",
+                (doc,),
+            )
+        }
 
     def _parts(self, doc: str, sv: bytes) -> list[tuple[list[int], bytes]]:
         # An empty diff with pending rows is still sent: the relay holds them
@@ -418,10 +615,9 @@ class SyncDriver:
         except UpdateError:
             if self._readable(sv):
                 raise
-            # The relay's state vector is unreadable: upload everything.
-            record_failure(
-                self.node, "upload", doc, "unreadable relay state vector", self._wall_ms()
-            )
+            # The relay's state vector is unreadable: upload everything (the
+            # relay stores nothing twice). Its fault, not one a user can fix.
+            self.stats.extra["unreadable_states"] = self.stats.extra.get("unreadable_states", 0) + 1
             return self.node.export_parts(doc, None, MAX_ANSWER_BYTES)
 
     @staticmethod
@@ -452,29 +648,59 @@ class SyncDriver:
                 if room <= 0:
                     break
                 cursor = int(seq)
-                if cursor in self._sent:
+                if cursor in self._sent or doc in self.held:
                     continue
                 batch.append((str(doc), bytes(data), cursor))
                 room -= 1
         # One call: several updates per frame (docs/protocol.md §6.3).
         self.session.send_updates(batch)
         self._cursor = cursor
-        for _doc, _data, seq in batch:
+        for doc, _data, seq in batch:
             self._inflight[seq] = [seq]
+            self._live_doc[seq] = doc
             self._sent.add(seq)
         self.stats.live_sent += len(batch)
         return len(batch)
 
     def _acked(self, refs: Iterable[int]) -> None:
         seqs: list[int] = []
+        touched: dict[str, int] = {}  # document -> highest seq acknowledged
         for ref in refs:
-            seqs.extend(self._inflight.pop(ref, []))
-            doc = self._ref_doc.pop(ref, None)
-            if doc is not None:
+            carried = self._inflight.pop(ref, [])
+            seqs.extend(carried)
+            doc = self._ref_doc.pop(ref, None) or self._live_doc.pop(ref, None)
+            if doc is not None and carried:
+                touched[doc] = max(touched.get(doc, 0), max(carried))
+            records = self._ref_records.pop(ref, 0)
+            entry = self._docs.get(doc) if doc is not None else None
+            if entry is not None and records:
+                prog = self.progress[entry.collection]
+                prog.done += records
+                prog.total = max(prog.total, prog.done)
+                self._report(entry.collection, prog)
+            if doc is not None and ref >= SYNTHETIC_REF_BASE:
                 self._maybe_done(doc)
         if seqs:
             self.node.ack(seqs)
             self.stats.acked_rows += len(seqs)
+        self._resolve_retried(touched)
+
+    def _resolve_retried(self, touched: dict[str, int]) -> None:
+        """A retried document whose changes up to what was just acknowledged
+        all reached the relay: its upload failure is resolved."""
+        done = []
+        for doc, upto in touched.items():
+            if doc not in self._retry_up:
+                continue
+            left = self.node.store.conn.execute(
+                "SELECT 1 FROM updates WHERE pending = 1 AND doc = ? AND seq <= ? LIMIT 1",
+                (doc, upto),
+            ).fetchone()
+            if left is None:
+                done.append(doc)
+        if done:
+            fl.resolve(self.node, fl.UPLOAD, done, only_retrying=True)
+            self._retry_up = self._retry_up - frozenset(done)
 
     def _maybe_done(self, doc: str) -> None:
         entry = self._docs.get(doc)
@@ -484,7 +710,7 @@ class SyncDriver:
             return
         entry.done = True
         prog = self.progress[entry.collection]
-        prog.done += 1
+        prog.docs_done += 1
         self._report(entry.collection, prog)
 
     def _report(self, collection: str, prog: Progress) -> None:
@@ -492,25 +718,54 @@ class SyncDriver:
             self._on_progress(collection, prog.done, prog.total)
 
     def _has_pending(self) -> bool:
-        row = self.node.store.conn.execute(
-            "SELECT 1 FROM updates WHERE pending = 1 LIMIT 1"
-        ).fetchone()
-        return row is not None
+        """Outbox rows of documents that are not held."""
+        for (doc,) in self.node.store.conn.execute(
+            "SELECT DISTINCT doc FROM updates WHERE pending = 1"
+        ):
+            if doc not in self.held:
+                return True
+        return False
 
     def _new_ref(self) -> int:
         ref = self._next_ref
         self._next_ref += 1
         return ref
 
+    # -- blocks leases -----------------------------------------------------------
+
+    def _maybe_refill(self, changed: bool) -> None:
+        """Check the reserves after other processes' commits (a booking may
+        have used leased numbers) and every ``LEASE_CHECK_MS`` otherwise."""
+        now = self._now_ms
+        if now is None:
+            return
+        last = self._lease_checked_ms
+        if changed or last is None or now - last >= LEASE_CHECK_MS:
+            self._lease_checked_ms = now
+            self._request_leases()
+
+    def _lease_denied(self, ev: LeaseDenied) -> None:
+        self._leases.pop(ev.ref, None)
+        self._leasing.discard(ev.series)
+        # The relay said no (no such series, out of numbers...); provisional
+        # numbers keep the node working. Ask again after a capped backoff.
+        n = self._lease_denials.get(ev.series, 0) + 1
+        self._lease_denials[ev.series] = n
+        wait = min(LEASE_RETRY_CAP_MS, LEASE_RETRY_BASE_MS * 2 ** min(n - 1, 30))
+        self._lease_retry_at[ev.series] = (self._now_ms or 0) + wait
+        self.stats.extra["leases_denied"] = self.stats.extra.get("leases_denied", 0) + 1
+
     def _request_leases(self) -> None:
-        """Ask for blocks of every ``blocks`` series whose reserve is below target."""
+        """Ask for blocks of every ``blocks`` series whose reserve is below
+        target, unless a request is pending or a refusal's backoff runs."""
         year = dt.date.fromtimestamp(self._wall_ms() / 1000).year
+        now = self._now_ms or 0
         for coll in self.node.schema.ordered():
             if coll.series is None or coll.series.strategy != "blocks":
                 continue
             yearly = coll.series.reset == "yearly"
             key = series_mod.series_key(coll, dt.date(year, 1, 1) if yearly else None)
-            if key in self._leasing:
+            if key in self._leasing or now < self._lease_retry_at.get(key, 0):
                 continue
             missing = coll.series.reserve - self.node.reserve_left(coll.name, year)
             if missing <= 0:
@@ -520,9 +775,3 @@ class SyncDriver:
             self.session.request_lease(key, count, ref)
             self._leases[ref] = _Lease(coll.name, year if yearly else None)
             self._leasing.add(key)
-
-    def refill(self) -> None:
-        """Request leases again if a reserve fell below target (call now and
-        then while live, e.g. after local bookings)."""
-        if self.live and not self.session.read_only:
-            self._request_leases()

@@ -3,6 +3,20 @@ receive/tick/send loop around a ``SyncDriver``, reconnect with capped
 exponential backoff and jitter, offline mode, and the run heartbeat that
 ``branchline status`` reads.
 
+**Threads.** Every ``Node`` call of a sync (imports, exports, outbox reads,
+acks, refresh, failures, run status) runs on one dedicated worker thread,
+never on the event loop: a 100,000-record import takes seconds, and the loop
+must keep answering heartbeats meanwhile. That thread opens its *own*
+``Node`` on the home, so its SQLite connection is created and used by that
+thread only (sqlite3's ``check_same_thread`` stays on; no lock to forget).
+The caller's ``Node`` is never touched by the sync and stays usable on the
+caller's thread: it sees the sync's commits like another process's (reads
+come from SQLite, ``refresh`` catches up the in-memory documents). The
+driver and its protocol session run on the worker too, one call at a time.
+While a call runs longer than a heartbeat interval, the loop sends protocol
+pings itself so the relay does not drop the link; frames that arrive in the
+meantime wait in websockets' bounded queue and are handled in order after.
+
 Time and randomness are injected (``monotonic_ms``, ``wall_ms``, ``rng``).
 Everything is bounded: one frame received at a time (websockets' own buffer
 limits backpressure the socket), live rows per poll (``MAX_LIVE_BATCH``), the
@@ -14,23 +28,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from ..clock import system_random
-from ..errors import AuthError, BranchlineError, DatasetMismatch, UserError
+from ..errors import AuthError, BranchlineError, DatasetMismatch, UpdatesRefused, UserError
 from ..node import Node
-from ..protocol import DEFAULT_HEARTBEAT_MS, ClientSession, Limits
-from ..sync import ProgressCallback, RelayRefused, RelayUnreachable, SyncDriver, SyncTimeout
+from ..protocol import DEFAULT_HEARTBEAT_MS, ClientSession, Limits, SessionState, encode_message
+from ..protocol.messages import Ping
+from ..sync import (
+    ProgressCallback,
+    RelayRefused,
+    RelayUnreachable,
+    SyncDriver,
+    SyncTimeout,
+    failure_counts,
+)
 
 log = logging.getLogger("branchline.sync")
 
@@ -40,12 +65,21 @@ STATUS_EVERY_S = 2.0  # write the run heartbeat this often
 #: A run heartbeat older than this means no ``node run`` is connected.
 STALE_AFTER_MS = 10_000
 OPEN_TIMEOUT_S = 5.0
+#: While the node thread is busy, the loop checks this often whether a ping is due.
+KEEPALIVE_CHECK_S = 0.1
+#: A one-shot sync reconnects at most this often after refusals that set
+#: documents aside (each one holds at least one more document).
+MAX_REFUSAL_ROUNDS = 100
 MAX_FRAME_BYTES = Limits().max_frame  # websocket max_size follows the protocol limit
+PING_FRAME = encode_message(Ping(), max_frame=MAX_FRAME_BYTES)
 
 META_OFFLINE = "offline"
 META_RUN_STATE = "run_state"
 META_RUN_HEARTBEAT = "run_heartbeat"
 META_LAST_SYNC = "last_sync"
+
+
+T = TypeVar("T")
 
 
 def _monotonic_ms() -> int:
@@ -111,12 +145,89 @@ def _write_run_state(node: Node, state: str, wall_ms: int) -> None:
         node.store.set_meta(META_RUN_HEARTBEAT, str(wall_ms))
 
 
+class _WallClock:
+    """The injected ``wall_ms`` as the ``Clock`` the node thread's Node uses."""
+
+    def __init__(self, wall_ms: Callable[[], int]) -> None:
+        self._wall_ms = wall_ms
+
+    def wall_ms(self) -> int:
+        return self._wall_ms()
+
+
+class NodeThread:
+    """The one thread that owns a ``Node`` during a sync (see the module
+    docstring). ``async with NodeThread(home, ...) as nt: await nt.run(f, ...)``
+    runs ``f(nt.node, ...)`` on that thread; calls run one at a time, in the
+    order they were made. Leaving the context closes the Node on its thread
+    after the calls already queued (a call cannot be interrupted, so one
+    still running when its caller was cancelled finishes first).
+
+    Raises what ``Node.open`` raises (HomeNotFound, FormatVersionError,
+    DatasetMismatch) on entry, and what each call raises from ``run``.
+    """
+
+    def __init__(self, home: Path, *, dataset: str, wall_ms: Callable[[], int]) -> None:
+        self._home = home
+        self._dataset = dataset
+        self._clock = _WallClock(wall_ms)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="branchline-node")
+        self._node: Node | None = None
+
+    @property
+    def node(self) -> Node:
+        """The thread's Node: only pass it to functions given to ``run``."""
+        if self._node is None:
+            raise RuntimeError("NodeThread used outside its context")
+        return self._node
+
+    async def __aenter__(self) -> NodeThread:
+        try:
+            self._node = await self._call(
+                functools.partial(
+                    Node.open, self._home, dataset=self._dataset, clock=self._clock
+                )
+            )
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        node, self._node = self._node, None
+        try:
+            if node is not None:
+                await self._call(node.close)
+        finally:
+            self._pool.shutdown(wait=False)  # the queue is empty: the thread exits
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(node, *args)`` on the node thread."""
+        return await self._call(functools.partial(fn, self.node, *args))
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+
+def _posting(on_progress: ProgressCallback | None) -> ProgressCallback | None:
+    """``on_progress`` called on the event loop (the driver runs on the node thread)."""
+    if on_progress is None:
+        return None
+    loop = asyncio.get_running_loop()
+    cb = on_progress
+
+    def post(collection: str, done: int, total: int) -> None:
+        loop.call_soon_threadsafe(cb, collection, done, total)
+
+    return post
+
+
 class _Connection:
-    """One websocket connection driving one SyncDriver."""
+    """One websocket connection driving one SyncDriver on the node thread."""
 
     def __init__(
         self,
-        node: Node,
+        nt: NodeThread,
         ws: ClientConnection,
         token: str,
         *,
@@ -125,21 +236,71 @@ class _Connection:
         wall_ms: Callable[[], int],
         on_progress: ProgressCallback | None,
     ) -> None:
+        self.nt = nt
         self.ws = ws
         self.monotonic_ms = monotonic_ms
+        self.heartbeat_ms = heartbeat_ms
         session = ClientSession(
-            dataset=node.dataset, node=node.node_id, token=token, heartbeat_ms=heartbeat_ms
+            dataset=nt.node.dataset, node=nt.node.node_id, token=token, heartbeat_ms=heartbeat_ms
         )
-        self.driver = SyncDriver(node, session, wall_ms=wall_ms, on_progress=on_progress)
+        # Built here but only ever called on the node thread (through ``call``).
+        self.driver = SyncDriver(nt.node, session, wall_ms=wall_ms, on_progress=on_progress)
+        self.open = False  # the session was OPEN after the latest call
+        self.synced = False  # driver.synced after the latest call
+        self.sent_ms = monotonic_ms()  # when the loop last sent a frame
+        self.keepalives = 0  # pings the loop sent while the node thread was busy
 
-    async def flush(self) -> None:
-        for frame in self.driver.data_to_send():
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(node, *args)`` on the node thread. Meanwhile the loop keeps the
+        link alive: a protocol ping whenever nothing was sent for a heartbeat
+        interval (once the session is open; the relay answers with a pong)."""
+        task = asyncio.ensure_future(self.nt.run(fn, *args))
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_CHECK_S)
+            if done:
+                return task.result()
+            now = self.monotonic_ms()
+            if self.open and now - self.sent_ms >= self.heartbeat_ms:
+                await self.ws.send(PING_FRAME)
+                self.sent_ms = now
+                self.keepalives += 1
+
+    async def flush(self, frames: list[bytes]) -> None:
+        for frame in frames:
             await self.ws.send(frame)
+        if frames:
+            self.sent_ms = self.monotonic_ms()
+
+    async def start(self) -> None:
+        await self.flush(await self.call(self._first))
+
+    def _first(self, _node: Node) -> list[bytes]:
+        return self.driver.data_to_send()
+
+    def _work(self, _node: Node, msg: bytes | None) -> tuple[list[bytes], bool]:
+        """Node thread: handle ``msg``, tick, poll; the frames to send and
+        whether the link is dead. Raises what the driver raises."""
+        driver = self.driver
+        try:
+            if msg is not None:
+                driver.receive(msg)
+            # Read the clock after a (possibly long) import, not before.
+            driver.tick(self.monotonic_ms())
+            dead = False
+        except RelayUnreachable:
+            if driver.session.error is None or driver.session.error.code != "timeout":
+                raise
+            dead = True
+        if not dead:
+            driver.poll()
+        self.open = driver.session.state is SessionState.OPEN
+        self.synced = driver.synced
+        return driver.data_to_send(), dead
 
     async def step(self, wait_s: float) -> None:
-        """Receive for up to ``wait_s``, then tick, poll and send. Raises what
-        ``SyncDriver.receive``/``tick`` raise, RelayUnreachable when the
-        connection closed."""
+        """Receive for up to ``wait_s``, then tick, poll and send (on the node
+        thread). Raises what ``SyncDriver.receive``/``tick`` raise,
+        RelayUnreachable when the connection closed or the link is dead."""
         try:
             msg = await asyncio.wait_for(self.ws.recv(), timeout=wait_s)
         except TimeoutError:
@@ -147,17 +308,15 @@ class _Connection:
         except ConnectionClosed as exc:
             # A final error frame may have been read already; recv raises after it.
             raise RelayUnreachable(f"the relay closed the connection ({exc})") from None
-        if msg is not None:
-            self.driver.receive(msg if isinstance(msg, bytes) else msg.encode())
-        try:
-            self.driver.tick(self.monotonic_ms())
-        except RelayUnreachable:
+        data = msg.encode() if isinstance(msg, str) else msg
+        frames, dead = await self.call(self._work, data)
+        if dead:
             # A dead link: the closing handshake would wait out close_timeout
             # (10 s) on a peer that no longer answers. Drop the socket now.
             self.ws.transport.abort()
-            raise
-        self.driver.poll()
-        await self.flush()
+            error = self.driver.session.error
+            raise RelayUnreachable(f"{error.message if error else 'the link is dead'}")
+        await self.flush(frames)
 
 
 def _classify(exc: BaseException, url: str) -> BranchlineError:
@@ -192,49 +351,91 @@ async def node_sync(
     monotonic_ms: Callable[[], int] = _monotonic_ms,
     wall_ms: Callable[[], int] = _wall_ms,
 ) -> SyncDriver:
-    """One-shot sync: push every pending local change, pull everything the
-    relay holds, and return (the driver, for its stats) once the pass is
-    complete, every update is acknowledged and the outbox is empty.
+    """One-shot sync of ``node``'s home: push every pending local change, pull
+    everything the relay holds, and return (the driver, for its ``stats``,
+    ``quarantined``, ``held`` and ``failures``) once the pass is complete,
+    every update sent is acknowledged and the outbox holds nothing but
+    documents set aside by sync failures.
+
+    The sync runs on its own node thread (module docstring); ``node`` itself
+    is only read here (relay URL and token) and stays usable. ``on_progress``
+    is called on the event loop with record counts (``engine.sync.Progress``).
+
+    An update the relay refuses (too large, invalid, unknown document, ...)
+    does not fail the sync: its document is set aside as a sync failure
+    (``engine.sync.failures``) and the sync reconnects and goes on with the
+    rest. ``driver.failures`` then counts what waits for a person; callers
+    that need all or nothing check it (``branchline sync`` exits 1).
 
     Raises RelayUnreachable (cannot connect, or the link broke), AuthError
     (token refused), DatasetMismatch (the relay serves another dataset; the
-    message names both), RelayRefused (other refusal needing a person),
-    SyncTimeout (not fully synced within ``timeout`` seconds), UserError (no
-    relay configured, bad URL). No retry: ``LiveSync`` retries.
+    message names both), RelayRefused (other refusal needing a person, such
+    as a read-only node with local changes: raised once everything was
+    downloaded), SyncTimeout (not done within ``timeout`` seconds),
+    UserError (no relay configured, bad URL). No retry on a broken link:
+    ``LiveSync`` retries.
     """
     if url is None or token is None:
         url, token = relay_of(node)
+    progress = _posting(on_progress)
     try:
         async with asyncio.timeout(timeout):
-            try:
-                ws = await _open(url)
-            except Exception as exc:  # classified, or re-raised
-                raise _classify(exc, url) from None
-            async with ws:
-                conn = _Connection(
-                    node,
-                    ws,
-                    token,
-                    heartbeat_ms=heartbeat_ms,
-                    monotonic_ms=monotonic_ms,
-                    wall_ms=wall_ms,
-                    on_progress=on_progress,
-                )
-                await conn.flush()
-                while not conn.driver.synced:
-                    refused = conn.driver.upload_refused
-                    if refused is not None and conn.driver.session.synced:
-                        raise RelayRefused(refused)  # downloaded all; uploads impossible
+            async with NodeThread(node.home, dataset=node.dataset, wall_ms=wall_ms) as nt:
+                rounds = 0
+                while True:
                     try:
-                        await conn.step(POLL_S)
-                    except (OSError, ConnectionClosed) as exc:
-                        raise _classify(exc, url) from None
-                return conn.driver
+                        driver = await _sync_once(
+                            nt, url, token, progress, heartbeat_ms, monotonic_ms, wall_ms
+                        )
+                    except UpdatesRefused as exc:
+                        rounds += 1
+                        if rounds >= MAX_REFUSAL_ROUNDS:
+                            raise
+                        log.info("%s", exc)
+                        continue
+                    driver.failures = await nt.run(failure_counts)
+                    return driver
     except TimeoutError:
         raise SyncTimeout(
             f"not fully synced with {safe_url(url)} after {timeout:g} s; "
             "try again, or give more time with --timeout"
         ) from None
+
+
+async def _sync_once(
+    nt: NodeThread,
+    url: str,
+    token: str,
+    on_progress: ProgressCallback | None,
+    heartbeat_ms: int,
+    monotonic_ms: Callable[[], int],
+    wall_ms: Callable[[], int],
+) -> SyncDriver:
+    """One connection of ``node_sync``, until synced."""
+    try:
+        ws = await _open(url)
+    except Exception as exc:  # classified, or re-raised
+        raise _classify(exc, url) from None
+    async with ws:
+        conn = _Connection(
+            nt,
+            ws,
+            token,
+            heartbeat_ms=heartbeat_ms,
+            monotonic_ms=monotonic_ms,
+            wall_ms=wall_ms,
+            on_progress=on_progress,
+        )
+        await conn.start()
+        while not conn.synced:
+            try:
+                await conn.step(POLL_S)
+            except (OSError, ConnectionClosed) as exc:
+                raise _classify(exc, url) from None
+        refused = conn.driver.upload_refused
+        if refused is not None:
+            raise RelayRefused(refused)  # downloaded all; uploads impossible
+        return conn.driver
 
 
 class LiveSync:
@@ -243,8 +444,13 @@ class LiveSync:
     honours offline mode and writes the run heartbeat for ``status``.
 
     ``async with LiveSync(node) as live: ... await live.wait_synced()``.
+    Every Node call runs on a node thread of its own (module docstring); the
+    ``node`` given is only read here (relay URL, token, home) and stays
+    usable by its owner, whose writes are shipped within about 100 ms.
     Errors never escape the loop: auth and dataset refusals are logged at
-    ERROR and retried at the backoff cap (a person may fix the relay side).
+    ERROR and retried at the backoff cap (a person may fix the relay side);
+    a refused update sets its document aside (``branchline failures``) and
+    the connection is opened again at once.
     """
 
     def __init__(
@@ -262,7 +468,8 @@ class LiveSync:
     ) -> None:
         if url is None or token is None:
             url, token = relay_of(node)
-        self.node = node
+        self.home = node.home
+        self.dataset = node.dataset
         self.url = url
         self._token = token
         self.backoff = backoff or Backoff()
@@ -274,7 +481,12 @@ class LiveSync:
         self.state = "stopped"
         self.online = False
         self.last_error: BranchlineError | None = None
+        #: The current connection's driver. It runs on the node thread: read
+        #: its attributes for inspection only.
         self.driver: SyncDriver | None = None
+        #: Pings the loop sent while the node thread was busy (all connections).
+        self.keepalives = 0
+        self._nt: NodeThread | None = None
         self._synced = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -301,29 +513,30 @@ class LiveSync:
             self._task = None
 
     async def wait_synced(self, timeout: float | None = None) -> None:
-        """Return once connected, the pass complete and the outbox empty.
-        Raises TimeoutError after ``timeout`` seconds."""
+        """Return once connected, the pass complete and the outbox empty
+        (but for documents set aside by sync failures). Raises TimeoutError
+        after ``timeout`` seconds."""
         async with asyncio.timeout(timeout):
             await self._synced.wait()
 
     # -- internals -------------------------------------------------------------
 
-    def _set_state(self, state: str, detail: str = "") -> None:
+    async def _set_state(self, state: str, detail: str = "") -> None:
         if state != self.state:
             log.info("%s%s", state, f" ({detail})" if detail else "")
         self.state = state
         self.online = state == "online"
         if state != "online":
             self._synced.clear()
-        self._status(force=True)
+        await self._status(force=True)
 
-    def _status(self, force: bool = False) -> None:
-        if not self._write_status:
+    async def _status(self, force: bool = False) -> None:
+        if not self._write_status or self._nt is None:
             return
         now = self._monotonic_ms()
         if force or now - self._status_at >= STATUS_EVERY_S * 1000:
             self._status_at = now
-            _write_run_state(self.node, self.state, self._wall_ms())
+            await self._nt.run(_write_run_state, self.state, self._wall_ms())
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep unless stopped; True when stopped."""
@@ -332,79 +545,96 @@ class LiveSync:
         return self._stop.is_set()
 
     async def _run(self) -> None:
-        attempt = 0
         try:
-            while not self._stop.is_set():
-                if is_offline(self.node):
-                    self._set_state("offline mode")
-                    self._status()
-                    if await self._sleep(OFFLINE_CHECK_S):
-                        break
-                    continue
-                self._set_state("connecting", safe_url(self.url))
+            async with NodeThread(self.home, dataset=self.dataset, wall_ms=self._wall_ms) as nt:
+                self._nt = nt
                 try:
-                    await self._connection()
-                    attempt = 0  # a session that ended cleanly (offline mode, stop)
-                except (AuthError, DatasetMismatch, RelayRefused) as exc:
-                    self.last_error = exc
-                    log.error("%s", exc)
-                    attempt = 30  # straight to the cap: a person must act
-                except BranchlineError as exc:
-                    self.last_error = exc
-                    log.info("offline (%s)", exc)
-                except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed) as exc:
-                    self.last_error = _classify(exc, self.url)
-                    log.info("offline (%s)", self.last_error)
-                if self._stop.is_set():
-                    break
-                if self.state == "online":
-                    attempt = 0  # it was up: start the backoff over
-                delay = self.backoff.delay(attempt)
-                attempt = min(attempt + 1, 30)
-                self._set_state("backing off", f"{delay:.1f}s")
-                if await self._sleep(delay):
-                    break
-        finally:
-            self.online = False
-            self.state = "stopped"
-            self._synced.clear()
-            if self._write_status:
-                with contextlib.suppress(BranchlineError):
-                    _write_run_state(self.node, "stopped", self._wall_ms())
-            log.info("stopped")
+                    await self._loop(nt)
+                finally:
+                    self.online = False
+                    self.state = "stopped"
+                    self._synced.clear()
+                    if self._write_status:
+                        with contextlib.suppress(BranchlineError):
+                            await nt.run(_write_run_state, "stopped", self._wall_ms())
+                    self._nt = None
+        except BranchlineError as exc:  # the home cannot be opened
+            self.last_error = exc
+            log.error("%s", exc)
+        log.info("stopped")
 
-    async def _connection(self) -> None:
+    async def _loop(self, nt: NodeThread) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            if await nt.run(is_offline):
+                await self._set_state("offline mode")
+                await self._status()
+                if await self._sleep(OFFLINE_CHECK_S):
+                    break
+                continue
+            await self._set_state("connecting", safe_url(self.url))
+            try:
+                await self._connection(nt)
+                attempt = 0  # a session that ended cleanly (offline mode, stop)
+            except (AuthError, DatasetMismatch, RelayRefused) as exc:
+                self.last_error = exc
+                log.error("%s", exc)
+                attempt = 30  # straight to the cap: a person must act
+            except UpdatesRefused as exc:
+                self.last_error = exc
+                log.warning("%s", exc)
+                attempt = 0  # the refused documents are held; the rest goes on at once
+            except BranchlineError as exc:
+                self.last_error = exc
+                log.info("offline (%s)", exc)
+            except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed) as exc:
+                self.last_error = _classify(exc, self.url)
+                log.info("offline (%s)", self.last_error)
+            if self._stop.is_set():
+                break
+            if self.state == "online":
+                attempt = 0  # it was up: start the backoff over
+            delay = self.backoff.delay(attempt)
+            attempt = min(attempt + 1, 30)
+            await self._set_state("backing off", f"{delay:.1f}s")
+            if await self._sleep(delay):
+                break
+
+    async def _connection(self, nt: NodeThread) -> None:
         ws = await _open(self.url)
         async with ws:
             conn = _Connection(
-                self.node,
+                nt,
                 ws,
                 self._token,
                 heartbeat_ms=self._heartbeat_ms,
                 monotonic_ms=self._monotonic_ms,
                 wall_ms=self._wall_ms,
-                on_progress=self._on_progress,
+                on_progress=_posting(self._on_progress),
             )
             self.driver = conn.driver
-            await conn.flush()
+            await conn.start()
             checked = self._monotonic_ms()
-            while not self._stop.is_set():
-                await conn.step(POLL_S)
-                if conn.driver.opened is not None and self.state != "online":
-                    self._set_state("online", safe_url(self.url))
-                    if conn.driver.upload_refused is not None:
-                        log.error("%s", conn.driver.upload_refused)
-                if conn.driver.synced:
-                    self._synced.set()
-                else:
-                    self._synced.clear()
-                self._status()
-                now = self._monotonic_ms()
-                if now - checked >= OFFLINE_CHECK_S * 1000:
-                    checked = now
-                    if is_offline(self.node):
-                        return
-
+            try:
+                while not self._stop.is_set():
+                    await conn.step(POLL_S)
+                    if conn.open and self.state != "online":
+                        await self._set_state("online", safe_url(self.url))
+                        refused = conn.driver.upload_refused
+                        if refused is not None:
+                            log.error("%s", refused)
+                    if conn.synced:
+                        self._synced.set()
+                    else:
+                        self._synced.clear()
+                    await self._status()
+                    now = self._monotonic_ms()
+                    if now - checked >= OFFLINE_CHECK_S * 1000:
+                        checked = now
+                        if await nt.run(is_offline):
+                            return
+            finally:
+                self.keepalives += conn.keepalives
 
 def run_status(node: Node, now_ms: int) -> dict[str, Any]:
     """What ``branchline status`` shows about the running ``node run``:
