@@ -44,6 +44,10 @@ class RecordDeleted(UserError):
     """The record is deleted; restore it before editing."""
 
 
+class ConflictNotFound(UserError):
+    """No open conflict has that id (it may be resolved already)."""
+
+
 class StoreError(BranchlineError):
     """The node home or its SQLite file cannot be used as asked."""
 

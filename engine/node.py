@@ -25,9 +25,10 @@ from typing import Any
 
 import orjson
 
-from . import plugins
+from . import plugins, resolution
 from . import series as series_mod
 from .clock import Clock, HybridClock, SystemClock, system_random
+from .conflicts import list_conflicts, list_resolutions
 from .crdt import MAX_MERGE, RecordDoc, merge, trim_heap
 from .errors import (
     AdapterNotFound,
@@ -42,7 +43,7 @@ from .errors import (
     ValidationError,
 )
 from .ids import is_id, new_id, node_salt
-from .merge import CREATED, DELETED, new_state, resolve, seen_by
+from .merge import ALIAS, CREATED, DELETED, Resolved, new_state, resolve, seen_by
 from .names import DATASET_RE, DOC_RE, NODE_RE
 from .query import QueryResult, run_query
 from .schema import Collection, Schema, load_schema, parse_schema
@@ -64,6 +65,8 @@ Strings = list[str]
 Outbox = list[tuple[int, str, bytes]]
 Parts = list[tuple[list[int], bytes]]  # (outbox seqs carried, update)
 Rows = list[tuple[int, bytes]]
+Held = list[tuple[str, Resolved, dict[str, Any]]]  # (record id, resolved, valid values)
+Pairs = list[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,7 @@ class Node:
         self._docs: OrderedDict[str, _Loaded] = OrderedDict()
         # None unless the node enables adapters: then writes skip them at no cost.
         self._adapters = plugins.AdapterSet.from_meta(meta, schema)
+        self._refs = {c.name: _ref_paths(c) for c in schema.collections.values()}
         store.changed_elsewhere()
 
     # -- opening -----------------------------------------------------------
@@ -327,7 +331,8 @@ class Node:
         if found is None:
             return None
         row = self.store.conn.execute(
-            "SELECT id, data FROM records WHERE collection = ? AND id = ? AND deleted = 0",
+            "SELECT id, data, alias_of FROM records "
+            "WHERE collection = ? AND id = ? AND deleted = 0",
             (coll.name, found[0]),
         ).fetchone()
         return self._rows_to_records(coll, [row], codes)[0] if row else None
@@ -336,7 +341,8 @@ class Node:
         """All live records of a collection in id (creation time) order."""
         coll = self.collection(collection)
         rows = self.store.conn.execute(
-            "SELECT id, data FROM records WHERE collection = ? AND deleted = 0 ORDER BY id",
+            "SELECT id, data, alias_of FROM records "
+            "WHERE collection = ? AND deleted = 0 ORDER BY id",
             (coll.name,),
         ).fetchall()
         return self._rows_to_records(coll, rows, codes)
@@ -356,82 +362,57 @@ class Node:
         ).fetchone()
         return int(row[0])
 
-    def conflicts(self) -> Records:
-        """Every open conflict, derived from replicated state, sorted by id.
+    def conflicts(self, *, resolved: bool = False) -> Records:
+        """Every open conflict, derived from replicated state, sorted by id
+        (engine.conflicts lists the kinds). Each has ``id``, ``kind``,
+        ``collection``, ``records``, ``field``, ``values`` (``node``,
+        ``hlc``, ``value``, ``in_force``) and an ``explanation``.
 
-        Each has ``id``, ``kind`` (concurrent_edit, edit_delete,
-        duplicate_key), ``collection``, ``records``, ``field`` and
-        ``values`` (``node``, ``hlc``, ``value``, ``in_force``), and an
-        ``explanation``.
+        With ``resolved``, the journal of resolutions instead, oldest first.
         """
-        conn = self.store.conn
-        out = []
-        for cid, coll, rid, kind, fld, data in conn.execute(
-            "SELECT id, collection, record_id, kind, field, data FROM record_conflicts"
-        ):
-            competitors = orjson.loads(data)
-            for i, c in enumerate(competitors):
-                c["in_force"] = i == 0
-            if kind == "concurrent_edit":
-                text = (
-                    f"'{fld}' was changed at the same time at {_nodes(competitors)}; "
-                    f"the later edit (from {competitors[0]['node']}) is in force, the other "
-                    "value is kept until someone resolves it"
-                )
-            else:
-                text = (
-                    f"the record was deleted at {competitors[0]['node']} while "
-                    f"{_nodes(competitors[1:])} edited it without seeing the delete"
-                )
-            out.append(
-                {
-                    "id": cid,
-                    "kind": kind,
-                    "collection": coll,
-                    "records": [rid],
-                    "field": fld,
-                    "values": competitors,
-                    "explanation": text,
-                }
-            )
-        for coll_name, key_field in ((c.name, c.key) for c in self.schema.collections.values()):
-            dupes = conn.execute(
-                "SELECT key FROM records INDEXED BY records_key "
-                "WHERE collection = ? AND deleted = 0 AND key IS NOT NULL "
-                "GROUP BY key HAVING COUNT(*) > 1",
-                (coll_name,),
-            ).fetchall()
-            for (key,) in dupes:
-                rows = conn.execute(
-                    "SELECT id, created_node, created_hlc FROM records INDEXED BY records_key "
-                    "WHERE collection = ? AND key = ? AND deleted = 0 "
-                    "ORDER BY created_hlc, created_node",
-                    (coll_name, key),
-                ).fetchall()
-                ids = [r[0] for r in rows]
-                cid = _digest("duplicate_key", coll_name, key, *sorted(ids))
-                values = [
-                    {"node": n, "hlc": h, "value": rid, "in_force": i == 0}
-                    for i, (rid, n, h) in enumerate(rows)
-                ]
-                out.append(
-                    {
-                        "id": cid,
-                        "kind": "duplicate_key",
-                        "collection": coll_name,
-                        "records": ids,
-                        "field": key_field,
-                        "key": key,
-                        "values": values,
-                        "explanation": (
-                            f"{len(ids)} live {coll_name} records share {key_field} '{key}' "
-                            f"(created at {_nodes(values)}); the earliest created is used "
-                            "for references"
-                        ),
-                    }
-                )
-        out.sort(key=lambda c: c["id"])
-        return out
+        self.refresh()
+        if resolved:
+            return list_resolutions(self.store.conn)
+        return list_conflicts(self.store.conn, self.schema)
+
+    def resolve(
+        self,
+        conflict_id: str,
+        *,
+        keep: Any = None,
+        rename: str | None = None,
+        merge_into: str | None = None,
+        renumber: bool = False,
+        record: str | None = None,
+    ) -> dict[str, Any]:
+        """Resolve an open conflict with one replicated write (see
+        engine.resolution for what each choice does) and journal it.
+        Returns the journal entry. Raises ConflictNotFound, UserError for a
+        choice that does not fit the conflict, and as ``put``.
+        """
+        return resolution.resolve(
+            self,
+            conflict_id,
+            keep=keep,
+            rename=rename,
+            merge_into=merge_into,
+            renumber=renumber,
+            record=record,
+        )
+
+    def waiting(self) -> int:
+        """Received records held back until a record they refer to arrives."""
+        row = self.store.conn.execute(
+            "SELECT COUNT(*) FROM (SELECT DISTINCT collection, id FROM waiting)"
+        ).fetchone()
+        return int(row[0])
+
+    def settle_waiting(self) -> int:
+        """After a full sync: show the records still waiting for a reference
+        (each then lists as a ``dangling_reference`` conflict). Returns how many."""
+        with self._write() as conn:
+            found = set(conn.execute("SELECT DISTINCT collection, id, doc FROM waiting"))
+            return self._rematerialize(conn, found, hold=False) if found else 0
 
     # -- replication -------------------------------------------------------
 
@@ -525,6 +506,7 @@ class Node:
         for name in updates:
             self._collection_of(name)
         documents = records = stored = 0
+        touched: set[str] = set()
         with self._write() as conn:
             for name, data in updates.items():
                 coll = self._collection_of(name)
@@ -538,8 +520,12 @@ class Node:
                 documents += 1
                 stored += 1
                 self._log(conn, loaded, blob, "remote")
-                records += self._materialize(conn, coll, loaded.doc, changed)
+                records += self._materialize(conn, coll, loaded.doc, changed, hold=True)
                 loaded.doc.release()
+                if changed and coll.on_duplicate == "renumber":
+                    touched.add(coll.name)
+            if touched:
+                resolution.renumber_own_duplicates(self, conn, touched)
         if sum(len(data) for data in updates.values()) > TRIM_AFTER_BYTES:
             trim_heap()
         return ImportReport(documents, records, stored)
@@ -722,7 +708,7 @@ class Node:
                 return str(row[0]), str(row[1])
         row = conn.execute(
             "SELECT id, doc FROM records INDEXED BY records_key "
-            "WHERE collection = ? AND key = ? AND deleted = 0 "
+            "WHERE collection = ? AND key = ? AND deleted = 0 AND alias_of IS NULL "
             "ORDER BY created_hlc, created_node LIMIT 1",
             (coll.name, id_or_key),
         ).fetchone()
@@ -872,21 +858,35 @@ class Node:
         return cur.rowcount
 
     def _materialize(
-        self, conn: sqlite3.Connection, coll: Collection, doc: RecordDoc, rids: set[str]
+        self,
+        conn: sqlite3.Connection,
+        coll: Collection,
+        doc: RecordDoc,
+        rids: set[str],
+        hold: bool = False,
     ) -> int:
-        """Re-resolve records into ``records`` and ``record_conflicts``."""
+        """Re-resolve records into ``records``, ``record_conflicts`` and
+        ``resolutions``. With ``hold`` (received updates), a new record that
+        refers to a record not here yet waits in ``waiting`` instead."""
         watch = self._adapters.watch(conn, coll, self._states, rids) if self._adapters else None
-        rows, incomplete, conflicts = [], [], []
+        rows, incomplete, conflicts, journal = [], [], [], []
         newest = 0
+        resolved: Held = []
         # In key order: SQLite inserts several times faster.
         for rid in sorted(rids):
             r = resolve(doc.states(rid))
             newest = max(newest, r.newest)
             if r.created is None:
                 incomplete.append((coll.name, rid))
-                continue
-            values = _valid_values(coll, r.values)
+            else:
+                resolved.append((rid, r, _valid_values(coll, r.values)))
+        if hold and resolved and self._refs[coll.name]:
+            resolved, waiting = self._hold_back(conn, coll, doc.name, resolved)
+            incomplete += waiting
+        for rid, r, values in resolved:
+            assert r.created is not None
             data = orjson.dumps(values, option=orjson.OPT_SORT_KEYS).decode()
+            alias = r.values.get(ALIAS)
             rows.append(
                 (
                     coll.name,
@@ -897,8 +897,20 @@ class Node:
                     *r.created,
                     r.newest,
                     data,
+                    alias if type(alias) is str and alias != rid else None,
                 )
             )
+            for entry in r.journal:
+                at = entry.get("at")
+                journal.append(
+                    (
+                        entry["id"],
+                        coll.name,
+                        rid,
+                        at if type(at) is int else 0,
+                        orjson.dumps(entry, option=orjson.OPT_SORT_KEYS).decode(),
+                    )
+                )
             for c in r.conflicts:
                 competitors = [
                     {"node": p.node, "hlc": p.hlc, "value": p.value} for p in c.competitors
@@ -927,13 +939,92 @@ class Node:
             [(coll.name, rid) for rid in rids if rid in had],
         )
         conn.executemany("DELETE FROM records WHERE collection = ? AND id = ?", incomplete)
-        conn.executemany("INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.executemany(
+            "INSERT OR REPLACE INTO records (collection, id, doc, key, deleted, created_hlc, "
+            "created_node, updated_hlc, data, alias_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
         conn.executemany(
             "INSERT OR REPLACE INTO record_conflicts VALUES (?, ?, ?, ?, ?, ?)", conflicts
         )
+        conn.executemany("INSERT OR IGNORE INTO resolutions VALUES (?, ?, ?, ?, ?)", journal)
+        if rows and conn.execute("SELECT 1 FROM waiting LIMIT 1").fetchone():
+            self._release(conn, coll, [row[1] for row in rows])
         if watch is not None:
             watch.deliver(conn)
         return len(rows)
+
+    def _hold_back(
+        self,
+        conn: sqlite3.Connection,
+        coll: Collection,
+        docname: str,
+        resolved: Held,
+    ) -> tuple[Held, Pairs]:
+        """Split received records into those to materialize and those that
+        must wait for a referenced record that has not arrived (a record
+        already shown is never hidden again). Records the waits."""
+        wanted: dict[tuple[str, str], list[str]] = {}
+        for rid, _, values in resolved:
+            for target, tid in _references(self._refs[coll.name], values):
+                wanted.setdefault((target, tid), []).append(rid)
+        if not wanted:
+            return resolved, []
+        here = {(coll.name, rid) for rid, _, _ in resolved}
+        by_target: dict[str, list[str]] = {}
+        for target, tid in wanted:
+            if (target, tid) not in here:
+                by_target.setdefault(target, []).append(tid)
+        found = {(t, i) for t, ids in by_target.items() for i in _present(conn, t, ids)}
+        missing = {k: v for k, v in wanted.items() if k not in here and k not in found}
+        if not missing:
+            return resolved, []
+        referring = sorted({rid for rids in missing.values() for rid in rids})
+        hold = set(referring) - set(_present(conn, coll.name, referring))
+        if not hold:
+            return resolved, []
+        conn.executemany(
+            "INSERT OR IGNORE INTO waiting VALUES (?, ?, ?, ?, ?)",
+            [
+                (coll.name, rid, docname, target, tid)
+                for (target, tid), rids in missing.items()
+                for rid in rids
+                if rid in hold
+            ],
+        )
+        return (
+            [item for item in resolved if item[0] not in hold],
+            [(coll.name, rid) for rid in sorted(hold)],
+        )
+
+    def _release(self, conn: sqlite3.Connection, coll: Collection, rids: Strings) -> None:
+        """Materialize the records that were waiting for any of ``rids``."""
+        found: set[tuple[str, str, str]] = set()
+        for chunk in _chunks(rids):
+            found.update(
+                conn.execute(
+                    "SELECT collection, id, doc FROM waiting INDEXED BY waiting_target "
+                    f"WHERE target_collection = ? AND target_id IN ({_marks(chunk)})",
+                    (coll.name, *chunk),
+                )
+            )
+        if found:
+            self._rematerialize(conn, found, hold=True)
+
+    def _rematerialize(
+        self, conn: sqlite3.Connection, found: set[tuple[str, str, str]], hold: bool
+    ) -> int:
+        conn.executemany(
+            "DELETE FROM waiting WHERE collection = ? AND id = ?", [(c, i) for c, i, _ in found]
+        )
+        groups: dict[tuple[str, str], set[str]] = {}
+        for cname, rid, docname in found:
+            groups.setdefault((cname, docname), set()).add(rid)
+        done = 0
+        for (cname, docname), ids in sorted(groups.items()):
+            loaded = self._doc(docname)
+            done += self._materialize(conn, self.collection(cname), loaded.doc, ids, hold=hold)
+        return done
 
     def _rows_to_records(self, coll: Collection, rows: Iterable[Any], codes: bool) -> Records:
         code_of: dict[str, dict[str, str]] = {}
@@ -948,9 +1039,11 @@ class Node:
                     ).fetchall()
                 )
         out = []
-        for rid, data in rows:
+        for rid, data, *alias in rows:
             stored = orjson.loads(data)
             rec: dict[str, Any] = {"id": rid}
+            if alias and alias[0]:
+                rec["alias_of"] = alias[0]
             for name, fld in coll.fields.items():
                 if name not in stored or stored[name] is None:
                     continue
@@ -1085,6 +1178,56 @@ class Node:
         )
 
 
+RefPath = tuple[str, str | None, str]  # (field, line sub-field or None, target collection)
+
+
+def _ref_paths(coll: Collection) -> list[RefPath]:
+    out: list[RefPath] = []
+    for f in coll.fields.values():
+        if f.type == "ref" and f.to:
+            out.append((f.name, None, f.to))
+        out.extend((f.name, sub.name, sub.to) for sub in f.fields if sub.type == "ref" and sub.to)
+    return out
+
+
+def _references(paths: list[RefPath], values: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(target collection, id) of every reference in a record's valid values."""
+    for name, sub, target in paths:
+        value = values.get(name)
+        if value is None:
+            continue
+        if sub is None:
+            yield target, value
+        else:
+            for line in value:
+                ref = line.get(sub)
+                if type(ref) is str:
+                    yield target, ref
+
+
+def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _marks(chunk: list[str]) -> str:
+    return ", ".join("?" * len(chunk))
+
+
+def _present(conn: sqlite3.Connection, collection: str, ids: list[str]) -> list[str]:
+    """Which of ``ids`` have a row in ``records`` (live, deleted or alias)."""
+    out: list[str] = []
+    for chunk in _chunks(sorted(set(ids))):
+        out += [
+            r[0]
+            for r in conn.execute(
+                f"SELECT id FROM records WHERE collection = ? AND id IN ({_marks(chunk)})",
+                (collection, *chunk),
+            )
+        ]
+    return out
+
+
 def _valid_values(coll: Collection, values: dict[str, Any]) -> dict[str, Any]:
     """Schema fields whose replicated value is well-formed; a malformed value
     from a faulty peer is dropped the same way on every node."""
@@ -1103,14 +1246,3 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _nodes(values: list[dict[str, Any]]) -> str:
-    names = sorted({v["node"] for v in values})
-    return " and ".join(names)
-
-
-def _digest(*parts: str) -> str:
-    import hashlib
-
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]

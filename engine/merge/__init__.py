@@ -5,8 +5,10 @@ docs/architecture.md ("Merge semantics").
 """
 
 from .record import (
+    ALIAS,
     CREATED,
     DELETED,
+    JOURNAL,
     Competitor,
     FieldConflict,
     Resolved,
@@ -17,8 +19,10 @@ from .record import (
 )
 
 __all__ = [
+    "ALIAS",
     "CREATED",
     "DELETED",
+    "JOURNAL",
     "Competitor",
     "FieldConflict",
     "Resolved",

@@ -22,17 +22,23 @@ entries, whatever order they arrived in:
   ``edit_delete`` conflict;
 * ``_created`` is written once by the creating node; a record whose creation
   has not arrived yet is incomplete and not shown;
+* ``_alias`` (the record was merged into another) is a register like any
+  field; ``_journal`` is not: each node keeps its own list of the
+  resolutions it made, and the record's journal is the union of all lists;
 * an entry that is not well-formed (a faulty peer) is ignored everywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 DELETED = "_deleted"
 CREATED = "_created"
+ALIAS = "_alias"
+JOURNAL = "_journal"
 
 NodeState = dict[str, Any]  # {"w": [[hlc, seen], ...], "f": {field: [write, value]}}
 Entry = tuple[int, dict[str, int], Any]  # one field's (hlc, seen, value)
@@ -76,6 +82,7 @@ class Resolved:
     created: tuple[int, str] | None = None  # (hlc, node); None while incomplete
     conflicts: list[FieldConflict] = field(default_factory=list)
     newest: int = 0  # highest hlc of any entry
+    journal: list[dict[str, Any]] = field(default_factory=list)  # sorted by id
 
     @property
     def complete(self) -> bool:
@@ -135,6 +142,9 @@ def resolve(states: dict[str, NodeState]) -> Resolved:
                 out.newest = entry[0]
             if name == DELETED:
                 delete_seen[node] = entry[1]
+    journals = by_field.pop(JOURNAL, None)
+    if journals:
+        out.journal = _union(entry[2] for _, entry in journals)
     created = by_field.pop(CREATED, None)
     if created:
         node, entry = min(created, key=lambda ne: (ne[1][0], ne[0]))
@@ -237,6 +247,8 @@ def _resolve_single(states: dict[str, NodeState], out: Resolved) -> Resolved:
         hlc = stamps[ref]
         if name == CREATED:
             out.created = (hlc, node)
+        elif name == JOURNAL:
+            out.journal = _union([value])
         elif name == DELETED:
             out.deleted = bool(value)
             writers[name] = (node, hlc)
@@ -245,3 +257,16 @@ def _resolve_single(states: dict[str, NodeState], out: Resolved) -> Resolved:
             writers[name] = (node, hlc)
     out.newest = max(stamps, default=0)
     return out
+
+
+def _union(lists: Iterable[Any]) -> list[dict[str, Any]]:
+    """Journal entries of all nodes, one per id, sorted by id; entries that are
+    not objects with a string ``id`` (a faulty peer) are ignored everywhere."""
+    found: dict[str, dict[str, Any]] = {}
+    for items in lists:
+        if type(items) is not list:
+            continue
+        for item in items:
+            if type(item) is dict and type(item.get("id")) is str:
+                found.setdefault(item["id"], item)
+    return [found[k] for k in sorted(found)]

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import SchemaError
 from .model import (
+    DUPLICATE_POLICIES,
     FIELD_TYPES,
     KINDS,
     LINE_FIELD_TYPES,
@@ -123,6 +124,7 @@ def _collection(where: _Where, cname: str, body: Any) -> Collection:
         "partition_field",
         "series",
         "urgent_when",
+        "on_duplicate",
     }
     unknown = set(body) - allowed
     if unknown:
@@ -173,6 +175,13 @@ def _collection(where: _Where, cname: str, body: Any) -> Collection:
             raise where.at(fld=uf).error("urgent_when fields must be text, bool or int fields")
         if not isinstance(uv, str | bool | int):
             raise where.at(fld=uf).error("urgent_when values must be text, bool or int")
+    on_duplicate = body.get("on_duplicate", "manual")
+    if on_duplicate not in DUPLICATE_POLICIES:
+        raise where.error(
+            f"on_duplicate must be one of {', '.join(DUPLICATE_POLICIES)}, not {on_duplicate!r}"
+        )
+    if on_duplicate == "renumber" and series is None:
+        raise where.error("on_duplicate = 'renumber' needs a voucher book with a series")
     return Collection(
         name=cname,
         kind=kind,
@@ -183,6 +192,7 @@ def _collection(where: _Where, cname: str, body: Any) -> Collection:
         partition_field=pfield,
         series=series,
         urgent_when=dict(urgent),
+        on_duplicate=on_duplicate,
     )
 
 

@@ -13,6 +13,9 @@ KINDS = ("catalog", "voucher")
 PARTITIONS = ("month", "year")
 STRATEGIES = ("node", "blocks")
 RESETS = ("never", "yearly")
+# What a node does about two live records with one unique key (DESIGN §4):
+# leave it to a person, or give the later voucher a fresh number.
+DUPLICATE_POLICIES = ("manual", "renumber")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Collection:
     # Records matching all of these field values upload before the rest of
     # the collection (e.g. unpaid sales invoices, so selling goes on).
     urgent_when: dict[str, object] = field(default_factory=dict)
+    on_duplicate: str = "manual"
 
     @property
     def is_voucher(self) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import FormatVersionError, HomeExists, HomeNotFound, StoreError
 
 STORE_FILE = "branchline.db"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 CACHE_KIB = 16_384
 
@@ -59,6 +59,7 @@ CREATE TABLE records (
     created_node TEXT NOT NULL,
     updated_hlc INTEGER NOT NULL,
     data TEXT NOT NULL,
+    alias_of TEXT,  -- merged into this record of the same collection (resolve --merge-into)
     PRIMARY KEY (collection, id)
 ) WITHOUT ROWID;
 -- Lookups by unique key name this index (INDEXED BY): without ANALYZE
@@ -119,6 +120,36 @@ CREATE TABLE sync_failures (
 );
 """
 
+# Added in format 2 (conflict resolution).
+RESOLUTION_SQL = """
+-- Resolutions journalled on records (engine.resolution), derived from
+-- replicated state like the conflicts: every node lists the same.
+CREATE TABLE resolutions (
+    id TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX resolutions_record ON resolutions (collection, record_id);
+
+-- Received records held back until a record they refer to arrives (or a
+-- full sync ends without it): one row per missing target.
+CREATE TABLE waiting (
+    collection TEXT NOT NULL,
+    id TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    target_collection TEXT NOT NULL,
+    target_id TEXT NOT NULL,
+    PRIMARY KEY (collection, id, target_collection, target_id)
+) WITHOUT ROWID;
+CREATE INDEX waiting_target ON waiting (target_collection, target_id);
+"""
+SCHEMA_SQL += RESOLUTION_SQL
+
+# Format n -> n + 1. Each step only adds, so older rows stay exactly right.
+MIGRATIONS = {1: "ALTER TABLE records ADD COLUMN alias_of TEXT;\n" + RESOLUTION_SQL}
+
 
 class NodeStore:
     """An open node store. Not thread-safe: one per thread."""
@@ -164,13 +195,27 @@ class NodeStore:
             )
         conn = _connect(path)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version != FORMAT_VERSION:
+        if version not in MIGRATIONS and version != FORMAT_VERSION:
             conn.close()
             raise FormatVersionError(
-                f"{path} has store format {version}, this Branchline reads format "
-                f"{FORMAT_VERSION}; use the Branchline version that wrote it"
+                f"{path} has store format {version}, this Branchline reads formats "
+                f"{min(MIGRATIONS)}-{FORMAT_VERSION}; use the Branchline version that wrote it"
             )
-        return cls(path, conn)
+        store = cls(path, conn)
+        if version != FORMAT_VERSION:
+            store._migrate()
+        return store
+
+    def _migrate(self) -> None:
+        """Upgrade an older format in one transaction (another process may
+        have done it first: the version is read again under the write lock)."""
+        with self.transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            while version != FORMAT_VERSION:
+                for statement in _statements(MIGRATIONS[version]):
+                    conn.execute(statement)
+                version += 1
+            conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
 
     def close(self) -> None:
         self.conn.close()

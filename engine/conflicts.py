@@ -1,0 +1,201 @@
+"""Listing conflicts and the resolution journal from a node's resolved tables.
+
+Every kind is derived from replicated state (the ``records``,
+``record_conflicts`` and ``resolutions`` tables are functions of the CRDT
+documents), so two nodes holding the same updates list the same conflicts
+with the same ids:
+
+* ``concurrent_edit`` and ``edit_delete``: inside one record (engine.merge);
+* ``duplicate_key``: two live records with one unique key; the earliest
+  created (hybrid clock, then node id) is the one references resolve to;
+* ``dangling_reference``: a live record refers to a record that is deleted,
+  or missing after a full sync (until then the referring record waits).
+
+Pure reading: nothing here writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from typing import Any
+
+import orjson
+
+from .schema import Collection, Schema
+
+Conflict = dict[str, Any]
+
+
+def conflict_digest(*parts: str) -> str:
+    """A stable 20-hex-digit id from the parts that identify a conflict."""
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def list_conflicts(conn: sqlite3.Connection, schema: Schema) -> list[Conflict]:
+    """Every open conflict, sorted by id (see the module docstring)."""
+    out = _record_conflicts(conn)
+    for coll in schema.collections.values():
+        out += _duplicates(conn, coll)
+        out += _dangling(conn, coll)
+    out.sort(key=lambda c: c["id"])
+    return out
+
+
+def list_resolutions(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """The journal of resolutions (automatic and by hand), oldest first."""
+    rows = conn.execute("SELECT data FROM resolutions ORDER BY at, id").fetchall()
+    return [orjson.loads(r[0]) for r in rows]
+
+
+def _record_conflicts(conn: sqlite3.Connection) -> list[Conflict]:
+    out = []
+    for cid, coll, rid, kind, fld, data in conn.execute(
+        "SELECT id, collection, record_id, kind, field, data FROM record_conflicts"
+    ):
+        competitors = orjson.loads(data)
+        for i, c in enumerate(competitors):
+            c["in_force"] = i == 0
+        if kind == "concurrent_edit":
+            text = (
+                f"'{fld}' was changed at the same time at {_nodes(competitors)}; "
+                f"the later edit (from {competitors[0]['node']}) is in force, the other "
+                "value is kept until someone resolves it (resolve --keep NODE or VALUE)"
+            )
+        else:
+            text = (
+                f"the record was deleted at {competitors[0]['node']} while "
+                f"{_nodes(competitors[1:])} edited it without seeing the delete "
+                "(resolve --keep delete or --keep edit)"
+            )
+        out.append(
+            {
+                "id": cid,
+                "kind": kind,
+                "collection": coll,
+                "records": [rid],
+                "field": fld,
+                "values": competitors,
+                "explanation": text,
+            }
+        )
+    return out
+
+
+def _duplicates(conn: sqlite3.Connection, coll: Collection) -> list[Conflict]:
+    out = []
+    dupes = conn.execute(
+        "SELECT key FROM records INDEXED BY records_key "
+        "WHERE collection = ? AND deleted = 0 AND key IS NOT NULL AND alias_of IS NULL "
+        "GROUP BY key HAVING COUNT(*) > 1",
+        (coll.name,),
+    ).fetchall()
+    for (key,) in dupes:
+        rows = duplicate_group(conn, coll, key)
+        ids = [r[0] for r in rows]
+        values = [
+            {"node": n, "hlc": h, "value": rid, "in_force": i == 0}
+            for i, (rid, n, h) in enumerate(rows)
+        ]
+        how = (
+            "the later voucher gets a fresh number at the node that booked it"
+            if coll.on_duplicate == "renumber"
+            else "resolve --rename NEW_CODE or --merge-into RECORD_ID"
+        )
+        out.append(
+            {
+                "id": conflict_digest("duplicate_key", coll.name, key, *sorted(ids)),
+                "kind": "duplicate_key",
+                "collection": coll.name,
+                "records": ids,
+                "field": coll.key,
+                "key": key,
+                "values": values,
+                "explanation": (
+                    f"{len(ids)} live {coll.name} records share {coll.key} '{key}' "
+                    f"(created at {_nodes(values)}); the earliest created is used "
+                    f"for references; {how}"
+                ),
+            }
+        )
+    return out
+
+
+def duplicate_group(
+    conn: sqlite3.Connection, coll: Collection, key: str
+) -> list[tuple[str, str, int]]:
+    """(id, created node, created hlc) of the live records sharing ``key``,
+    winner (earliest created) first."""
+    rows = conn.execute(
+        "SELECT id, created_node, created_hlc FROM records INDEXED BY records_key "
+        "WHERE collection = ? AND key = ? AND deleted = 0 AND alias_of IS NULL "
+        "ORDER BY created_hlc, created_node",
+        (coll.name, key),
+    ).fetchall()
+    return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+
+def _dangling(conn: sqlite3.Connection, coll: Collection) -> list[Conflict]:
+    out = []
+    for f in coll.fields.values():
+        if f.type == "ref" and f.to:
+            query = (
+                "SELECT r.id, r.created_node, json_extract(r.data, ?) AS t FROM records r "
+                "WHERE r.collection = ? AND r.deleted = 0 AND t IS NOT NULL"
+            )
+            args: tuple[Any, ...] = (f"$.{f.name}", coll.name)
+            found = _missing(conn, query, args, f.to)
+            out += [_dangling_conflict(coll, f.name, f.to, *row) for row in found]
+        for sub in f.fields:
+            if sub.type != "ref" or not sub.to:
+                continue
+            query = (
+                "SELECT DISTINCT r.id, r.created_node, json_extract(l.value, ?) AS t "
+                "FROM records r, json_each(r.data, ?) l "
+                "WHERE r.collection = ? AND r.deleted = 0 AND t IS NOT NULL"
+            )
+            args = (f"$.{sub.name}", f"$.{f.name}", coll.name)
+            found = _missing(conn, query, args, sub.to)
+            out += [_dangling_conflict(coll, f"{f.name}.{sub.name}", sub.to, *row) for row in found]
+    return out
+
+
+def _missing(
+    conn: sqlite3.Connection, query: str, args: tuple[Any, ...], target: str
+) -> list[tuple[str, str, str, str]]:
+    """Rows of ``query`` (id, node, target id) whose target is deleted or absent,
+    with ``deleted`` or ``missing``."""
+    rows = conn.execute(
+        f"SELECT q.id, q.created_node, q.t, x.deleted FROM ({query}) q "
+        "LEFT JOIN records x ON x.collection = ? AND x.id = q.t "
+        "WHERE x.id IS NULL OR x.deleted = 1",
+        (*args, target),
+    ).fetchall()
+    return [(r[0], r[1], r[2], "missing" if r[3] is None else "deleted") for r in rows]
+
+
+def _dangling_conflict(
+    coll: Collection, field: str, target: str, rid: str, node: str, tid: str, state: str
+) -> Conflict:
+    return {
+        "id": conflict_digest("dangling_reference", coll.name, rid, field, tid),
+        "kind": "dangling_reference",
+        "collection": coll.name,
+        "records": [rid],
+        "field": field,
+        "target": {"collection": target, "id": tid, "state": state},
+        "values": [{"node": node, "hlc": None, "value": tid, "in_force": True}],
+        "explanation": (
+            f"{coll.name} {rid} ({field}) refers to {target} {tid}, which "
+            + (
+                "was deleted; restore it or point the record at another one"
+                if state == "deleted"
+                else "did not arrive by the end of a full sync; check the node that made it"
+            )
+        ),
+    }
+
+
+def _nodes(values: list[dict[str, Any]]) -> str:
+    names = sorted({v["node"] for v in values})
+    return " and ".join(names)
