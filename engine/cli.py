@@ -706,6 +706,216 @@ def status_cmd(home: Path, as_json: bool) -> None:
     _console().print(table)
 
 
+# -- adapters (issue 5: rebuild, query, adapters, bridge) ---------------------
+
+
+def _cell(value: Any) -> Any:
+    """A query value for JSON: integers and text as they are; any other
+    number as exact decimal text; blobs as hex."""
+    if isinstance(value, float):
+        return str(Decimal(repr(value)))
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+@cli.command("rebuild")
+@home_option
+@click.option("--adapter", "names", multiple=True, help="rebuild only this adapter (repeatable)")
+@json_option
+def rebuild_cmd(home: Path, names: tuple[str, ...], as_json: bool) -> None:
+    """Rebuild adapter tables from the records and report what differed.
+
+    The incremental tables should equal the rebuild: any difference is
+    listed and the exit code is 1. One transaction: safe to interrupt.
+    """
+    with _opened(home) as n:
+        reports = n.rebuild_adapters(names or None)
+    differing = [t for r in reports for t in r.tables if not t.same]
+    if as_json:
+        _emit(
+            [
+                {
+                    "adapter": r.adapter,
+                    "records": r.records,
+                    "seconds": round(r.seconds, 3),
+                    "same": r.same,
+                    "tables": [
+                        {
+                            "table": t.table,
+                            "rows": t.rows,
+                            "missing": t.missing,
+                            "extra": t.extra,
+                            "samples": t.samples,
+                        }
+                        for t in r.tables
+                    ],
+                }
+                for r in reports
+            ]
+        )
+    else:
+        console = _console()
+        if not reports:
+            console.print("no adapters enabled; nothing to rebuild")
+        for r in reports:
+            verdict = "identical to the incremental tables" if r.same else "DIFFERED"
+            rows = sum(t.rows for t in r.tables)
+            console.print(
+                Text(
+                    f"{r.adapter}: rebuilt {_count(len(r.tables), 'table')} "
+                    f"({_count(rows, 'row')}) from {_count(r.records, 'record')} "
+                    f"in {r.seconds:.2f} s: {verdict}"
+                )
+            )
+            for t in r.tables:
+                if not t.same:
+                    console.print(Text(f"  {t.table}: {t.missing} missing, {t.extra} extra rows"))
+                    for sample in t.samples:
+                        console.print(Text(f"    {sample}"))
+    if differing:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command("query")
+@home_option
+@click.argument("sql")
+@json_option
+def query_cmd(home: Path, sql: str, as_json: bool) -> None:
+    """Run one read-only SQL statement on the node's tables and views.
+
+    Writes are refused (exit 2). --json prints a list of row objects;
+    decimals in the books' views are exact text.
+    """
+    with _opened(home) as n:
+        result = n.query(sql)
+    if as_json:
+        _emit([{k: _cell(v) for k, v in row.items()} for row in result.objects()])
+        return
+    table = Table(title=_count(len(result.rows), "row"))
+    for name in result.columns:
+        table.add_column(name, overflow="fold")
+    for row in result.rows:
+        table.add_row(*(Text("" if v is None else str(_cell(v))) for v in row))
+    _console().print(table)
+
+
+@cli.group("adapters")
+def adapters_group() -> None:
+    """Enable, disable and list a node's adapters (SQL tables kept from its records)."""
+
+
+@adapters_group.command("list")
+@home_option
+@json_option
+def adapters_list(home: Path, as_json: bool) -> None:
+    """Installed adapters, and which this node enables."""
+    from .plugins import installed
+
+    with _opened(home) as n:
+        on = n.adapters()
+    rows = [
+        {"adapter": name, "enabled": name in on, "options": on.get(name), "source": ep.value}
+        for name, ep in sorted(installed().items())
+    ]
+    if as_json:
+        _emit(rows)
+        return
+    table = Table(title="adapters")
+    for name in ("adapter", "enabled", "options", "source"):
+        table.add_column(name, overflow="fold")
+    for r in rows:
+        table.add_row(
+            Text(r["adapter"]),
+            Text(_show(r["enabled"])),
+            Text(_show(r["options"] or "")),
+            Text(r["source"]),
+        )
+    _console().print(table)
+
+
+@adapters_group.command("enable")
+@home_option
+@click.argument("name")
+@click.option(
+    "--options",
+    "options_json",
+    default=None,
+    metavar="JSON",
+    help='adapter options as a JSON object, e.g. \'{"collections": ["tasks"]}\'',
+)
+def adapters_enable(home: Path, name: str, options_json: str | None) -> None:
+    """Enable adapter NAME and fill its tables from the current records."""
+    options = parse_fields(options_json) if options_json else {}
+    with _opened(home) as n:
+        n.enable_adapter(name, options)
+    click.echo(f"adapter '{name}' enabled; its tables are filled from the current records")
+
+
+@adapters_group.command("disable")
+@home_option
+@click.argument("name")
+def adapters_disable(home: Path, name: str) -> None:
+    """Disable adapter NAME and drop its tables."""
+    with _opened(home) as n:
+        n.disable_adapter(name)
+    click.echo(f"adapter '{name}' disabled; its tables are dropped")
+
+
+@cli.group("bridge")
+def bridge_group() -> None:
+    """Map records between two collections or node homes (adapters.bridge)."""
+
+
+@bridge_group.command("run")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="bridge TOML config",
+)
+@click.option("--once", is_flag=True, help="one pass (until nothing is left to map), then exit")
+@click.option(
+    "--interval",
+    type=click.FloatRange(0.05, 3600),
+    default=None,
+    help="seconds between passes when live (default: the config's, else 1)",
+)
+@json_option
+def bridge_run(config_path: Path, once: bool, interval: float | None, as_json: bool) -> None:
+    """Run the bridge of --config: live until Ctrl-C or SIGTERM, or --once."""
+    import importlib
+
+    try:
+        # By name: the engine never depends on the adapters package.
+        bridge_mod: Any = importlib.import_module("adapters.bridge")
+    except ImportError:
+        raise UserError(
+            "the bridge needs the 'adapters' package installed with branchline"
+        ) from None
+    config = bridge_mod.load_config(config_path)
+    with bridge_mod.Bridge(config) as bridge:
+        if once:
+            report = bridge.run_once()
+            if as_json:
+                _emit(report.as_dict())
+            else:
+                click.echo(report.summary())
+            return
+        import signal
+
+        stop = {"now": False}
+
+        def halt(*_: Any) -> None:
+            stop["now"] = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, halt)
+        click.echo(f"bridge '{config.name}' running; Ctrl-C to stop", err=True)
+        bridge.run_live(lambda: stop["now"], interval, lambda r: click.echo(r.summary(), err=True))
+
+
 cli.add_command(relay_group)
 
 

@@ -1,8 +1,8 @@
 """Read-only SQL on a node's store, for scripts and for checking books.
 
 The store is opened on a second connection with ``mode=ro`` and
-``PRAGMA query_only``, and an authorizer refuses every action that writes,
-attaches another file or changes a setting: a query can read, never change,
+``PRAGMA query_only`` (SQLite refuses every write), and an authorizer refuses
+ATTACH and PRAGMAs that set a value: a query can read, never change,
 anything. Values come back as SQLite holds them (int, str, bytes, None;
 REAL as float).
 """
@@ -18,31 +18,16 @@ from .errors import QueryError, StoreError
 
 MAX_ROWS = 1_000_000
 
-# Authorizer action codes a read may use; everything else (insert, update,
-# delete, create, drop, alter, attach, pragma writes, transactions) is denied.
-_READ_ACTIONS = {
-    sqlite3.SQLITE_SELECT,
-    sqlite3.SQLITE_READ,
-    sqlite3.SQLITE_FUNCTION,
-    sqlite3.SQLITE_RECURSIVE,
-}
-# PRAGMAs that only report (``PRAGMA table_info(x)`` and friends).
-_READ_PRAGMAS = {
+# mode=ro and query_only refuse every write to the store; the authorizer
+# also refuses ATTACH (it could create another file) and PRAGMAs that set.
+_DENIED = {sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH}
+_SETTING_PRAGMAS_OK = {
     "table_info",
     "table_xinfo",
-    "table_list",
     "index_list",
     "index_info",
     "index_xinfo",
     "foreign_key_list",
-    "database_list",
-    "collation_list",
-    "function_list",
-    "user_version",
-    "data_version",
-    "page_count",
-    "page_size",
-    "query_only",
 }
 
 
@@ -64,11 +49,11 @@ class QueryResult:
 
 
 def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, src: Any) -> int:
-    if action in _READ_ACTIONS:
-        return sqlite3.SQLITE_OK
-    if action == sqlite3.SQLITE_PRAGMA and arg1 in _READ_PRAGMAS and arg2 is None:
-        return sqlite3.SQLITE_OK
-    return sqlite3.SQLITE_DENY
+    if action in _DENIED:
+        return sqlite3.SQLITE_DENY
+    if action == sqlite3.SQLITE_PRAGMA and arg2 is not None and arg1 not in _SETTING_PRAGMAS_OK:
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
 
 
 def run_query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> QueryResult:
@@ -94,7 +79,7 @@ def run_query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> QueryResult
             text = str(exc)
             if "not authorized" in text or "readonly" in text or "read-only" in text:
                 raise QueryError(
-                    "query: refused: queries are read-only (only SELECT and read PRAGMAs)"
+                    "query: refused: queries are read-only; use SELECT (writes go through the node)"
                 ) from None
             raise QueryError(f"query: {text}") from None
         except sqlite3.ProgrammingError as exc:

@@ -454,13 +454,28 @@ class AccountingAdapter:
                     line_amount = 0
                 line_vat = 0
                 if rate is not None:
-                    line_vat = to_units(Decimal(line_amount).scaleb(-MONEY_SCALE) * Decimal(rate),
-                                        MONEY_SCALE)[0] or 0
+                    line_vat = (
+                        to_units(
+                            Decimal(line_amount).scaleb(-MONEY_SCALE) * Decimal(rate), MONEY_SCALE
+                        )[0]
+                        or 0
+                    )
                 amount += line_amount
                 vat += line_vat
                 lines.append(
-                    (vid, i, line["item"], None, qty, line["price"], rate, line_amount,
-                     line_vat, None, None)
+                    (
+                        vid,
+                        i,
+                        line["item"],
+                        None,
+                        qty,
+                        line["price"],
+                        rate,
+                        line_amount,
+                        line_vat,
+                        None,
+                        None,
+                    )
                 )
                 if kind == "sales_invoice":
                     move(line["item"], v.get("warehouse"), None if qty is None else -qty)
@@ -524,9 +539,21 @@ class AccountingAdapter:
         if debits != credits:
             built.conflicts.append(
                 conflict_row(
-                    NAME, "unbalanced", "error", kind, [vid], "lines",
-                    [self._value(change, {"debit": units_text(debits, MONEY_SCALE),
-                                          "credit": units_text(credits, MONEY_SCALE)})],
+                    NAME,
+                    "unbalanced",
+                    "error",
+                    kind,
+                    [vid],
+                    "lines",
+                    [
+                        self._value(
+                            change,
+                            {
+                                "debit": units_text(debits, MONEY_SCALE),
+                                "credit": units_text(credits, MONEY_SCALE),
+                            },
+                        )
+                    ],
                     f"{kind} {number}: debits {units_text(debits, MONEY_SCALE)} differ from "
                     f"credits {units_text(credits, MONEY_SCALE)}; correct it with a new version",
                 )
@@ -535,7 +562,12 @@ class AccountingAdapter:
         if posting:
             built.conflicts.append(
                 conflict_row(
-                    NAME, "posted_changed", "error", kind, [vid], ",".join(posting),
+                    NAME,
+                    "posted_changed",
+                    "error",
+                    kind,
+                    [vid],
+                    ",".join(posting),
                     [self._value(change, posting)],
                     f"{kind} {number} was changed after it was posted ({', '.join(posting)}); "
                     "book a reversal or a new version instead of editing a posted voucher",
@@ -547,22 +579,36 @@ class AccountingAdapter:
 
     @staticmethod
     def _value(change: RecordChange, value: Any) -> dict[str, Any]:
-        return {"node": change.created_node, "hlc": change.updated_hlc, "value": value,
-                "in_force": True}
+        return {
+            "node": change.created_node,
+            "hlc": change.updated_hlc,
+            "value": value,
+            "in_force": True,
+        }
 
     def _precision_conflict(self, change: RecordChange, units: _Units) -> ConflictRow:
         where = units.too_large + units.inexact
         label = change.values.get("number") or change.values.get("code") or change.id
         if units.too_large:
-            text = (f"{change.collection} {label}: {', '.join(units.too_large)} too large for "
-                    "the books (over 2**62 units); it is left out of them")
+            text = (
+                f"{change.collection} {label}: {', '.join(units.too_large)} too large for "
+                "the books (over 2**62 units); it is left out of them"
+            )
         else:
-            text = (f"{change.collection} {label}: {', '.join(units.inexact)} has more decimals "
-                    f"than the books keep ({MONEY_SCALE} for money, {QTY_SCALE} for quantities); "
-                    "rounded half up")
+            text = (
+                f"{change.collection} {label}: {', '.join(units.inexact)} has more decimals "
+                f"than the books keep ({MONEY_SCALE} for money, {QTY_SCALE} for quantities); "
+                "rounded half up"
+            )
         return conflict_row(
-            NAME, "precision", "error" if units.too_large else "warning", change.collection,
-            [change.id], ",".join(where), [self._value(change, where)], text,
+            NAME,
+            "precision",
+            "error" if units.too_large else "warning",
+            change.collection,
+            [change.id],
+            ",".join(where),
+            [self._value(change, where)],
+            text,
         )
 
     # -- stock ----------------------------------------------------------------
@@ -588,7 +634,12 @@ class AccountingAdapter:
     def _stock_conflict(self, item: str, warehouse: str | None, total: int) -> ConflictRow:
         qty = units_text(total, QTY_SCALE)
         return conflict_row(
-            NAME, "negative_stock", "warning", "items", [item, warehouse or ""], "qty",
+            NAME,
+            "negative_stock",
+            "warning",
+            "items",
+            [item, warehouse or ""],
+            "qty",
             [{"node": "", "hlc": 0, "value": qty, "in_force": True}],
             f"stock of item {{item}} in warehouse {{warehouse}} is {qty}: more went out "
             "than came in (a sale recorded before its purchase, or a missing receipt)",
