@@ -405,25 +405,31 @@ def list_cmd(home: Path, collection: str, as_json: bool) -> None:
 
 @cli.command()
 @home_option
+@click.option("--resolved", is_flag=True, help="list the journal of resolutions instead")
 @json_option
-def conflicts(home: Path, as_json: bool) -> None:
-    """List open conflicts: concurrent edits, edit vs delete, duplicate keys."""
+def conflicts(home: Path, resolved: bool, as_json: bool) -> None:
+    """List open conflicts (duplicate keys, concurrent edits, edit vs delete,
+    dangling references), or with --resolved how they were resolved."""
     with _opened(home) as n:
-        found = n.conflicts()
+        found = n.conflicts(resolved=resolved)
     if as_json:
         _emit(found)
+        return
+    if resolved:
+        _print_resolutions(found)
         return
     if not found:
         _console().print("no conflicts")
         return
     table = Table(title=_count(len(found), "conflict"))
-    for name in ("kind", "collection", "records", "field", "values (in force first)"):
+    for name in ("id", "kind", "collection", "records", "field", "values (in force first)"):
         table.add_column(name, overflow="fold")
     for c in found:
         values = "\n".join(
             f"{'*' if v['in_force'] else ' '} {v['node']}: {_show(v['value'])}" for v in c["values"]
         )
         table.add_row(
+            Text(c["id"]),
             Text(c["kind"]),
             Text(c["collection"]),
             Text("\n".join(c["records"])),
@@ -436,6 +442,92 @@ def conflicts(home: Path, as_json: bool) -> None:
         console.print(Text(f"- {c['explanation']}"))
 
 
+def _print_resolutions(entries: list[dict[str, Any]]) -> None:
+    if not entries:
+        _console().print("no resolutions")
+        return
+    table = Table(title=_count(len(entries), "resolution"))
+    for name in ("when", "node", "kind", "record", "action", "old → new", "how"):
+        table.add_column(name, overflow="fold")
+    for e in entries:
+        table.add_row(
+            Text(_when(int(e.get("at", 0)))),
+            Text(str(e.get("node"))),
+            Text(str(e.get("kind"))),
+            Text(f"{e.get('collection')} {e.get('record')}"),
+            Text(str(e.get("action"))),
+            Text(f"{_show(e.get('old'))} → {_show(e.get('new'))}"),
+            Text("automatic" if e.get("auto") else "by hand"),
+        )
+    _console().print(table)
+
+
+@cli.command("resolve")
+@home_option
+@click.argument("conflict_id", metavar="CONFLICT_ID")
+@click.option(
+    "--keep",
+    default=None,
+    help="a competing node's value, 'in_force', or a value; for edit vs delete: 'delete' or 'edit'",
+)
+@click.option(
+    "--rename",
+    default=None,
+    metavar="NEW_CODE",
+    help="duplicate key: give the later record (or --record) this key",
+)
+@click.option(
+    "--merge-into",
+    "merge_into",
+    default=None,
+    metavar="RECORD_ID",
+    help="duplicate key: make the others aliases of this record",
+)
+@click.option(
+    "--renumber",
+    is_flag=True,
+    help="duplicate voucher number: fresh numbers for the"
+    " later vouchers (or --record) from this node's series",
+)
+@click.option(
+    "--record",
+    default=None,
+    metavar="RECORD_ID",
+    help="with --rename or --renumber: which losing record",
+)
+@json_option
+def resolve_cmd(
+    home: Path,
+    conflict_id: str,
+    keep: str | None,
+    rename: str | None,
+    merge_into: str | None,
+    renumber: bool,
+    record: str | None,
+    as_json: bool,
+) -> None:
+    """Resolve conflict CONFLICT_ID (from 'branchline conflicts') on every node."""
+    with _opened(home) as n:
+        entry = n.resolve(
+            conflict_id,
+            keep=keep,
+            rename=rename,
+            merge_into=merge_into,
+            renumber=renumber,
+            record=record,
+        )
+    if as_json:
+        _emit(entry)
+        return
+    _console().print(
+        Text(
+            f"resolved {entry['kind']} {conflict_id}: {entry['action']} on "
+            f"{entry['collection']} {entry['record']} ({_show(entry['old'])} → "
+            f"{_show(entry['new'])}); it reaches the other nodes at the next sync"
+        )
+    )
+
+
 @cli.command("export")
 @home_option
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
@@ -446,11 +538,20 @@ def conflicts(home: Path, as_json: bool) -> None:
     default=None,
     help="state file of the receiving node ('branchline state'): export only what it lacks",
 )
+@click.option(
+    "--unsynced",
+    is_flag=True,
+    help="only local work the relay has not acknowledged (to carry to a re-created node)",
+)
 @json_option
-def export_cmd(home: Path, file: Path, since_state: Path | None, as_json: bool) -> None:
+def export_cmd(
+    home: Path, file: Path, since_state: Path | None, unsynced: bool, as_json: bool
+) -> None:
     """Write this node's CRDT updates to an export FILE (atomically)."""
     with _opened(home) as n:
-        done = export_to_file(n, file, created_ms=_now_ms(), since_state=since_state)
+        done = export_to_file(
+            n, file, created_ms=_now_ms(), since_state=since_state, unsynced=unsynced
+        )
         dataset, node_id = n.dataset, n.node_id
     if as_json:
         _emit(
@@ -461,10 +562,13 @@ def export_cmd(home: Path, file: Path, since_state: Path | None, as_json: bool) 
                 "documents": done.documents,
                 "bytes": done.bytes,
                 "since_state_of": done.since_node,
+                "unsynced": unsynced,
             }
         )
         return
     since = f" (what node '{done.since_node}' lacks)" if done.since_node else ""
+    if unsynced:
+        since = " of unsynced work"
     _console().print(
         Text(f"exported {_count(done.documents, 'document')}{since}, {done.bytes} bytes, to {file}")
     )
@@ -490,6 +594,7 @@ def import_cmd(home: Path, file: Path, as_json: bool) -> None:
                 "documents_changed": report.documents,
                 "records_changed": report.records,
                 "changed": report.documents > 0,
+                "unsynced": header.unsynced,
             }
         )
         return
@@ -503,6 +608,8 @@ def import_cmd(home: Path, file: Path, as_json: bool) -> None:
             f"imported {file} from node '{header.node}': {report.documents} of "
             f"{_count(in_file, 'document')} changed, {_count(report.records, 'record')} updated"
         )
+        if header.unsynced:
+            text += "; this unsynced work uploads at the next sync"
     _console().print(Text(text))
 
 
@@ -612,18 +719,27 @@ def node_online(home: Path) -> None:
 def sync_cmd(home: Path, timeout: float, as_json: bool) -> None:
     """Sync once: push all, pull all; exit 0 only when fully synced.
 
-    Shows a progress bar per collection when stdout is a terminal.
+    Shows a progress bar per collection (records) when stdout is a terminal.
+    Changes the relay refuses are set aside and the rest goes on; they are
+    listed by 'branchline failures' and the exit code is then 1.
     """
     import asyncio
 
-    from rich.progress import Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from .errors import SyncIncomplete
     from .transport import node_sync
 
     console = _console()
     with _opened(home) as n:
         if console.is_terminal and not as_json:
-            with Progress(console=console, transient=False) as bars:
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("records"),
+            )
+            with Progress(*columns, console=console, transient=False) as bars:
                 tasks: dict[str, Any] = {}
 
                 def progress(collection: str, done: int, total: int) -> None:
@@ -635,20 +751,114 @@ def sync_cmd(home: Path, timeout: float, as_json: bool) -> None:
         else:
             driver = asyncio.run(node_sync(n, timeout=timeout))
         pending = sum(n.pending().values())
+    failures = driver.failures or {"upload": 0, "download": 0}
     result = {
-        "synced": True,
+        "synced": not any(failures.values()),
         "received": driver.stats.imported,
         "acknowledged": driver.stats.acked_rows,
         "download_failures": driver.stats.download_failures,
         "pending": pending,
+        "failures": failures,
     }
     if as_json:
         _emit(result)
+    else:
+        console.print(
+            Text(
+                f"{'synced' if result['synced'] else 'synced the rest'}: "
+                f"{_count(driver.stats.imported, 'update')} received, "
+                f"{_count(driver.stats.acked_rows, 'local change')} acknowledged"
+            )
+        )
+    if not result["synced"]:
+        raise SyncIncomplete(
+            f"{failures['upload']} failed to go up and {failures['download']} failed to "
+            f"come down; see 'branchline failures --home {home}', then 'branchline retry'"
+        )
+
+
+# -- sync failures (issue 4): failures, retry ---------------------------------
+
+
+def _when(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
+
+
+@cli.command("failures")
+@home_option
+@json_option
+def failures_cmd(home: Path, as_json: bool) -> None:
+    """Sync failures that wait for a person: what failed to go up or to come
+    down, the records, the reason, first and last attempt, attempts.
+
+    Local changes of a document that failed to go up stay in the outbox
+    ('held') while every other document keeps syncing; 'branchline retry'
+    tries again.
+    """
+    from .sync import list_failures
+
+    with _opened(home) as n:
+        items = list_failures(n)
+    if as_json:
+        _emit([f.to_json() for f in items])
         return
-    console.print(
+    console = _console()
+    if not items:
+        console.print(Text("no sync failures"))
+        return
+    table = Table(title=_count(len(items), "sync failure"))
+    for name in ("id", "failed to", "document", "records", "attempts", "first", "last", "reason"):
+        table.add_column(name, overflow="fold")
+    for f in items:
+        what = "go up" if f.direction == "upload" else "come down"
+        if f.held:
+            what += f" ({f.held} held)"
+        if f.retrying:
+            what += ", retry asked"
+        shown = ", ".join(f.records[:3]) + (f" +{len(f.records) - 3}" if len(f.records) > 3 else "")
+        table.add_row(
+            *(
+                Text(cell)
+                for cell in (
+                    str(f.id),
+                    what,
+                    f.doc,
+                    shown,
+                    str(f.attempts),
+                    _when(f.first_at),
+                    _when(f.last_at),
+                    f.reason,
+                )
+            )
+        )
+    console.print(table)
+
+
+@cli.command("retry")
+@home_option
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all", "all_", is_flag=True, help="retry every listed failure")
+@json_option
+def retry_cmd(home: Path, ids: tuple[int, ...], all_: bool, as_json: bool) -> None:
+    """Try sync failures again (IDs from 'branchline failures', or --all).
+
+    A running 'node run' picks them up within a second; otherwise the next
+    'branchline sync' does. A failure that fails again is held again.
+    """
+    from .sync import retry
+
+    if bool(ids) == all_:
+        raise UserError("give the failure ids to retry, or --all (not both)")
+    with _opened(home) as n:
+        marked = retry(n, None if all_ else ids)
+    if as_json:
+        _emit({"retrying": [f.id for f in marked]})
+        return
+    docs = ", ".join(sorted({f.doc for f in marked})) or "nothing"
+    _console().print(
         Text(
-            f"synced: {_count(driver.stats.imported, 'update')} received, "
-            f"{_count(driver.stats.acked_rows, 'local change')} acknowledged"
+            f"will retry {_count(len(marked), 'failure')} ({docs}); a running 'node run' "
+            "picks them up within a second, else run 'branchline sync'"
         )
     )
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from .crdt.statevec import decode_state_vector
-from .errors import BranchlineError, DatasetMismatch, ExchangeFileError, UpdateError
+from .errors import BranchlineError, DatasetMismatch, ExchangeFileError, UpdateError, UserError
 
 if TYPE_CHECKING:
     from .node import ImportReport
@@ -82,17 +82,28 @@ class Header:
     documents: tuple[Part, ...]
     body_length: int
     body_sha256: str
+    # An export of unacknowledged local work only (``export --unsynced``):
+    # importing it puts the changes back into the outbox.
+    unsynced: bool = False
 
 
 # -- pure encoding ---------------------------------------------------------
 
 
-def encode_export(*, dataset: str, node: str, updates: dict[str, bytes], created_ms: int) -> bytes:
+def encode_export(
+    *,
+    dataset: str,
+    node: str,
+    updates: dict[str, bytes],
+    created_ms: int,
+    unsynced: bool = False,
+) -> bytes:
     """The bytes of an export file holding ``updates`` (document -> CRDT update).
 
     Raises ExchangeFileError when the result would exceed what readers accept.
     """
-    return _encode(EXPORT_MAGIC, MAX_EXPORT_BYTES, dataset, node, updates, created_ms)
+    extra = {"unsynced": True} if unsynced else {}
+    return _encode(EXPORT_MAGIC, MAX_EXPORT_BYTES, dataset, node, updates, created_ms, extra)
 
 
 def encode_state(*, dataset: str, node: str, state: dict[str, bytes], created_ms: int) -> bytes:
@@ -130,13 +141,21 @@ def decode_state(data: bytes) -> tuple[Header, dict[str, bytes]]:
 
 
 def write_export(
-    path: str | Path, *, dataset: str, node: str, updates: dict[str, bytes], created_ms: int
+    path: str | Path,
+    *,
+    dataset: str,
+    node: str,
+    updates: dict[str, bytes],
+    created_ms: int,
+    unsynced: bool = False,
 ) -> int:
     """Write an export file atomically; returns its size in bytes.
 
     Raises ExchangeFileError (oversized) or BranchlineError (cannot write).
     """
-    data = encode_export(dataset=dataset, node=node, updates=updates, created_ms=created_ms)
+    data = encode_export(
+        dataset=dataset, node=node, updates=updates, created_ms=created_ms, unsynced=unsynced
+    )
     _write_atomic(Path(path), data)
     return len(data)
 
@@ -180,7 +199,11 @@ class Replica(Protocol):
 
     def export_updates(self, since: dict[str, bytes] | None = None) -> dict[str, bytes]: ...
 
-    def import_updates(self, updates: dict[str, bytes]) -> ImportReport: ...
+    def unsynced_updates(self) -> dict[str, bytes]: ...
+
+    def import_updates(
+        self, updates: dict[str, bytes], *, unsynced: bool = False
+    ) -> ImportReport: ...
 
 
 @dataclass(frozen=True)
@@ -212,14 +235,34 @@ def save_state(node: Replica, path: str | Path, *, created_ms: int) -> Exported:
 
 
 def export_to_file(
-    node: Replica, path: str | Path, *, created_ms: int, since_state: str | Path | None = None
+    node: Replica,
+    path: str | Path,
+    *,
+    created_ms: int,
+    since_state: str | Path | None = None,
+    unsynced: bool = False,
 ) -> Exported:
     """Write what ``node`` holds (or, with ``since_state``, what the node that
-    wrote that state file lacks) to an export file.
+    wrote that state file lacks; or, with ``unsynced``, only the local work
+    the relay has not acknowledged) to an export file.
 
-    Raises DatasetMismatch for a state file of another dataset (nothing is
-    written), ExchangeFileError, UpdateError, BranchlineError (cannot write).
+    Raises UserError for both options at once, DatasetMismatch for a state
+    file of another dataset (nothing is written), ExchangeFileError,
+    UpdateError, BranchlineError (cannot write).
     """
+    if unsynced:
+        if since_state is not None:
+            raise UserError("choose --unsynced or --since-state, not both")
+        updates = node.unsynced_updates()
+        size = write_export(
+            path,
+            dataset=node.dataset,
+            node=node.node_id,
+            updates=updates,
+            created_ms=created_ms,
+            unsynced=True,
+        )
+        return Exported(Path(path), len(updates), size, None)
     since = None
     since_node = None
     if since_state is not None:
@@ -251,7 +294,7 @@ def import_from_file(node: Replica, path: str | Path) -> Imported:
             f"{path} holds dataset '{header.dataset}' (exported by node '{header.node}'), "
             f"but node '{node.node_id}' belongs to dataset '{node.dataset}'; nothing was imported"
         )
-    return Imported(header, node.import_updates(updates))
+    return Imported(header, node.import_updates(updates, unsynced=header.unsynced))
 
 
 # -- internals -------------------------------------------------------------
@@ -268,6 +311,7 @@ def _encode(
     node: str,
     parts: dict[str, bytes],
     created_ms: int,
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
     kind = _kind(magic)
     _check_name(dataset, "dataset", kind)
@@ -296,6 +340,7 @@ def _encode(
             "documents": documents,
             "body_length": len(body),
             "body_sha256": hashlib.sha256(body).hexdigest(),
+            **(extra or {}),
         }
     )
     if len(header) > MAX_HEADER_BYTES:
@@ -404,7 +449,10 @@ def _parse_header(raw: bytes, kind: str) -> Header:
         raise ExchangeFileError(
             f"{kind} is damaged: documents cover {offset} bytes, body_length says {body_length}"
         )
-    return Header(fmt, dataset, node, created, tuple(parts), body_length, sha)
+    unsynced = obj.get("unsynced", False)
+    if type(unsynced) is not bool:
+        raise ExchangeFileError(f"{kind} is damaged: header 'unsynced' is not true or false")
+    return Header(fmt, dataset, node, created, tuple(parts), body_length, sha, unsynced)
 
 
 def _header_name(value: Any, what: str, kind: str) -> str:

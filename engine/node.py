@@ -497,8 +497,27 @@ class Node:
             parts.append(([s for s, _ in group], merge([d for _, d in group])))
         return parts
 
-    def import_updates(self, updates: dict[str, bytes]) -> ImportReport:
+    def unsynced_updates(self) -> dict[str, bytes]:
+        """Per document, one update holding every local change the relay has
+        not acknowledged (the outbox), for ``export --unsynced``."""
+        with self._reading() as conn:
+            rows = conn.execute(
+                "SELECT doc, data FROM updates WHERE pending = 1 ORDER BY doc, seq"
+            ).fetchall()
+        by_doc: dict[str, list[bytes]] = {}
+        for doc, data in rows:
+            by_doc.setdefault(str(doc), []).append(bytes(data))
+        out = {}
+        for doc, blobs in by_doc.items():
+            while len(blobs) > 1:
+                blobs = [merge(blobs[i : i + MAX_MERGE]) for i in range(0, len(blobs), MAX_MERGE)]
+            out[doc] = blobs[0]
+        return out
+
+    def import_updates(self, updates: dict[str, bytes], *, unsynced: bool = False) -> ImportReport:
         """Integrate updates from another replica in one durable transaction.
+        With ``unsynced`` (work another life of this node never uploaded),
+        what is new here also goes into the outbox, to upload at the next sync.
 
         Idempotent: what is already here is not stored again. Raises
         UpdateError (nothing stored) for a bad document name or bad bytes.
@@ -519,7 +538,7 @@ class Node:
                 blob = bytes(data)
                 documents += 1
                 stored += 1
-                self._log(conn, loaded, blob, "remote")
+                self._log(conn, loaded, blob, "remote", pending=unsynced)
                 records += self._materialize(conn, coll, loaded.doc, changed, hold=True)
                 loaded.doc.release()
                 if changed and coll.on_duplicate == "renumber":
@@ -824,11 +843,19 @@ class Node:
         data: bytes,
         origin: str,
         record: str | None = None,
+        pending: bool = False,
     ) -> None:
         cur = conn.execute(
             "INSERT INTO updates (doc, data, origin, pending, record, at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (loaded.doc.name, data, origin, int(origin == "local"), record, self._clock.wall_ms()),
+            (
+                loaded.doc.name,
+                data,
+                origin,
+                int(pending or origin == "local"),
+                record,
+                self._clock.wall_ms(),
+            ),
         )
         assert cur.lastrowid is not None
         loaded.applied = cur.lastrowid
@@ -1173,9 +1200,7 @@ class Node:
         return self._doc(docname).doc.states(rid)
 
     def _live_records(self, adapter: plugins.Adapter) -> Iterator[plugins.RecordChange]:
-        return plugins.live_records(
-            self.store.conn, self.schema, adapter.collections, self._states
-        )
+        return plugins.live_records(self.store.conn, self.schema, adapter.collections, self._states)
 
 
 RefPath = tuple[str, str | None, str]  # (field, line sub-field or None, target collection)

@@ -321,6 +321,7 @@ def test_exchange_converges_and_shows_conflicts(tmp_path: Path) -> None:
         "documents": 3,
         "bytes": (tmp_path / "a.blx").stat().st_size,
         "since_state_of": None,
+        "unsynced": False,
     }
     first = ok("import", "--home", b, tmp_path / "a.blx", "--json")
     assert first == {
@@ -331,6 +332,7 @@ def test_exchange_converges_and_shows_conflicts(tmp_path: Path) -> None:
         "documents_changed": 3,
         "records_changed": 3,
         "changed": True,
+        "unsynced": False,
     }
     # Offline at both: one field edited at both, the same new code at both.
     ok("put", "--home", a, "customers", '{"code": "KH001", "name": "An Phát (HN)"}')
