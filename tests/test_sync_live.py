@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from engine.node import Node
-from engine.relay.server import RelayServer
-from engine.relay.sqlite_store import SqliteRelayStore
+from engine.relay.server import RelayServer, ServerLimits
+from engine.relay.sqlite_store import RelayLimits, SqliteRelayStore
 
 BRANCHLINE = [str(Path(sys.executable).parent / "branchline")]
 
@@ -37,16 +37,25 @@ class ThreadRelay:
     """The real ``RelayServer`` on its own event loop in a background thread,
     so the test can start and stop it while node processes run."""
 
-    def __init__(self, store_path: Path, port: int) -> None:
+    def __init__(
+        self,
+        store_path: Path,
+        port: int,
+        *,
+        limits: ServerLimits | None = None,
+        store_limits: RelayLimits | None = None,
+    ) -> None:
         self.store_path = store_path
         self.port = port
+        self.limits = limits
+        self.store_limits = store_limits
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: RelayServer | None = None
 
     def start(self) -> None:
-        self.store = SqliteRelayStore.open(self.store_path)
-        self.server = RelayServer(self.store, host="127.0.0.1", port=self.port)
+        self.store = SqliteRelayStore.open(self.store_path, limits=self.store_limits)
+        self.server = RelayServer(self.store, host="127.0.0.1", port=self.port, limits=self.limits)
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
 

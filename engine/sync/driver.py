@@ -564,9 +564,7 @@ class SyncDriver:
             except UpdateError as exc:
                 # Nothing of it can go up in updates the relay accepts: say so
                 # where the user looks, hold it, and let the pass go on.
-                fl.record_failure(
-                    self.node, fl.UPLOAD, doc, f"{fl.LOCAL}: {exc}", self._wall_ms()
-                )
+                fl.record_failure(self.node, fl.UPLOAD, doc, f"{fl.LOCAL}: {exc}", self._wall_ms())
                 self.held = self.held | {doc}
                 parts = []
             if len(parts) > self.session.inflight_room:

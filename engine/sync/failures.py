@@ -269,9 +269,7 @@ def retrying_docs(node: Node, direction: str) -> frozenset[str]:
 
 
 def _retry_ids(node: Node) -> set[int]:
-    row = node.store.conn.execute(
-        "SELECT value FROM meta WHERE key = ?", (META_RETRY,)
-    ).fetchone()
+    row = node.store.conn.execute("SELECT value FROM meta WHERE key = ?", (META_RETRY,)).fetchone()
     if row is None:
         return set()
     try:

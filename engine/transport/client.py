@@ -184,9 +184,7 @@ class NodeThread:
     async def __aenter__(self) -> NodeThread:
         try:
             self._node = await self._call(
-                functools.partial(
-                    Node.open, self._home, dataset=self._dataset, clock=self._clock
-                )
+                functools.partial(Node.open, self._home, dataset=self._dataset, clock=self._clock)
             )
         except BaseException:
             self._pool.shutdown(wait=False)
@@ -381,11 +379,12 @@ async def node_sync(
     try:
         async with asyncio.timeout(timeout):
             async with NodeThread(node.home, dataset=node.dataset, wall_ms=wall_ms) as nt:
+                set_aside: list[str] = []  # documents held by refusals, all rounds
                 rounds = 0
                 while True:
                     try:
                         driver = await _sync_once(
-                            nt, url, token, progress, heartbeat_ms, monotonic_ms, wall_ms
+                            nt, url, token, progress, heartbeat_ms, monotonic_ms, wall_ms, set_aside
                         )
                     except UpdatesRefused as exc:
                         rounds += 1
@@ -393,6 +392,7 @@ async def node_sync(
                             raise
                         log.info("%s", exc)
                         continue
+                    driver.quarantined = set_aside
                     driver.failures = await nt.run(failure_counts)
                     return driver
     except TimeoutError:
@@ -410,8 +410,10 @@ async def _sync_once(
     heartbeat_ms: int,
     monotonic_ms: Callable[[], int],
     wall_ms: Callable[[], int],
+    set_aside: list[str],
 ) -> SyncDriver:
-    """One connection of ``node_sync``, until synced."""
+    """One connection of ``node_sync``, until synced; the documents its
+    driver set aside are added to ``set_aside`` however it ends."""
     try:
         ws = await _open(url)
     except Exception as exc:  # classified, or re-raised
@@ -426,12 +428,16 @@ async def _sync_once(
             wall_ms=wall_ms,
             on_progress=on_progress,
         )
-        await conn.start()
-        while not conn.synced:
-            try:
-                await conn.step(POLL_S)
-            except (OSError, ConnectionClosed) as exc:
-                raise _classify(exc, url) from None
+        try:
+            await conn.start()
+            while not conn.synced:
+                try:
+                    await conn.step(POLL_S)
+                except (OSError, ConnectionClosed) as exc:
+                    raise _classify(exc, url) from None
+        finally:
+            set_aside.extend(conn.driver.quarantined)
+            conn.driver.stats.extra["keepalives"] = conn.keepalives
         refused = conn.driver.upload_refused
         if refused is not None:
             raise RelayRefused(refused)  # downloaded all; uploads impossible
@@ -635,6 +641,7 @@ class LiveSync:
                             return
             finally:
                 self.keepalives += conn.keepalives
+
 
 def run_status(node: Node, now_ms: int) -> dict[str, Any]:
     """What ``branchline status`` shows about the running ``node run``:
