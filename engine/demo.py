@@ -10,13 +10,19 @@ Everything runs in a temporary directory on loopback, SQLite everywhere:
 3. The day: every branch books sales invoices (some unpaid), purchases, cash
    receipts and stock transfers into its own home while its ``node run``
    ships them. DN is cut off (``branchline node offline``) for part of the
-   day and keeps booking, including a customer code HCM creates too and an
-   edit of a field HN edits at the same time.
+   day and keeps booking: a customer code HCM creates too, an edit of a
+   field HN edits at the same time, edits of and sales to a customer HN
+   closes meanwhile, and a receipt number HCM also types by hand.
 4. The link returns (``branchline node online``): DN catches up by itself,
    with progress per collection and timings.
-5. Every node's books (stock on hand, receivables, voucher numbers) are
+5. Every conflict kind has arisen, identically at every node. HCM renumbers
+   its clashing receipt by itself (policy ``on_duplicate = "renumber"``);
+   the head office settles the rest with ``branchline resolve`` (rename,
+   keep a side, reopen), which also clears the dangling references; the
+   journal (``conflicts --resolved``) is the same everywhere.
+6. Every node's books (stock on hand, receivables, voucher numbers) are
    computed from its own records; all three must be identical, records and
-   conflicts included. Then every process is stopped cleanly.
+   journal included, with no conflict open. Every process is stopped cleanly.
 
 Run with ``python -m engine.demo [--keep DIR] [--seed N]``.
 """
@@ -74,6 +80,10 @@ CUSTOMERS = [
     ("KH003", "Siêu thị Bình Minh", "0401112223", "88 Nguyễn Văn Linh, Đà Nẵng"),
     ("KH004", "Nhà sách Phương Nam", "0305556667", "120 Lê Lợi, TP.HCM"),
 ]
+# A customer only DN sells to; head office closes it while DN is cut off.
+LOCAL_CUSTOMER = ("KH009", "Quán cà phê Gió", "0401239999", "12 Bạch Đằng, Đà Nẵng")
+# A pre-printed receipt book: DN and HCM both type its first number by hand.
+TYPED_NUMBER = "PT-TAY-0001"
 SUPPLIERS = [
     ("NCC01", "Văn phòng phẩm Thiên Long", "0302223334"),
     ("NCC02", "Giấy Bãi Bằng", "2600112233"),
@@ -230,6 +240,7 @@ def snapshot(node: Node) -> dict[str, Any]:
     return {
         "records": {name: node.list(name) for name in sorted(node.schema.collections)},
         "conflicts": node.conflicts(),
+        "resolved": node.conflicts(resolved=True),
     }
 
 
@@ -271,6 +282,35 @@ def books(node: Node) -> dict[str, Any]:
         if coll.kind == "voucher"
     }
     return {"stock": dict(sorted(stock.items())), "receivables": receivables, "numbers": numbers}
+
+
+def _describe(node: Node, c: dict[str, Any]) -> tuple[str, list[str]]:
+    """Where a conflict is and its competing values, in a user's words (codes, names)."""
+    coll = c["collection"]
+    if c["kind"] == "duplicate_key":
+        names = {r["id"]: r.get("name", r["id"]) for r in node.list(coll)}
+        return (
+            f"{coll}.{c['field']} = {c['key']}",
+            [f"{v['node']}: {names.get(v['value'], v['value'])}" for v in c["values"]],
+        )
+    rows = node.store.conn.execute(
+        "SELECT key FROM records WHERE collection = ? AND id = ?", (coll, c["records"][0])
+    ).fetchone()
+    label = f"{coll} {rows[0] if rows else c['records'][0]}.{c['field']}"
+    if c["kind"] == "dangling_reference":
+        target = c["target"]
+        return label, [f"→ {target['collection']} {target['id'][-6:]} ({target['state']})"]
+    if c["kind"] == "edit_delete":
+        values = [f"{c['values'][0]['node']}: deleted"]
+        values += [f"{v['node']}: edited {_show_edit(v['value'])}" for v in c["values"][1:]]
+        return label, values
+    return label, [f"{v['node']}: {v['value']}" for v in c["values"]]
+
+
+def _show_edit(value: Any) -> str:
+    return (
+        ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+    )
 
 
 def _identical(branches: list[Branch]) -> bool:
@@ -356,7 +396,7 @@ class Day:
         hq = self.branches[HQ].fresh()
         for code, name, kind in ACCOUNTS:
             hq.put("accounts", {"code": code, "name": name, "kind": kind})
-        for code, name, tax, address in CUSTOMERS:
+        for code, name, tax, address in [*CUSTOMERS, LOCAL_CUSTOMER]:
             hq.put("customers", {"code": code, "name": name, "tax_code": tax, "address": address})
         for code, name, tax in SUPPLIERS:
             hq.put("suppliers", {"code": code, "name": name, "tax_code": tax})
@@ -476,9 +516,18 @@ class Day:
         # One field edited at two branches at the same time: a concurrent edit.
         dn.fresh().put("customers", {"code": "KH003", "address": "200 Bạch Đằng, Đà Nẵng"})
         hq.fresh().put("customers", {"code": "KH003", "address": "15 Trần Phú, Đà Nẵng"})
+        # Head office closes a customer DN is still serving: edit vs delete, and
+        # DN's invoice then refers to a deleted customer.
+        dn.fresh().put("customers", {"code": LOCAL_CUSTOMER[0], "address": "14 Bạch Đằng"})
+        hq.fresh().delete("customers", LOCAL_CUSTOMER[0])
         self.purchase(dn)
         self.sale(dn, "KH005", paid=False)  # DN's own KH005, the only one it knows
         self.sale(hcm, "KH005", paid=False)
+        self.sale(dn, LOCAL_CUSTOMER[0], paid=False)
+        # The same hand-typed receipt number at two branches (DN's first).
+        for branch in (dn, hcm):
+            fields = {"date": DAY, "customer": "KH001", "amount": "100000"}
+            branch.fresh().post_voucher("cash_receipt", {**fields, "number": TYPED_NUMBER})
         for i in range(10):
             self.book_round(BRANCHES, codes, i)
         self.receipt(dn)
@@ -490,7 +539,8 @@ class Day:
         )
         self.console.print(
             "  DN and HCM both create customer [bold]KH005[/] (Hoa Mai / Sao Việt); DN and HN "
-            "both change KH003's address"
+            f"both change KH003's address; HN closes {LOCAL_CUSTOMER[0]} while DN edits it "
+            f"and sells to it; DN and HCM both type receipt number {TYPED_NUMBER}"
         )
         own = books(dn.fresh())["stock"]
         on_hand = ", ".join(f"{code} {own.get((code, dn.warehouse), 0)}" for code, *_ in ITEMS)
@@ -585,7 +635,76 @@ class Day:
             f"all three nodes identical [bold]{marks['identical']:.2f} s[/] after the link returned"
         )
 
-    # 4. the books -------------------------------------------------------------------
+    # 4. the conflicts ---------------------------------------------------------------
+
+    def settle_conflicts(self) -> None:
+        branches = list(self.branches.values())
+        hq = self.branches[HQ]
+        # HCM's typed receipt came second, so HCM (and only HCM) renumbers it.
+        took = _wait_for(
+            "the clashing receipt number being renumbered everywhere",
+            lambda: (
+                all(b.fresh().conflicts(resolved=True) for b in branches) and _identical(branches)
+            ),
+        )
+        node = hq.fresh()
+        conflicts = node.conflicts()
+        kinds = sorted({c["kind"] for c in conflicts})
+        expected = ["concurrent_edit", "dangling_reference", "duplicate_key", "edit_delete"]
+        assert kinds == expected, f"unexpected conflicts {kinds}"  # dangling: one per voucher
+        table = Table(title="Conflicts that arose (identical at every node)", title_justify="left")
+        for col in ("kind", "where", "competing values (in force first)"):
+            table.add_column(col)
+        for c in conflicts:
+            where, values = _describe(node, c)
+            marked = [("✔ " if i == 0 else "  ") + v for i, v in enumerate(values)]
+            table.add_row(Text(c["kind"]), Text(where), Text("\n".join(marked)))
+        self.console.print(table)
+        for c in conflicts:
+            self.console.print(Text(f"  • {c['explanation']}"))
+        # The head office accountant settles the rest by hand.
+        choices = {
+            "duplicate_key": ("--rename", "KH006"),  # two real customers: give one a new code
+            "concurrent_edit": ("--keep", DN),  # the branch knows the new address
+            "edit_delete": ("--keep", "edit"),  # DN still serves it: reopen the customer
+        }
+        for c in conflicts:
+            if c["kind"] in choices:
+                self.procs.cli("resolve", "--home", str(hq.home), c["id"], *choices[c["kind"]])
+                self.console.print(
+                    f"  [cyan]branchline resolve --home HN {c['id'][:8]}… "
+                    f"{' '.join(choices[c['kind']])}[/]  ({c['kind']})"
+                )
+        settled = _wait_for(
+            "the resolutions reaching every node",
+            lambda: _identical(branches) and not hq.fresh().conflicts(),
+        )
+        journal = Table(
+            title="branchline conflicts --resolved (the journal, identical at every node)",
+            title_justify="left",
+        )
+        for col in ("node", "kind", "action", "old → new", "how"):
+            journal.add_column(col)
+        entries = hq.fresh().conflicts(resolved=True)
+        for e in entries:
+            journal.add_row(
+                e["node"],
+                e["kind"],
+                e["action"],
+                Text(f"{e['old']} → {e['new']}"),
+                "automatic" if e["auto"] else "by hand",
+            )
+        self.console.print(journal)
+        self.console.print(
+            "  the dangling reference needed no choice of its own: reopening the customer "
+            f"resolved it; no conflict is left at any node ({settled:.2f} s after the last "
+            "choice)"
+        )
+        self.figures.append(
+            ("clash renumbered automatically (after the link returned)", f"{took:.2f} s")
+        )
+
+    # 5. the books -------------------------------------------------------------------
 
     def show_books(self) -> None:
         branches = list(self.branches.values())
@@ -610,12 +729,6 @@ class Day:
                 f"{code} {name} ({unit})", *(_money(q) for q in qty), _money(sum(qty, Decimal(0)))
             )
         customers = {r["id"]: r for r in node.list("customers")}
-        created = {
-            c["values"][i]["value"]: c["values"][i]["node"]
-            for c in node.conflicts()
-            if c["kind"] == "duplicate_key"
-            for i in range(len(c["values"]))
-        }
         recv = Table(
             title="Receivables per customer (unpaid invoices incl. VAT − cash receipts)",
             title_justify="left",
@@ -625,9 +738,7 @@ class Day:
         total = Decimal(0)
         for cid, (inv, rec, bal) in first["receivables"].items():
             cust = customers[cid]
-            label = f"{cust['code']} {cust['name']}" + (
-                f" (made at {created[cid]})" if cid in created else ""
-            )
+            label = f"{cust['code']} {cust['name']}"
             recv.add_row(Text(label), _money(inv), _money(rec), _money(bal))
             total += bal
         recv.add_row(Text("total", style="bold"), "", "", Text(_money(total), style="bold"))
@@ -654,31 +765,13 @@ class Day:
             numbers.add_row(coll, str(len(nums)), Text(ranges))
         self.console.print(numbers)
         assert len(everything) == len(set(everything)), "two vouchers share a number"
+        renumbered = [e for e in node.conflicts(resolved=True) if e["action"] == "renumber"]
         self.console.print(
-            f"  {len(everything)} vouchers, {len(set(everything))} distinct numbers: "
-            "no clash, no renumbering"
+            f"  {len(everything)} vouchers, {len(set(everything))} distinct numbers "
+            f"({len(renumbered)} typed-in clash renumbered)"
         )
 
-        conflicts = node.conflicts()
-        kinds = sorted(c["kind"] for c in conflicts)
-        assert kinds == ["concurrent_edit", "duplicate_key"], f"unexpected conflicts {kinds}"
-        table = Table(title="Conflicts that arose (identical at every node)", title_justify="left")
-        table.add_column("kind")
-        table.add_column("where")
-        table.add_column("competing values (in force first)")
-        for c in conflicts:
-            if c["kind"] == "duplicate_key":
-                where = f"{c['collection']}.{c['field']} = {c['key']}"
-                values = [f"{v['node']}: {customers[v['value']]['name']}" for v in c["values"]]
-            else:
-                where = f"{c['collection']} {customers[c['records'][0]]['code']}.{c['field']}"
-                values = [f"{v['node']}: {v['value']}" for v in c["values"]]
-            marked = [("✔ " if i == 0 else "  ") + v for i, v in enumerate(values)]
-            table.add_row(Text(c["kind"]), Text(where), Text("\n".join(marked)))
-        self.console.print(table)
-        for c in conflicts:
-            self.console.print(Text(f"  • {c['explanation']}"))
-
+        assert node.conflicts() == [], "a conflict is left open"
         count = sum(len(v) for v in snaps[HQ]["records"].values())
         self.figures.insert(0, ("records at every node", str(count)))
         metrics = _metrics(self.url)
@@ -698,7 +791,7 @@ class Day:
         self.console.print(
             Text(
                 f"✔ HN, HCM and DN are identical: {count} records, the same stock, receivables "
-                f"and voucher numbers, {len(conflicts)} conflicts",
+                "and voucher numbers, no open conflict",
                 style="bold green",
             )
         )
@@ -754,9 +847,11 @@ def run(workdir: Path, console: Console, seed: int = 2024) -> None:
             day.cut_off()
             _step(console, "5. The link returns: DN catches up by itself")
             day.restore()
-            _step(console, "6. Closing: the books as every node computes them")
+            _step(console, "6. Conflicts: what arose, and how each was settled")
+            day.settle_conflicts()
+            _step(console, "7. Closing: the books as every node computes them")
             day.show_books()
-            _step(console, "7. Stopping")
+            _step(console, "8. Stopping")
             day.shut_down()
         except Exception:
             for label, _proc, _log in day.procs.started:
