@@ -364,7 +364,8 @@ class Node:
 
     def conflicts(self, *, resolved: bool = False) -> Records:
         """Every open conflict, derived from replicated state, sorted by id
-        (engine.conflicts lists the kinds). Each has ``id``, ``kind``,
+        (engine.conflicts lists the kinds; enabled adapters add ``invariant``
+        conflicts, see ``invariant_conflicts``). Each has ``id``, ``kind``,
         ``collection``, ``records``, ``field``, ``values`` (``node``,
         ``hlc``, ``value``, ``in_force``) and an ``explanation``.
 
@@ -373,7 +374,9 @@ class Node:
         self.refresh()
         if resolved:
             return list_resolutions(self.store.conn)
-        return list_conflicts(self.store.conn, self.schema)
+        found = list_conflicts(self.store.conn, self.schema)
+        found += plugins.conflict_dicts(self.store.conn)
+        return sorted(found, key=lambda c: str(c["id"]))
 
     def resolve(
         self,
