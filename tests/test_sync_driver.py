@@ -47,6 +47,8 @@ class MemRelay:
         self.hold_acks = False
         self.held: list[tuple[RelaySession, int]] = []
         self.received: list[tuple[str, str]] = []  # (node, doc) of updates in arrival order
+        self.deny_leases = False
+        self.lease_requests: list[str] = []  # series of lease requests in arrival order
 
     def handle(self, link: Link, events: list[Event]) -> None:
         session = link.relay
@@ -92,6 +94,10 @@ class MemRelay:
             elif isinstance(ev, LeaseRequested):
                 ds = session.dataset
                 assert ds is not None
+                self.lease_requests.append(ev.series)
+                if self.deny_leases:
+                    session.deny_lease(ev.ref, "no numbers for you")
+                    continue
                 first, last = self.store.lease(ds, ev.series, ev.count)
                 session.grant_lease(ev.ref, first, last)
 
@@ -426,3 +432,141 @@ def test_export_parts_cover_the_outbox_and_converge(tmp_path: Path) -> None:
     # When the diff fits, it is one part carrying every pending row.
     [(carried, data)] = a.export_parts("items", None, 1 << 30)
     assert carried == seqs and data
+
+
+def blocks_node(tmp_path: Path, name: str) -> Node:
+    """A node whose sales invoices are numbered from blocks leased by the relay."""
+    schema = tmp_path / "blocks.toml"
+    text = (Path(__file__).parents[1] / "engine/schema/accounting.toml").read_text()
+    schema.write_text(
+        text.replace('prefix = "HD", strategy = "node"', 'prefix = "HD", strategy = "blocks"')
+    )
+    n = Node.create(
+        tmp_path / name,
+        dataset="acme",
+        node=name,
+        schema=schema,
+        clock=ManualClock(START_MS),
+        rng=random.Random(name),
+    )
+    n.put("customers", {"code": "C1", "name": "One"})
+    n.put("warehouses", {"code": "W1", "name": "Main"})
+    n.put("items", {"code": "I1", "name": "Item", "unit": "pcs", "price": "10"})
+    return n
+
+
+def sell(n: Node, count: int) -> None:
+    for _ in range(count):
+        n.post_voucher(
+            "sales_invoice",
+            {
+                "date": "2026-02-10",
+                "customer": "C1",
+                "warehouse": "W1",
+                "lines": [{"item": "I1", "qty": "1", "price": "10"}],
+            },
+        )
+
+
+def test_reserve_refilled_while_live_and_refusals_back_off(tmp_path: Path, relay: MemRelay) -> None:
+    import engine.sync.driver as driver_mod
+
+    a = blocks_node(tmp_path, "A")
+    target = a.collection("sales_invoice").series.reserve  # type: ignore[union-attr]
+    link = relay.connect(a, relay.store.enroll("acme", "A").token)
+    relay.pump()
+    now = 0
+
+    def at(ms: int) -> None:
+        """Move the driver's clock to ``ms``, poll, and let the frames move."""
+        link.driver.tick(ms)
+        link.driver.poll()
+        relay.pump()
+
+    at(now)
+    assert a.reserve_left("sales_invoice") >= target
+    # Bookings use the reserve up to below its target: refilled while live,
+    # without waiting for the next connection.
+    sell(a, a.reserve_left("sales_invoice") - target + 1)
+    assert a.reserve_left("sales_invoice") < target
+    now += driver_mod.LEASE_CHECK_MS
+    at(now)
+    assert a.reserve_left("sales_invoice") >= target
+    assert len(relay.lease_requests) == 2
+
+    # Refused: asked again only after a backoff that doubles, then granted.
+    relay.deny_leases = True
+    sell(a, a.reserve_left("sales_invoice") - target + 1)
+    now += driver_mod.LEASE_CHECK_MS
+    at(now)
+    assert len(relay.lease_requests) == 3  # refused
+    base = driver_mod.LEASE_RETRY_BASE_MS
+    at(now + base - 1)
+    assert len(relay.lease_requests) == 3  # still backing off
+    at(now + base)
+    assert len(relay.lease_requests) == 4  # refused again: now waits 2 * base
+    at(now + base + 2 * base - 1)
+    assert len(relay.lease_requests) == 4
+    relay.deny_leases = False
+    at(now + base + 2 * base)
+    assert len(relay.lease_requests) == 5
+    assert a.reserve_left("sales_invoice") >= target
+    assert link.driver.stats.extra["leases_denied"] == 2
+
+
+def test_progress_counts_records_both_ways(tmp_path: Path, relay: MemRelay) -> None:
+    a, b = make_node(tmp_path, "A"), make_node(tmp_path, "B")
+    book_day(a, "x")  # 1 customer, 1 item, 1 warehouse, 3 invoices in 2 periods
+    a.put("customers", {"code": "C-y", "name": "Y"})
+    a.put("customers", {"code": "C-y", "name": "Y again"})  # 2 updates, 1 record
+    la = relay.connect(a, relay.store.enroll("acme", "A").token)
+    relay.pump()
+    lb = relay.connect(b, relay.store.enroll("acme", "B").token)
+    relay.pump()
+    expected = {"customers": 2, "items": 1, "warehouses": 1, "sales_invoice": 3}
+    for link in (la, lb):
+        last = {c: (d, t) for c, d, t in link.progress}
+        assert {c: last[c] for c in expected} == {c: (n, n) for c, n in expected.items()}
+        assert all(d <= t for _, d, t in link.progress)
+        assert {c: p.docs_done for c, p in link.driver.progress.items()} == {
+            c: p.docs_total for c, p in link.driver.progress.items()
+        }
+
+
+def test_document_this_schema_lacks_waits_for_retry(tmp_path: Path, relay: MemRelay) -> None:
+    """A received document of a collection the node's schema lacks is a
+    download failure; it is left out of later passes until ``retry``, which
+    a connected driver picks up from another connection (e.g. the CLI)."""
+    from engine.sync import list_failures, retry
+
+    text = (Path(__file__).parents[1] / "engine/schema/accounting.toml").read_text()
+    start = text.index("[collections.tasks]")
+    end = text.index("[collections.", start + 1)
+    narrow = tmp_path / "narrow.toml"
+    narrow.write_text(text[:start] + text[end:])
+    a = make_node(tmp_path, "A")
+    b = Node.create(tmp_path / "B", dataset="acme", node="B", schema=narrow)
+    a.put("tasks", {"code": "T1", "title": "Count the stock"})
+    a.put("customers", {"code": "C1", "name": "One"})
+    relay.connect(a, relay.store.enroll("acme", "A").token)
+    relay.pump()
+    token_b = relay.store.enroll("acme", "B").token
+    lb = relay.connect(b, token_b)
+    relay.pump()
+    assert lb.driver.synced and b.get("customers", "C1") is not None
+    [failure] = list_failures(b)
+    assert (failure.direction, failure.doc, failure.code) == ("download", "tasks", "schema")
+    assert "does not have" in failure.reason and failure.attempts == 1
+
+    lb.cut()  # a new connection does not ask for it again
+    lb = relay.connect(b, token_b)
+    relay.pump()
+    assert lb.driver.synced and list_failures(b)[0].attempts == 1
+
+    with Node.open(b.home) as other:  # `branchline retry` in another process
+        retry(other)
+    assert lb.driver.poll() == 0
+    relay.pump()
+    [again] = list_failures(b)
+    assert again.id == failure.id and again.attempts == 2 and not again.retrying
+    assert lb.driver.synced

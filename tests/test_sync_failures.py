@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,13 +25,31 @@ from engine.transport import LiveSync, node_sync
 TOTAL = 1000  # items written on A, one of them poisoned
 
 
+@dataclass
+class Setup:
+    """Two node homes A and B enrolled on a relay store, the relay's update
+    limit (``limit_for``) and a relay with that limit (not started)."""
+
+    homes: dict[str, Path]
+    store_path: Path
+    port: int
+    limit: int
+    relay: ThreadRelay
+
+
 @pytest.fixture
-def relay_path(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
-    path = tmp_path / "relay.db"
-    store = SqliteRelayStore.create(path)
+def setup(tmp_path: Path) -> Setup:
+    store_path = tmp_path / "relay.db"
+    store = SqliteRelayStore.create(store_path)
     tokens = {n: store.enroll("acme", n).token for n in ("A", "B")}
     store.close()
-    yield path, tokens
+    limit = limit_for(tmp_path)
+    port = free_port()
+    homes = {n: tmp_path / n for n in ("A", "B")}
+    for n, home in homes.items():
+        init_home(home, n, port, tokens[n])
+    relay = ThreadRelay(store_path, port, store_limits=RelayLimits(max_update_bytes=limit))
+    return Setup(homes, store_path, port, limit, relay)
 
 
 def customer(i: int) -> dict[str, str]:
@@ -61,18 +79,11 @@ def limit_for(tmp_path: Path) -> int:
         return 2 * len(probe.export_updates()["customers"])
 
 
-def test_one_refused_item_among_1000_does_not_hold_the_others(
-    tmp_path: Path, relay_path: tuple[Path, dict[str, str]]
-) -> None:
-    store_path, tokens = relay_path
-    limit = limit_for(tmp_path)
-    port = free_port()
-    homes = {n: tmp_path / n for n in ("A", "B")}
-    for n, home in homes.items():
-        init_home(home, n, port, tokens[n])
+def test_one_refused_item_among_1000_does_not_hold_the_others(setup: Setup) -> None:
+    homes = setup.homes
     with Node.open(homes["A"]) as a:
-        poisoned = write_with_poison(a, limit)
-    relay = ThreadRelay(store_path, port, store_limits=RelayLimits(max_update_bytes=limit))
+        poisoned = write_with_poison(a, setup.limit)
+    relay = setup.relay
     relay.start()
     try:
         with Node.open(homes["A"]) as a:
@@ -120,7 +131,7 @@ def test_one_refused_item_among_1000_does_not_hold_the_others(
 
     # The operator raises the limit: after retry, the item goes up and is gone
     # from the failures.
-    relay = ThreadRelay(store_path, port)
+    relay = ThreadRelay(setup.store_path, setup.port)
     relay.start()
     try:
         assert cli("retry", "--home", str(homes["A"]), "--all").returncode == 0
@@ -135,20 +146,12 @@ def test_one_refused_item_among_1000_does_not_hold_the_others(
         relay.stop()
 
 
-def test_live_refusal_sets_the_document_aside_and_live_writes_go_on(
-    tmp_path: Path, relay_path: tuple[Path, dict[str, str]]
-) -> None:
+def test_live_refusal_sets_the_document_aside_and_live_writes_go_on(setup: Setup) -> None:
     """``node run``'s loop (LiveSync): a refused live update holds its
     document, the connection comes back at once and later writes of other
     documents still arrive live; ``retry`` from another process is picked up
     by the running sync (refused again here, so counted again)."""
-    store_path, tokens = relay_path
-    limit = limit_for(tmp_path)
-    port = free_port()
-    homes = {n: tmp_path / n for n in ("A", "B")}
-    for n, home in homes.items():
-        init_home(home, n, port, tokens[n])
-    relay = ThreadRelay(store_path, port, store_limits=RelayLimits(max_update_bytes=limit))
+    homes, limit, relay = setup.homes, setup.limit, setup.relay
     relay.start()
 
     async def scenario(a: Node, b: Node) -> None:

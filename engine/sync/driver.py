@@ -356,9 +356,7 @@ class SyncDriver:
         self._retry_up = fl.retrying_docs(self.node, fl.UPLOAD)
         self._held_down = fl.held_downloads(self.node)
         self._retry_down = fl.retrying_docs(self.node, fl.DOWNLOAD)
-        self._failed_down = frozenset(
-            f.doc for f in fl.list_failures(self.node) if f.direction == fl.DOWNLOAD
-        )
+        self._failed_down = fl.failed_docs(self.node, fl.DOWNLOAD)
 
     def _error(self, ev: ErrorReceived) -> None:
         if ev.code == codes.AUTH_FAILED:
@@ -717,12 +715,13 @@ class SyncDriver:
 
     def _has_pending(self) -> bool:
         """Outbox rows of documents that are not held."""
-        for (doc,) in self.node.store.conn.execute(
-            "SELECT DISTINCT doc FROM updates WHERE pending = 1"
-        ):
-            if doc not in self.held:
-                return True
-        return False
+        held = sorted(self.held)
+        row = self.node.store.conn.execute(
+            "SELECT 1 FROM updates WHERE pending = 1 "
+            f"AND doc NOT IN ({', '.join('?' * len(held))}) LIMIT 1",
+            held,
+        ).fetchone()
+        return row is not None
 
     def _new_ref(self) -> int:
         ref = self._next_ref
@@ -733,12 +732,16 @@ class SyncDriver:
 
     def _maybe_refill(self, changed: bool) -> None:
         """Check the reserves after other processes' commits (a booking may
-        have used leased numbers) and every ``LEASE_CHECK_MS`` otherwise."""
+        have used leased numbers), when a refused lease's backoff ends, and
+        every ``LEASE_CHECK_MS`` otherwise."""
         now = self._now_ms
         if now is None:
             return
         last = self._lease_checked_ms
-        if changed or last is None or now - last >= LEASE_CHECK_MS:
+        due = last is None or now - last >= LEASE_CHECK_MS
+        if not due and last is not None:
+            due = any(last < at <= now for at in self._lease_retry_at.values())
+        if changed or due:
             self._lease_checked_ms = now
             self._request_leases()
 

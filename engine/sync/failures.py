@@ -253,6 +253,16 @@ def held_downloads(node: Node) -> frozenset[str]:
     )
 
 
+def failed_docs(node: Node, direction: str) -> frozenset[str]:
+    """Documents with a recorded failure in ``direction``."""
+    return frozenset(
+        str(doc)
+        for (doc,) in node.store.conn.execute(
+            "SELECT DISTINCT doc FROM sync_failures WHERE direction = ?", (direction,)
+        )
+    )
+
+
 def retrying_docs(node: Node, direction: str) -> frozenset[str]:
     """Documents with a failure in ``direction`` that the user asked to retry."""
     retrying = _retry_ids(node)
