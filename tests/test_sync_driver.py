@@ -371,19 +371,7 @@ def test_corrupt_fanout_is_a_download_failure_and_sync_goes_on(
 
 
 def test_blocks_series_reserve_leased_on_connect(tmp_path: Path, relay: MemRelay) -> None:
-    schema = tmp_path / "blocks.toml"
-    text = (Path(__file__).parents[1] / "engine/schema/accounting.toml").read_text()
-    schema.write_text(
-        text.replace('prefix = "HD", strategy = "node"', 'prefix = "HD", strategy = "blocks"')
-    )
-    a = Node.create(
-        tmp_path / "A",
-        dataset="acme",
-        node="A",
-        schema=schema,
-        clock=ManualClock(START_MS),
-        rng=random.Random(1),
-    )
+    a = blocks_node(tmp_path, "A")
     coll = a.collection("sales_invoice")
     assert coll.series is not None and coll.series.strategy == "blocks"
     assert a.reserve_left("sales_invoice") == 0
