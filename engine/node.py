@@ -238,7 +238,16 @@ class Node:
             raise ValidationError(f"{collection}: a new voucher cannot name an id; use put to edit")
         with self._write() as conn:
             if fields.get("number"):
-                rid = self._put(conn, coll, fields)
+                # A typed number already in use must not turn the booking
+                # into an edit of the other voucher.
+                number = encode(coll.fields["number"], fields["number"], f"{coll.name}.number")
+                taken = self._lookup(conn, coll, number, by_id=False)
+                if taken is not None:
+                    raise ValidationError(
+                        f"{coll.name}: number {number!r} is already used by voucher {taken[0]}"
+                    )
+                rid = self._new_id()
+                self._put(conn, coll, fields, new_record_id=rid)
                 return Posted(rid, str(fields["number"]))
             rid = self._new_id()
             date = self._partition_date(coll, fields)

@@ -86,7 +86,5 @@ def test_unsynced_work_survives_recreating_the_node(tmp_path: Path) -> None:
     assert refused.exit_code == 2
     assert "acme" in refused.stderr and "globex" in refused.stderr
 
-    both = run(
-        "export", "--home", home, tmp_path / "x.blx", "--unsynced", "--since-state", "y"
-    )
+    both = run("export", "--home", home, tmp_path / "x.blx", "--unsynced", "--since-state", "y")
     assert both.exit_code == 2 and "not both" in both.stderr

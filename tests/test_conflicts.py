@@ -239,7 +239,7 @@ def duplicate_customers(trio: list[Node]) -> tuple[str, str]:
 
 
 def test_duplicate_key_merge_into_makes_an_alias(trio: list[Node]) -> None:
-    a, b, c = trio
+    _a, _b, c = trio
     first, second = duplicate_customers(trio)
     (conflict,) = c.conflicts()
     assert conflict["kind"] == "duplicate_key"
@@ -256,7 +256,7 @@ def test_duplicate_key_merge_into_makes_an_alias(trio: list[Node]) -> None:
 
 
 def test_duplicate_key_rename_the_later_record(trio: list[Node]) -> None:
-    a, b, c = trio
+    a, _b, _c = trio
     first, second = duplicate_customers(trio)
     (conflict,) = a.conflicts()
     with pytest.raises(UserError, match="taken"):
@@ -297,7 +297,7 @@ def test_voucher_number_clash_renumbered_once_by_the_losers_origin(trio: list[No
 
 def test_conflict_choice_must_fit(trio: list[Node]) -> None:
     a, _, _ = trio
-    first, _ = duplicate_customers(trio)
+    _first, _ = duplicate_customers(trio)
     (conflict,) = a.conflicts()
     with pytest.raises(UserError, match="exactly one"):
         a.resolve(conflict["id"])
@@ -381,3 +381,13 @@ def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     assert node.get("customers", "KH01")["name"] == "An"
     assert node.conflicts(resolved=True) == [] and node.waiting() == 0
     node.close()
+
+
+def test_a_typed_number_in_use_is_refused_not_turned_into_an_edit(trio: list[Node]) -> None:
+    a, _, _ = trio
+    setup_catalogs(a)
+    first = invoice(a, number="HD-0001")
+    with pytest.raises(UserError, match="already used by voucher"):
+        invoice(a, number="HD-0001", customer="KH01")
+    (only,) = a.list("sales_invoice")
+    assert only["id"] == first
