@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import shutil
 import signal
 import socket
@@ -45,7 +46,9 @@ from pycrdt import Doc, Map
 from websockets.asyncio.client import ClientConnection, connect
 
 from engine.node import Node
-from engine.protocol import Acked, ClientSession, Opened, UpdateReceived
+from engine.protocol import ClientSession, Limits, Opened, decode_frame, encode_message
+from engine.protocol.messages import Ping, Pong, Update
+from engine.protocol.session import encode_batch, pack_updates
 from engine.relay.sqlite_store import SqliteRelayStore
 from engine.sync import SyncError
 from engine.transport import node_sync, set_offline
@@ -151,6 +154,15 @@ class Relay:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: listening(self.port), 20, "relay listening", 0.02)
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the relay process used so far; None off Linux."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return None
+        # utime and stime are fields 14 and 15 of stat(5); fields[0] is field 3.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
         try:
@@ -187,46 +199,79 @@ async def open_client(url: str, node: str, token: str) -> tuple[ClientConnection
             return ws, session
 
 
+#: Updates per writer frame: what a node ships per poll (engine.sync MAX_LIVE_BATCH).
+FRAME_UPDATES = 256
+#: The load generators ping this often (the relay drops a peer silent for 4.5 s).
+PING_EVERY_S = 1.0
+PING = encode_message(Ping(), max_frame=Limits().max_frame)
+PONG = encode_message(Pong(), max_frame=Limits().max_frame)
+
+
+def writer_frames(updates: list[bytes], batched: bool) -> list[tuple[bytes, range]]:
+    """The frames a writer sends, encoded before the clock starts, with the
+    update indexes each carries (ref = index + 1): ``FRAME_UPDATES`` per
+    ``updates`` frame packed by the protocol's own packer (what
+    ``ClientSession.send_updates`` queues), or one ``update`` frame each."""
+    max_frame = Limits().max_frame
+    if not batched:
+        return [
+            (encode_message(Update(DOC, u, i + 1), max_frame=max_frame), range(i, i + 1))
+            for i, u in enumerate(updates)
+        ]
+    out = []
+    for first in range(0, len(updates), FRAME_UPDATES):
+        items = [(DOC, updates[i], i + 1) for i in range(first, first + FRAME_UPDATES)
+                 if i < len(updates)]  # fmt: skip
+        groups = list(pack_updates(items, max_frame))
+        assert len(groups) == 1 and len(groups[0]) > 1  # single-record updates share a frame
+        out.append((encode_batch(groups[0], max_frame), range(first, first + len(items))))
+    return out
+
+
+def frame_header(frame: bytes) -> tuple[dict[str, Any], bytes]:
+    """(header, payload) of a received frame: the load generators read only
+    the headers, not whole messages, to leave the CPU to the relay."""
+    return decode_frame(frame, max_frame=Limits().max_frame)
+
+
 async def _writer(
     url: str,
     node: str,
     token: str,
-    updates: list[bytes],
+    frames: list[tuple[bytes, range]],
     window: int,
     sent_at: list[float],
-    batched: bool = True,
 ) -> float:
-    """Send ``updates`` keeping ``window`` unacked; with ``batched`` the room
-    is filled by one ``send_updates`` (several single-record updates per
-    frame), else by one ``send_update`` (one frame) each. Returns when the
-    last ack arrived (monotonic seconds)."""
-    ws, session = await open_client(url, node, token)
-    n, next_i, acked = len(updates), 0, 0
-    last_tick = time.monotonic()
+    """Send pre-encoded ``frames`` keeping at most ``window`` updates unacked;
+    reads only the ``t`` and ``refs`` of what comes back (acks, and the
+    other writers' fan-out, which it skips). Returns when the last ack
+    arrived (monotonic seconds)."""
+    ws, _session = await open_client(url, node, token)
+    n = sum(len(r) for _, r in frames)
+    next_frame = sent = acked = 0
+    pinged = time.monotonic()
     while acked < n:
-        room = min(session.inflight_room, window - (next_i - acked))
-        if room > 0 and next_i < n:
-            now = time.monotonic()
-            take = range(next_i, min(next_i + room, n))
-            if batched:
-                session.send_updates([(DOC, updates[i], i + 1) for i in take])
-            else:
-                for i in take:
-                    session.send_update(DOC, updates[i], i + 1)
-            for i in take:
-                sent_at[i] = now
-            next_i = take.stop
         now = time.monotonic()
-        if now - last_tick > 0.2:
-            session.tick(int(now * 1000))
-            last_tick = now
-        for frame in session.data_to_send():
+        while next_frame < len(frames) and sent - acked + len(frames[next_frame][1]) <= window:
+            frame, indexes = frames[next_frame]
             await ws.send(frame)
+            for i in indexes:
+                sent_at[i] = now
+            sent += len(indexes)
+            next_frame += 1
+        if now - pinged >= PING_EVERY_S:
+            await ws.send(PING)
+            pinged = now
         msg = await ws.recv()
         assert isinstance(msg, bytes)
-        for ev in session.receive_frame(msg):
-            if isinstance(ev, Acked):
-                acked += len(ev.refs)
+        header, _ = frame_header(msg)
+        kind = header["t"]
+        if kind == "ack":
+            acked += len(header["refs"])
+        elif kind == "ping":
+            await ws.send(PONG)
+        elif kind == "error":
+            raise SystemExit(f"writer {node}: the relay sent {header}")
     done = time.monotonic()
     await ws.close()
     return done
@@ -235,19 +280,22 @@ async def _writer(
 def writers_process(
     url: str, tokens: list[str], sizes: Sizes, start: MpEvent, out: Any, batched: bool
 ) -> None:
-    updates = [build_updates(w, sizes.per_writer) for w in range(sizes.writers)]
+    frames = [
+        writer_frames(build_updates(w, sizes.per_writer), batched) for w in range(sizes.writers)
+    ]
     sent_at = [[0.0] * sizes.per_writer for _ in range(sizes.writers)]
 
     async def main() -> dict[str, Any]:
         start.wait()
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.process_time()
         ends = await asyncio.gather(
             *[
-                _writer(url, f"W{w}", tokens[w], updates[w], sizes.window, sent_at[w], batched)
+                _writer(url, f"W{w}", tokens[w], frames[w], sizes.window, sent_at[w])
                 for w in range(sizes.writers)
             ]
         )
-        return {"t0": t0, "t_end": max(ends), "sent_at": sent_at}
+        cpu = time.process_time() - cpu0
+        return {"t0": t0, "t_end": max(ends), "sent_at": sent_at, "cpu_s": cpu}
 
     out.put(asyncio.run(main()))
 
@@ -262,10 +310,10 @@ def subscribers_process(
     expected = sizes.writers * sizes.per_writer
 
     async def one(node: str, token: str) -> tuple[list[tuple[int, int, float]], int, float]:
-        ws, session = await open_client(url, node, token)
+        ws, _session = await open_client(url, node, token)
         got: list[tuple[int, int, float]] = []
         unknown = 0
-        last = time.monotonic()
+        last = pinged = time.monotonic()
         ready_count.append(node)
         if len(ready_count) == SUBSCRIBERS:
             ready.set()
@@ -276,17 +324,34 @@ def subscribers_process(
                 msg = None
             now = time.monotonic()
             if isinstance(msg, bytes):
-                for ev in session.receive_frame(msg):
-                    if isinstance(ev, UpdateReceived):
-                        key = index.get(ev.data)
-                        if key is None:
-                            unknown += 1
-                        else:
-                            got.append((key[0], key[1], now))
-                        last = now
-            session.tick(int(now * 1000))
-            for frame in session.data_to_send():
-                await ws.send(frame)
+                # The header's sizes cut the payload into its updates; no
+                # message objects (the frames were checked by the protocol
+                # tests, this only has to find each update's bytes).
+                header, payload = frame_header(msg)
+                kind = header["t"]
+                if kind == "updates":
+                    sizes_ = [item["size"] for item in header["items"]]
+                elif kind == "update":
+                    sizes_ = [len(payload)]
+                else:
+                    sizes_ = []
+                    if kind == "ping":
+                        await ws.send(PONG)
+                    elif kind == "error":
+                        raise SystemExit(f"subscriber {node}: the relay sent {header}")
+                start = 0
+                for size in sizes_:
+                    key = index.get(payload[start : start + size])
+                    start += size
+                    if key is None:
+                        unknown += 1
+                    else:
+                        got.append((key[0], key[1], now))
+                if sizes_:
+                    last = now
+            if now - pinged >= PING_EVERY_S:
+                await ws.send(PING)
+                pinged = now
             if now - last > 30:
                 break  # the relay stopped delivering: report what arrived
         await ws.close()
@@ -297,7 +362,9 @@ def subscribers_process(
     async def main() -> list[tuple[list[tuple[int, int, float]], int, float]]:
         return await asyncio.gather(*[one(f"S{s}", tokens[s]) for s in range(SUBSCRIBERS)])
 
-    out.put(asyncio.run(main()))
+    cpu0 = time.process_time()  # the index above is built before the clock starts
+    got = asyncio.run(main())
+    out.put((got, time.process_time() - cpu0))
 
 
 def bench_relay(
@@ -318,7 +385,8 @@ def bench_relay(
         )
         writers.start()
         w = wq.get(timeout=600)
-        s = sq.get(timeout=600)
+        s, subs_cpu = sq.get(timeout=600)
+        relay_cpu = relay.cpu_seconds()  # includes its start-up (imports, about 0.5 s)
         writers.join(60)
         subs.join(60)
     finally:
@@ -356,6 +424,8 @@ def bench_relay(
         "out_seconds": out_s,
         "delivered_per_s": delivered / out_s,
         "latency": lat,
+        # CPU seconds each process used: what bounds the figures on a small machine.
+        "cpu_s": {"relay": relay_cpu, "writers": w["cpu_s"], "subscribers": subs_cpu},
     }
 
 

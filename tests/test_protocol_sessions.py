@@ -38,6 +38,7 @@ from engine.protocol import (
     UpdateReceived,
     codes,
     decode_message,
+    encode_updates,
 )
 from engine.protocol import messages as m
 from engine.protocol.limits import MAX_BATCH_ITEMS, MIN_FRAME_BYTES
@@ -907,4 +908,46 @@ def test_packing_computes_the_item_header_bytes_exactly(item: m.Update) -> None:
     from engine.protocol.session import _entry_bytes
 
     encoded = orjson.dumps(m.batch_item(item.doc, len(item.payload), item.ref))
-    assert _entry_bytes(item) == len(encoded) + 1  # and its comma
+    assert _entry_bytes((item.doc, item.payload, item.ref)) == len(encoded) + 1  # and its comma
+
+
+# -- fan-out encoded once (encode_updates / send_encoded) ----------------------------
+
+
+def test_encoded_fan_out_is_what_send_updates_sends_to_every_session() -> None:
+    updates = [("customers" if i % 4 else "items", f"u{i}".encode() * (i % 9)) for i in range(700)]
+    updates.insert(300, ("items", b"b" * (MIN_FRAME_BYTES - 100)))  # too big to share a frame
+    encoded = encode_updates(updates, max_frame=MIN_FRAME_BYTES)
+    assert encoded.count == len(updates) and encoded.max_frame == MIN_FRAME_BYTES
+    assert encoded.nbytes == sum(len(f) for f in encoded.frames)
+    clients = [opened_pair(max_frame=frame) for frame in (MIN_FRAME_BYTES, 1 << 20)]
+    for c, r in clients:
+        r.send_encoded(encoded)
+        frames = r.data_to_send()
+        assert frames == list(encoded.frames)  # the same bytes, not copies per session
+        assert all(len(f) <= MIN_FRAME_BYTES for f in frames)
+        events = [e for f in frames for e in c.receive_frame(f)]
+        assert events == [UpdateReceived(doc, data) for doc, data in updates]
+    # Exactly the frames send_updates queues for a session with that limit.
+    _c, r = clients[0]
+    r.send_updates(updates)
+    assert r.data_to_send() == list(encoded.frames)
+
+
+def test_encoded_fan_out_refuses_what_a_session_cannot_take() -> None:
+    big = encode_updates([("items", b"x" * 100_000)], max_frame=1 << 20)
+    _c, r = opened_pair(max_frame=MIN_FRAME_BYTES)
+    with pytest.raises(LocalProtocolError) as info:
+        r.send_encoded(big)  # packed for a larger frame limit than this session's
+    assert info.value.code == codes.FRAME_TOO_LARGE and r.data_to_send() == []
+    with pytest.raises(LocalProtocolError) as info:  # chunks belong to one session
+        encode_updates([("items", b"x" * MIN_FRAME_BYTES)], max_frame=MIN_FRAME_BYTES)
+    assert info.value.code == codes.FRAME_TOO_LARGE
+    for bad in ([("Bad Name", b"x")], [("items", "not bytes")]):
+        with pytest.raises(LocalProtocolError) as info:
+            encode_updates(bad, max_frame=MIN_FRAME_BYTES)  # type: ignore[arg-type]
+        assert info.value.code == codes.BAD_FRAME
+    r.fail(codes.UNAVAILABLE, "bye")
+    r.data_to_send()
+    r.send_encoded(big)  # ignored once closing or closed, like every send
+    assert r.data_to_send() == []

@@ -33,21 +33,25 @@ from engine.protocol import (
     Acked,
     ClientSession,
     DiffReceived,
+    EncodedUpdates,
     ErrorReceived,
     Event,
     LeaseGranted,
     Limits,
     Opened,
+    RelaySession,
     RemoteState,
     SyncComplete,
     UpdateReceived,
     codes,
     encode_message,
+    encode_updates,
 )
 from engine.protocol.limits import MIN_FRAME_BYTES
 from engine.protocol.messages import Update, Updates, decode_message
 from engine.relay import EMPTY_UPDATE, SqliteRelayStore, UpdateIn
-from engine.relay.server import RelayServer, ServerLimits
+from engine.relay import server as server_module
+from engine.relay.server import RelayServer, ServerLimits, _Connection, _Pending
 
 BRANCHLINE = str(Path(sys.executable).parent / "branchline")
 TIMEOUT = 20.0  # generous: only a hang reaches it
@@ -422,6 +426,68 @@ def test_fan_out_skips_only_an_update_over_a_subscribers_limits(
 
     run(with_server(path, body))
     assert "cannot fan out 'customers'" in caplog.text
+
+
+def _open_session(limits: Limits) -> tuple[ClientSession, RelaySession]:
+    client = ClientSession(dataset="acme", node="N", token="t", limits=limits)
+    relay = RelaySession(limits=limits)
+    for frame in client.data_to_send():
+        relay.receive_frame(frame)
+    relay.accept(read_only=False)
+    for frame in relay.data_to_send():
+        client.receive_frame(frame)
+    return client, relay
+
+
+@pytest.mark.parametrize("run", [40, 3])  # long runs share frames; short ones are packed per peer
+def test_fan_out_batch_encodes_once_and_gives_each_peer_the_others_updates_in_order(
+    relay_db: tuple[Path, Tokens], run: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = relay_db
+    made: list[EncodedUpdates] = []
+
+    def encode_counted(updates: list[tuple[str, bytes]], *, max_frame: int) -> EncodedUpdates:
+        made.append(encode_updates(updates, max_frame=max_frame))
+        return made[-1]
+
+    monkeypatch.setattr(server_module, "encode_updates", encode_counted)
+    server = RelayServer(SqliteRelayStore.open(path), port=0)
+    try:
+        small = Limits(max_frame=MIN_FRAME_BYTES)
+        pairs = [_open_session(limits) for limits in (Limits(), Limits(), Limits(), small)]
+        # No websocket: _fan_out_batch only queues into the sessions.
+        conns = [_Connection(i, None, r, 0, 1.0) for i, (_, r) in enumerate(pairs)]  # type: ignore[arg-type]
+        a, b = conns[:2]  # the senders; conns[2:] only subscribe
+        w = Writer()
+        senders = [a, b, a, b] * 3
+        stored = [
+            _Pending(sender, "acme", f"N{sender.id}", "customers", w.put(f"k{k}-{i}", i), i)
+            for k, sender in enumerate(senders)
+            for i in range(run)
+        ]
+        queued = server._fan_out_batch(stored, conns)
+        frames = [c.session.data_to_send() for c in conns]
+        for (client, _), conn, got in zip(pairs, conns, frames, strict=True):
+            events = [e for f in got for e in client.receive_frame(f)]
+            expected = [p.data for p in stored if p.conn is not conn]
+            assert [e.data for e in events if isinstance(e, UpdateReceived)] == expected
+        assert queued == 2 * len(stored) + 2 * (len(stored) // 2)
+        # Encoded once: the whole batch for the subscriber that sent nothing,
+        # and with long runs each run once for the senders, the same bytes
+        # objects going to every peer; the peer with a smaller max_frame and,
+        # with short runs, the senders get frames packed for them.
+        once = {id(f) for encoded in made for f in encoded.frames}
+        assert frames[2] and all(id(f) in once for f in frames[2])
+        assert len(frames[2]) < len(stored) / 10
+        assert not any(id(f) in once for f in frames[3])
+        if run >= 16:
+            assert len(made) == 1 + len(senders)
+            assert all(id(f) in once for f in frames[0] + frames[1])
+        else:
+            assert len(made) == 1
+            assert not any(id(f) in once for f in frames[0] + frames[1])
+    finally:
+        server.store.close()
 
 
 def test_duplicate_update_is_acked_but_stored_once(relay_db: tuple[Path, Tokens]) -> None:

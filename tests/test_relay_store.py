@@ -247,7 +247,7 @@ def test_rejections_leave_the_rest_of_the_batch(tmp_path: Path) -> None:
 
 def test_durable_across_reopen_and_compaction(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
-    limits = RelayLimits(compact_after=7)
+    limits = RelayLimits(compact_after=7, compact_ratio=0)  # every 7 rows, whatever the bytes
     store = SqliteRelayStore.create(path, limits)
     store.enroll("acme", "A")
     a = Node.create(tmp_path / "a", dataset="acme", node="A")
@@ -278,6 +278,43 @@ def test_durable_across_reopen_and_compaction(tmp_path: Path) -> None:
     e.apply_update(store.diff("acme", "customers"))
     assert d.get_state() == e.get_state()
     store.close()
+
+
+def _fold_point(limits: RelayLimits, path: Path) -> tuple[int, int, int]:
+    """Log a 300-key document, compact it, then append small updates one by
+    one until the store folds its log: (snapshot bytes, updates appended,
+    their bytes) at that point."""
+    store = SqliteRelayStore.create(path, limits)
+    store.enroll("acme", "X")
+    doc: Doc[Any] = Doc(client_id=5)
+    m = doc.get("r", type=Map)
+    for i in range(300):
+        m[f"seed{i}|X"] = "x" * 40
+    store.append_updates("acme", [UpdateIn("customers", doc.get_update(), "X")])
+    store.compact("acme")
+    snapshot = len(store.diff("acme", "customers"))
+    logged = 0
+    try:
+        for n, update in enumerate(_map_updates(2000, client_id=6), 1):
+            store.append_updates("acme", [UpdateIn("customers", update, "X")])
+            logged += len(update)
+            if store.status()[0].documents[0].log_rows < n:
+                return snapshot, n, logged
+    finally:
+        store.close()
+    raise AssertionError("the log was never folded")
+
+
+def test_compaction_waits_for_log_bytes_relative_to_the_snapshot(tmp_path: Path) -> None:
+    # A big snapshot is not rewritten every compact_after small updates: only
+    # once the log's bytes reach compact_ratio of the snapshot's...
+    limits = RelayLimits(compact_after=10, compact_ratio=0.5, compact_max=5000)
+    snapshot, n, logged = _fold_point(limits, tmp_path / "ratio.db")
+    assert n > 10 * limits.compact_after
+    assert logged >= 0.5 * snapshot > logged - 40  # the update that crossed the ratio folded it
+    # ... or once the log has compact_max rows, whatever their bytes.
+    limits = RelayLimits(compact_after=10, compact_ratio=100.0, compact_max=50)
+    assert _fold_point(limits, tmp_path / "max.db")[1] == 50
 
 
 def _map_updates(n: int, client_id: int) -> list[bytes]:

@@ -23,7 +23,7 @@ from .events import (
 from .frames import decode_frame, encode_frame
 from .limits import DEAD_AFTER_INTERVALS, DEFAULT_HEARTBEAT_MS, PROTOCOL_VERSIONS, Limits
 from .messages import Message, decode_message, encode_message
-from .relay import RelaySession
+from .relay import EncodedUpdates, RelaySession, encode_updates
 from .session import TIMEOUT, Session, SessionState
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "Acked",
     "ClientSession",
     "DiffReceived",
+    "EncodedUpdates",
     "ErrorReceived",
     "Event",
     "HeartbeatTimeout",
@@ -57,4 +58,5 @@ __all__ = [
     "decode_message",
     "encode_frame",
     "encode_message",
+    "encode_updates",
 ]

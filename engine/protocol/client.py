@@ -284,7 +284,7 @@ class ClientSession(Session):
             )
             _check(isinstance(data, bytes), codes.BAD_FRAME, f"update of {doc!r} is not bytes")
             refs.add(ref)
-        self._send_updates([Update(doc, data, ref) for doc, data, ref in items])
+        self._send_updates(items)
         for doc, _data, ref in items:
             self._unacked[ref] = doc
 

@@ -15,6 +15,7 @@ driver (the relay server) answers after doing the I/O::
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ..names import DOC_RE
@@ -42,13 +43,60 @@ from .messages import (
     Update,
     Updates,
     Welcome,
+    encode_message,
 )
-from .session import Session, SessionState
+from .session import Item, Session, SessionState, encode_batch, pack_updates
 
 
 def _check(ok: bool, code: str, message: str) -> None:
     if not ok:
         raise LocalProtocolError(code, message)
+
+
+@dataclass(frozen=True)
+class EncodedUpdates:
+    """Relay -> client fan-out frames encoded once, for any number of
+    sessions (``encode_updates``, then ``RelaySession.send_encoded``).
+    ``count`` updates in ``nbytes`` bytes of ``frames``, each at most
+    ``max_frame`` bytes."""
+
+    frames: tuple[bytes, ...]
+    count: int
+    nbytes: int
+    max_frame: int
+
+
+def encode_updates(updates: Iterable[tuple[str, bytes]], *, max_frame: int) -> EncodedUpdates:
+    """The frames fanning out ``updates`` ((doc, data) each, in order), packed
+    as ``RelaySession.send_updates`` packs them, encoded once: the same bytes
+    may then go to every session whose ``max_frame`` is at least
+    ``max_frame``. Raises LocalProtocolError: ``bad_frame`` for a bad name or
+    data that is not bytes, ``frame_too_large`` when an update needs chunking
+    (chunk transfer ids belong to one session: send such updates with
+    ``send_updates``)."""
+    items = _fanout_items(updates)
+    frames = [
+        encode_batch(group, max_frame)
+        if len(group) > 1
+        else encode_message(Update(group[0][0], group[0][1]), max_frame=max_frame)
+        for group in pack_updates(items, max_frame)
+    ]
+    return EncodedUpdates(tuple(frames), len(items), sum(map(len, frames)), max_frame)
+
+
+def _fanout_items(updates: Iterable[tuple[str, bytes]]) -> list[Item]:
+    """(doc, data, None) of each fan-out update; raises LocalProtocolError
+    (``bad_frame``) for a bad name or data that is not bytes."""
+    items: list[Item] = []
+    for doc, data in updates:
+        _check(
+            isinstance(doc, str) and bool(DOC_RE.fullmatch(doc)),
+            codes.BAD_FRAME,
+            f"invalid document name {doc!r}",
+        )
+        _check(isinstance(data, bytes), codes.BAD_FRAME, f"update of {doc!r} is not bytes")
+        items.append((doc, data, None))
+    return items
 
 
 class RelaySession(Session):
@@ -193,15 +241,24 @@ class RelaySession(Session):
         transfer limits. Ignored when closing or closed."""
         if not self._require_open("send updates"):
             return
-        items = list(updates)
-        for doc, data in items:
-            _check(
-                isinstance(doc, str) and bool(DOC_RE.fullmatch(doc)),
-                codes.BAD_FRAME,
-                f"invalid document name {doc!r}",
-            )
-            _check(isinstance(data, bytes), codes.BAD_FRAME, f"update of {doc!r} is not bytes")
-        self._send_updates([Update(doc, data) for doc, data in items])
+        self._send_updates(_fanout_items(updates))
+
+    def send_encoded(self, encoded: EncodedUpdates) -> None:
+        """Queue fan-out frames made once by ``encode_updates`` for several
+        sessions: the client sees exactly what ``send_updates`` of the same
+        updates would have shown it (frames may be cut differently). Raises
+        LocalProtocolError (``frame_too_large``, nothing queued) when they were
+        packed for a larger ``max_frame`` than this session's (use
+        ``send_updates`` for it). Ignored when closing or closed."""
+        if not self._require_open("send updates"):
+            return
+        _check(
+            encoded.max_frame <= self._limits.max_frame,
+            codes.FRAME_TOO_LARGE,
+            f"frames packed for max_frame {encoded.max_frame} exceed this session's "
+            f"{self._limits.max_frame}",
+        )
+        self._out.extend(encoded.frames)
 
     def grant_lease(self, ref: int, first: int, last: int) -> None:
         """Answer ``LeaseRequested(ref)`` with numbers ``first``..``last``.

@@ -9,7 +9,7 @@ what ``data_to_send`` returns, one websocket binary message per item.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import orjson
@@ -17,6 +17,7 @@ import orjson
 from ..errors import LocalProtocolError, PeerRejected, ProtocolError, RemoteProtocolError
 from . import codes
 from .events import ErrorReceived, Event, HeartbeatTimeout
+from .frames import encode_frame
 from .limits import (
     DEAD_AFTER_INTERVALS,
     DEFAULT_HEARTBEAT_MS,
@@ -39,7 +40,6 @@ from .messages import (
     Sync1,
     Sync2,
     Update,
-    Updates,
     batch_item,
     decode_message,
     encode_message,
@@ -76,15 +76,63 @@ _ENTRY_BYTES = len(orjson.dumps(batch_item("", 0, None))) - 1
 _REF_BYTES = len(orjson.dumps(batch_item("", 0, 0))) - 1 - _ENTRY_BYTES - 1
 
 
-def _entry_bytes(msg: Update) -> int:
+#: One update to pack: (document, Yjs update, ref or None).
+Item = tuple[str, bytes, int | None]
+#: Bytes of a frame holding no item: length prefix + the header's JSON.
+_EMPTY_BATCH = HEADER_LENGTH_BYTES + len(orjson.dumps({"t": "updates", "items": []}))
+
+
+def _entry_bytes(item: Item) -> int:
     """Bytes one item adds to an ``updates`` header, its separating comma
     included. Exact for document names matching DOC_RE (ASCII, nothing to
     escape), which every sender checks first; computed, not encoded, as it
     runs once per update."""
-    size = _ENTRY_BYTES + len(msg.doc) + len(str(len(msg.payload))) + 1
-    if msg.ref is not None:
-        size += _REF_BYTES + len(str(msg.ref))
+    doc, payload, ref = item
+    size = _ENTRY_BYTES + len(doc) + len(str(len(payload))) + 1
+    if ref is not None:
+        size += _REF_BYTES + len(str(ref))
     return size
+
+
+def pack_updates(items: Sequence[Item], max_frame: int) -> Iterator[list[Item]]:
+    """``items`` cut, in order, into groups that each fit one frame of
+    ``max_frame`` bytes: a group of several goes as one ``updates`` frame
+    (within the header limit and ``MAX_BATCH_ITEMS``), a group of one as a
+    single ``update`` frame, chunked when it is too big for any frame.
+    Callers validate names first (``_entry_bytes`` relies on them)."""
+    batch: list[Item] = []
+    header = size = 0  # the pending batch's item-header bytes and frame bytes
+    for item in items:
+        entry = _entry_bytes(item)
+        payload = len(item[1])
+        if _EMPTY_BATCH + entry + payload > max_frame:
+            if batch:  # too big to share a frame: alone, in order
+                yield batch
+                batch, header, size = [], 0, 0
+            yield [item]
+            continue
+        if (
+            len(batch) >= MAX_BATCH_ITEMS
+            or _EMPTY_BATCH + size + entry + payload > max_frame
+            or _EMPTY_BATCH + header + entry > MAX_HEADER_BYTES + HEADER_LENGTH_BYTES
+        ):
+            yield batch
+            batch, header, size = [], 0, 0
+        batch.append(item)
+        header += entry
+        size += entry + payload
+    if batch:
+        yield batch
+
+
+def encode_batch(items: Sequence[Item], max_frame: int) -> bytes:
+    """The ``updates`` frame of a group from ``pack_updates`` (two or more
+    items); built from the items directly, without message objects, as fan-out
+    encodes one per commit batch. Raises LocalProtocolError when it does not
+    fit ``max_frame`` (it does when ``pack_updates`` made the group)."""
+    entries = [batch_item(doc, len(data), ref) for doc, data, ref in items]
+    header = {"t": "updates", "items": entries}
+    return encode_frame(header, b"".join([data for _, data, _ in items]), max_frame=max_frame)
 
 
 class Session:
@@ -252,7 +300,7 @@ class Session:
                 raise
         self._out.extend(self._chunks(msg))
 
-    def _send_updates(self, updates: Sequence[Update]) -> None:
+    def _send_updates(self, updates: Sequence[Item]) -> None:
         """Queue ``updates`` in order, packed into as few ``updates`` frames as
         fit ``max_frame``, the header limit and ``MAX_BATCH_ITEMS``. A lone
         item, or one too big to share a frame, goes as a single ``update``
@@ -260,38 +308,13 @@ class Session:
         LocalProtocolError with nothing queued when one exceeds the transfer
         limits; callers validate names, refs and types first."""
         max_frame = self._limits.max_frame
-        # Bytes of a frame holding no item: length prefix + the header's JSON.
-        empty = HEADER_LENGTH_BYTES + len(orjson.dumps({"t": "updates", "items": []}))
         frames_before = len(self._out)
-        batch: list[Update] = []
-        header = size = 0  # the pending batch's item-header bytes and frame bytes
-
-        def flush() -> None:
-            if len(batch) == 1:
-                self._send(batch[0])
-            elif batch:
-                self._out.append(encode_message(Updates(tuple(batch)), max_frame=max_frame))
-            batch.clear()
-
         try:
-            for msg in updates:
-                entry = _entry_bytes(msg)
-                if empty + entry + len(msg.payload) > max_frame:
-                    flush()  # too big to share a frame: alone, in order
-                    header = size = 0
-                    self._send(msg)
-                    continue
-                if (
-                    len(batch) >= MAX_BATCH_ITEMS
-                    or empty + size + entry + len(msg.payload) > max_frame
-                    or empty + header + entry > MAX_HEADER_BYTES + HEADER_LENGTH_BYTES
-                ):
-                    flush()
-                    header = size = 0
-                batch.append(msg)
-                header += entry
-                size += entry + len(msg.payload)
-            flush()
+            for group in pack_updates(updates, max_frame):
+                if len(group) == 1:
+                    self._send(Update(*group[0]))
+                else:
+                    self._out.append(encode_batch(group, max_frame))
         except LocalProtocolError:
             del self._out[frames_before:]  # all or nothing
             raise

@@ -172,7 +172,15 @@ class RelayLimits:
     max_loaded_docs: int = 4096
     max_documents_per_dataset: int = 100_000
     max_lease: int = 1_000_000  # numbers per lease
-    compact_after: int = 1000  # log rows of one document before it is compacted
+    # A document's log is folded into its snapshot once it has ``compact_after``
+    # rows and its bytes reach ``compact_ratio`` of the snapshot's, or once it
+    # has ``compact_max`` rows whatever their bytes. Rewriting a big snapshot
+    # every 1000 small updates cost more than storing them; with the ratio the
+    # bytes rewritten stay proportional to the bytes logged, and
+    # ``compact_max`` bounds how many rows a reload replays.
+    compact_after: int = 1000
+    compact_ratio: float = 0.25
+    compact_max: int = 50_000
 
 
 @dataclass
@@ -182,6 +190,8 @@ class _Loaded:
     tail: int  # log rows of the document (after the snapshot, or waiting)
     size: int  # bytes of the snapshot and rows it was built from: a memory estimate
     changes: int = 0  # transactions that changed the document, counted by its observer
+    snapshot_bytes: int = 0  # bytes of its snapshot row
+    tail_bytes: int = 0  # bytes of its log rows
 
     def on_change(self, _event: TransactionEvent) -> None:
         # yrs calls the observer once per transaction that changed the
@@ -399,6 +409,11 @@ class SqliteRelayStore(RelayStore):
         room: dict[str, BranchlineError | None] = {}
         new_docs: set[str] = set()  # documents this batch creates
         now = _now()
+        # Plain log rows go in with one executemany at the end, under seqs
+        # assigned here (the write lock is held, so nobody else takes them);
+        # ``applied`` and the results need the seqs as the updates integrate.
+        rows: list[tuple[int, int, str, bytes, str, int]] = []
+        next_seq = _next_seq(conn)
         for i, u in enumerate(updates):
             if results[i] is not None:
                 continue
@@ -439,24 +454,30 @@ class SqliteRelayStore(RelayStore):
                 ):
                     results[i] = Appended(u.doc, "duplicate")
                     continue
+                if (
+                    conn.execute(
+                        "INSERT OR IGNORE INTO updates (seq, dataset_id, doc, data, node, at, "
+                        "waiting, digest) VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+                        (next_seq, ds_id, u.doc, data, u.node, now, digest),
+                    ).rowcount
+                    == 0
+                ):  # the same waiting bytes, partly integrated again
+                    results[i] = Appended(u.doc, "duplicate")
+                    continue
             elif not integrated:
                 results[i] = Appended(u.doc, "duplicate")
                 continue
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO updates (dataset_id, doc, data, node, at, waiting, digest) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (ds_id, u.doc, data, u.node, now, int(waiting), digest),
-            )
-            if cur.rowcount == 0:  # the same waiting bytes, partly integrated again
-                results[i] = Appended(u.doc, "duplicate")
-                continue
-            assert cur.lastrowid is not None
-            loaded.applied = cur.lastrowid
+            else:
+                rows.append((next_seq, ds_id, u.doc, data, u.node, now))
+            loaded.applied = next_seq
             loaded.tail += 1
+            loaded.tail_bytes += len(data)
             self._grow(loaded, len(data))
             n, b = counts.get(u.doc, (0, 0))
             counts[u.doc] = (n + 1, b + len(data))
-            results[i] = Appended(u.doc, "stored", seq=cur.lastrowid)
+            results[i] = Appended(u.doc, "stored", seq=next_seq)
+            next_seq += 1
+        _insert_rows(conn, rows)
         conn.executemany(
             "INSERT INTO documents (dataset_id, doc, updates, bytes) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (dataset_id, doc) DO UPDATE SET updates = updates + excluded.updates, "
@@ -465,8 +486,16 @@ class SqliteRelayStore(RelayStore):
         )
         for doc in counts:
             cached = self._docs.get((ds_id, doc))
-            if cached is not None and cached.tail >= self.limits.compact_after:
+            if cached is not None and self._compaction_due(cached):
                 self._compact(conn, (ds_id, doc), cached)
+
+    def _compaction_due(self, loaded: _Loaded) -> bool:
+        """The log of ``loaded`` should be folded now (see RelayLimits)."""
+        limits = self.limits
+        return loaded.tail >= limits.compact_max or (
+            loaded.tail >= limits.compact_after
+            and loaded.tail_bytes >= limits.compact_ratio * loaded.snapshot_bytes
+        )
 
     def _writer_error(
         self, conn: sqlite3.Connection, ds_id: int, dataset: str, node: str
@@ -705,9 +734,11 @@ class SqliteRelayStore(RelayStore):
         snap = conn.execute(
             "SELECT upto, data FROM snapshots WHERE dataset_id = ? AND doc = ?", key
         ).fetchone()
+        snapshot_bytes = 0
         if snap is not None:
             doc.apply_update(bytes(snap[1]))
             applied, size = int(snap[0]), len(snap[1])
+            snapshot_bytes = size
         # Every remaining row: the tail after the snapshot, and waiting rows
         # a compaction kept (applying one twice is harmless).
         for seq, data in conn.execute(
@@ -718,6 +749,7 @@ class SqliteRelayStore(RelayStore):
             tail += 1
             size += len(data)
         loaded = _Loaded(doc, applied, tail, 0)
+        loaded.snapshot_bytes, loaded.tail_bytes = snapshot_bytes, size - snapshot_bytes
         doc.observe(loaded.on_change)
         self._docs[key] = loaded
         self._grow(loaded, size)
@@ -761,13 +793,14 @@ class SqliteRelayStore(RelayStore):
         # A snapshot holds no waiting parts: keep a waiting row until the
         # document covers everything it carries.
         sv = loaded.doc.get_state()
-        kept = 0
+        kept = kept_bytes = 0
         for seq, blob in conn.execute(
             "SELECT seq, data FROM updates WHERE dataset_id = ? AND doc = ? AND waiting = 1",
             key,
         ).fetchall():
             if get_update(bytes(blob), sv)[:1] != b"\x00":  # items still beyond the state
                 kept += 1
+                kept_bytes += len(blob)
             else:
                 conn.execute("DELETE FROM updates WHERE seq = ?", (seq,))
                 removed += 1
@@ -775,6 +808,7 @@ class SqliteRelayStore(RelayStore):
         loaded.size = 0
         self._grow(loaded, len(data))
         loaded.tail = kept
+        loaded.snapshot_bytes, loaded.tail_bytes = len(data), kept_bytes
         return int(removed)
 
 
@@ -792,6 +826,36 @@ def _integrate(loaded: _Loaded, update: bytes) -> tuple[bool, bool]:
     except Exception as exc:  # pycrdt raises bare exceptions for bad input
         raise UpdateError(f"not a valid update ({exc})") from None
     return loaded.changes != before, beyond[:1] != b"\x00"
+
+
+#: Log rows per INSERT statement (6 parameters each, far below SQLite's 32766).
+_ROWS_PER_INSERT = 500
+
+
+def _insert_rows(
+    conn: sqlite3.Connection, rows: Sequence[tuple[int, int, str, bytes, str, int]]
+) -> None:
+    """Insert log rows (seq, dataset_id, doc, data, node, at) with a few
+    multi-row statements. Not ``executemany``: it releases the GIL around
+    every row, and each time the event loop thread takes it, the store thread
+    waits up to a switch interval (5 ms) to get it back."""
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        part = rows[start : start + _ROWS_PER_INSERT]
+        values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(part))
+        conn.execute(
+            f"INSERT INTO updates (seq, dataset_id, doc, data, node, at) VALUES {values}",
+            [value for row in part for value in row],
+        )
+
+
+def _next_seq(conn: sqlite3.Connection) -> int:
+    """The seq AUTOINCREMENT would give the next ``updates`` row: above every
+    seq ever used, also of rows deleted since."""
+    row = conn.execute(
+        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'updates'), 0), "
+        "coalesce((SELECT max(seq) FROM updates), 0))"
+    ).fetchone()
+    return int(row[0]) + 1
 
 
 def _hash(salt: bytes, token: str) -> bytes:
