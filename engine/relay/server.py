@@ -805,12 +805,13 @@ class RelayServer:
 
         Frames are encoded once and the same bytes go to every peer that can
         take them (``encode_updates`` / ``send_encoded``): packing the fan-out
-        per subscriber was half of the relay's time. Peers that sent nothing
-        in the batch share the frames of the whole batch; a peer that sent
-        some gets the frames of every run of consecutive updates from another
-        connection, each run encoded once, when runs are long enough to fill
-        frames, else its own share packed for it. A peer with a smaller
-        max_frame, or updates that need chunking, take the per-session path."""
+        per subscriber was half of the relay's time. When the batch is made of
+        long runs of consecutive updates from one connection (frames full
+        enough), each run is encoded once and every peer gets the runs of the
+        others. Otherwise peers that sent nothing in the batch share the
+        frames of the whole batch and the senders get their share packed for
+        them. A peer with a smaller max_frame, or updates that need chunking,
+        take the per-session path."""
         max_frame = self.limits.protocol.max_frame
         senders = {p.conn for p in stored}
         runs: list[tuple[_Connection, list[tuple[str, bytes]]]] = []
@@ -818,25 +819,17 @@ class RelayServer:
             if not runs or runs[-1][0] is not p.conn:
                 runs.append((p.conn, []))
             runs[-1][1].append((p.doc, p.data))
-        everything = [(p.doc, p.data) for p in stored]
-        whole: EncodedUpdates | None = None
-        run_frames: list[EncodedUpdates | None] | None = None
-        if any(p not in senders and p.session.limits.max_frame >= max_frame for p in peers):
-            whole = _encode(everything, max_frame)
-        if len(stored) >= _MIN_SHARED_RUN * len(runs) and any(
-            p in senders and p.session.limits.max_frame >= max_frame for p in peers
-        ):
-            run_frames = [_encode(run, max_frame) for _, run in runs]
         queued = 0
-        for peer in peers:
-            shared = peer.session.limits.max_frame >= max_frame
-            if peer not in senders:
-                if shared and whole is not None:
-                    peer.session.send_encoded(whole)
-                    queued += whole.count
-                else:
-                    queued += self._fan_out(peer, everything)
-            elif shared and run_frames is not None:
+        if len(stored) >= _MIN_SHARED_RUN * len(runs):
+            # Long runs: each encoded once; every peer gets the runs of others.
+            run_frames: list[EncodedUpdates | None] | None = None
+            for peer in peers:
+                if peer.session.limits.max_frame < max_frame:
+                    mine = [u for conn, run in runs if conn is not peer for u in run]
+                    queued += self._fan_out(peer, mine)
+                    continue
+                if run_frames is None:
+                    run_frames = [_encode(run, max_frame) for _, run in runs]
                 for (conn, run), encoded in zip(runs, run_frames, strict=True):
                     if conn is peer:
                         continue
@@ -845,10 +838,23 @@ class RelayServer:
                         queued += encoded.count
                     else:
                         queued += self._fan_out(peer, run)
+            return queued
+        # Short runs would make small frames: peers that sent nothing share
+        # the frames of the whole batch, senders get their share packed.
+        everything = [(p.doc, p.data) for p in stored]
+        whole: EncodedUpdates | None = None
+        for peer in peers:
+            if peer in senders:
+                mine = [u for conn, run in runs if conn is not peer for u in run]
+                queued += self._fan_out(peer, mine)
+                continue
+            if whole is None and peer.session.limits.max_frame >= max_frame:
+                whole = _encode(everything, max_frame)
+            if whole is not None and peer.session.limits.max_frame >= max_frame:
+                peer.session.send_encoded(whole)
+                queued += whole.count
             else:
-                queued += self._fan_out(
-                    peer, [u for conn, run in runs if conn is not peer for u in run]
-                )
+                queued += self._fan_out(peer, everything)
         return queued
 
     @staticmethod
