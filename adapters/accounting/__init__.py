@@ -320,14 +320,14 @@ class AccountingAdapter:
     def _create_tables(self, conn: sqlite3.Connection) -> None:
         d = db(conn)
         for coll in self.catalogs:
-            d[coll.name].create(self._catalog_columns[coll.name], pk="id", if_not_exists=True)
+            d.table(coll.name).create(self._catalog_columns[coll.name], pk="id", if_not_exists=True)
         for table, (columns, pk) in TABLES.items():
-            d[table].create(columns, pk=pk, if_not_exists=True)
+            d.table(table).create(columns, pk=pk, if_not_exists=True)
 
     def _create_indexes_and_views(self, conn: sqlite3.Connection) -> None:
         d = db(conn)
         for table, columns in INDEXES:
-            d[table].create_index(columns, if_not_exists=True)
+            d.table(table).create_index(columns, if_not_exists=True)
         existing = set(d.view_names())
         for view, sql in _view_sql().items():
             if view not in existing:

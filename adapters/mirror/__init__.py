@@ -68,7 +68,7 @@ class MirrorAdapter:
         d = db(conn)
         for name, coll in sorted(self.mirrored.items()):
             columns = _columns(coll)
-            table = d[self.table(name)]
+            table = d.table(self.table(name))
             if table.exists():
                 have = set(table.columns_dict)
                 for column, kind in columns.items():
