@@ -529,6 +529,44 @@ def test_revoked_while_connected_gets_auth_failed_and_nothing_stored(
     assert update_count(path, "acme") == 0
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BRANCHLINE, "relay", *args], capture_output=True, text=True, check=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("command", ["revoke", "enroll"])
+def test_cli_revoke_or_reenroll_closes_the_open_connection_within_a_second(
+    relay_db: tuple[Path, Tokens], command: str
+) -> None:
+    """``branchline relay revoke`` (another process, same store file) ends a
+    connection that is open and idle, not just its next write; so does
+    enrolling the node again (its old token no longer works)."""
+    path, tok = relay_db
+
+    async def body(server: RelayServer) -> None:
+        a1, _ = await Client.opened(server.url, "acme", "A1", tok.a1)
+        a2, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+        await asyncio.to_thread(_cli, command, str(path), "acme", "A2")
+        done = asyncio.get_running_loop().time()
+        err = await a2.error()  # A2 sends nothing: the relay notices on its own
+        took = asyncio.get_running_loop().time() - done
+        assert err.code == codes.AUTH_FAILED
+        assert ("revoked" if command == "revoke" else "enrolled again") in err.message
+        assert took < 1.5  # polled every 0.5 s
+        # Nothing more reaches A2 (closed); A1 goes on and its writes are stored.
+        update = Writer().put("after", 1)
+        await a1.put("customers", update, ref=1)
+        await a1.acked(1)
+        assert not [e for e in a2.events if isinstance(e, UpdateReceived)]
+        await a1.close()
+
+    server = run(with_server(path, body))
+    assert server.metrics.protocol_errors[codes.AUTH_FAILED] == 1
+    assert server.metrics.updates_fanned_out == 0  # A2 was gone before A1 wrote
+    assert stored_keys(path, "acme", "customers") == {"after": 1}
+
+
 def _revoke(path: Path, dataset: str, node: str) -> None:
     with SqliteRelayStore.open(path) as store:
         store.revoke(dataset, node)

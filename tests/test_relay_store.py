@@ -623,3 +623,25 @@ def test_an_update_that_waits_for_an_earlier_one_is_kept_across_reopen(tmp_path:
     fresh.import_updates({"customers": s.diff("acme", "customers")})
     assert [r["name"] for r in fresh.list("customers")] == ["An Phát"]
     s.close()
+
+
+def test_revocations_counter_and_lapsed_grants_across_processes(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    serving = SqliteRelayStore.create(path)
+    a, b = serving.enroll("acme", "A"), serving.enroll("acme", "B")
+    grants = [serving.authenticate("acme", n, e.token) for n, e in (("A", a), ("B", b))]
+    assert a.token not in repr(grants[0])  # nor its hash: token_id is left out of repr
+    start = serving.revocations()
+    assert serving.lapsed(grants) == {}
+    # An admin process revokes A and enrolls B again: the serving store sees
+    # the counter move and both grants lapse, each with its reason.
+    with SqliteRelayStore.open(path) as admin:
+        admin.revoke("acme", "A")
+        assert admin.revoke("acme", "A") is False  # already revoked: no change
+        admin.enroll("acme", "B")
+        admin.enroll("acme", "C")  # a new node replaces no token
+    assert serving.revocations() == start + 2
+    lapsed = serving.lapsed(grants)
+    assert "revoked" in lapsed[grants[0]] and "enrolled again" in lapsed[grants[1]]
+    assert a.token not in str(lapsed) and b.token not in str(lapsed)
+    serving.close()

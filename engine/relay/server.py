@@ -118,7 +118,9 @@ class ServerLimits:
     bucket on received frames; exceeding it ends the connection with
     ``rate_limited``. ``close_timeout_s``: wait for the peer's close frame.
     ``shutdown_timeout_s``: how long ``stop`` waits for queued commits and
-    sends before dropping what is left.
+    sends before dropping what is left. ``revocation_poll_s``: how often the
+    store's revocation counter is read; connections of a node revoked (or
+    enrolled again) by an admin command are closed within about that long.
     """
 
     protocol: Limits = field(default_factory=Limits)
@@ -134,6 +136,7 @@ class ServerLimits:
     rate_burst: float = 40_000.0
     close_timeout_s: float = 3.0
     shutdown_timeout_s: float = 10.0
+    revocation_poll_s: float = 0.5
 
     def __post_init__(self) -> None:
         positive = {
@@ -147,6 +150,7 @@ class ServerLimits:
             "rate_burst": self.rate_burst,
             "close_timeout_s": self.close_timeout_s,
             "shutdown_timeout_s": self.shutdown_timeout_s,
+            "revocation_poll_s": self.revocation_poll_s,
         }
         for name, value in positive.items():
             if not value > 0:
@@ -171,6 +175,7 @@ class _Connection:
         self.peer = _peer(ws)
         self.dataset: str | None = None  # set from the authenticated hello only
         self.node: str | None = None
+        self.grant: NodeGrant | None = None
         self.out: deque[bytes] = deque()
         self.out_bytes = 0
         self.wake = asyncio.Event()
@@ -305,6 +310,7 @@ class RelayServer:
         self._tasks = [
             asyncio.create_task(self._committer(), name="relay-committer"),
             asyncio.create_task(self._ticker(), name="relay-ticker"),
+            asyncio.create_task(self._revocation_watch(), name="relay-revocations"),
         ]
         log.info("relay listening on %s", self.url)
 
@@ -520,7 +526,7 @@ class RelayServer:
             return
         # Registered before any sync request of this connection is answered:
         # every later commit is either in its diff or fanned out to it.
-        conn.dataset, conn.node = grant.dataset, grant.node
+        conn.dataset, conn.node, conn.grant = grant.dataset, grant.node, grant
         self._datasets.setdefault(grant.dataset, set()).add(conn)
         log.info(
             "%s accepted (%s, %d documents)",
@@ -895,6 +901,37 @@ class RelayServer:
                             event.silent_ms,
                         )
                 self._flush(conn)
+
+    # -- revocations --------------------------------------------------------------------
+
+    async def _revocation_watch(self) -> None:
+        """Closes the open connections of nodes revoked (or enrolled again) by
+        another process, e.g. ``branchline relay revoke``, within about
+        ``revocation_poll_s``: the store's revocation counter is one cheap
+        read; only when it changed are the open grants checked."""
+        seen: int | None = None
+        while True:
+            await asyncio.sleep(self.limits.revocation_poll_s)
+            try:
+                now = await self._run(self.store.revocations)
+                if now == seen:
+                    continue
+                # The first poll checks too: a revoke may have landed between
+                # a hello's authentication and the watch's first reading.
+                granted = [(c, c.grant) for c in self._conns if c.grant is not None]
+                lapsed = await self._run(self.store.lapsed, [g for _, g in granted])
+            except Exception:
+                log.exception("cannot check for revoked nodes; retrying")
+                continue
+            seen = now
+            for conn, grant in granted:
+                why = lapsed.get(grant)
+                if why is None or conn.session.state is not SessionState.OPEN:
+                    continue
+                log.info("%s: %s; closing its connection", conn.label(), why)
+                conn.close_code = CLOSE_POLICY
+                self._fail(conn, codes.AUTH_FAILED, why)
+                self._flush(conn, bounded=False)
 
     # -- HTTP ---------------------------------------------------------------------------
 

@@ -304,7 +304,9 @@ class SqliteRelayStore(RelayStore):
                 (salt, _hash(salt, token), int(read_only), now, ds_id, node),
             )
             replaced = cur.rowcount > 0
-            if not replaced:
+            if replaced:  # the old token stops working: open connections must notice
+                _bump_revocations(conn)
+            else:
                 conn.execute(
                     "INSERT INTO nodes (dataset_id, name, salt, token_hash, read_only, "
                     "enrolled_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -328,7 +330,33 @@ class SqliteRelayStore(RelayStore):
                 "UPDATE nodes SET revoked_at = ? WHERE dataset_id = ? AND name = ?",
                 (_now(), ds_id, node),
             )
+            _bump_revocations(conn)
             return True
+
+    def revocations(self) -> int:
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"{self.path}: the relay store is closed")
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'revocations'").fetchone()
+        return int(row[0]) if row else 0
+
+    def lapsed(self, grants: Sequence[NodeGrant]) -> dict[NodeGrant, str]:
+        out: dict[NodeGrant, str] = {}
+        with self._lock, self._reading() as conn:
+            for grant in dict.fromkeys(grants):
+                row = conn.execute(
+                    "SELECT n.token_hash, n.revoked_at FROM nodes n JOIN datasets d "
+                    "ON d.id = n.dataset_id WHERE d.name = ? AND n.name = ?",
+                    (grant.dataset, grant.node),
+                ).fetchone()
+                who = f"node {grant.node!r} of dataset {grant.dataset!r}"
+                if row is None:
+                    out[grant] = f"{who} is no longer enrolled"
+                elif row[1] is not None:
+                    out[grant] = f"{who} has been revoked; enroll it again to issue a new token"
+                elif _token_id(bytes(row[0])) != grant.token_id:
+                    out[grant] = f"{who} was enrolled again: its previous token no longer works"
+        return out
 
     def authenticate(self, dataset: str, node: str, token: str) -> NodeGrant:
         with self._lock:
@@ -353,7 +381,7 @@ class SqliteRelayStore(RelayStore):
                 f"node {node!r} of dataset {dataset!r} has been revoked; "
                 "enroll it again to issue a new token"
             )
-        return NodeGrant(dataset, node, bool(row[2]))
+        return NodeGrant(dataset, node, bool(row[2]), _token_id(stored))
 
     # -- updates -----------------------------------------------------------
 
@@ -856,6 +884,21 @@ def _next_seq(conn: sqlite3.Connection) -> int:
         "coalesce((SELECT max(seq) FROM updates), 0))"
     ).fetchone()
     return int(row[0]) + 1
+
+
+def _token_id(token_hash: bytes) -> bytes:
+    """What a grant keeps to tell its token from a later one: a prefix of the
+    salted hash (a random salt per token, so no two tokens share it in practice)."""
+    return token_hash[:8]
+
+
+def _bump_revocations(conn: sqlite3.Connection) -> None:
+    """Count a revocation (or a replaced token) in meta, in the caller's write
+    transaction: a serving relay polls the counter (``revocations``)."""
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('revocations', '1') ON CONFLICT (key) "
+        "DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)"
+    )
 
 
 def _hash(salt: bytes, token: str) -> bytes:

@@ -51,11 +51,14 @@ class Enrollment:
 
 @dataclass(frozen=True)
 class NodeGrant:
-    """What an authenticated node may do in its dataset."""
+    """What an authenticated node may do in its dataset. ``token_id`` tells
+    the token it was granted for from a later one (not the token, nor enough
+    to find it); ``lapsed`` compares it."""
 
     dataset: str
     node: str
     read_only: bool
+    token_id: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,18 @@ class RelayStore(ABC):
         """Revoke a node: its token no longer authenticates and its writes are
         rejected from the moment this returns. Returns False when it was
         already revoked. Raises UnknownDataset, UnknownNode."""
+
+    @abstractmethod
+    def revocations(self) -> int:
+        """A counter that changes whenever a node is revoked or its token
+        replaced (enrolled again), by any process: a server polls it cheaply
+        and calls ``lapsed`` for its connections only when it changed."""
+
+    @abstractmethod
+    def lapsed(self, grants: Sequence[NodeGrant]) -> dict[NodeGrant, str]:
+        """The grants among ``grants`` that no longer hold, each with why (one
+        line, no token): node revoked, no longer enrolled, or enrolled again
+        with a new token. Writes nothing."""
 
     @abstractmethod
     def authenticate(self, dataset: str, node: str, token: str) -> NodeGrant:
