@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SEEDS ?= 100
 
-.PHONY: venv demo test lint check bench bench-quick clean
+.PHONY: venv demo test lint check sim bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy --strict engine
 
 check: test lint
+
+# Deterministic simulation: SEEDS seeds with swarm faults; a failure prints
+# its seed and replay command and exits 3 (crash), 4 (liveness) or 5 (correctness).
+sim: $(STAMP)
+	$(PY) -m engine.sim --seeds $(SEEDS)
 
 bench-quick: $(STAMP)
 	$(PY) -m bench.core --quick

@@ -1,0 +1,706 @@
+"""One simulated world: a relay and a few nodes on one thread, virtual time,
+a seeded network and a seeded nemesis.
+
+Everything real is used as it is: ``Node`` on real SQLite homes, the
+``SyncDriver`` and ``ClientSession`` on the node side, ``RelaySession`` and
+``SqliteRelayStore`` on the relay side. Only the event loop, the sockets and
+the wall clock are replaced: ``SimRelay`` is a synchronous stand-in for
+``RelayServer``'s glue (authenticate on hello, answer sync requests from the
+store, group-commit updates once per tick and only then acknowledge them,
+fan stored updates out to the dataset's other open sessions, serve leases).
+
+A run has two phases. **Safety**: a random workload while the faults chosen
+for this seed (swarm testing: each kind on or off, with a random intensity)
+hit the network, the nodes and the relay. **Heal**: faults off, every node
+up; the nodes must converge within a bounded number of ticks. Then the
+checks (``check``) run; a failure raises ``SimFailure`` with a kind that
+maps to a distinct exit code.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import sqlite3
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..clock import ManualClock
+from ..errors import BranchlineError, LocalProtocolError, RemoteProtocolError, UserError
+from ..node import Node
+from ..protocol import (
+    ClientSession,
+    HelloReceived,
+    LeaseRequested,
+    RelaySession,
+    SessionState,
+    SyncRequested,
+    UpdateReceived,
+    codes,
+)
+from ..relay.sqlite_store import SqliteRelayStore
+from ..relay.store import UpdateIn
+from ..schema import parse_schema
+from ..sync import SyncDriver
+
+TICK_MS = 20
+START_MS = 1_790_000_000_000  # 2026-09-21, a fixed day: periods do not depend on today
+DATASET = "sim"
+HEAL_TICKS = 3_000  # 60 s of virtual time to converge once faults stop
+
+SCHEMA = """
+schema = "sim"
+version = 1
+
+[collections.customers]
+fields.code = { type = "text", required = true }
+fields.name = "text"
+fields.note = "text"
+
+[collections.items]
+fields.code = { type = "text", required = true }
+fields.price = "decimal"
+
+[collections.sales]
+kind = "voucher"
+partition = "month"
+on_duplicate = "renumber"
+series = { prefix = "HD", strategy = "node" }
+fields.date = { type = "date", required = true }
+fields.customer = { type = "ref", to = "customers", required = true }
+fields.lines.type = "lines"
+fields.lines.fields = { item = { type = "ref", to = "items" }, qty = "decimal" }
+
+[collections.receipts]
+kind = "voucher"
+series.prefix = "PT"
+series.strategy = "blocks"
+series.template = "{prefix}{seq:06}"
+series.reserve = 4
+series.block_size = 5
+fields.customer = { type = "ref", to = "customers", required = true }
+fields.amount = "decimal"
+"""
+CODES = ("K1", "K2", "K3", "K4")
+ITEMS = ("T1", "T2")
+DATES = ("2026-09-02", "2026-09-21", "2026-10-01")
+FINAL_RECEIPT = re.compile(r"^PT\d{6}\Z")  # provisional numbers look like PT-N0-P000001
+
+
+class SimFailure(Exception):
+    """A run broke an invariant: ``kind`` is ``crash``, ``liveness`` or ``correctness``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Faults:
+    """The faults of one run (swarm testing: each kind is on or off)."""
+
+    loss: float = 0.0  # per message
+    duplication: float = 0.0  # per message
+    reorder: float = 0.0  # per message: delivered late, after later ones
+    max_delay_ticks: int = 0
+    partitions: float = 0.0  # per tick: a partition starts
+    node_crashes: float = 0.0  # per tick and node
+    relay_crashes: float = 0.0  # per tick
+    skew_ms: tuple[int, ...] = ()  # per node
+
+    @classmethod
+    def draw(cls, rng: random.Random, nodes: int) -> Faults:
+        def on(p: float) -> bool:
+            return rng.random() < p
+
+        return cls(
+            loss=rng.uniform(0, 0.3) if on(0.5) else 0.0,
+            duplication=rng.uniform(0, 0.5) if on(0.5) else 0.0,
+            reorder=rng.uniform(0, 0.3) if on(0.5) else 0.0,
+            max_delay_ticks=rng.randint(1, 10) if on(0.6) else 0,
+            partitions=rng.uniform(0.002, 0.02) if on(0.5) else 0.0,
+            node_crashes=rng.uniform(0.001, 0.01) if on(0.5) else 0.0,
+            relay_crashes=rng.uniform(0.001, 0.006) if on(0.4) else 0.0,
+            skew_ms=tuple(
+                rng.randint(-3_600_000, 3_600_000) if on(0.5) else 0 for _ in range(nodes)
+            ),
+        )
+
+    def describe(self) -> str:
+        parts = [
+            f"{name}={value:.3f}" if isinstance(value, float) else f"{name}={value}"
+            for name, value in vars(self).items()
+            if value and name != "skew_ms"
+        ]
+        skewed = sum(1 for s in self.skew_ms if s)
+        return ", ".join(parts + ([f"skewed_nodes={skewed}"] if skewed else [])) or "none"
+
+
+@dataclass
+class Link:
+    """One connection: frames in flight each way as (due tick, order, frame)."""
+
+    id: int
+    up: list[tuple[int, int, bytes]] = field(default_factory=list)
+    down: list[tuple[int, int, bytes]] = field(default_factory=list)
+    closed: bool = False
+
+
+@dataclass
+class Stats:
+    ticks: int = 0
+    ops: int = 0
+    acked_writes: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+
+
+class Network:
+    """Seeded delivery with loss, duplication, delay and reordering.
+
+    A lost frame resets its connection: websockets run over TCP, which never
+    drops a frame and carries on. Duplicated and reordered frames are
+    delivered as such (a hostile or broken middlebox): the sessions must
+    detect them or shrug them off."""
+
+    def __init__(self, rng: random.Random, faults: Faults, stats: Stats) -> None:
+        self.rng = rng
+        self.faults = faults
+        self.stats = stats
+        self.active = True
+        self._order = 0
+
+    def send(
+        self, link: Link, queue: list[tuple[int, int, bytes]], tick: int, frames: list[bytes]
+    ) -> None:
+        f = self.faults if self.active else Faults()
+        for frame in frames:
+            if f.loss and self.rng.random() < f.loss:
+                self.stats.faults["message lost (connection reset)"] += 1
+                link.closed = True
+                return
+            copies = 1
+            if f.duplication and self.rng.random() < f.duplication:
+                self.stats.faults["message duplicated"] += 1
+                copies = 2
+            for _ in range(copies):
+                delay = self.rng.randint(0, f.max_delay_ticks) if f.max_delay_ticks else 0
+                if f.reorder and self.rng.random() < f.reorder:
+                    self.stats.faults["message reordered"] += 1
+                    delay += self.rng.randint(1, 5)
+                self._order += 1
+                queue.append((tick + 1 + delay, self._order, frame))
+
+    @staticmethod
+    def due(queue: list[tuple[int, int, bytes]], tick: int) -> list[bytes]:
+        ready = sorted(item for item in queue if item[0] <= tick)
+        if ready:
+            queue[:] = [item for item in queue if item[0] > tick]
+        return [frame for _, _, frame in ready]
+
+
+class SimRelay:
+    """The relay's glue, synchronous: see the module docstring."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.store: SqliteRelayStore | None = SqliteRelayStore.create(path)
+        self.sessions: dict[int, tuple[RelaySession, Link]] = {}
+        self.grants: dict[int, tuple[str, str]] = {}  # link -> (dataset, node)
+        self.queue: list[tuple[int, str, str, str, bytes, int]] = []
+
+    @property
+    def up(self) -> bool:
+        return self.store is not None
+
+    def connect(self, link: Link, now_ms: int) -> None:
+        session = RelaySession()
+        session.tick(now_ms)
+        self.sessions[link.id] = (session, link)
+
+    def receive(self, link: Link, frame: bytes) -> None:
+        entry = self.sessions.get(link.id)
+        if entry is None or self.store is None:
+            return
+        session = entry[0]
+        try:
+            events = session.receive_frame(frame)
+        except RemoteProtocolError:
+            return  # the session closed itself with an error frame
+        with _local_errors(session):
+            self._handle(link, session, events)
+
+    def _handle(self, link: Link, session: RelaySession, events: list[Any]) -> None:
+        assert self.store is not None
+        for ev in events:
+            if isinstance(ev, HelloReceived):
+                self._hello(link, session, ev)
+            elif isinstance(ev, SyncRequested):
+                dataset = self.grants[link.id][0]
+                diff = self.store.diff(dataset, ev.doc, ev.state_vector)
+                session.sync_reply(ev.doc, diff, self.store.state_vector(dataset, ev.doc))
+            elif isinstance(ev, UpdateReceived):
+                dataset, node = self.grants[link.id]
+                assert ev.ref is not None
+                self.queue.append((link.id, dataset, node, ev.doc, ev.data, ev.ref))
+            elif isinstance(ev, LeaseRequested):
+                dataset, node = self.grants[link.id]
+                try:
+                    first, last = self.store.lease(dataset, ev.series, ev.count, node=node)
+                except BranchlineError as exc:
+                    session.deny_lease(ev.ref, str(exc))
+                else:
+                    session.grant_lease(ev.ref, first, last)
+
+    def _hello(self, link: Link, session: RelaySession, ev: HelloReceived) -> None:
+        assert self.store is not None
+        try:
+            grant = self.store.authenticate(ev.dataset, ev.node, ev.token)
+        except BranchlineError as exc:
+            session.fail(codes.AUTH_FAILED, str(exc))
+            return
+        self.grants[link.id] = (grant.dataset, grant.node)
+        session.accept(read_only=grant.read_only, documents=self.store.documents(grant.dataset))
+
+    def commit(self) -> None:
+        """Group commit of everything received this tick, then acks and fan-out."""
+        if not self.queue or self.store is None:
+            return
+        batch, self.queue = self.queue, []
+        by_dataset: dict[str, list[tuple[int, str, str, str, bytes, int]]] = {}
+        for item in batch:
+            by_dataset.setdefault(item[1], []).append(item)
+        for dataset, items in by_dataset.items():
+            results = self.store.append_updates(
+                dataset, [UpdateIn(doc, data, node) for _, _, node, doc, data, _ in items]
+            )
+            acks: dict[int, list[int]] = {}
+            stored: list[tuple[int, str, bytes]] = []
+            for (link_id, _, _, doc, data, ref), result in zip(items, results, strict=True):
+                if result.ok:
+                    acks.setdefault(link_id, []).append(ref)
+                    if result.status == "stored":
+                        stored.append((link_id, doc, data))
+                elif link_id in self.sessions:
+                    self.sessions[link_id][0].fail(codes.BAD_UPDATE, f"{doc}: {result.error}")
+            for link_id, refs in acks.items():
+                if link_id in self.sessions:
+                    with _local_errors(self.sessions[link_id][0]):
+                        self.sessions[link_id][0].ack(refs)
+            for link_id, (session, _) in self.sessions.items():
+                if session.state is not SessionState.OPEN:
+                    continue
+                if self.grants.get(link_id, ("",))[0] != dataset:
+                    continue
+                mine = [(doc, data) for sender, doc, data in stored if sender != link_id]
+                if mine:
+                    with _local_errors(session):
+                        session.send_updates(mine)
+
+    def tick(self, now_ms: int) -> None:
+        for session, _ in self.sessions.values():
+            session.tick(now_ms)
+
+    def outgoing(self) -> list[tuple[Link, list[bytes], bool]]:
+        out = []
+        for link_id, (session, link) in list(self.sessions.items()):
+            frames = session.data_to_send()
+            done = session.state is SessionState.CLOSED
+            out.append((link, frames, done))
+            if done:
+                self.drop(link_id)
+        return out
+
+    def drop(self, link_id: int) -> None:
+        self.sessions.pop(link_id, None)
+        self.grants.pop(link_id, None)
+        self.queue = [item for item in self.queue if item[0] != link_id]
+
+    def crash(self) -> None:
+        """Everything in memory is gone (unacknowledged updates too); the file stays."""
+        for session, link in self.sessions.values():
+            link.closed = True
+            del session
+        self.sessions.clear()
+        self.grants.clear()
+        self.queue.clear()
+        if self.store is not None:
+            self.store.close()
+        self.store = None
+
+    def restart(self) -> None:
+        self.store = SqliteRelayStore.open(self.path)
+
+
+class _local_errors:
+    """A refusal of the relay's own session (a limit) ends that session only."""
+
+    def __init__(self, session: RelaySession | ClientSession) -> None:
+        self.session = session
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _tb: Any
+    ) -> bool:
+        if isinstance(exc, LocalProtocolError):
+            self.session.fail(codes.LIMIT_EXCEEDED, str(exc))
+            return True
+        return False
+
+
+@dataclass
+class SimNode:
+    name: str
+    home: Path
+    token: str
+    clock: ManualClock
+    seed: int
+    node: Node | None = None
+    driver: SyncDriver | None = None
+    link: Link | None = None
+    down_until: int = 0  # crashed until this tick
+    retry_at: int = 0  # next connection attempt
+    failures: int = 0  # connection failures in a row (backoff)
+
+
+class World:
+    """A relay and ``nodes`` nodes; ``run`` plays one seed."""
+
+    def __init__(self, seed: int, nodes: int = 3, ops: int = 120, workdir: Path | None = None):
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.ops = ops
+        self.tick = 0
+        self.stats = Stats()
+        self.faults = Faults.draw(self.rng, nodes)
+        self.net = Network(random.Random(self.rng.getrandbits(64)), self.faults, self.stats)
+        self._own_dir = workdir is None
+        # In memory where the OS offers it: fsync there costs nothing, and a
+        # simulated crash drops the objects, not the page cache, anyway.
+        shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix=f"branchline-sim-{seed}-", dir=shm))
+        self.relay = SimRelay(self.dir / "relay.db")
+        assert self.relay.store is not None
+        self.schema = parse_schema(SCHEMA, origin="simulator schema")
+        self.nodes: list[SimNode] = []
+        for i in range(nodes):
+            name = f"N{i}"
+            token = self.relay.store.enroll(DATASET, name).token
+            clock = ManualClock(START_MS + (self.faults.skew_ms[i] if self.faults.skew_ms else 0))
+            sim = SimNode(name, self.dir / name, token, clock, self.rng.getrandbits(64))
+            sim.node = Node.create(
+                sim.home,
+                dataset=DATASET,
+                node=name,
+                schema=self.schema,
+                clock=clock,
+                rng=random.Random(sim.seed),
+            )
+            self.nodes.append(sim)
+        self._links = 0
+        self.partitioned: set[str] = set()
+        self.partition_until = 0
+        self.relay_back = 0  # tick at which a crashed relay restarts
+        self.acked: dict[str, str] = {}  # record id -> collection, as returned to a caller
+
+    # -- running -------------------------------------------------------------------
+
+    def run(self) -> Stats:
+        """Safety phase, heal phase, checks. Raises SimFailure."""
+        try:
+            self.safety()
+            self.heal()
+            self.check()
+            return self.stats
+        except SimFailure:
+            raise
+        except Exception as exc:
+            raise SimFailure("crash", f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self.close()
+
+    def safety(self) -> None:
+        """The workload under this run's faults, spread over about 30 s."""
+        per_op = max(1, 1500 // self.ops)
+        while self.stats.ops < self.ops:
+            if self.tick % per_op == 0:
+                self._operate()
+            self._nemesis()
+            self._step()
+
+    def close(self) -> None:
+        for sim in self.nodes:
+            if sim.node is not None:
+                sim.node.close()
+                sim.node = None
+        if self.relay.store is not None:
+            self.relay.store.close()
+            self.relay.store = None
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _step(self) -> None:
+        self.tick += 1
+        self.stats.ticks += 1
+        now = START_MS + self.tick * TICK_MS
+        for sim in self.nodes:
+            sim.clock.advance(TICK_MS)
+        if self.tick >= self.partition_until:
+            self.partitioned.clear()
+        for sim in self.nodes:
+            self._node_step(sim, now)
+        if self.relay.up:
+            self.relay.tick(now)
+            for link, frames, done in self.relay.outgoing():
+                self.net.send(link, link.down, self.tick, frames)
+                if done:
+                    link.closed = True
+            self.relay.commit()
+            for link, frames, done in self.relay.outgoing():
+                self.net.send(link, link.down, self.tick, frames)
+                if done:
+                    link.closed = True
+
+    def _node_step(self, sim: SimNode, now: int) -> None:
+        if sim.node is None:
+            if self.tick >= sim.down_until:
+                sim.node = Node.open(
+                    sim.home, clock=sim.clock, rng=random.Random(sim.seed + self.tick)
+                )
+            else:
+                return
+        if sim.link is None or sim.driver is None:
+            if self.tick >= sim.retry_at:
+                self._connect(sim, now)
+            return
+        link, driver = sim.link, sim.driver
+        cut = sim.name in self.partitioned or not self.relay.up or link.closed
+        try:
+            if not cut:
+                for frame in self.net.due(link.up, self.tick):
+                    self.relay.receive(link, frame)
+                for frame in self.net.due(link.down, self.tick):
+                    driver.receive(frame)
+            driver.tick(now)
+            driver.poll()
+            frames = driver.data_to_send()
+            # Cut off, frames wait in the link as TCP buffers them; the
+            # heartbeat ends the connection if the cut lasts.
+            self.net.send(link, link.up, self.tick, frames)
+            if driver.synced and sim.name not in self.partitioned:
+                sim.failures = 0
+            if driver.session.state is SessionState.CLOSED or link.closed:
+                raise _LinkDown()
+        except (_LinkDown, BranchlineError):
+            self._disconnect(sim)
+
+    def _connect(self, sim: SimNode, now: int) -> None:
+        assert sim.node is not None
+        if not self.relay.up or sim.name in self.partitioned:
+            self._backoff(sim)
+            return
+        self._links += 1
+        link = Link(self._links)
+        session = ClientSession(dataset=DATASET, node=sim.name, token=sim.token)
+        sim.driver = SyncDriver(sim.node, session, wall_ms=sim.clock.wall_ms)
+        sim.link = link
+        self.relay.connect(link, now)
+        sim.driver.tick(now)
+        self.net.send(link, link.up, self.tick, sim.driver.data_to_send())
+
+    def _disconnect(self, sim: SimNode) -> None:
+        if sim.link is not None:
+            self.relay.drop(sim.link.id)
+            sim.link.closed = True
+        sim.link = None
+        sim.driver = None
+        self._backoff(sim)
+
+    def _backoff(self, sim: SimNode) -> None:
+        sim.failures += 1
+        cap = min(50, 2 ** min(sim.failures, 6))  # ticks: capped exponential, with jitter
+        sim.retry_at = self.tick + self.rng.randint(1, cap)
+
+    # -- the nemesis -------------------------------------------------------------------
+
+    def _nemesis(self) -> None:
+        f = self.faults
+        if f.partitions and not self.partitioned and self.rng.random() < f.partitions:
+            shape = self.rng.choice(("one", "half", "all"))
+            names = [s.name for s in self.nodes]
+            if shape == "one":
+                self.partitioned = {self.rng.choice(names)}
+            elif shape == "half":
+                self.partitioned = set(self.rng.sample(names, len(names) // 2 or 1))
+            else:
+                self.partitioned = set(names)
+            self.partition_until = self.tick + self.rng.randint(10, 200)
+            self.stats.faults[f"partition ({shape})"] += 1
+        for sim in self.nodes:
+            if sim.node is not None and f.node_crashes and self.rng.random() < f.node_crashes:
+                self._disconnect(sim)
+                sim.node.close()
+                sim.node = None
+                sim.down_until = self.tick + self.rng.randint(1, 100)
+                self.stats.faults["node crash"] += 1
+        if self.relay.up and f.relay_crashes and self.rng.random() < f.relay_crashes:
+            self.relay.crash()
+            self.stats.faults["relay crash"] += 1
+            self.relay_back = self.tick + self.rng.randint(1, 100)
+        elif not self.relay.up and self.tick >= self.relay_back:
+            self.relay.restart()
+
+    # -- the workload ------------------------------------------------------------------
+
+    def _operate(self) -> None:
+        up = [s for s in self.nodes if s.node is not None]
+        if not up:
+            return
+        sim = self.rng.choice(up)
+        node = sim.node
+        assert node is not None
+        self.stats.ops += 1
+        r = self.rng.random()
+        try:
+            if r < 0.3:
+                coll = self.rng.choice(("customers", "items"))
+                pool = CODES if coll == "customers" else ITEMS
+                fields: dict[str, Any] = {"code": self.rng.choice(pool)}
+                if coll == "customers":
+                    fields[self.rng.choice(("name", "note"))] = f"v{self.rng.randint(0, 9)}"
+                else:
+                    fields["price"] = str(self.rng.randint(1, 99))
+                self._acked(coll, node.put(coll, fields))
+            elif r < 0.55:
+                fields = {
+                    "date": self.rng.choice(DATES),
+                    "customer": self.rng.choice(CODES),
+                    "lines": [{"item": self.rng.choice(ITEMS), "qty": str(self.rng.randint(1, 5))}],
+                }
+                if self.rng.random() < 0.2:
+                    fields["number"] = f"TAY-{self.rng.randint(1, 3)}"  # typed by hand
+                self._acked("sales", node.post_voucher("sales", fields).id)
+            elif r < 0.7:
+                fields = {"customer": self.rng.choice(CODES), "amount": "10"}
+                self._acked("receipts", node.post_voucher("receipts", fields).id)
+            elif r < 0.8:
+                coll = self.rng.choice(("customers", "items", "sales"))
+                live = node.list(coll)
+                if live:
+                    node.delete(coll, self.rng.choice(live)["id"])
+            else:
+                self._resolve_one(node)
+        except UserError:
+            pass  # a reference to a code this node has not received yet, say
+
+    def _acked(self, collection: str, rid: str) -> None:
+        self.acked[rid] = collection
+        self.stats.acked_writes += 1
+
+    def _resolve_one(self, node: Node) -> None:
+        open_ = [c for c in node.conflicts() if c["kind"] != "dangling_reference"]
+        if not open_:
+            return
+        c = self.rng.choice(open_)
+        if c["kind"] == "duplicate_key":
+            if c["collection"] == "sales":
+                node.resolve(c["id"], renumber=True)
+            elif self.rng.random() < 0.5:
+                node.resolve(c["id"], merge_into=self.rng.choice(c["records"]))
+            else:
+                node.resolve(c["id"], rename=f"{c['key']}-{self.rng.randint(10, 99)}")
+        elif c["kind"] == "edit_delete":
+            node.resolve(c["id"], keep=self.rng.choice(("delete", "edit")))
+        else:
+            node.resolve(c["id"], keep=self.rng.choice(c["values"])["node"])
+
+    # -- healing and checking -------------------------------------------------------
+
+    def heal(self) -> None:
+        """Faults off, everything up; wait for convergence (SimFailure
+        ``liveness`` when it does not come within HEAL_TICKS)."""
+        self.net.active = False
+        self.partitioned.clear()
+        if not self.relay.up:
+            self.relay.restart()
+        for sim in self.nodes:
+            sim.down_until = 0
+            sim.retry_at = min(sim.retry_at, self.tick + 1)
+        quiet = 0
+        for _ in range(HEAL_TICKS):
+            self._step()
+            if self._converged():
+                quiet += 1
+                if quiet >= 5:
+                    for sim in self.nodes:
+                        assert sim.node is not None
+                        sim.node.settle_waiting()
+                    return
+            else:
+                quiet = 0
+        states = {s.name: (s.driver.synced if s.driver else None) for s in self.nodes}
+        raise SimFailure("liveness", f"no convergence {HEAL_TICKS} ticks after healing: {states}")
+
+    def _converged(self) -> bool:
+        if any(s.node is None or s.driver is None or not s.driver.synced for s in self.nodes):
+            return False
+        first, *rest = (self._snapshot(s) for s in self.nodes)
+        return all(first == other for other in rest)
+
+    def _snapshot(self, sim: SimNode) -> Any:
+        node = sim.node
+        assert node is not None
+        node.refresh()
+        return (
+            {c: node.list(c) for c in sorted(self.schema.collections)},
+            node.conflicts(),
+            node.conflicts(resolved=True),
+        )
+
+    def check(self) -> None:
+        """After healing: the invariants. Raises SimFailure("correctness", ...)."""
+        first = self._snapshot(self.nodes[0])
+        for sim in self.nodes[1:]:
+            if self._snapshot(sim) != first:
+                raise SimFailure("correctness", f"{sim.name} differs from N0 after healing")
+        for sim in self.nodes:
+            assert sim.node is not None
+            held = {r[0] for r in sim.node.store.conn.execute("SELECT id FROM records").fetchall()}
+            lost = sorted(set(self.acked) - held)
+            if lost:
+                raise SimFailure(
+                    "correctness", f"{sim.name} lacks {len(lost)} acknowledged writes: {lost[:3]}"
+                )
+        receipts = first[0]["receipts"]
+        numbers = [r["number"] for r in receipts if FINAL_RECEIPT.match(r["number"])]
+        clash = [n for n, k in Counter(numbers).items() if k > 1]
+        if clash:
+            raise SimFailure("correctness", f"blocks numbers used twice: {clash[:5]}")
+        renumbered: dict[str, set[str]] = {}
+        for entry in first[2]:
+            if entry.get("action") == "renumber" and entry.get("auto"):
+                renumbered.setdefault(entry["record"], set()).add(entry["node"])
+        twice = {rid: nodes for rid, nodes in renumbered.items() if len(nodes) > 1}
+        if twice:
+            raise SimFailure(
+                "correctness", f"vouchers renumbered automatically by several nodes: {twice}"
+            )
+        conn = sqlite3.connect(f"file:{self.relay.path}?mode=ro", uri=True)
+        try:
+            dupes = conn.execute(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM updates GROUP BY dataset_id, doc, data "
+                "HAVING COUNT(*) > 1)"
+            ).fetchone()[0]
+        finally:
+            conn.close()
+        if dupes:
+            raise SimFailure("correctness", f"the relay stored {dupes} updates twice")
+
+
+class _LinkDown(Exception):
+    """The connection ended (closed by a peer or dropped by the network)."""
