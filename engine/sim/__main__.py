@@ -33,13 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     ticks = ops = acked = 0
     failed: list[tuple[int, SimFailure]] = []
     for seed in seeds:
-        world = World(seed, nodes=args.nodes, ops=args.ops)
+        world: World | None = None
         try:
+            world = World(seed, nodes=args.nodes, ops=args.ops)
             stats = world.run()
-        except SimFailure as exc:
-            failed.append((seed, exc))
+        except Exception as exc:
+            failure = exc if isinstance(exc, SimFailure) else SimFailure("crash", repr(exc))
+            failed.append((seed, failure))
+            drawn = world.faults.describe() if world is not None else "not drawn"
             print(
-                f"seed {seed}: {exc.kind} failure: {exc}\n  faults: {world.faults.describe()}\n"
+                f"seed {seed}: {failure.kind} failure: {failure}\n  faults: {drawn}\n"
                 f"  replay: python -m engine.sim --seed {seed} --ops {args.ops} "
                 f"--nodes {args.nodes}",
                 flush=True,
