@@ -11,6 +11,12 @@ with the same ids:
 * ``dangling_reference``: a live record refers to a record that is deleted,
   or missing after a full sync (until then the referring record waits).
 
+One kind is this node's alone, since only the writer learns of it:
+
+* ``locked_period``: the relay refused this node's changes to a document
+  whose period it has locked (an upload failure; the changes wait in the
+  outbox until the period is unlocked and ``branchline retry``).
+
 Pure reading: nothing here writes.
 """
 
@@ -32,12 +38,14 @@ def conflict_digest(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-def list_conflicts(conn: sqlite3.Connection, schema: Schema) -> list[Conflict]:
-    """Every open conflict, sorted by id (see the module docstring)."""
+def list_conflicts(conn: sqlite3.Connection, schema: Schema, node: str = "") -> list[Conflict]:
+    """Every open conflict, sorted by id (see the module docstring); ``node``
+    names this node in ``locked_period`` conflicts."""
     out = _record_conflicts(conn)
     for coll in schema.collections.values():
         out += _duplicates(conn, coll)
         out += _dangling(conn, coll)
+    out += _locked(conn, node)
     out.sort(key=lambda c: c["id"])
     return out
 
@@ -194,6 +202,34 @@ def _dangling_conflict(
             )
         ),
     }
+
+
+def _locked(conn: sqlite3.Connection, node: str) -> list[Conflict]:
+    out = []
+    for fid, doc, records, reason, first_at in conn.execute(
+        "SELECT id, doc, record, reason, first_at FROM sync_failures "
+        "WHERE direction = 'upload' AND reason LIKE 'locked\\_period: %' ESCAPE '\\'"
+    ):
+        ids = orjson.loads(records) if records else []
+        message = str(reason).partition(": ")[2]
+        out.append(
+            {
+                "id": conflict_digest("locked_period", node, str(doc), str(fid), str(first_at)),
+                "kind": "locked_period",
+                "collection": str(doc).partition("/")[0],
+                "records": ids,
+                "field": "",
+                "document": doc,
+                "failure": int(fid),
+                "values": [{"node": node, "hlc": None, "value": message, "in_force": True}],
+                "explanation": (
+                    f"the relay refused this node's changes to {doc}: {message}; they wait in "
+                    "the outbox: book a correction in an open period, or have the period "
+                    f"unlocked and run 'branchline retry {fid}'"
+                ),
+            }
+        )
+    return out
 
 
 def _nodes(values: list[dict[str, Any]]) -> str:

@@ -383,7 +383,7 @@ class Node:
         self.refresh()
         if resolved:
             return list_resolutions(self.store.conn)
-        found = list_conflicts(self.store.conn, self.schema)
+        found = list_conflicts(self.store.conn, self.schema, self.node_id)
         found += plugins.conflict_dicts(self.store.conn)
         return sorted(found, key=lambda c: str(c["id"]))
 

@@ -62,7 +62,9 @@ def resolve(
     if sum(choices) != 1:
         raise UserError("choose exactly one of keep, rename, merge_into, renumber")
     with node._write() as conn:
-        found = [c for c in list_conflicts(conn, node.schema) if c["id"] == conflict_id]
+        found = [
+            c for c in list_conflicts(conn, node.schema, node.node_id) if c["id"] == conflict_id
+        ]
         if not found:
             raise ConflictNotFound(
                 f"no open conflict {conflict_id!r}; list them with 'branchline conflicts'"

@@ -391,3 +391,26 @@ def test_a_typed_number_in_use_is_refused_not_turned_into_an_edit(trio: list[Nod
         invoice(a, number="HD-0001", customer="KH01")
     (only,) = a.list("sales_invoice")
     assert only["id"] == first
+
+
+def test_a_locked_period_refusal_is_listed_as_a_conflict_of_this_node(trio: list[Node]) -> None:
+    from engine.sync import failures
+
+    a, b, _ = trio
+    setup_catalogs(a)
+    inv = invoice(a)
+    failures.record_failure(
+        a,
+        "upload",
+        "sales_invoice/2026-03",
+        "locked_period: sales_invoice/2026-03 is in period 2026-03, which the relay has locked",
+        1_790_000_000_000,
+        [inv],
+    )
+    (conflict,) = a.conflicts()
+    assert conflict["kind"] == "locked_period"
+    assert conflict["records"] == [inv] and conflict["values"][0]["node"] == "A"
+    assert "branchline retry" in conflict["explanation"]
+    assert b.conflicts() == []  # only the writer learns of a refusal
+    with pytest.raises(UserError, match="fixing the data"):
+        a.resolve(conflict["id"], keep="A")
