@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Sequence
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -24,6 +24,11 @@ from engine.plugins import RecordChange
 # Anything larger is refused per value (stored NULL, reported as an invariant).
 MAX_UNITS = 2**62
 
+# Quantities, rates and prices repeat a lot across vouchers: parsing each
+# distinct text once saves most of the work in a rebuild.
+PARSED_CACHE = 65_536
+_PARSED: dict[str, tuple[int, int]] = {}
+
 ConflictRow = tuple[str, str, str, str, str, str, str, str, str, str]
 
 
@@ -33,19 +38,52 @@ def db(conn: sqlite3.Connection) -> sqlite_utils.Database:
     return sqlite_utils.Database(conn, execute_plugins=False, use_counts_table=False)
 
 
+def parse_decimal(value: Any) -> tuple[int, int]:
+    """A stored decimal (canonical string, or a Decimal) as ``(m, e)`` with
+    value = m * 10**-e, exactly. Integer arithmetic on these is several times
+    faster than Decimal on the rebuild's hot path."""
+    text = value if type(value) is str else str(value)
+    hit = _PARSED.get(text)
+    if hit is not None:
+        return hit
+    if "E" in text or "e" in text:
+        sign, digits, exp = Decimal(text).as_tuple()
+        assert isinstance(exp, int)
+        m = int("".join(map(str, digits)) or "0")
+        m = -m if sign else m
+        parsed = (m * 10**exp, 0) if exp >= 0 else (m, -exp)
+    else:
+        whole, _, frac = text.partition(".")
+        parsed = int(whole + frac), len(frac)
+    if len(_PARSED) >= PARSED_CACHE:
+        _PARSED.clear()
+    _PARSED[text] = parsed
+    return parsed
+
+
+def rescale(m: int, e: int, scale: int) -> tuple[int | None, bool]:
+    """m * 10**-e as a count of ``10**-scale`` units, rounded half up (away
+    from zero, as Decimal's ROUND_HALF_UP), and whether that was exact.
+    (None, False) when it does not fit SQLite's integers (``MAX_UNITS``)."""
+    if e <= scale:
+        units, exact = m * 10 ** (scale - e), True
+    else:
+        d = 10 ** (e - scale)
+        q, r = divmod(-m if m < 0 else m, d)
+        if 2 * r >= d:
+            q += 1
+        units, exact = (-q if m < 0 else q), r == 0
+    if -MAX_UNITS < units < MAX_UNITS:
+        return units, exact
+    return None, False
+
+
 def to_units(value: Any, scale: int) -> tuple[int | None, bool]:
-    """A stored decimal (string, or a Decimal) as an integer count of
-    ``10**-scale`` units, rounded half up, and whether that was exact.
-    (None, False) for a value too large for SQLite's 64-bit integers."""
-    number = value if isinstance(value, Decimal) else Decimal(value)
-    scaled = number.scaleb(scale)
-    try:
-        units = int(scaled.to_integral_value(ROUND_HALF_UP))
-    except (InvalidOperation, OverflowError):
-        return None, False
-    if abs(units) >= MAX_UNITS:
-        return None, False
-    return units, units == scaled
+    """A stored decimal as an integer count of ``10**-scale`` units, rounded
+    half up, and whether that was exact. (None, False) for a value too large
+    for SQLite's 64-bit integers."""
+    m, e = parse_decimal(value)
+    return rescale(m, e, scale)
 
 
 def units_sql(expr: str, scale: int) -> str:

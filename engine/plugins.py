@@ -11,6 +11,7 @@ and a write costs nothing more.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -340,7 +341,16 @@ def rebuild(
         )
     conn.execute("DELETE FROM adapter_conflicts WHERE adapter = ?", (adapter.name,))
     counted = _Counter(records)
-    adapter.rebuild(conn, counted)
+    # A rebuild makes millions of short-lived containers; the cyclic GC
+    # would rescan them over and over (measured: build time x3). None of
+    # them form cycles, so reference counting frees them all.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        adapter.rebuild(conn, counted)
+    finally:
+        if was_enabled:
+            gc.enable()
     diffs: list[TableDiff] = []
     if compare:
         for table in tables:
