@@ -1,0 +1,299 @@
+"""End-of-run checks on real stores (node homes and a relay store file).
+
+Each check reads the files only (it opens nodes through the public
+``Node.open`` and SQLite read connections), returns a list of human-readable
+problems (empty: the check holds) and never writes. They are meant for
+quiescent stores (no process writing), after a run converged; the soak
+(``engine.soak``) runs them, and a simulator can run the same ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pycrdt import Doc, Map
+
+from ..node import Node
+from ..store.node_store import STORE_FILE
+
+#: At most this many problems are listed per check (the count is exact).
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class AckedWrite:
+    """A write a caller was told succeeded: the writer's entry of the record
+    (``"{record}|{node}"`` in document ``doc``) right after the call returned.
+    ``hlc`` is the newest write timestamp in that entry."""
+
+    node: str
+    collection: str
+    record: str
+    doc: str
+    hlc: int
+    entry: dict[str, Any]
+
+
+def entry_hlc(entry: Mapping[str, Any]) -> int:
+    """The newest write timestamp of a record entry (0 when it has none)."""
+    writes = entry.get("w")
+    if not isinstance(writes, list):
+        return 0
+    return max((int(w[0]) for w in writes if isinstance(w, list) and w), default=0)
+
+
+def _ro(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+
+
+def records_digest(home: Path) -> tuple[str, int, int, int]:
+    """(sha256 of every resolved record and record conflict, records, outbox
+    rows, waiting records) of one home, read without opening a ``Node``."""
+    conn = _ro(home / STORE_FILE)
+    try:
+        h = hashlib.sha256()
+        records = 0
+        for row in conn.execute(
+            "SELECT collection, id, doc, key, deleted, created_hlc, created_node, "
+            "updated_hlc, data, alias_of FROM records ORDER BY collection, id"
+        ):
+            h.update(orjson.dumps(list(row)))
+            records += 1
+        for row in conn.execute(
+            "SELECT id, collection, record_id, kind, field, data FROM record_conflicts ORDER BY id"
+        ):
+            h.update(orjson.dumps(list(row)))
+        pending = int(conn.execute("SELECT COUNT(*) FROM updates WHERE pending = 1").fetchone()[0])
+        waiting = int(conn.execute("SELECT COUNT(*) FROM waiting").fetchone()[0])
+        return h.hexdigest(), records, pending, waiting
+    finally:
+        conn.close()
+
+
+def _records(home: Path) -> dict[tuple[str, str], tuple[Any, ...]]:
+    conn = _ro(home / STORE_FILE)
+    try:
+        return {
+            (str(r[0]), str(r[1])): tuple(r[2:])
+            for r in conn.execute(
+                "SELECT collection, id, doc, key, deleted, created_hlc, created_node, "
+                "updated_hlc, data, alias_of FROM records"
+            )
+        }
+    finally:
+        conn.close()
+
+
+def replicas_identical(homes: Mapping[str, Path]) -> list[str]:
+    """Every home holds the same resolved records and lists the same
+    conflicts (ids, kinds, values) and the same resolution journal."""
+    problems: list[str] = []
+    names = sorted(homes)
+    if len(names) < 2:
+        return problems
+    first = names[0]
+    base = _records(homes[first])
+    views: dict[str, tuple[bytes, bytes]] = {}
+    for name in names:
+        with Node.open(homes[name]) as node:
+            views[name] = (
+                orjson.dumps(node.conflicts(), default=str, option=orjson.OPT_SORT_KEYS),
+                orjson.dumps(
+                    node.conflicts(resolved=True), default=str, option=orjson.OPT_SORT_KEYS
+                ),
+            )
+    for name in names[1:]:
+        other = _records(homes[name])
+        missing = sorted(set(base) - set(other))
+        extra = sorted(set(other) - set(base))
+        differ = sorted(k for k in set(base) & set(other) if base[k] != other[k])
+        for label, keys in (("missing", missing), ("extra", extra), ("different", differ)):
+            if keys:
+                shown = ", ".join(f"{c}/{i}" for c, i in keys[:5])
+                problems.append(f"{name} vs {first}: {len(keys)} records {label} ({shown})")
+        if views[name][0] != views[first][0]:
+            problems.append(f"{name} vs {first}: open conflicts differ")
+        if views[name][1] != views[first][1]:
+            problems.append(f"{name} vs {first}: resolution journals differ")
+    return problems
+
+
+def _entries(home: Path, docs: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Per document, the raw Map of record entries (key -> JSON text)."""
+    out: dict[str, dict[str, Any]] = {}
+    with Node.open(home) as node:
+        updates = node.export_updates(docs=docs)
+    for doc, data in updates.items():
+        ydoc: Doc[Any] = Doc()
+        ydoc.apply_update(data)
+        out[doc] = dict(ydoc.get("r", type=Map).to_py() or {})
+    return out
+
+
+def lost_writes(acked: Iterable[AckedWrite], homes: Mapping[str, Path]) -> list[str]:
+    """Every acknowledged write is on every replica: the writer's entry of the
+    record exists there, and is the acknowledged one or a later write of the
+    same node (a newer timestamp). Returns one line per lost write (at most
+    ``MAX_LISTED``, then a count)."""
+    latest: dict[tuple[str, str], AckedWrite] = {}
+    for w in acked:
+        key = (w.node, w.record)
+        if key not in latest or w.hlc >= latest[key].hlc:
+            latest[key] = w
+    docs = sorted({w.doc for w in latest.values()})
+    problems: list[str] = []
+    lost = 0
+    for name, home in sorted(homes.items()):
+        maps = _entries(home, docs)
+        for (writer, record), w in sorted(latest.items()):
+            raw = maps.get(w.doc, {}).get(f"{record}|{writer}")
+            entry = orjson.loads(raw) if isinstance(raw, str) else None
+            why = ""
+            if not isinstance(entry, dict):
+                why = "entry missing"
+            elif entry_hlc(entry) < w.hlc:
+                why = f"entry older ({entry_hlc(entry)} < {w.hlc})"
+            elif entry_hlc(entry) == w.hlc and entry != w.entry:
+                why = "entry differs at the same timestamp"
+            if why:
+                lost += 1
+                if len(problems) < MAX_LISTED:
+                    problems.append(f"{name}: write of {writer} to {w.collection}/{record}: {why}")
+    if lost > len(problems):
+        problems.append(f"... {lost} lost writes in all")
+    return problems
+
+
+def count_lost(problems: list[str]) -> int:
+    """How many lost writes a ``lost_writes`` result reports."""
+    if problems and problems[-1].startswith("... "):
+        return int(problems[-1].split()[1])
+    return len(problems)
+
+
+def voucher_numbers_unique(homes: Mapping[str, Path]) -> list[str]:
+    """No voucher number is used by two live vouchers of one book, on any home."""
+    problems: list[str] = []
+    for name, home in sorted(homes.items()):
+        with Node.open(home) as node:
+            books = [c.name for c in node.schema.collections.values() if c.is_voucher]
+        conn = _ro(home / STORE_FILE)
+        try:
+            for book in books:
+                for number, n in conn.execute(
+                    "SELECT json_extract(data, '$.number') AS num, COUNT(*) FROM records "
+                    "WHERE collection = ? AND deleted = 0 AND num IS NOT NULL "
+                    "GROUP BY num HAVING COUNT(*) > 1",
+                    (book,),
+                ):
+                    problems.append(f"{name}: {book} number {number!r} used {n} times")
+        finally:
+            conn.close()
+    return problems[:MAX_LISTED]
+
+
+def relay_duplicates(relay_db: Path) -> list[str]:
+    """The relay stored no update twice: no two log rows of a document hold
+    the same bytes, and replaying a document's snapshot and log in order,
+    every plain (not waiting) row changed the document."""
+    problems: list[str] = []
+    conn = _ro(relay_db)
+    try:
+        for dataset_id, doc, n in conn.execute(
+            "SELECT dataset_id, doc, COUNT(*) - COUNT(DISTINCT data) FROM updates "
+            "GROUP BY dataset_id, doc HAVING COUNT(*) > COUNT(DISTINCT data)"
+        ):
+            problems.append(f"dataset {dataset_id} document {doc}: {n} rows repeat another's bytes")
+        docs = conn.execute("SELECT DISTINCT dataset_id, doc FROM updates").fetchall()
+        for dataset_id, doc in docs:
+            ydoc: Doc[Any] = Doc()
+            changes = [0]
+
+            def changed(_event: Any, counter: list[int] = changes) -> None:
+                counter[0] += 1
+
+            snap = conn.execute(
+                "SELECT upto, data FROM snapshots WHERE dataset_id = ? AND doc = ?",
+                (dataset_id, doc),
+            ).fetchone()
+            if snap is not None:
+                ydoc.apply_update(bytes(snap[1]))
+            ydoc.observe(changed)
+            upto = int(snap[0]) if snap is not None else 0
+            for seq, data, waiting in conn.execute(
+                "SELECT seq, data, waiting FROM updates WHERE dataset_id = ? AND doc = ? "
+                "AND (seq > ? OR waiting = 1) ORDER BY seq",
+                (dataset_id, doc, upto),
+            ):
+                before = changes[0]
+                ydoc.apply_update(bytes(data))
+                if not waiting and changes[0] == before:
+                    problems.append(f"dataset {dataset_id} document {doc}: row {seq} added nothing")
+                    if len(problems) >= MAX_LISTED:
+                        return problems
+    finally:
+        conn.close()
+    return problems
+
+
+def relay_holds_everything(relay_db: Path, dataset: str, homes: Mapping[str, Path]) -> list[str]:
+    """The relay's state vector of every document equals every home's."""
+    from ..relay.sqlite_store import SqliteRelayStore
+
+    problems: list[str] = []
+    with SqliteRelayStore.open(relay_db) as store:
+        relay_docs = store.documents(dataset)
+        relay_sv = {d: store.state_vector(dataset, d) for d in relay_docs}
+    for name, home in sorted(homes.items()):
+        with Node.open(home) as node:
+            state = node.state()
+        if sorted(state) != relay_docs:
+            problems.append(f"{name}: documents differ from the relay's")
+            continue
+        for doc, sv in state.items():
+            if _sv(sv) != _sv(relay_sv[doc]):
+                problems.append(f"{name}: {doc} state differs from the relay's")
+    return problems[:MAX_LISTED]
+
+
+def _sv(data: bytes) -> dict[int, int]:
+    """A Yjs v1 state vector (varuint count, then client/clock varuint pairs)
+    as {client: clock}: its byte order is not canonical."""
+    pos = 0
+
+    def varuint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    out = {}
+    for _ in range(varuint()):
+        client = varuint()
+        out[client] = varuint()
+    return out
+
+
+def integrity(paths: Iterable[Path]) -> list[str]:
+    """``PRAGMA integrity_check`` answers ``ok`` for every SQLite file."""
+    problems: list[str] = []
+    for path in paths:
+        conn = _ro(path)
+        try:
+            rows = [str(r[0]) for r in conn.execute("PRAGMA integrity_check")]
+        finally:
+            conn.close()
+        if rows != ["ok"]:
+            problems.append(f"{path}: {'; '.join(rows[:5])}")
+    return problems
