@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SEEDS ?= 100
+DURATION ?= 60
+SOAK_OUT ?= bench/results/soak.json
 
-.PHONY: venv demo test lint check sim bench bench-quick clean
+.PHONY: venv demo test lint check sim bench bench-quick soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +43,11 @@ bench-quick: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.core
 	$(PY) -m bench.sync
+
+# Real relay and node processes under faults for DURATION seconds, then heal,
+# converge and check (docs/reliability.md). SEED=N replays a run's schedule.
+soak: $(STAMP)
+	$(PY) -m engine.soak --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out $(SOAK_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
