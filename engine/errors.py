@@ -134,6 +134,11 @@ class UpdateTooLarge(UpdateError):
     exit_code = 2
 
 
+class PeriodLocked(UserError):
+    """An update of a document whose period is locked on the relay was
+    refused; nothing of it was stored. The message names document and period."""
+
+
 class RelayLimitError(BranchlineError):
     """A relay limit (documents per dataset, batch size, lease size) was hit."""
 

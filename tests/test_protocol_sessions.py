@@ -36,6 +36,7 @@ from engine.protocol import (
     SyncComplete,
     SyncRequested,
     UpdateReceived,
+    UpdateRefused,
     codes,
     decode_message,
     encode_updates,
@@ -951,3 +952,70 @@ def test_encoded_fan_out_refuses_what_a_session_cannot_take() -> None:
     r.data_to_send()
     r.send_encoded(big)  # ignored once closing or closed, like every send
     assert r.data_to_send() == []
+
+
+# -- refused updates (locked periods) -------------------------------------------------
+
+
+def test_refused_updates_leave_flight_and_the_session_and_pass_go_on() -> None:
+    c, r = opened_pair()
+    c.start_sync([("customers", EMPTY_STATE_VECTOR)])
+    for f in c.data_to_send():
+        r.receive_frame(f)
+    r.sync_reply("customers", EMPTY_UPDATE, EMPTY_STATE_VECTOR)
+    for f in r.data_to_send():
+        c.receive_frame(f)
+    c.answer_state("customers", [(1, b"diff")])
+    c.send_updates([("journal/2026-11", b"a", 2), ("customers", b"b", 3)])
+    c.send_update("journal/2026-11", b"c", 4)
+    for f in c.data_to_send():  # ... and sync_end
+        r.receive_frame(f)
+    r.ack([1, 3])
+    message = "document 'journal/2026-11' is in period '2026-11', locked on the relay"
+    r.refuse("journal/2026-11", [2, 4], codes.LOCKED_PERIOD, message)
+    assert r.pending_refs == frozenset() and r.state is SessionState.OPEN
+    events = [e for f in r.data_to_send() for e in c.receive_frame(f)]
+    assert events == [
+        Acked((1, 3)),
+        UpdateRefused("journal/2026-11", (2, 4), codes.LOCKED_PERIOD, message),
+        SyncComplete(1),  # refused updates are answered: the pass completes
+    ]
+    assert c.unacked == {} and c.state is SessionState.OPEN
+    c.send_update("customers", b"d", 5)  # the session goes on
+    assert [e for f in c.data_to_send() for e in r.receive_frame(f)] == [
+        UpdateReceived("customers", b"d", 5)
+    ]
+
+
+def test_refuse_is_only_for_refusal_codes_and_pending_refs() -> None:
+    c, r = opened_pair()
+    c.send_update("journal/2026", b"a", 1)
+    for f in c.data_to_send():
+        r.receive_frame(f)
+    for bad in [
+        ("journal/2026", [1], codes.BAD_UPDATE),  # ends the session: fail(), not refuse()
+        ("journal/2026", [2], codes.LOCKED_PERIOD),  # not pending
+        ("journal/2026", [], codes.LOCKED_PERIOD),
+        ("Bad", [1], codes.LOCKED_PERIOD),
+    ]:
+        with pytest.raises(LocalProtocolError):
+            r.refuse(bad[0], bad[1], bad[2], "no")
+    assert r.data_to_send() == [] and r.pending_refs == {1}
+
+
+def test_client_refuses_a_refusal_of_refs_not_in_flight_for_that_document() -> None:
+    c, _r = opened_pair()
+    c.send_update("journal/2026", b"a", 1)
+    c.data_to_send()
+    frame = m.encode_message(
+        m.Refused("customers", (1,), codes.LOCKED_PERIOD, "no"), max_frame=1 << 20
+    )
+    assert raises_code(c, frame) == codes.PROTOCOL_VIOLATION
+    # A code this client does not know is still a refusal, not an error.
+    c, _r = opened_pair()
+    c.send_update("journal/2026", b"a", 1)
+    c.data_to_send()
+    frame = m.encode_message(
+        m.Refused("journal/2026", (1,), "future_reason", "no"), max_frame=1 << 20
+    )
+    assert c.receive_frame(frame) == [UpdateRefused("journal/2026", (1,), "future_reason", "no")]

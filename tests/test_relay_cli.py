@@ -114,3 +114,33 @@ def test_user_mistakes_are_one_line_exit_2_and_write_nothing(tmp_path: Path, sto
     assert "missing argument" in fails("relay", "enroll", store, "acme").lower()
     data = ok_json("relay", "status", store)
     assert [n["name"] for n in data["datasets"][0]["nodes"]] == ["HN"]
+
+
+def test_lock_unlock_and_status_lists_locks(store: Path) -> None:
+    ok_json("relay", "enroll", store, "acme", "HN")
+    assert ok_json("relay", "lock", store, "acme", "2026-11") == {
+        "dataset": "acme",
+        "period": "2026-11",
+        "locked": True,
+        "already": False,
+    }
+    assert ok_json("relay", "lock", store, "acme", "2026-11")["already"] is True
+    text = run("relay", "lock", store, "acme", "2025")
+    assert text.exit_code == 0 and text.stdout == "locked period 2025 of dataset 'acme'\n"
+    [dataset] = ok_json("relay", "status", store)["datasets"]
+    assert dataset["locks"] == ["2025", "2026-11"]
+    assert "locked periods: 2025, 2026-11" in run("relay", "status", store).stdout
+    assert ok_json("relay", "unlock", store, "acme", "2025")["unlocked"] is True
+    again = run("relay", "unlock", store, "acme", "2025")
+    assert again.stdout == "period 2025 of dataset 'acme' was not locked\n"
+    assert ok_json("relay", "status", store)["datasets"][0]["locks"] == ["2026-11"]
+
+
+@pytest.mark.parametrize("period", ["2026-13", "26", "2026-1", "2026/11", "2026-11-01"])
+def test_lock_refuses_a_bad_period_in_one_line(store: Path, period: str) -> None:
+    ok_json("relay", "enroll", store, "acme", "HN")
+    line = fails("relay", "lock", store, "acme", period)
+    assert repr(period) in line and "YYYY or YYYY-MM" in line
+    assert "YYYY or YYYY-MM" in fails("relay", "unlock", store, "acme", period)
+    assert "no dataset 'beta'" in fails("relay", "lock", store, "beta", "2026")
+    assert ok_json("relay", "status", store)["datasets"][0]["locks"] == []

@@ -43,6 +43,7 @@ from engine.protocol import (
     RemoteState,
     SyncComplete,
     UpdateReceived,
+    UpdateRefused,
     codes,
     encode_message,
     encode_updates,
@@ -565,6 +566,65 @@ def test_cli_revoke_or_reenroll_closes_the_open_connection_within_a_second(
     assert server.metrics.protocol_errors[codes.AUTH_FAILED] == 1
     assert server.metrics.updates_fanned_out == 0  # A2 was gone before A1 wrote
     assert stored_keys(path, "acme", "customers") == {"after": 1}
+
+
+def test_locked_period_refuses_its_updates_and_the_connection_goes_on(
+    relay_db: tuple[Path, Tokens],
+) -> None:
+    """A period locked with the CLI while the relay serves: live, chunked and
+    sync-upload updates of its document are refused (``refused`` frame naming
+    document and period), nothing is stored or fanned out, the same
+    connection keeps carrying other documents, and downloads still work."""
+    path, tok = relay_db
+    small = Limits(max_frame=MIN_FRAME_BYTES)
+    locked = "journal/2026-11"
+
+    async def body(server: RelayServer) -> None:
+        ws = await connect(server.url, max_size=None, compression=None, open_timeout=TIMEOUT)
+        a1 = Client(ws, ClientSession(dataset="acme", node="A1", token=tok.a1, limits=small))
+        await a1.flush()
+        await a1.wait(Opened)
+        a2, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+        w, j = Writer(), Writer()
+        before = j.put("j0", "kept")
+        await a1.put(locked, before, ref=1)
+        await a1.acked(1)
+        await a2.wait(UpdateReceived)
+        await asyncio.to_thread(_cli, "lock", str(path), "acme", "2026")
+        # Live: a batch mixing both documents, then one too big for a frame (chunked).
+        c1, j1, c2 = w.put("c1", 1), j.put("j1", 1), w.put("c2", 2)
+        a1.session.send_updates([("customers", c1, 2), (locked, j1, 3), ("customers", c2, 4)])
+        a1.session.send_update(locked, j.put("j2", "x" * 2 * MIN_FRAME_BYTES), 5)
+        await a1.flush()
+        await a1.acked(2, 4)
+        refused = [await a1.wait(UpdateRefused) for _ in range(2)]
+        assert sorted(r for e in refused for r in e.refs) == [3, 5]
+        for event in refused:
+            assert event.doc == locked and event.code == codes.LOCKED_PERIOD
+            assert repr(locked) in event.message and "'2026'" in event.message
+        # A sync upload of the locked document is refused too; the pass completes.
+        a1.session.start_sync([(locked, EMPTY_STATE_VECTOR)])
+        await a1.flush()
+        await a1.wait(RemoteState)
+        a1.session.answer_state(locked, [(6, j.doc.get_update())])
+        await a1.flush()
+        assert (await a1.wait(UpdateRefused)).refs == (6,)
+        await a1.wait(SyncComplete)
+        # The connection goes on: another document is stored and fanned out.
+        c3 = w.put("c3", 3)
+        await a1.put("customers", c3, ref=7)
+        await a1.acked(7)
+        # Downloads of the locked document work; A2 got only the unlocked updates.
+        assert keys_of(await a2.round_trip(locked)) == {"j0": "kept"}
+        got = [e.data for e in a2.events if isinstance(e, UpdateReceived)]
+        assert got == [before, c1, c2, c3]
+        for c in (a1, a2):
+            await c.close()
+
+    server = run(with_server(path, body))
+    assert stored_keys(path, "acme", locked) == {"j0": "kept"}
+    assert server.metrics.updates_refused[codes.LOCKED_PERIOD] == 3
+    assert not server.metrics.protocol_errors  # no error frame: nobody was cut off
 
 
 def _revoke(path: Path, dataset: str, node: str) -> None:

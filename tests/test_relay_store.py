@@ -29,6 +29,7 @@ from engine.errors import (
     AuthError,
     FormatVersionError,
     NodeRevoked,
+    PeriodLocked,
     ReadOnlyNode,
     RelayLimitError,
     RelayStoreExists,
@@ -645,3 +646,65 @@ def test_revocations_counter_and_lapsed_grants_across_processes(tmp_path: Path) 
     assert "revoked" in lapsed[grants[0]] and "enrolled again" in lapsed[grants[1]]
     assert a.token not in str(lapsed) and b.token not in str(lapsed)
     serving.close()
+
+
+# -- period locks --------------------------------------------------------------------
+
+
+def test_period_locks_refuse_updates_of_their_documents_only(tmp_path: Path) -> None:
+    store = SqliteRelayStore.create(tmp_path / "r.db")
+    store.enroll("acme", "X")
+    docs = ["customers", "journal/2025", "journal/2026", "journal/2026-11", "journal/2026-12"]
+    docs += ["sales_invoice/2026-11"]
+    updates = dict(zip(docs, _map_updates(len(docs), client_id=9), strict=True))
+
+    def refused(names: list[str]) -> set[str]:
+        results = store.append_updates("acme", [UpdateIn(d, updates[d], "X") for d in names])
+        out = set()
+        for name, r in zip(names, results, strict=True):
+            if r.status == "rejected":
+                assert isinstance(r.error, PeriodLocked)
+                assert repr(name) in str(r.error) and "locked" in str(r.error)
+                out.add(name)
+        return out
+
+    assert store.lock_period("acme", "2026-11") is True
+    assert store.lock_period("acme", "2026-11") is False  # already
+    # A month lock covers that month's documents only, not the yearly one.
+    assert refused(docs) == {"journal/2026-11", "sales_invoice/2026-11"}
+    assert store.status()[0].locks == ["2026-11"]
+    # A year lock covers the year's document and every month of it.
+    assert store.unlock_period("acme", "2026-11") is True
+    assert store.unlock_period("acme", "2026-11") is False
+    assert store.lock_period("acme", "2026")
+    second = _map_updates(len(docs), client_id=10)
+    updates = dict(zip(docs, second, strict=True))
+    assert refused(docs) == {"journal/2026", "journal/2026-12"} | {
+        "journal/2026-11",
+        "sales_invoice/2026-11",
+    }
+    # Reading a locked document goes on; nothing refused was stored.
+    assert store.diff("acme", "journal/2026") != EMPTY_UPDATE  # stored before the year lock
+    assert store.diff("acme", "journal/2026-11") == EMPTY_UPDATE  # refused both times
+    with pytest.raises(UserError, match="YYYY or YYYY-MM"):
+        store.lock_period("acme", "2026-13")
+    with pytest.raises(UnknownDataset):
+        store.lock_period("nope", "2026")
+    store.close()
+
+
+def test_a_format_1_store_gains_period_locks_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    with SqliteRelayStore.create(path) as store:
+        store.enroll("acme", "X")
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE locks")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with SqliteRelayStore.open(path) as store:
+        assert store.lock_period("acme", "2026")
+        assert store.status()[0].locks == ["2026"]
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()

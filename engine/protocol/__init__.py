@@ -19,6 +19,7 @@ from .events import (
     SyncComplete,
     SyncRequested,
     UpdateReceived,
+    UpdateRefused,
 )
 from .frames import decode_frame, encode_frame
 from .limits import DEAD_AFTER_INTERVALS, DEFAULT_HEARTBEAT_MS, PROTOCOL_VERSIONS, Limits
@@ -53,6 +54,7 @@ __all__ = [
     "SyncComplete",
     "SyncRequested",
     "UpdateReceived",
+    "UpdateRefused",
     "codes",
     "decode_frame",
     "decode_message",

@@ -34,6 +34,7 @@ from .events import (
     RemoteState,
     SyncComplete,
     UpdateReceived,
+    UpdateRefused,
 )
 from .limits import (
     DEFAULT_HEARTBEAT_MS,
@@ -53,6 +54,7 @@ from .messages import (
     LeaseDeny,
     LeaseGrant,
     Message,
+    Refused,
     Sync1,
     Sync2,
     Synced,
@@ -394,6 +396,18 @@ class ClientSession(Session):
             for ref in msg.refs:
                 del self._unacked[ref]
             return [Acked(msg.refs), *self._maybe_complete()]
+        if isinstance(msg, Refused):
+            # Any code is taken (a later relay may refuse for new reasons);
+            # the refs must be ours, in flight, and of that document.
+            wrong = [r for r in msg.refs if self._unacked.get(r) != msg.doc]
+            if wrong:
+                raise self._violation(msg, f"for refs not in flight for {msg.doc!r}: {wrong[:5]}")
+            for ref in msg.refs:
+                del self._unacked[ref]
+            return [
+                UpdateRefused(msg.doc, msg.refs, msg.code, msg.message),
+                *self._maybe_complete(),
+            ]
         if isinstance(msg, LeaseGrant | LeaseDeny):
             pending = self._leases.get(msg.ref)
             if pending is None or pending[0] != msg.series:

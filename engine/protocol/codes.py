@@ -20,6 +20,7 @@ PROTOCOL_VIOLATION = "protocol_violation"
 BAD_UPDATE = "bad_update"
 UNAVAILABLE = "unavailable"
 INTERNAL = "internal"
+LOCKED_PERIOD = "locked_period"
 
 #: code -> what it means (docs/protocol.md repeats this table).
 CODES: dict[str, str] = {
@@ -37,7 +38,13 @@ CODES: dict[str, str] = {
     BAD_UPDATE: "a payload is not a valid Yjs update or state vector",
     UNAVAILABLE: "the relay is shutting down or overloaded",
     INTERNAL: "the peer failed internally (e.g. its store); nothing from this frame was kept",
+    LOCKED_PERIOD: "an update of a document whose period the relay has locked (in a refused "
+    "frame: the session goes on)",
 }
+
+#: Codes a ``refused`` frame may carry: the relay refuses those updates (not
+#: stored, never acknowledged) and the session goes on.
+REFUSAL_CODES: frozenset[str] = frozenset({LOCKED_PERIOD})
 
 #: Codes after which a client should reconnect with backoff.
 RETRYABLE: frozenset[str] = frozenset({RATE_LIMITED, UNAVAILABLE, INTERNAL})

@@ -124,6 +124,19 @@ class Acked:
 
 
 @dataclass(frozen=True)
+class UpdateRefused:
+    """The relay refused our updates ``refs`` of ``doc`` (``code``, e.g.
+    ``locked_period``; ``message`` says why): not stored, never acknowledged,
+    no longer in flight. Keep them in the outbox and report the document
+    (a sync failure); sending them again is refused again until a person acts."""
+
+    doc: str
+    refs: tuple[int, ...]
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
 class SyncComplete:
     """Sync pass ``pass_id`` is complete: every diff of the pass was received,
     every RemoteState answered and every update sent so far acknowledged."""
@@ -162,6 +175,7 @@ Event = (
     | DiffReceived
     | RemoteState
     | Acked
+    | UpdateRefused
     | SyncComplete
     | LeaseGranted
     | LeaseDenied

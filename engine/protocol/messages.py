@@ -146,6 +146,19 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """Relay -> client: the updates with these refs, all of ``doc``, were not
+    stored and will not be acknowledged (``code`` is one of
+    ``codes.REFUSAL_CODES``; ``message`` names the document and why). The
+    session goes on."""
+
+    doc: str
+    refs: tuple[int, ...]
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Lease:
     """Client -> relay: lease ``count`` numbers of ``blocks`` series ``series``."""
 
@@ -213,6 +226,7 @@ Message: TypeAlias = (
     | Update
     | Updates
     | Ack
+    | Refused
     | Lease
     | LeaseGrant
     | LeaseDeny
@@ -233,6 +247,7 @@ _TYPE_OF: dict[type[Any], str] = {
     Update: "update",
     Updates: "updates",
     Ack: "ack",
+    Refused: "refused",
     Lease: "lease",
     LeaseGrant: "lease_grant",
     LeaseDeny: "lease_denied",
@@ -287,6 +302,10 @@ def header_of(msg: Message) -> dict[str, Any]:
         h["items"] = [batch_item(u.doc, len(u.payload), u.ref) for u in msg.items]
     elif isinstance(msg, Ack):
         h["refs"] = list(msg.refs)
+    elif isinstance(msg, Refused):
+        h.update(
+            doc=msg.doc, refs=list(msg.refs), code=msg.code, message=msg.message[:MAX_MESSAGE_CHARS]
+        )
     elif isinstance(msg, Lease):
         h.update(series=msg.series, count=msg.count, ref=msg.ref)
     elif isinstance(msg, LeaseGrant):
@@ -521,6 +540,15 @@ def _ack(h: dict[str, Any], payload: bytes) -> Ack:
     return Ack(refs=_refs(h, "refs", LIMIT_RANGES["max_inflight"][1]))
 
 
+def _refused(h: dict[str, Any], payload: bytes) -> Refused:
+    return Refused(
+        doc=_str(h, "doc", DOC_RE),
+        refs=_refs(h, "refs", LIMIT_RANGES["max_inflight"][1]),
+        code=_str(h, "code", CODE_RE),
+        message=_text(h, "message"),
+    )
+
+
 def _lease(h: dict[str, Any], payload: bytes) -> Lease:
     return Lease(
         series=_str(h, "series", SERIES_RE),
@@ -582,6 +610,7 @@ _PARSERS: dict[str, Callable[[dict[str, Any], bytes], Message]] = {
     "update": _update,
     "updates": _updates,
     "ack": _ack,
+    "refused": _refused,
     "lease": _lease,
     "lease_grant": _lease_grant,
     "lease_denied": _lease_denied,

@@ -36,6 +36,7 @@ from .messages import (
     LeaseDeny,
     LeaseGrant,
     Message,
+    Refused,
     Sync1,
     Sync2,
     Synced,
@@ -51,6 +52,15 @@ from .session import Item, Session, SessionState, encode_batch, pack_updates
 def _check(ok: bool, code: str, message: str) -> None:
     if not ok:
         raise LocalProtocolError(code, message)
+
+
+def _check_doc(doc: object) -> None:
+    """Raises LocalProtocolError (``bad_frame``) unless ``doc`` is a document name."""
+    _check(
+        isinstance(doc, str) and bool(DOC_RE.fullmatch(doc)),
+        codes.BAD_FRAME,
+        f"invalid document name {doc!r}",
+    )
 
 
 @dataclass(frozen=True)
@@ -89,11 +99,7 @@ def _fanout_items(updates: Iterable[tuple[str, bytes]]) -> list[Item]:
     (``bad_frame``) for a bad name or data that is not bytes."""
     items: list[Item] = []
     for doc, data in updates:
-        _check(
-            isinstance(doc, str) and bool(DOC_RE.fullmatch(doc)),
-            codes.BAD_FRAME,
-            f"invalid document name {doc!r}",
-        )
+        _check_doc(doc)
         _check(isinstance(data, bytes), codes.BAD_FRAME, f"update of {doc!r} is not bytes")
         items.append((doc, data, None))
     return items
@@ -156,11 +162,7 @@ class RelaySession(Session):
             f"more than {MAX_DOCUMENTS} documents",
         )
         for name in names:
-            _check(
-                isinstance(name, str) and bool(DOC_RE.fullmatch(name)),
-                codes.BAD_FRAME,
-                f"invalid document name {name!r}",
-            )
+            _check_doc(name)
         self.read_only = read_only
         hello = self.hello
         self._send(
@@ -207,15 +209,30 @@ class RelaySession(Session):
         closing or closed (the client will send them again)."""
         if not self._require_open("ack"):
             return
-        refs = tuple(dict.fromkeys(refs))
-        unknown = [r for r in refs if r not in self._pending_refs]
-        _check(not unknown, codes.PROTOCOL_VIOLATION, f"refs not pending: {unknown[:5]}")
-        if not refs:
+        refs = self._pending(refs)
+        if refs:
+            self._send(Ack(refs))
+            self._answered(refs)
+
+    def refuse(self, doc: str, refs: Iterable[int], code: str, message: str) -> None:
+        """Refuse client updates ``refs`` of ``doc`` without ending the
+        session (call only when nothing of them was stored): queue a
+        ``refused`` frame; they are answered, like acked ones, and never acked.
+        ``code`` must be one of ``codes.REFUSAL_CODES``; ``message`` names the
+        document and says what to do. Raises LocalProtocolError for another
+        code, a bad name, or a ref not pending. Ignored when closing or closed."""
+        if not self._require_open("refuse updates"):
             return
-        self._send(Ack(refs))
-        self._pending_refs.difference_update(refs)
-        self._end_waits.difference_update(refs)
-        self._maybe_synced()
+        _check(
+            code in codes.REFUSAL_CODES,
+            codes.BAD_FRAME,
+            f"{code!r} is not a refusal code; use fail() to end the session",
+        )
+        _check_doc(doc)
+        refs = self._pending(refs)
+        _check(bool(refs), codes.PROTOCOL_VIOLATION, "refuse needs at least one ref")
+        self._send(Refused(doc, refs, code, message))
+        self._answered(refs)
 
     def send_update(self, doc: str, data: bytes) -> None:
         """Fan an update of another node out to this client (no ack comes back).
@@ -223,11 +240,7 @@ class RelaySession(Session):
         limits. Ignored when closing or closed."""
         if not self._require_open("send an update"):
             return
-        _check(
-            isinstance(doc, str) and bool(DOC_RE.fullmatch(doc)),
-            codes.BAD_FRAME,
-            f"invalid document name {doc!r}",
-        )
+        _check_doc(doc)
         self._send(Update(doc, data))
 
     def send_updates(self, updates: Sequence[tuple[str, bytes]]) -> None:
@@ -281,6 +294,19 @@ class RelaySession(Session):
         self._send(LeaseDeny(ref, self._leases.pop(ref), message))
 
     # -- internals --------------------------------------------------------------
+
+    def _pending(self, refs: Iterable[int]) -> tuple[int, ...]:
+        """``refs`` without repeats; raises LocalProtocolError when one is not pending."""
+        out = tuple(dict.fromkeys(refs))
+        unknown = [r for r in out if r not in self._pending_refs]
+        _check(not unknown, codes.PROTOCOL_VIOLATION, f"refs not pending: {unknown[:5]}")
+        return out
+
+    def _answered(self, refs: tuple[int, ...]) -> None:
+        """Acked or refused: no longer pending, and synced no longer waits for them."""
+        self._pending_refs.difference_update(refs)
+        self._end_waits.difference_update(refs)
+        self._maybe_synced()
 
     def _maybe_synced(self) -> None:
         if self._end_pass is not None and not self._end_waits:

@@ -115,11 +115,49 @@ def revoke_cmd(store: Path, dataset: str, node: str, as_json: bool) -> None:
         click.echo(f"node '{node}' of dataset '{dataset}' was already revoked")
 
 
+@relay_group.command("lock")
+@store_argument
+@click.argument("dataset")
+@click.argument("period")
+@json_option
+def lock_cmd(store: Path, dataset: str, period: str, as_json: bool) -> None:
+    """Lock PERIOD (YYYY or YYYY-MM) of DATASET: the relay refuses every
+    change to its documents (a year covers its months; a month does not cover
+    the yearly document). Downloads go on. Applies to a serving relay at once."""
+    with _opened(store) as relay:
+        newly = relay.lock_period(dataset, period)
+    _said(dataset, period, newly, "locked", as_json)
+
+
+@relay_group.command("unlock")
+@store_argument
+@click.argument("dataset")
+@click.argument("period")
+@json_option
+def unlock_cmd(store: Path, dataset: str, period: str, as_json: bool) -> None:
+    """Lift the lock on PERIOD (YYYY or YYYY-MM) of DATASET; nodes send their
+    held changes again when they next sync (after 'branchline retry')."""
+    with _opened(store) as relay:
+        newly = relay.unlock_period(dataset, period)
+    _said(dataset, period, newly, "unlocked", as_json)
+
+
+def _said(dataset: str, period: str, changed: bool, done: str, as_json: bool) -> None:
+    if as_json:
+        _emit({"dataset": dataset, "period": period, done: True, "already": not changed})
+    elif changed:
+        click.echo(f"{done} period {period} of dataset '{dataset}'")
+    else:
+        was = "already locked" if done == "locked" else "not locked"
+        click.echo(f"period {period} of dataset '{dataset}' was {was}")
+
+
 @relay_group.command("status")
 @store_argument
 @json_option
 def status_cmd(store: Path, as_json: bool) -> None:
-    """Datasets, their nodes (read-only, revoked), documents and update counts."""
+    """Datasets, their nodes (read-only, revoked), locked periods, documents
+    and update counts."""
     with _opened(store) as relay:
         info = relay.status()
     if as_json:
@@ -151,6 +189,7 @@ def status_cmd(store: Path, as_json: bool) -> None:
                         ],
                         "updates": sum(d.updates for d in ds.documents),
                         "series": ds.series,
+                        "locks": ds.locks,
                     }
                     for ds in info
                 ],
@@ -175,6 +214,8 @@ def status_cmd(store: Path, as_json: bool) -> None:
                 "revoked" if n.revoked else "active",
             )
         console.print(nodes)
+        if ds.locks:
+            console.print(f"locked periods: {', '.join(ds.locks)}")
         if ds.documents:
             docs = Table("document", "updates", "bytes", "log rows", box=None)
             for d in ds.documents:

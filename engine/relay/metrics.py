@@ -72,6 +72,7 @@ class RelayMetrics:
     connections_rejected: Counter[str] = field(default_factory=Counter)  # by error code
     protocol_errors: Counter[str] = field(default_factory=Counter)  # sent, by code
     updates_in: Counter[str] = field(default_factory=Counter)  # stored/duplicate/rejected
+    updates_refused: Counter[str] = field(default_factory=Counter)  # refused frames, by code
     updates_fanned_out: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -134,6 +135,13 @@ class RelayMetrics:
             "Client updates committed, by result.",
             "result",
             {k: self.updates_in.get(k, 0) for k in ("stored", "duplicate", "rejected")},
+        )
+        labelled(
+            p + "updates_refused_total",
+            "counter",
+            "Client updates refused without ending the session (e.g. locked period), by code.",
+            "code",
+            dict(self.updates_refused),
         )
         metric(
             p + "updates_fanned_out_total",

@@ -43,7 +43,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from ..errors import (
     BranchlineError,
     FormatVersionError,
     NodeRevoked,
+    PeriodLocked,
     ReadOnlyNode,
     RelayLimitError,
     RelayStoreExists,
@@ -81,7 +82,7 @@ from .store import (
     UpdateIn,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: period locks (a format 1 file is upgraded when opened)
 APPLICATION_ID = 0x424C5259  # "BLRY": a Branchline relay store
 BUSY_TIMEOUT_MS = 30_000
 SERIES_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@/-]{0,127}\Z")
@@ -149,6 +150,13 @@ CREATE TABLE series (
     series_key TEXT NOT NULL,
     next INTEGER NOT NULL,
     PRIMARY KEY (dataset_id, series_key)
+) WITHOUT ROWID;
+-- Locked periods, 'YYYY' or 'YYYY-MM': updates of their documents are refused.
+CREATE TABLE locks (
+    dataset_id INTEGER NOT NULL,
+    period TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (dataset_id, period)
 ) WITHOUT ROWID;
 CREATE TABLE leases (
     id INTEGER PRIMARY KEY,
@@ -253,6 +261,9 @@ class SqliteRelayStore(RelayStore):
         if app_id != APPLICATION_ID:
             conn.close()
             raise StoreError(f"{path} is not a Branchline relay store")
+        if version == 1:
+            _upgrade_1_to_2(conn)
+            version = FORMAT_VERSION
         if version != FORMAT_VERSION:
             conn.close()
             raise FormatVersionError(
@@ -442,6 +453,12 @@ class SqliteRelayStore(RelayStore):
         # ``applied`` and the results need the seqs as the updates integrate.
         rows: list[tuple[int, int, str, bytes, str, int]] = []
         next_seq = _next_seq(conn)
+        # Read in the write transaction: a lock committed by the admin command
+        # applies from the next batch on.
+        locked = {
+            str(r[0])
+            for r in conn.execute("SELECT period FROM locks WHERE dataset_id = ?", (ds_id,))
+        }
         for i, u in enumerate(updates):
             if results[i] is not None:
                 continue
@@ -450,6 +467,8 @@ class SqliteRelayStore(RelayStore):
             err = writers[u.node]
             if err is None and u.doc not in room:
                 room[u.doc] = self._room_for(conn, ds_id, dataset, u.doc, new_docs)
+            if err is None and locked:
+                err = _locked(dataset, u.doc, locked)
             if err is None:
                 err = room[u.doc]
             if err is not None:
@@ -620,6 +639,27 @@ class SqliteRelayStore(RelayStore):
                 self._evict()
         return removed
 
+    # -- period locks ------------------------------------------------------
+
+    def lock_period(self, dataset: str, period: str) -> bool:
+        _check_period(period)
+        with self._lock, self._write() as conn:
+            ds_id = self._dataset_id(conn, dataset)
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO locks (dataset_id, period, at) VALUES (?, ?, ?)",
+                (ds_id, period, _now()),
+            )
+            return cur.rowcount > 0
+
+    def unlock_period(self, dataset: str, period: str) -> bool:
+        _check_period(period)
+        with self._lock, self._write() as conn:
+            ds_id = self._dataset_id(conn, dataset)
+            cur = conn.execute(
+                "DELETE FROM locks WHERE dataset_id = ? AND period = ?", (ds_id, period)
+            )
+            return cur.rowcount > 0
+
     # -- series ------------------------------------------------------------
 
     def lease(
@@ -688,7 +728,13 @@ class SqliteRelayStore(RelayStore):
                         (ds_id,),
                     ).fetchall()
                 )
-                out.append(DatasetInfo(str(name), int(created), nodes, docs, series))
+                locks = [
+                    str(r[0])
+                    for r in conn.execute(
+                        "SELECT period FROM locks WHERE dataset_id = ? ORDER BY period", (ds_id,)
+                    )
+                ]
+                out.append(DatasetInfo(str(name), int(created), nodes, docs, series, locks))
         return out
 
     def loaded_documents(self) -> int:
@@ -922,6 +968,51 @@ def _check_dataset(dataset: str) -> None:
 def _check_node(node: str) -> None:
     if not isinstance(node, str) or not NODE_RE.match(node):
         raise UserError(f"invalid node name {node!r}: use letters, digits, '_', '-' (max 32)")
+
+
+#: A period: a year, or a year and a month.
+PERIOD_RE = re.compile(r"^\d{4}(-(0[1-9]|1[0-2]))?\Z")
+
+
+def _check_period(period: str) -> None:
+    if not isinstance(period, str) or not PERIOD_RE.match(period):
+        raise UserError(f"invalid period {period!r}: give a year or a month, YYYY or YYYY-MM")
+
+
+def _locked(dataset: str, doc: str, locked: set[str]) -> PeriodLocked | None:
+    """Why ``doc`` may not be written under the ``locked`` periods, or None.
+    A year lock covers the year's document and its months' documents; a
+    month lock only that month's (not the yearly document)."""
+    period = doc.partition("/")[2]
+    if not period:
+        return None
+    hit = period if period in locked else period[:4] if period[:4] in locked else None
+    if hit is None:
+        return None
+    return PeriodLocked(
+        f"document {doc!r} is in period {hit!r}, locked on the relay for dataset "
+        f"{dataset!r}: the update was not stored; unlock the period "
+        f"('branchline relay unlock STORE {dataset} {hit}') to send it"
+    )
+
+
+def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
+    """Format 1 -> 2: add the locks table (in one write transaction)."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS locks (dataset_id INTEGER NOT NULL, period TEXT NOT NULL, "
+            "at INTEGER NOT NULL, PRIMARY KEY (dataset_id, period)) WITHOUT ROWID"
+        )
+        conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        with suppress(sqlite3.Error):  # nothing to roll back if BEGIN failed
+            conn.execute("ROLLBACK")
+        conn.close()
+        raise StoreError(
+            f"cannot upgrade the relay store to format {FORMAT_VERSION}: {exc}"
+        ) from None
 
 
 def _check_doc(doc: str) -> None:

@@ -116,6 +116,7 @@ class DatasetInfo:
     nodes: list[NodeInfo] = field(default_factory=list)
     documents: list[DocumentInfo] = field(default_factory=list)
     series: dict[str, int] = field(default_factory=dict)  # series key -> next number
+    locks: list[str] = field(default_factory=list)  # locked periods, sorted
 
 
 class RelayStore(ABC):
@@ -199,6 +200,23 @@ class RelayStore(ABC):
         snapshot by replay. Atomic per document: an interrupted compaction
         leaves the previous snapshot and log. Returns log rows removed.
         Raises UnknownDataset."""
+
+    # -- period locks ------------------------------------------------------
+
+    @abstractmethod
+    def lock_period(self, dataset: str, period: str) -> bool:
+        """Lock ``period`` (``YYYY`` or ``YYYY-MM``) of ``dataset``: from the
+        moment this returns, ``append_updates`` rejects (``PeriodLocked``)
+        every update of a document of that period: ``coll/YYYY`` and
+        ``coll/YYYY-MM`` for a year lock, only ``coll/YYYY-MM`` for a month
+        lock (a yearly document is not covered by a month lock). Reading
+        (diff, state vector) goes on. Returns False when it was locked
+        already. Raises UnknownDataset, UserError for a bad period."""
+
+    @abstractmethod
+    def unlock_period(self, dataset: str, period: str) -> bool:
+        """Lift a lock; False when ``period`` was not locked. Raises
+        UnknownDataset, UserError for a bad period."""
 
     # -- series ------------------------------------------------------------
 
