@@ -41,7 +41,7 @@ from engine.crdt import RecordDoc
 from engine.ids import new_id, node_salt
 from engine.merge import CREATED, new_state
 
-from .report import Target, fmt
+from .report import Target, fmt, replace_section
 from .stats import latency_summary, load_facts, machine_facts, run_facts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -372,17 +372,6 @@ def render(doc: dict[str, Any], checked: list[Target], results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_docs(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.adapters", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="5,000 vouchers; docs untouched")
@@ -418,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{inc['with_adapter']['p50_ms']:.3f} ms with; hook p50 {inc['hook']['p50_ms']:.3f} ms"
         )
         if not args.quick:
-            update_docs(DOCS, render(doc, checked, results))
+            replace_section(DOCS, BEGIN, END, render(doc, checked, results))
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -208,3 +208,16 @@ def update_docs(path: Path, doc: dict[str, Any], targets: list[Target], results:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text, encoding="utf-8")
+
+
+def replace_section(path: Path, begin: str, end: str, section: str) -> None:
+    """Put ``section`` (which starts with ``begin`` and ends with ``end``) in
+    place of the one between those markers in ``path``, or append it."""
+    text = path.read_text(encoding="utf-8") if path.exists() else HEADER
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text, encoding="utf-8")

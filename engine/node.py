@@ -31,6 +31,7 @@ from .clock import Clock, HybridClock, SystemClock, system_random
 from .conflicts import list_conflicts, list_resolutions
 from .crdt import MAX_MERGE, RecordDoc, merge, trim_heap
 from .errors import (
+    AdapterError,
     AdapterNotFound,
     DatasetMismatch,
     RecordDeleted,
@@ -1169,9 +1170,13 @@ class Node:
                 f"adapter '{name}' is not enabled on this node "
                 f"(enabled: {', '.join(wanted) or 'none'})"
             )
-        adapter = plugins.load(name, self.schema, wanted[name])
+        try:
+            adapter: plugins.Adapter | None = plugins.load(name, self.schema, wanted[name])
+        except AdapterError:
+            adapter = None  # not installed any more: forget it, its tables stay
         with self._write() as conn:
-            adapter.drop(conn)
+            if adapter is not None:
+                adapter.drop(conn)
             plugins.ensure_conflicts_table(conn)
             conn.execute("DELETE FROM adapter_conflicts WHERE adapter = ?", (name,))
             del wanted[name]
@@ -1185,6 +1190,8 @@ class Node:
         ``compare``, report rows that differed from the incremental tables
         (there should be none). One transaction: an interrupted rebuild
         leaves the tables as they were. Raises AdapterNotFound."""
+        if isinstance(self._adapters, plugins.BrokenAdapterSet):
+            raise self._adapters.error
         active = self._adapters.adapters if self._adapters else []
         chosen = [a for a in active if names is None or a.name in set(names)]
         missing = set(names or ()) - {a.name for a in chosen}

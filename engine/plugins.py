@@ -193,7 +193,12 @@ class AdapterSet:
         wanted = enabled(meta)
         if not wanted:
             return None
-        return cls([load(name, schema, options) for name, options in wanted.items()])
+        try:
+            return cls([load(name, schema, options) for name, options in wanted.items()])
+        except AdapterError as exc:
+            # The node still opens (reads, queries, disabling the adapter);
+            # only writes are refused, since they would leave its tables stale.
+            return BrokenAdapterSet(exc)
 
     def __bool__(self) -> bool:
         return bool(self.adapters)
@@ -218,6 +223,25 @@ class AdapterSet:
                 )
             )
         return _Watch(consumers, coll, states_of, ids, before)
+
+
+class BrokenAdapterSet(AdapterSet):
+    """An enabled adapter cannot be loaded: every write is refused."""
+
+    def __init__(self, error: AdapterError) -> None:
+        super().__init__([])
+        self.error = error
+
+    def __bool__(self) -> bool:
+        return True
+
+    def watch(
+        self, conn: Any, coll: Collection, states_of: StatesOf, rids: set[str]
+    ) -> _Watch | None:
+        raise type(self.error)(
+            f"{self.error}; this node enables it, so writes are refused until it is "
+            "installed or disabled ('branchline adapters disable')"
+        )
 
 
 class _Watch:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from adapters.testing import assert_rebuild_identical, make_node, run_acceptance, snapshot
 from engine import Node
 from engine.cli import cli
-from engine.errors import AdapterConfigError, QueryError
+from engine.errors import AdapterConfigError, AdapterNotFound, QueryError
 from engine.schema import parse_schema
 
 ACCOUNTS = ("111", "131", "156", "331", "511", "3331", "632")
@@ -327,3 +327,18 @@ def test_cli_query_rebuild_adapters(tmp_path: Path) -> None:
     assert r.exit_code == 0
     r = run("query", "--home", home, "SELECT * FROM mirror_items")
     assert r.exit_code == 2 and "no such table" in r.output
+
+
+def test_missing_adapter_refuses_writes_until_disabled(tmp_path: Path) -> None:
+    with books(tmp_path) as n, n.store.transaction():
+        n.store.set_meta("adapters", '{"accounting": {}, "gone": {}}')
+    with Node.open(tmp_path / "n") as n:
+        assert n.get("customers", "KH01") is not None  # reads still work
+        assert n.query("SELECT COUNT(*) FROM customers").rows == [(2,)]
+        with pytest.raises(AdapterNotFound, match="writes are refused"):
+            n.put("customers", {"code": "KH03", "name": "Chi"})
+        assert n.count("customers") == 2
+        n.disable_adapter("gone")
+        n.put("customers", {"code": "KH03", "name": "Chi"})
+        assert n.query("SELECT COUNT(*) FROM customers").rows == [(3,)]
+        assert_rebuild_identical(n)
