@@ -342,3 +342,25 @@ def test_missing_adapter_refuses_writes_until_disabled(tmp_path: Path) -> None:
         n.put("customers", {"code": "KH03", "name": "Chi"})
         assert n.query("SELECT COUNT(*) FROM customers").rows == [(3,)]
         assert_rebuild_identical(n)
+
+
+def test_interrupted_rebuild_leaves_tables_as_they_were(tmp_path: Path) -> None:
+    """Ctrl-C half-way through a rebuild (tables dropped, some rows written)
+    rolls back: the incremental tables are untouched and still right."""
+    with books(tmp_path) as n:
+        a_day(n)
+        before = snapshot(n)
+        assert n._adapters is not None
+        (adapter,) = n._adapters.adapters
+        real = adapter._insert_built  # type: ignore[attr-defined]
+
+        def interrupted(conn: Any, built: Any) -> None:
+            real(conn, built)
+            raise KeyboardInterrupt
+
+        adapter._insert_built = interrupted  # type: ignore[attr-defined]
+        with pytest.raises(KeyboardInterrupt):
+            n.rebuild_adapters()
+        del adapter._insert_built  # type: ignore[attr-defined]
+        assert snapshot(n) == before
+        assert_rebuild_identical(n)
