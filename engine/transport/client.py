@@ -46,7 +46,14 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from ..clock import system_random
 from ..errors import AuthError, BranchlineError, DatasetMismatch, UpdatesRefused, UserError
 from ..node import Node
-from ..protocol import DEFAULT_HEARTBEAT_MS, ClientSession, Limits, SessionState, encode_message
+from ..protocol import (
+    DEFAULT_HEARTBEAT_MS,
+    TIMEOUT,
+    ClientSession,
+    Limits,
+    SessionState,
+    encode_message,
+)
 from ..protocol.messages import Ping
 from ..sync import (
     ProgressCallback,
@@ -286,7 +293,7 @@ class _Connection:
             driver.tick(self.monotonic_ms())
             dead = False
         except RelayUnreachable:
-            if driver.session.error is None or driver.session.error.code != "timeout":
+            if driver.session.error is None or driver.session.error.code != TIMEOUT:
                 raise
             dead = True
         if not dead:
