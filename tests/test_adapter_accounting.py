@@ -364,3 +364,18 @@ def test_interrupted_rebuild_leaves_tables_as_they_were(tmp_path: Path) -> None:
         del adapter._insert_built  # type: ignore[attr-defined]
         assert snapshot(n) == before
         assert_rebuild_identical(n)
+
+
+def test_cli_rebuild_reports_and_repairs_differences(tmp_path: Path) -> None:
+    home = str(tmp_path / "n")
+    with books(tmp_path) as n:
+        a_day(n)
+        with n.store.transaction() as conn:  # damage the books behind the adapter's back
+            conn.execute("UPDATE vouchers SET total = total + 1 WHERE type = 'cash_receipt'")
+            conn.execute("DELETE FROM stock_moves WHERE move = 1")
+    r = run("rebuild", "--home", home)
+    assert r.exit_code == 1
+    assert "DIFFERED" in r.output and "vouchers: 2 missing, 2 extra rows" in r.output
+    assert "stock_moves: 4 missing, 0 extra rows" in r.output
+    r = run("rebuild", "--home", home, "--json")
+    assert r.exit_code == 0 and json.loads(r.output)[0]["same"]
