@@ -848,7 +848,7 @@ def retry_cmd(home: Path, ids: tuple[int, ...], all_: bool, as_json: bool) -> No
     from .sync import retry
 
     if bool(ids) == all_:
-        raise UserError("give the failure ids to retry, or --all (not both)")
+        raise UserError("give either the failure ids to retry or --all (see 'branchline failures')")
     with _opened(home) as n:
         marked = retry(n, None if all_ else ids)
     if as_json:
