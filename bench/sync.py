@@ -4,12 +4,15 @@
     python -m bench.sync --quick    # small sizes (catch-up of 10,000 records)
 
 1. Relay throughput: `branchline relay serve` as its own process; writer
-   connections (raw ``engine.protocol.ClientSession`` over websockets, one
-   process) send pre-built single-record Yjs updates with a window of
-   in-flight updates and count durable acks; 3 subscriber connections (another
-   process) count the fanned-out updates and their write->delivery latency
-   (CLOCK_MONOTONIC is shared by the processes; both build the same updates
-   from fixed Yjs client ids, so the bytes identify each update).
+   connections (one process; ``ClientSession`` for the handshake only) send
+   frames of 256 single-record Yjs updates, encoded before the clock starts
+   by the protocol's own packer, with a window of in-flight updates, and
+   count durable acks; 3 subscriber connections (another process) count the
+   fanned-out updates and their write->delivery latency. Both read only frame
+   headers, so the 2 cores go to the relay as far as possible; each process's
+   CPU seconds are recorded. (CLOCK_MONOTONIC is shared by the processes;
+   both build the same updates from fixed Yjs client ids, so the bytes
+   identify each update.)
 2. Catch-up: node A holds N records made offline (the ``bench.workload``
    builder imported into A, which A's sync uploads as its state diff), B runs
    `branchline node run`; time from A starting its sync until B has
@@ -371,6 +374,7 @@ def bench_relay(
     tmp: Path, sizes: Sizes, profile: Path | None = None, batched: bool = True
 ) -> dict[str, Any]:
     store_path = tmp / "relay-throughput.db"
+    load_before = os.getloadavg()
     with SqliteRelayStore.create(store_path) as store:
         wtok = [store.enroll(DATASET, f"W{w}").token for w in range(sizes.writers)]
         stok = [store.enroll(DATASET, f"S{s}").token for s in range(SUBSCRIBERS)]
@@ -409,7 +413,8 @@ def bench_relay(
         "workload": (
             f"{sizes.writers} writer connections × {sizes.per_writer:,} single-key Yjs updates "
             f"(window {sizes.window} in flight each, "
-            f"{'several per `updates` frame' if batched else 'one frame each'}) "
+            f"{f'{FRAME_UPDATES} per `updates` frame' if batched else 'one frame each'}, "
+            "pre-encoded) "
             "to one document, fanned out to "
             f"{SUBSCRIBERS} subscriber connections; relay = `branchline relay serve` process "
             "(SQLite store, durable group commit before each ack)."
@@ -426,6 +431,8 @@ def bench_relay(
         "latency": lat,
         # CPU seconds each process used: what bounds the figures on a small machine.
         "cpu_s": {"relay": relay_cpu, "writers": w["cpu_s"], "subscribers": subs_cpu},
+        "load_before": list(load_before),
+        "load_after": list(os.getloadavg()),
     }
 
 
@@ -642,6 +649,18 @@ def render(doc: dict[str, Any], checked: list[Goal], results: Path) -> str:
             f"p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms ({lat['samples']:,} samples)"
             if lat
             else "- write→delivery latency: no sample identified"
+        ),
+        *(
+            [
+                f"- CPU used: relay {cpu['relay']:.1f} s "
+                f"({cpu['relay'] / r['updates_in'] * 1e6:.0f} µs per update in, fan-out "
+                f"included), writers {cpu['writers']:.1f} s, subscribers "
+                f"{cpu['subscribers']:.1f} s; 1-minute load average "
+                f"{r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after "
+                "(other work on the machine slows the wall-clock figures)"
+            ]
+            if (cpu := r.get("cpu_s")) and cpu.get("relay") is not None and "load_before" in r
+            else []
         ),
         "",
         "### Catch-up",

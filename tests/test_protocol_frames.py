@@ -425,3 +425,14 @@ def test_protocol_imports_no_io() -> None:
     for shared in ("errors.py", "names.py"):
         shared_imports = _imports(root / shared)
         assert shared_imports <= {"__future__", "re"}, (shared, shared_imports)
+
+
+def test_document_name_cache_is_bounded_and_holds_only_valid_names() -> None:
+    from engine.protocol.messages import _VALID_DOCS, _VALID_DOCS_MAX, is_doc_name
+
+    for i in range(2 * _VALID_DOCS_MAX + 7):
+        assert is_doc_name(f"doc{i}/2026-11")
+        assert len(_VALID_DOCS) <= _VALID_DOCS_MAX
+    bad: list[object] = ["Doc", "doc/2026-1", "doc\n", 5, None, ["doc"]]
+    assert not any(is_doc_name(b) for b in bad)
+    assert not _VALID_DOCS & {b for b in bad if isinstance(b, str)}  # never cached

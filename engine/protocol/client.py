@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 from ..errors import LocalProtocolError, RemoteProtocolError
-from ..names import DATASET_RE, DOC_RE, NODE_RE
+from ..names import DATASET_RE, NODE_RE
 from . import codes
 from .events import (
     Acked,
@@ -62,6 +62,7 @@ from .messages import (
     Update,
     Updates,
     Welcome,
+    is_doc_name,
 )
 from .session import Session, SessionState
 
@@ -190,7 +191,7 @@ class ClientSession(Session):
         seen: set[str] = set()
         for doc, sv in items:
             _check(
-                isinstance(doc, str) and bool(DOC_RE.fullmatch(doc)),
+                is_doc_name(doc),
                 codes.BAD_FRAME,
                 f"invalid document name {doc!r}",
             )
@@ -237,7 +238,7 @@ class ClientSession(Session):
         if not self._require_open("send an update"):
             return
         _check(
-            isinstance(doc, str) and bool(DOC_RE.fullmatch(doc)),
+            is_doc_name(doc),
             codes.BAD_FRAME,
             f"invalid document name {doc!r}",
         )
@@ -274,7 +275,7 @@ class ClientSession(Session):
         refs: set[int] = set()
         for doc, data, ref in items:
             _check(
-                isinstance(doc, str) and bool(DOC_RE.fullmatch(doc)),
+                is_doc_name(doc),
                 codes.BAD_FRAME,
                 f"invalid document name {doc!r}",
             )

@@ -494,8 +494,9 @@ _VALID_DOCS: set[str] = set()
 _VALID_DOCS_MAX = 4096
 
 
-def _valid_doc(value: object) -> TypeGuard[str]:
-    """``value`` is a document name (a str matching DOC_RE)."""
+def is_doc_name(value: object) -> TypeGuard[str]:
+    """``value`` is a document name (a str matching DOC_RE); cached, as
+    batches name the same few documents over and over."""
     if type(value) is not str:
         return False
     if value in _VALID_DOCS:
@@ -527,7 +528,7 @@ def _updates(h: dict[str, Any], payload: bytes) -> Updates:
         if (ref is not None or "ref" in item) and (type(ref) is not int or not 0 <= ref <= MAX_REF):
             raise _bad(f"'updates' item field 'ref' must be an integer in [0, {MAX_REF}]")
         doc = item.get("doc")
-        if not _valid_doc(doc):
+        if not is_doc_name(doc):
             raise _bad("'updates' item field 'doc' is not a valid doc")
         out.append(Update(doc, payload[start : start + size], ref))
         start += size

@@ -18,7 +18,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..errors import LocalProtocolError, RemoteProtocolError
-from ..names import DOC_RE
 from . import codes
 from .events import Event, HelloReceived, LeaseRequested, SyncRequested, UpdateReceived
 from .limits import (
@@ -45,6 +44,7 @@ from .messages import (
     Updates,
     Welcome,
     encode_message,
+    is_doc_name,
 )
 from .session import Item, Session, SessionState, encode_batch, pack_updates
 
@@ -56,11 +56,7 @@ def _check(ok: bool, code: str, message: str) -> None:
 
 def _check_doc(doc: object) -> None:
     """Raises LocalProtocolError (``bad_frame``) unless ``doc`` is a document name."""
-    _check(
-        isinstance(doc, str) and bool(DOC_RE.fullmatch(doc)),
-        codes.BAD_FRAME,
-        f"invalid document name {doc!r}",
-    )
+    _check(is_doc_name(doc), codes.BAD_FRAME, f"invalid document name {doc!r}")
 
 
 @dataclass(frozen=True)
