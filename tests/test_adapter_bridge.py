@@ -259,3 +259,24 @@ def test_round_trip_stability(edits: list[tuple[int, int]]) -> None:
                     assert p.agree(t.get(p.a), w.get(p.b)), (code, p, t, w)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_collections_of_one_home(tmp_path: Path) -> None:
+    """Both sides in one node: one Node is opened and shared."""
+    work = WORK_SCHEMA.read_text().replace('schema = "work"', 'schema = "office"')
+    work += (
+        '\n[collections.tasks]\nkind = "catalog"\nfields.code = { type = "text", required = true }'
+        '\nfields.title = { type = "text", required = true }\nfields.status = "text"\n'
+    )
+    (tmp_path / "office.toml").write_text(work)
+    Node.create(
+        tmp_path / "office", dataset="office", node="O1", schema=tmp_path / "office.toml"
+    ).close()
+    text = EXAMPLE.read_text().replace('home = "sales"', 'home = "office"')
+    (tmp_path / "bridge.toml").write_text(text.replace('home = "work"', 'home = "office"'))
+    with Bridge(load_config(tmp_path / "bridge.toml")) as bridge:
+        assert bridge.a is bridge.b
+        bridge.a.put("tasks", {"code": "T1", "title": "A", "status": "completed"})
+        bridge.run_once()
+        assert status(bridge.a, "work_items", "T1") == "done"
+        assert bridge.run_once().writes == 0
