@@ -3,9 +3,9 @@
 lock is set with the CLI on the relay's store file, as an operator would.
 
 The relay side (refusal, nothing stored, nothing fanned out, the connection
-and the other documents going on) is checked here; that the node lists the
-refusal among its sync failures needs engine/sync to handle the protocol's
-``UpdateRefused`` event (see the expected-failure test below).
+and the other documents going on) is checked here, and that the node lists
+the refusal among its sync failures (engine/sync handles the protocol's
+``UpdateRefused`` event).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
 from test_sync_live import ThreadRelay, cli, free_port, init_home
 
 from engine.node import Node
@@ -83,11 +82,6 @@ def test_a_locked_month_holds_back_only_its_document(tmp_path: Path) -> None:
         assert LOCKED_DOC not in store.documents("acme")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/sync/driver.py ignores UpdateRefused: the refusal is not recorded in "
-    "sync_failures yet (needed change described in the relay report)",
-)
 def test_a_locked_period_refusal_is_listed_as_a_sync_failure(tmp_path: Path) -> None:
     relay, homes, _ = start(tmp_path)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,5 +180,49 @@ def test_live_refusal_sets_the_document_aside_and_live_writes_go_on(setup: Setup
     try:
         with Node.open(homes["A"]) as a, Node.open(homes["B"]) as b:
             asyncio.run(scenario(a, b))
+    finally:
+        relay.stop()
+
+
+def test_locked_period_refused_without_cutting_the_link_and_retried_after_unlock(
+    setup: Setup,
+) -> None:
+    """A ``refused`` frame (period lock) keeps the connection: the failure is
+    recorded, the document held; after the operator unlocks, ``retry`` from
+    another process sends it again on the same connection and clears it."""
+    homes, relay = setup.homes, ThreadRelay(setup.store_path, setup.port)
+    locked = cli("relay", "lock", str(setup.store_path), "acme", "2026-11")
+    assert locked.returncode == 0, locked.stderr
+    relay.start()
+
+    async def until(predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(30):
+            while not predicate():
+                await asyncio.sleep(0.05)
+
+    async def scenario(a: Node) -> None:
+        async with LiveSync(a, write_status=False) as live:
+            await live.wait_synced(timeout=30)
+            a.put("customers", {"code": "KH1", "name": "Lan"})
+            rid = a.put("cash_receipt", {"date": "2026-11-05", "customer": "KH1", "amount": "10"})
+            await until(lambda: bool(list_failures(a)))
+            [failure] = list_failures(a)
+            assert (failure.doc, failure.code, failure.records) == (
+                "cash_receipt/2026-11",
+                "locked_period",
+                [rid],
+            )
+            await until(lambda: a.pending()["customers"] == 0)
+            out = cli("relay", "unlock", str(setup.store_path), "acme", "2026-11")
+            assert out.returncode == 0, out.stderr
+            assert cli("retry", "--home", str(homes["A"]), "--all").returncode == 0
+            await until(lambda: not list_failures(a))
+            assert a.pending()["cash_receipt"] == 0
+
+    try:
+        with Node.open(homes["A"]) as a:
+            asyncio.run(scenario(a))
+        assert relay.server is not None
+        assert relay.server.metrics.connections_total == 1  # never cut off
     finally:
         relay.stop()

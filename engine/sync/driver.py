@@ -23,9 +23,11 @@ Guarantees:
 - A received update that cannot be imported is recorded in ``sync_failures``
   (direction ``download``) and the session goes on.
 - An update the relay refuses holds back only its document: the failure is
-  recorded (``engine.sync.failures``), the session ends with
-  ``UpdatesRefused`` and the next connection leaves that document's outbox
-  rows alone until ``retry``; every other document keeps flowing.
+  recorded (``engine.sync.failures``) and that document's outbox rows are
+  left alone until ``retry``; every other document keeps flowing. A
+  ``refused`` frame (``UpdateRefused``, e.g. a locked period) leaves the
+  session open; an error frame ends it with ``UpdatesRefused`` and the next
+  connection goes on.
 - While live, ``blocks`` series reserves below their target are refilled
   (also after a local booking by another process), with capped exponential
   backoff after a refusal.
@@ -69,6 +71,7 @@ from ..protocol import (
     SessionState,
     SyncComplete,
     UpdateReceived,
+    UpdateRefused,
     codes,
 )
 from . import failures as fl
@@ -315,6 +318,8 @@ class SyncDriver:
                 self._answers.append((ev.doc, ev.state_vector))
             elif isinstance(ev, Acked):
                 self._acked(ev.refs)
+            elif isinstance(ev, UpdateRefused):
+                self._refused(ev)
             elif isinstance(ev, SyncComplete):
                 self.stats.passes_completed += 1
                 with self.node.store.transaction():
@@ -377,6 +382,31 @@ class SyncDriver:
                 f"'branchline failures'), the rest goes on: {ev.message} [{ev.code}]"
             )
         raise RelayUnreachable(f"the relay ended the session: {ev.message} [{ev.code}]")
+
+    def _refused(self, ev: UpdateRefused) -> None:
+        """The relay refused updates ``ev.refs`` of ``ev.doc`` and the session
+        goes on (e.g. a locked period): record the failure, hold the
+        document; its rows stay in the outbox, sent again only on ``retry``."""
+        seqs: list[int] = []
+        for ref in ev.refs:
+            seqs.extend(self._inflight.pop(ref, []))
+            self._ref_doc.pop(ref, None)
+            self._live_doc.pop(ref, None)
+            self._ref_records.pop(ref, None)
+        self._sent.difference_update(seqs)  # a retry on this connection sends them again
+        fl.record_failure(
+            self.node,
+            fl.UPLOAD,
+            ev.doc,
+            f"{ev.code}: {ev.message}",
+            self._wall_ms(),
+            self._records_of(seqs),
+        )
+        if ev.doc not in self.quarantined:
+            self.quarantined.append(ev.doc)
+        self.held = self.held | {ev.doc}
+        self._retry_up = self._retry_up - {ev.doc}
+        self._maybe_done(ev.doc)
 
     def _quarantine(self, ev: ErrorReceived) -> list[str]:
         """Record an upload failure for the documents the refusal is about and
