@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SEEDS ?= 100
+JOBS ?= 2
 DURATION ?= 60
 SOAK_OUT ?= bench/results/soak.json
 
@@ -34,7 +35,7 @@ check: test lint
 # Deterministic simulation: SEEDS seeds with swarm faults; a failure prints
 # its seed and replay command and exits 3 (crash), 4 (liveness) or 5 (correctness).
 sim: $(STAMP)
-	$(PY) -m engine.sim --seeds $(SEEDS)
+	$(PY) -m engine.sim --seeds $(SEEDS) --jobs $(JOBS)
 
 bench-quick: $(STAMP)
 	$(PY) -m bench.core --quick

@@ -13,10 +13,36 @@ import argparse
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from itertools import repeat
 
-from .world import TICK_MS, SimFailure, World
+from .world import TICK_MS, SimFailure, Stats, World
 
 EXIT = {"crash": 3, "liveness": 4, "correctness": 5}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One seed's result, small enough to cross a process boundary."""
+
+    seed: int
+    kind: str | None  # None: passed
+    message: str
+    faults: str
+    stats: Stats | None
+
+
+def run_seed(seed: int, nodes: int, ops: int) -> Outcome:
+    """Run one seed; never raises."""
+    world: World | None = None
+    try:
+        world = World(seed, nodes=nodes, ops=ops)
+        return Outcome(seed, None, "", world.faults.describe(), world.run())
+    except Exception as exc:
+        failure = exc if isinstance(exc, SimFailure) else SimFailure("crash", repr(exc))
+        drawn = world.faults.describe() if world is not None else "not drawn"
+        return Outcome(seed, failure.kind, str(failure), drawn, None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,32 +52,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="run just this seed")
     parser.add_argument("--ops", type=int, default=120, help="operations per run")
     parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="worker processes (seeds stay independent)"
+    )
     args = parser.parse_args(argv)
     seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.seeds)
     started = time.perf_counter()
+    if args.jobs > 1 and len(seeds) > 1:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            outcomes = list(
+                pool.map(run_seed, seeds, repeat(args.nodes), repeat(args.ops), chunksize=4)
+            )
+    else:
+        outcomes = [run_seed(seed, args.nodes, args.ops) for seed in seeds]
     faults: Counter[str] = Counter()
     ticks = ops = acked = 0
-    failed: list[tuple[int, SimFailure]] = []
-    for seed in seeds:
-        world: World | None = None
-        try:
-            world = World(seed, nodes=args.nodes, ops=args.ops)
-            stats = world.run()
-        except Exception as exc:
-            failure = exc if isinstance(exc, SimFailure) else SimFailure("crash", repr(exc))
-            failed.append((seed, failure))
-            drawn = world.faults.describe() if world is not None else "not drawn"
+    failed = [o for o in outcomes if o.kind is not None]
+    for o in outcomes:
+        if o.stats is None:
             print(
-                f"seed {seed}: {failure.kind} failure: {failure}\n  faults: {drawn}\n"
-                f"  replay: python -m engine.sim --seed {seed} --ops {args.ops} "
+                f"seed {o.seed}: {o.kind} failure: {o.message}\n  faults: {o.faults}\n"
+                f"  replay: python -m engine.sim --seed {o.seed} --ops {args.ops} "
                 f"--nodes {args.nodes}",
                 flush=True,
             )
             continue
-        faults.update(stats.faults)
-        ticks += stats.ticks
-        ops += stats.ops
-        acked += stats.acked_writes
+        faults.update(o.stats.faults)
+        ticks += o.stats.ticks
+        ops += o.stats.ops
+        acked += o.stats.acked_writes
     took = time.perf_counter() - started
     hours = ticks * TICK_MS / 3_600_000
     print(
@@ -61,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if faults:
         print("faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())))
-    return EXIT[failed[0][1].kind] if failed else 0
+    return EXIT[str(failed[0].kind)] if failed else 0
 
 
 if __name__ == "__main__":
