@@ -423,6 +423,8 @@ class Node:
     def settle_waiting(self) -> int:
         """After a full sync: show the records still waiting for a reference
         (each then lists as a ``dangling_reference`` conflict). Returns how many."""
+        if self.store.conn.execute("SELECT 1 FROM waiting LIMIT 1").fetchone() is None:
+            return 0  # the usual case: no write transaction at all
         with self._write() as conn:
             found = set(conn.execute("SELECT DISTINCT collection, id, doc FROM waiting"))
             return self._rematerialize(conn, found, hold=False) if found else 0

@@ -637,9 +637,6 @@ class World:
             if self._converged():
                 quiet += 1
                 if quiet >= 5:
-                    for sim in self.nodes:
-                        assert sim.node is not None
-                        sim.node.settle_waiting()
                     return
             else:
                 quiet = 0

@@ -28,6 +28,9 @@ Guarantees:
   ``refused`` frame (``UpdateRefused``, e.g. a locked period) leaves the
   session open; an error frame ends it with ``UpdatesRefused`` and the next
   connection goes on.
+- After the first full sync of a connection, received records still waiting
+  for a record they refer to are shown (``Node.settle_waiting``): each is
+  then a ``dangling_reference`` conflict.
 - While live, ``blocks`` series reserves below their target are refilled
   (also after a local booking by another process), with capped exponential
   backoff after a refusal.
@@ -226,6 +229,9 @@ class SyncDriver:
         #: Set when the relay opened the session read-only while this node has
         #: local changes: they can never be uploaded (recorded as upload failures).
         self.upload_refused: str | None = None
+        #: Records still waiting for a reference were settled after this
+        #: connection's first full sync (``Node.settle_waiting``).
+        self.settled = False
 
     # -- state ---------------------------------------------------------------
 
@@ -290,6 +296,11 @@ class SyncDriver:
         if self.live and not self.session.read_only:
             self._maybe_refill(changed)
         self._ask_again()
+        if not self.settled and self.synced:
+            # A full sync without the record a waiting one refers to: it is
+            # not coming, so show the waiting record as a dangling reference.
+            self.settled = True
+            self.node.settle_waiting()
         return self._ship_live()
 
     def data_to_send(self) -> list[bytes]:
