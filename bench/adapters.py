@@ -314,7 +314,9 @@ def render(doc: dict[str, Any], checked: list[Target], results: Path) -> str:
         "",
         f"Measured {run['date']} by `{run['command']}` at commit `{run['git_commit'][:10]}`. "
         f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs; Python {m['python']}, "
-        f"SQLite {m['sqlite']}. Load at the start: {doc['load_start']['loadavg_1_5_15'][0]:.2f}. "
+        f"SQLite {m['sqlite']}. Machine load (other sessions' tests share the 2 CPUs): "
+        f"load average {_load(doc['load_start'])} at the start, {_load(doc['load_end'])} at "
+        "the end; wall-clock figures are inflated by it, CPU times less so. "
         f"Raw figures: `{results.relative_to(ROOT)}`.",
         "",
         "| Benchmark | Figure | Measured | Target | Result |",
@@ -329,9 +331,10 @@ def render(doc: dict[str, Any], checked: list[Target], results: Path) -> str:
         "### Full rebuild of the accounting books",
         "",
         f"{r['vouchers']:,} sales invoices of 3 lines (imported from a peer), books rebuilt by "
-        "`Node.rebuild_adapters()` in one transaction: read the records, compute postings "
-        "with `Decimal`, write the catalogs, vouchers, lines, ledger entries and stock moves "
-        "with `executemany`, build the indexes, check negative stock. Baseline, same run "
+        "`Node.rebuild_adapters()` in one transaction: drop the tables, read the records, "
+        "compute postings (exact decimals in integer arithmetic), write the catalogs, "
+        "vouchers, lines, ledger entries and stock moves with `executemany`, sum the stock "
+        "balances, check negative stock. Baseline, same run "
         "and file: the same rows from Python lists with plain `executemany`, one transaction. "
         f"Median of {len(r['rebuild_s'])} runs each.",
         "",
@@ -342,6 +345,8 @@ def render(doc: dict[str, Any], checked: list[Target], results: Path) -> str:
         f"({r['vouchers_per_s']:,.0f} vouchers/s, {r['rows_per_s']:,.0f} rows/s) |",
         f"| plain executemany | {fmt(r['plain_median_s'], 's')} "
         f"({r['plain_rows_per_s']:,.0f} rows/s) |",
+        f"| CPU time (median) | rebuild {statistics.median(r['rebuild_cpu_s']):.2f} s, "
+        f"plain {statistics.median(r['plain_cpu_s']):.2f} s |",
         f"| ratio rebuild / plain | {r['ratio']:.2f}× wall, {r['cpu_ratio']:.2f}× CPU time |",
         f"| rebuild with comparison to the incremental tables | "
         f"{fmt(r['rebuild_with_compare_s'], 's')} (identical: {r['compare_identical']}) |",
@@ -363,13 +368,22 @@ def render(doc: dict[str, Any], checked: list[Target], results: Path) -> str:
         f"| adapter hook alone | {inc['hook']['p50_ms']:.3f} | {inc['hook']['p90_ms']:.3f} | "
         f"{inc['hook']['p99_ms']:.3f} |",
         "",
-        f"The hook takes {inc['hook_share_of_p50'] * 100:.0f} % of the p50 write with the "
-        f"adapter (p50 difference between the nodes: {inc['p50_difference_ms']:.3f} ms). "
+        f"The hook takes {inc['hook']['p50_ms']:.3f} ms at p50 (mean "
+        f"{inc['hook_mean_ms']:.3f} ms), {inc['hook_share_of_p50'] * 100:.0f} % of this run's "
+        "p50 write with the adapter (p50 difference between the nodes: "
+        f"{inc['p50_difference_ms']:.3f} ms; the writes' fsyncs wait on a busy disk here). "
         "With no adapter enabled the write path does one attribute test.",
         "",
         END,
     ]
     return "\n".join(lines) + "\n"
+
+
+def _load(facts: dict[str, Any]) -> str:
+    text = f"{facts['loadavg_1_5_15'][0]:.1f}"
+    if "cpu_pressure_some_avg10_pct" in facts:
+        text += f" (CPU pressure {facts['cpu_pressure_some_avg10_pct']:.0f} %)"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,7 +392,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vouchers", type=int, default=None)
     parser.add_argument("--writes", type=int, default=None)
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument(
+        "--render", action="store_true", help="only regenerate the docs section from the results"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        results = RESULTS / "adapters.json"
+        doc = orjson.loads(results.read_bytes())
+        replace_section(DOCS, BEGIN, END, render(doc, targets(doc), results))
+        return 0
     n = args.vouchers or (5_000 if args.quick else 100_000)
     writes = args.writes or (300 if args.quick else 2_000)
     tmp = Path(tempfile.mkdtemp(prefix="bl-bench-adapters-"))
