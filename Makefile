@@ -37,13 +37,21 @@ check: test lint
 sim: $(STAMP)
 	$(PY) -m engine.sim --seeds $(SEEDS) --jobs $(JOBS)
 
-bench-quick: $(STAMP)
+# bench.peers installs its peers itself into bench/.peers (gitignored).
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench-quick: $(BENCH_STAMP)
 	$(PY) -m bench.core --quick
 	$(PY) -m bench.sync --quick
+	$(PY) -m bench.peers --quick
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(PY) -m bench.core
 	$(PY) -m bench.sync
+	$(PY) -m bench.peers
 
 # Real relay and node processes under faults for DURATION seconds, then heal,
 # converge and check (docs/reliability.md). SEED=N replays a run's schedule.

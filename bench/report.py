@@ -221,3 +221,82 @@ def replace_section(path: Path, begin: str, end: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text, encoding="utf-8")
+
+
+def regenerate(quick: bool = False) -> list[str]:
+    """Render docs/benchmarks.md from ``bench/results/*.json``: the Core and
+    Sync sections exactly as ``bench.core`` / ``bench.sync`` write them, and
+    the "Peers and limits" section with its plots (``bench.report_peers``).
+    With ``quick``, only the peers section of ``peers-quick.json``, into
+    ``bench/results/peers-quick.md`` (plots in ``bench/results/plots-quick/``),
+    leaving the docs alone. Returns what was written."""
+    from . import report_peers as rp
+    from .stats import ROOT
+
+    results = ROOT / "bench" / "results"
+    docs = ROOT / "docs" / "benchmarks.md"
+    written: list[str] = []
+    if quick:
+        doc = rp.load_json("peers-quick")
+        if doc is None:
+            raise SystemExit("bench/results/peers-quick.json not found: run bench.peers --quick")
+        plots = rp.plot(doc, rp.PLOTS_QUICK, rp.PLOTS_QUICK.name)
+        out = results / "peers-quick.md"
+        out.write_text(
+            rp.render(doc, rp.load_json("core-quick") or rp.load_json("core"),
+                      "bench/results/peers-quick.json", plots),
+            encoding="utf-8",
+        )  # fmt: skip
+        return [str(out.relative_to(ROOT)), *plots.values()]
+    core = rp.load_json("core")
+    if core is not None:
+        from .core import targets
+
+        checked = targets(core["benchmarks"], core["sizes"]["records"])
+        update_docs(docs, core, checked, Path("bench/results/core.json"))
+        written.append("core")
+    sync_doc = rp.load_json("sync")
+    if sync_doc is not None:
+        from . import sync
+
+        section = sync.render(sync_doc, sync.goals(sync_doc["benchmarks"]),
+                              Path("bench/results/sync.json"))  # fmt: skip
+        sync.update_docs(docs, section)
+        written.append("sync")
+    peers = rp.load_json("peers")
+    if peers is not None:
+        plots = rp.plot(peers, rp.PLOTS_FULL, "img")
+        section = rp.render(peers, core, "bench/results/peers.json", plots)
+        text = docs.read_text(encoding="utf-8") if docs.exists() else HEADER
+        if rp.BEGIN in text and rp.END in text:
+            head, _, rest = text.partition(rp.BEGIN)
+            _, _, tail = rest.partition(rp.END)
+            text = head + section.rstrip("\n") + tail
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+        docs.write_text(text, encoding="utf-8")
+        written += ["peers", *plots.values()]
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report",
+        description="Regenerate docs/benchmarks.md and the plots from bench/results/*.json.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="render peers-quick.json into bench/results/peers-quick.md instead",
+    )
+    opts = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    for item in regenerate(opts.quick):
+        print(f"wrote {item}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
