@@ -620,19 +620,20 @@ class AccountingAdapter:
             [(item, wh, qty, count) for (item, wh), (qty, count) in changed],
         )
         stale, fresh = [], []
-        for (item, warehouse), _ in changed:
-            row = conn.execute(
+        for (item, warehouse), (dq, dc) in changed:
+            qty, moves = conn.execute(
                 "SELECT qty, moves FROM stock_balances WHERE item = ? AND warehouse = ?",
                 (item, warehouse),
             ).fetchone()
-            if row[1] == 0:  # no moves left: as a rebuild, no balance row
+            if moves == 0:  # no moves left: as a rebuild, no balance row
                 conn.execute(
                     "DELETE FROM stock_balances WHERE item = ? AND warehouse = ?",
                     (item, warehouse),
                 )
-            if row[1] and row[0] < 0:
-                fresh.append(self._stock_conflict(item, warehouse, row[0]))
-            else:
+            if moves and qty < 0:
+                fresh.append(self._stock_conflict(item, warehouse, qty))
+            elif moves - dc and qty - dq < 0:
+                # It was negative before this change, so it had a conflict row.
                 stale.append((NAME, self._stock_id(item, warehouse)))
         if stale:
             conn.executemany("DELETE FROM adapter_conflicts WHERE adapter = ? AND id = ?", stale)
