@@ -263,6 +263,13 @@ def regenerate(quick: bool = False) -> list[str]:
                               Path("bench/results/sync.json"))  # fmt: skip
         sync.update_docs(docs, section)
         written.append("sync")
+    adapters_doc = rp.load_json("adapters")
+    if adapters_doc is not None:
+        from . import adapters as ad
+
+        section = ad.render(adapters_doc, ad.targets(adapters_doc), results / "adapters.json")
+        replace_section(docs, ad.BEGIN, ad.END, section)
+        written.append("adapters")
     peers = rp.load_json("peers")
     if peers is not None:
         plots = rp.plot(peers, rp.PLOTS_FULL, "img")
