@@ -58,6 +58,9 @@ class RecordChange:
     ``deleted`` they are its last values. ``edited`` (voucher books only)
     names the fields whose value in force was written after the record's
     creating write, derived from replicated state so every node agrees.
+    ``alias_of``: the record was merged into that record of the same
+    collection (``resolve --merge-into``); tables that group by a catalog
+    record count it under the survivor.
     """
 
     kind: ChangeKind
@@ -69,6 +72,7 @@ class RecordChange:
     created_node: str
     updated_hlc: int
     edited: tuple[str, ...] = ()
+    alias_of: str | None = None
 
 
 @runtime_checkable
@@ -269,11 +273,11 @@ class _Watch:
         after: set[str] = set()
         for chunk in _chunks(self.ids):
             rows = conn.execute(
-                "SELECT id, doc, deleted, created_hlc, created_node, updated_hlc, data "
+                "SELECT id, doc, deleted, created_hlc, created_node, updated_hlc, data, alias_of "
                 f"FROM records WHERE collection = ? AND id IN ({_marks(chunk)}) ORDER BY id",
                 (coll.name, *chunk),
             ).fetchall()
-            for rid, doc, deleted, c_hlc, c_node, u_hlc, data in rows:
+            for rid, doc, deleted, c_hlc, c_node, u_hlc, data, alias in rows:
                 live = not deleted
                 was = rid in self.before
                 if not live and not was:
@@ -287,7 +291,16 @@ class _Watch:
                 )
                 changes.append(
                     RecordChange(
-                        kind, coll.name, rid, doc, orjson.loads(data), c_hlc, c_node, u_hlc, edited
+                        kind,
+                        coll.name,
+                        rid,
+                        doc,
+                        orjson.loads(data),
+                        c_hlc,
+                        c_node,
+                        u_hlc,
+                        edited,
+                        alias,
                     )
                 )
         # A record that was live and has no row any more (held back again or
@@ -320,8 +333,8 @@ def live_records(
         coll = schema.collections.get(name)
         if coll is None:
             continue
-        for rid, doc, c_hlc, c_node, u_hlc, data in conn.execute(
-            "SELECT id, doc, created_hlc, created_node, updated_hlc, data FROM records "
+        for rid, doc, c_hlc, c_node, u_hlc, data, alias in conn.execute(
+            "SELECT id, doc, created_hlc, created_node, updated_hlc, data, alias_of FROM records "
             "WHERE collection = ? AND deleted = 0 ORDER BY id",
             (name,),
         ):
@@ -331,7 +344,7 @@ def live_records(
                 else ()
             )
             yield RecordChange(
-                "inserted", name, rid, doc, orjson.loads(data), c_hlc, c_node, u_hlc, edited
+                "inserted", name, rid, doc, orjson.loads(data), c_hlc, c_node, u_hlc, edited, alias
             )
 
 

@@ -145,12 +145,18 @@ _M = MONEY_SCALE
 def _view_sql() -> dict[str, str]:
     q = QTY_SCALE
     return {
+        # A catalog record merged into another (alias_of) counts under the
+        # survivor: rows group by the survivor's id and show its code.
         "stock_on_hand": (
             "CREATE VIEW stock_on_hand AS SELECT item, warehouse, "
             f"{units_sql('qty', q)} AS qty FROM ("
-            "SELECT COALESCE(i.code, b.item) AS item, COALESCE(w.code, b.warehouse) AS warehouse, "
-            "b.qty AS qty FROM stock_balances b "
-            "LEFT JOIN items i ON i.id = b.item LEFT JOIN warehouses w ON w.id = b.warehouse"
+            "SELECT COALESCE(si.code, i.code, b.item) AS item, "
+            "COALESCE(sw.code, w.code, b.warehouse) AS warehouse, SUM(b.qty) AS qty "
+            "FROM stock_balances b "
+            "LEFT JOIN items i ON i.id = b.item LEFT JOIN items si ON si.id = i.alias_of "
+            "LEFT JOIN warehouses w ON w.id = b.warehouse "
+            "LEFT JOIN warehouses sw ON sw.id = w.alias_of "
+            "GROUP BY COALESCE(i.alias_of, b.item), COALESCE(w.alias_of, b.warehouse)"
             ") ORDER BY item, warehouse"
         ),
         "account_balances": (
@@ -158,19 +164,21 @@ def _view_sql() -> dict[str, str]:
             f"{units_sql('d', _M)} AS debit, {units_sql('c', _M)} AS credit, "
             f"{units_sql('b', _M)} AS balance FROM ("
             "SELECT account, SUM(d) AS d, SUM(c) AS c, SUM(d) - SUM(c) AS b FROM ("
-            "SELECT COALESCE(a.code, e.account_code, e.account_id) AS account, "
+            "SELECT COALESCE(sa.code, a.code, e.account_code, e.account_id) AS account, "
             "e.debit AS d, e.credit AS c FROM ledger_entries e "
-            "LEFT JOIN accounts a ON a.id = e.account_id) GROUP BY account) ORDER BY account"
+            "LEFT JOIN accounts a ON a.id = e.account_id "
+            "LEFT JOIN accounts sa ON sa.id = a.alias_of) GROUP BY account) ORDER BY account"
         ),
         "receivables": (
             "CREATE VIEW receivables AS SELECT customer, "
             f"{units_sql('inv', _M)} AS invoiced, {units_sql('rec', _M)} AS received, "
             f"{units_sql('bal', _M)} AS balance FROM ("
-            "SELECT COALESCE(c.code, e.customer) AS customer, SUM(e.debit) AS inv, "
+            "SELECT COALESCE(sc.code, c.code, e.customer) AS customer, SUM(e.debit) AS inv, "
             "SUM(e.credit) AS rec, SUM(e.debit) - SUM(e.credit) AS bal FROM ledger_entries e "
             "LEFT JOIN customers c ON c.id = e.customer "
+            "LEFT JOIN customers sc ON sc.id = c.alias_of "
             f"WHERE e.account_code = '{RECEIVABLE}' AND e.customer IS NOT NULL "
-            "GROUP BY e.customer) ORDER BY customer"
+            "GROUP BY COALESCE(c.alias_of, e.customer)) ORDER BY customer"
         ),
         "contract_progress": (
             "CREATE VIEW contract_progress AS SELECT contract, "
@@ -178,9 +186,12 @@ def _view_sql() -> dict[str, str]:
             f"{units_sql('rec', _M)} AS received FROM ("
             "SELECT k.code AS contract, k.value AS val, COALESCE(s.inv, 0) AS inv, "
             "COALESCE(s.rec, 0) AS rec FROM contracts k LEFT JOIN ("
-            "SELECT contract, SUM(debit) AS inv, SUM(credit) AS rec FROM ledger_entries "
-            f"WHERE account_code = '{RECEIVABLE}' AND contract IS NOT NULL GROUP BY contract"
-            ") s ON s.contract = k.id) ORDER BY contract"
+            "SELECT COALESCE(x.alias_of, e.contract) AS contract, SUM(e.debit) AS inv, "
+            "SUM(e.credit) AS rec FROM ledger_entries e "
+            "LEFT JOIN contracts x ON x.id = e.contract "
+            f"WHERE e.account_code = '{RECEIVABLE}' AND e.contract IS NOT NULL "
+            "GROUP BY COALESCE(x.alias_of, e.contract)"
+            ") s ON s.contract = k.id WHERE k.alias_of IS NULL) ORDER BY contract"
         ),
     }
 
@@ -334,12 +345,19 @@ class AccountingAdapter:
                 cols[name] = int
             else:
                 cols[name] = str
+        cols["alias_of"] = str  # merged into that record (resolve --merge-into)
         return cols
 
     def _create_tables(self, conn: sqlite3.Connection) -> None:
         d = db(conn)
         for coll in self.catalogs:
-            d.table(coll.name).create(self._catalog_columns[coll.name], pk="id", if_not_exists=True)
+            table = d.table(coll.name)
+            table.create(self._catalog_columns[coll.name], pk="id", if_not_exists=True)
+            # A store made before a column existed (alias_of): add it.
+            have = set(table.columns_dict)
+            for name, kind in self._catalog_columns[coll.name].items():
+                if name not in have:
+                    table.add_column(name, kind)
         for table, (columns, pk) in TABLES.items():
             d.table(table).create(columns, pk=pk, if_not_exists=True)
 
@@ -385,6 +403,7 @@ class AccountingAdapter:
                 row.append(orjson.dumps(value).decode())
             else:
                 row.append(value)
+        row.append(change.alias_of)
         return tuple(row)
 
     def _catalog_conflicts(
