@@ -890,13 +890,25 @@ def _integrate(loaded: _Loaded, update: bytes) -> tuple[bool, bool]:
     """Apply ``update``; returns (changed the document, part of it waits for
     updates not seen yet). Raises UpdateError for bytes that are not an update."""
     before = loaded.changes
+    doc = loaded.doc
     try:
-        loaded.doc.apply_update(update)
+        # Apply and read the state vector in ONE transaction: yrs integrates
+        # (and retries waiting parts) inside apply_update, so the state is
+        # the same as after the commit, and the observer still fires once at
+        # the commit. Two pycrdt transactions per update were a fifth of the
+        # relay's integration time. pycrdt's ``Doc._doc`` / ``Transaction._txn``
+        # are what its own ``apply_update`` and ``get_state`` use (pycrdt is
+        # pinned in pyproject.toml).
+        with doc.transaction() as txn:
+            raw = txn._txn
+            assert raw is not None  # set by entering the transaction, as pycrdt asserts
+            doc._doc.apply_update(raw, update)
+            state = doc._doc.get_state(raw)
         # What lies beyond the document's state holds items (a non-zero
         # client count) only when part of the update waits for earlier ones.
         # (``pycrdt.get_state(update)`` cannot tell: it omits every client
         # whose items do not start at clock 0.)
-        beyond = get_update(update, loaded.doc.get_state())
+        beyond = get_update(update, state)
     except Exception as exc:  # pycrdt raises bare exceptions for bad input
         raise UpdateError(f"not a valid update ({exc})") from None
     return loaded.changes != before, beyond[:1] != b"\x00"
