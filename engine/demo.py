@@ -21,8 +21,10 @@ Everything runs in a temporary directory on loopback, SQLite everywhere:
    keep a side, reopen), which also clears the dangling references; the
    journal (``conflicts --resolved``) is the same everywhere.
 6. Every node's books (stock on hand, receivables, voucher numbers) are
-   computed from its own records; all three must be identical, records and
-   journal included, with no conflict open. Every process is stopped cleanly.
+   computed from its own records and checked against the ``accounting``
+   adapter's ``stock_on_hand`` SQL view; all three must be identical, records
+   and journal included, with no conflict open. Every process is stopped
+   cleanly.
 
 Run with ``python -m engine.demo [--keep DIR] [--seed N]``.
 """
@@ -367,6 +369,8 @@ class Day:
                 "node", "init", "--home", str(home), "--dataset", DATASET, "--node", b,
                 "--relay", ws, "--token", tokens[b],
             )  # fmt: skip
+            # The accounting adapter keeps SQL books next to the records.
+            self.procs.cli("adapters", "enable", "--home", str(home), "accounting")
             self.branches[b] = Branch(b, home, Node.open(home, dataset=DATASET), tokens[b])
         for branch in self.branches.values():
             branch.run = self.procs.start(
@@ -729,6 +733,16 @@ class Day:
                 f"{code} {name} ({unit})", *(_money(q) for q in qty), _money(sum(qty, Decimal(0)))
             )
         customers = {r["id"]: r for r in node.list("customers")}
+        # The same stock, as the accounting adapter's SQL view has it on each node.
+        for b in branches:
+            rows = b.fresh().query("SELECT item, warehouse, qty FROM stock_on_hand").rows
+            view = {(item, wh): Decimal(qty) for item, wh, qty in rows if Decimal(qty)}
+            mine = {k: v for k, v in first["stock"].items() if v}
+            assert view == mine, f"{b.name}'s stock_on_hand view differs from its records"
+        self.console.print(
+            "  every node's [bold]stock_on_hand[/] SQL view (accounting adapter, "
+            "[cyan]branchline query[/]) gives the same figures"
+        )
         recv = Table(
             title="Receivables per customer (unpaid invoices incl. VAT − cash receipts)",
             title_justify="left",
