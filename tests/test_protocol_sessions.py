@@ -1019,3 +1019,12 @@ def test_client_refuses_a_refusal_of_refs_not_in_flight_for_that_document() -> N
         m.Refused("journal/2026", (1,), "future_reason", "no"), max_frame=1 << 20
     )
     assert c.receive_frame(frame) == [UpdateRefused("journal/2026", (1,), "future_reason", "no")]
+
+
+def test_relay_refuses_a_batch_reusing_a_ref_in_flight_from_an_earlier_frame() -> None:
+    _c, r = opened_pair(max_inflight=8)
+    assert len(r.receive_frame(updates_frame([("items", b"a", 1), ("items", b"b", 2)]))) == 2
+    assert raises_code(r, updates_frame([("items", b"c", 3), ("items", b"d", 2)])) == (
+        codes.PROTOCOL_VIOLATION
+    )
+    assert r.pending_refs == {1, 2}  # nothing of the refused batch was taken

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn, cast
 
 from ..errors import LocalProtocolError, RemoteProtocolError
 from . import codes
@@ -315,25 +316,20 @@ class RelaySession(Session):
         limits = self._limits
         if isinstance(msg, Update | Updates):
             items = msg.items if isinstance(msg, Updates) else (msg,)
-            # Every item is checked before any is taken: a bad batch yields no event.
-            refs: set[int] = set()
-            for item in items:
-                if item.ref is None:
-                    raise self._violation(msg, "without a ref")
-                if self.read_only:
-                    raise RemoteProtocolError(
-                        codes.READ_ONLY,
-                        f"node {self.node!r} is read-only; its update was not stored",
-                    )
-                if item.ref in self._pending_refs or item.ref in refs:
-                    raise self._violation(msg, f"reusing ref {item.ref} that awaits its ack")
-                if len(self._pending_refs) + len(refs) >= limits.max_inflight:
-                    raise RemoteProtocolError(
-                        codes.LIMIT_EXCEEDED,
-                        f"more than {limits.max_inflight} updates await acks; wait for acks",
-                    )
-                refs.add(item.ref)
-            self._pending_refs.update(refs)
+            # Every item is checked before any is taken: a bad batch yields no
+            # event. Checked for the whole batch at once (this runs for every
+            # update received); the slow path below only names the culprit.
+            refs = [item.ref for item in items]
+            fresh = set(refs)
+            if (
+                None in fresh
+                or self.read_only
+                or len(fresh) != len(refs)
+                or not fresh.isdisjoint(self._pending_refs)
+                or len(self._pending_refs) + len(refs) > limits.max_inflight
+            ):
+                self._refuse_batch(msg, items)
+            self._pending_refs.update(cast(set[int], fresh))  # None was excluded above
             return [UpdateReceived(u.doc, u.payload, u.ref) for u in items]
         if isinstance(msg, Sync1):
             if msg.doc in self._pending_syncs:
@@ -369,6 +365,30 @@ class RelaySession(Session):
             self._leases[msg.ref] = msg.series
             return [LeaseRequested(msg.series, msg.count, msg.ref)]
         raise self._violation(msg, "from a client")
+
+    def _refuse_batch(self, msg: Message, items: Sequence[Update]) -> NoReturn:
+        """Raise the error for the first item of a refused batch, in item
+        order: no ref, read-only node, ref in flight or repeated, too many
+        updates awaiting acks."""
+        limits = self._limits
+        refs: set[int] = set()
+        for item in items:
+            if item.ref is None:
+                raise self._violation(msg, "without a ref")
+            if self.read_only:
+                raise RemoteProtocolError(
+                    codes.READ_ONLY,
+                    f"node {self.node!r} is read-only; its update was not stored",
+                )
+            if item.ref in self._pending_refs or item.ref in refs:
+                raise self._violation(msg, f"reusing ref {item.ref} that awaits its ack")
+            if len(self._pending_refs) + len(refs) >= limits.max_inflight:
+                raise RemoteProtocolError(
+                    codes.LIMIT_EXCEEDED,
+                    f"more than {limits.max_inflight} updates await acks; wait for acks",
+                )
+            refs.add(item.ref)
+        raise AssertionError("_refuse_batch called for a batch it accepts")
 
     def _handshake(self, msg: Message) -> list[Event]:
         if not isinstance(msg, Hello) or self.hello is not None:
