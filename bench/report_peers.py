@@ -274,6 +274,21 @@ def render(
         f"Relay goals are judged on `{GOAL_SYSTEM}` (one update per frame, like the peers' "
         "clients, acked after the durable commit) by delivered/s at each N.",
     ]
+    plain, pyc = _fanout_rows(doc, "plain"), _fanout_rows(doc, "pycrdt-websocket")
+    ceiling = [
+        f"N={n}: {plain[n]['delivered_per_s'] / pyc[n]['delivered_per_s']:.1f}×"
+        for n in sorted(plain)
+        if n in pyc and pyc[n]["delivered_per_s"]
+    ]
+    if ceiling:
+        lines += [
+            "",
+            "Ceiling of the 10× goal on this rig: the plain broadcast itself (no parsing, "
+            "storage or ack) delivers, relative to pycrdt-websocket, "
+            + ", ".join(ceiling)
+            + ". Where that is under 10×, the load generators (2 Python processes on the same "
+            "2 CPUs) bound every system, and no relay can show 10× here.",
+        ]
     if "fanout" in b:
         f = b["fanout"]
         lines += ["", "### Relay fan-out", "", f["workload"], ""]
