@@ -46,11 +46,13 @@ $(BENCH_STAMP): $(STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m bench.core --quick
 	$(PY) -m bench.sync --quick
+	$(PY) -m bench.adapters --quick
 	$(PY) -m bench.peers --quick
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench.core
 	$(PY) -m bench.sync
+	$(PY) -m bench.adapters
 	$(PY) -m bench.peers
 
 # Real relay and node processes under faults for DURATION seconds, then heal,
