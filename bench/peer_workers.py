@@ -37,9 +37,8 @@ from engine.relay.sqlite_store import SqliteRelayStore
 from engine.relay.store import UpdateIn
 
 from .stats import rss_mb
+from .workers import Args, dispatch
 from .workload import collection, encoded, record
-
-Args = dict[str, Any]
 
 
 def task_memory_build(args: Args) -> dict[str, Any]:
@@ -268,12 +267,7 @@ TASKS: dict[str, Callable[[Args], dict[str, Any]]] = {
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in TASKS:
-        print(f"usage: python -m bench.peer_workers {{{','.join(TASKS)}}} 'JSON'", file=sys.stderr)
-        return 2
-    result = TASKS[argv[0]](orjson.loads(argv[1]))
-    sys.stdout.write(orjson.dumps(result).decode() + "\n")
-    return 0
+    return dispatch("bench.peer_workers", TASKS, argv)
 
 
 if __name__ == "__main__":

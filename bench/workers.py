@@ -232,13 +232,21 @@ TASKS: dict[str, Callable[[Args], dict[str, Any]]] = {
 }
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in TASKS:
-        print(f"usage: python -m bench.workers {{{','.join(TASKS)}}} 'JSON-ARGS'", file=sys.stderr)
+def dispatch(
+    module: str, tasks: dict[str, Callable[[Args], dict[str, Any]]], argv: list[str]
+) -> int:
+    """Run ``tasks[argv[0]]`` with the JSON arguments ``argv[1]`` and print
+    its result as one JSON line (what the parent process reads)."""
+    if len(argv) != 2 or argv[0] not in tasks:
+        print(f"usage: python -m {module} {{{','.join(tasks)}}} 'JSON-ARGS'", file=sys.stderr)
         return 2
-    result = TASKS[argv[0]](orjson.loads(argv[1]))
+    result = tasks[argv[0]](orjson.loads(argv[1]))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return dispatch("bench.workers", TASKS, argv)
 
 
 if __name__ == "__main__":
