@@ -118,6 +118,17 @@ class RecordDoc:
                 self._doc.apply_update(update)
         except Exception as exc:  # pycrdt raises bare exceptions for bad input
             raise UpdateError(f"document {self.name}: not a valid update ({exc})") from None
+        except BaseException as exc:
+            # yrs 0.28 panics on some valid update sequences while building
+            # the Map event; pyo3 raises that as a BaseException. The Doc may
+            # be half-changed: callers must drop this RecordDoc (Node does on
+            # any error) and the update is refused, not stored.
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise UpdateError(
+                f"document {self.name}: the CRDT library failed on this update "
+                f"({str(exc).splitlines()[0]}); it was not stored"
+            ) from None
         changed, self._changed = self._changed, set()
         after = self._doc.get_state()
         integrated = bool(changed) or after != before
