@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import series as series_mod
-from .conflicts import Conflict, duplicate_group, list_conflicts
+from .conflicts import Conflict, conflict_digest, duplicate_group, list_conflicts
 from .errors import ConflictNotFound, UserError, ValidationError
 from .merge import ALIAS, DELETED, JOURNAL
 from .schema import Collection
@@ -122,8 +122,6 @@ def renumber_own_duplicates(
 
 
 def _group_id(coll: Collection, key: str, group: list[tuple[str, str, int]]) -> str:
-    from .conflicts import conflict_digest
-
     return conflict_digest("duplicate_key", coll.name, key, *sorted(g[0] for g in group))
 
 

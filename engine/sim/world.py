@@ -25,6 +25,8 @@ import shutil
 import sqlite3
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -321,9 +323,8 @@ class SimRelay:
 
     def crash(self) -> None:
         """Everything in memory is gone (unacknowledged updates too); the file stays."""
-        for session, link in self.sessions.values():
+        for _, link in self.sessions.values():
             link.closed = True
-            del session
         self.sessions.clear()
         self.grants.clear()
         self.queue.clear()
@@ -335,22 +336,13 @@ class SimRelay:
         self.store = SqliteRelayStore.open(self.path)
 
 
-class _local_errors:
+@contextmanager
+def _local_errors(session: RelaySession | ClientSession) -> Iterator[None]:
     """A refusal of the relay's own session (a limit) ends that session only."""
-
-    def __init__(self, session: RelaySession | ClientSession) -> None:
-        self.session = session
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, _tb: Any
-    ) -> bool:
-        if isinstance(exc, LocalProtocolError):
-            self.session.fail(codes.LIMIT_EXCEEDED, str(exc))
-            return True
-        return False
+    try:
+        yield
+    except LocalProtocolError as exc:
+        session.fail(codes.LIMIT_EXCEEDED, str(exc))
 
 
 @dataclass
