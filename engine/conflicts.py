@@ -90,15 +90,20 @@ def _record_conflicts(conn: sqlite3.Connection) -> list[Conflict]:
     return out
 
 
-def _duplicates(conn: sqlite3.Connection, coll: Collection) -> list[Conflict]:
-    out = []
-    dupes = conn.execute(
+def duplicate_keys(conn: sqlite3.Connection, coll: Collection) -> list[str]:
+    """Keys shared by several live records of ``coll`` (aliases left out)."""
+    rows = conn.execute(
         "SELECT key FROM records INDEXED BY records_key "
         "WHERE collection = ? AND deleted = 0 AND key IS NOT NULL AND alias_of IS NULL "
         "GROUP BY key HAVING COUNT(*) > 1",
         (coll.name,),
     ).fetchall()
-    for (key,) in dupes:
+    return [str(r[0]) for r in rows]
+
+
+def _duplicates(conn: sqlite3.Connection, coll: Collection) -> list[Conflict]:
+    out = []
+    for key in duplicate_keys(conn, coll):
         rows = duplicate_group(conn, coll, key)
         ids = [r[0] for r in rows]
         values = [

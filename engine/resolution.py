@@ -33,7 +33,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import series as series_mod
-from .conflicts import Conflict, conflict_digest, duplicate_group, list_conflicts
+from .conflicts import (
+    Conflict,
+    conflict_digest,
+    duplicate_group,
+    duplicate_keys,
+    list_conflicts,
+)
 from .errors import ConflictNotFound, UserError, ValidationError
 from .merge import ALIAS, DELETED, JOURNAL
 from .schema import Collection
@@ -102,13 +108,7 @@ def renumber_own_duplicates(
         coll = node.schema.collections[name]
         if coll.on_duplicate != "renumber":
             continue
-        keys = conn.execute(
-            "SELECT key FROM records INDEXED BY records_key WHERE collection = ? AND "
-            "deleted = 0 AND key IS NOT NULL AND alias_of IS NULL "
-            "GROUP BY key HAVING COUNT(*) > 1",
-            (name,),
-        ).fetchall()
-        for (key,) in keys:
+        for key in duplicate_keys(conn, coll):
             group = duplicate_group(conn, coll, key)
             if any(n == node.node_id for _, n, _ in group[1:]):
                 conflict = {
