@@ -1069,17 +1069,37 @@ class Node:
         return done
 
     def _rows_to_records(self, coll: Collection, rows: Iterable[Any], codes: bool) -> Records:
-        code_of: dict[str, dict[str, str]] = {}
-        if codes:
-            targets = {f.to for f in coll.fields.values() if f.type == "ref"}
-            targets |= {s.to for f in coll.fields.values() for s in f.fields if s.type == "ref"}
-            for target in targets:
-                assert target is not None
-                code_of[target] = dict(
-                    self.store.conn.execute(
-                        "SELECT id, key FROM records WHERE collection = ?", (target,)
+        # What a reference reads as: the target's code with ``codes``, and a
+        # record merged into another (an alias) reads as the survivor.
+        shown: dict[str, dict[str, str]] = {}
+        targets = {f.to for f in coll.fields.values() if f.type == "ref" and f.to}
+        targets |= {
+            s.to for f in coll.fields.values() for s in f.fields if s.type == "ref" and s.to
+        }
+        conn = self.store.conn
+        for target in targets:
+            if codes:
+                shown[target] = dict(
+                    conn.execute(
+                        "SELECT r.id, COALESCE(s.key, r.key) FROM records r LEFT JOIN records s "
+                        "ON s.collection = r.collection AND s.id = r.alias_of "
+                        "WHERE r.collection = ?",
+                        (target,),
                     ).fetchall()
                 )
+            else:
+                shown[target] = dict(
+                    conn.execute(
+                        "SELECT id, alias_of FROM records INDEXED BY records_alias "
+                        "WHERE collection = ? AND alias_of IS NOT NULL",
+                        (target,),
+                    ).fetchall()
+                )
+        remap = {
+            f.name
+            for f in coll.fields.values()
+            if f.type == "lines" and any(shown[s.to] for s in f.fields if s.type == "ref" and s.to)
+        }
         out = []
         for rid, data, *alias in rows:
             stored = orjson.loads(data)
@@ -1090,18 +1110,18 @@ class Node:
                 if name not in stored or stored[name] is None:
                     continue
                 value = stored[name]
-                if codes and fld.type == "ref":
-                    assert fld.to is not None
-                    value = code_of[fld.to].get(value, value)
-                elif codes and fld.type == "lines":
+                if fld.type == "ref" and fld.to:
+                    rec[name] = shown[fld.to].get(value, value)
+                    continue
+                if name in remap:
                     value = [
                         {
-                            k: (code_of[s.to].get(v, v) if (s := fld.line_field(k)) and s.to else v)
+                            k: (shown[s.to].get(v, v) if (s := fld.line_field(k)) and s.to else v)
                             for k, v in line.items()
                         }
                         for line in value
                     ]
-                rec[name] = decode(fld, value) if not (codes and fld.type == "ref") else value
+                rec[name] = decode(fld, value)
             out.append(rec)
         return out
 

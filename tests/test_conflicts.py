@@ -373,7 +373,7 @@ def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     node.close()
     conn = sqlite3.connect(tmp_path / "A" / STORE_FILE)
     conn.executescript(
-        "DROP TABLE resolutions; DROP TABLE waiting; "
+        "DROP TABLE resolutions; DROP TABLE waiting; DROP INDEX records_alias; "
         "ALTER TABLE records DROP COLUMN alias_of; PRAGMA user_version = 1;"
     )
     conn.close()
@@ -414,3 +414,29 @@ def test_a_locked_period_refusal_is_listed_as_a_conflict_of_this_node(trio: list
     assert b.conflicts() == []  # only the writer learns of a refusal
     with pytest.raises(UserError, match="fixing the data"):
         a.resolve(conflict["id"], keep="A")
+
+
+def test_references_to_a_merged_record_read_as_the_survivor(trio: list[Node]) -> None:
+    a, b, _ = trio
+    setup_catalogs(a)
+    send(a, b, ["warehouses", "items"])
+    loser = b.put("customers", {"code": "KH01", "name": "An (B)"})  # a second KH01
+    sale = b.post_voucher(
+        "sales_invoice",
+        {
+            "date": DAY,
+            "customer": loser,
+            "warehouse": "K1",
+            "lines": [{"item": "TRA", "qty": "1", "price": "10"}],
+        },
+    ).id
+    mesh([a, b])
+    (conflict,) = a.conflicts()
+    survivor = conflict["records"][0]
+    assert survivor != loser
+    a.resolve(conflict["id"], merge_into=survivor)
+    mesh([a, b])
+    for n in (a, b):
+        assert n.get("sales_invoice", sale)["customer"] == survivor
+        assert n.get("sales_invoice", sale, codes=True)["customer"] == "KH01"
+        assert n.get("customers", loser)["alias_of"] == survivor

@@ -122,6 +122,9 @@ CREATE TABLE sync_failures (
 
 # Added in format 2 (conflict resolution).
 RESOLUTION_SQL = """
+-- Records merged into another (few): references to them read as the survivor.
+CREATE INDEX records_alias ON records (collection, id) WHERE alias_of IS NOT NULL;
+
 -- Resolutions journalled on records (engine.resolution), derived from
 -- replicated state like the conflicts: every node lists the same.
 CREATE TABLE resolutions (
