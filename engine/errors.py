@@ -139,6 +139,13 @@ class PeriodLocked(UserError):
     refused; nothing of it was stored. The message names document and period."""
 
 
+class NotAuthor(UserError):
+    """The relay refused an update from a node that is not a carrier because
+    it would change another node's entries (or remove an entry, or wait for
+    changes the relay has not seen, so that its author cannot be checked);
+    nothing of it was stored. The message names the document and the entry."""
+
+
 class RelayLimitError(BranchlineError):
     """A relay limit (documents per dataset, batch size, lease size) was hit."""
 

@@ -11,7 +11,7 @@ from ..errors import UpdateError
 MAX_CLIENTS = 1_000_000
 
 
-def _read_uint(data: bytes, pos: int) -> tuple[int, int]:
+def read_uint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if pos >= len(data):
@@ -26,7 +26,7 @@ def _read_uint(data: bytes, pos: int) -> tuple[int, int]:
             raise UpdateError("state vector has an integer longer than 64 bits")
 
 
-def _write_uint(out: bytearray, value: int) -> None:
+def write_uint(out: bytearray, value: int) -> None:
     while value > 0x7F:
         out.append(0x80 | (value & 0x7F))
         value >>= 7
@@ -35,13 +35,13 @@ def _write_uint(out: bytearray, value: int) -> None:
 
 def decode_state_vector(data: bytes) -> dict[int, int]:
     """client id -> clock. Raises UpdateError on malformed input."""
-    count, pos = _read_uint(data, 0)
+    count, pos = read_uint(data, 0)
     if count > MAX_CLIENTS:
         raise UpdateError(f"state vector claims {count} clients")
     out = {}
     for _ in range(count):
-        client, pos = _read_uint(data, pos)
-        clock, pos = _read_uint(data, pos)
+        client, pos = read_uint(data, pos)
+        clock, pos = read_uint(data, pos)
         out[client] = clock
     if pos != len(data):
         raise UpdateError("state vector has trailing bytes")
@@ -50,10 +50,10 @@ def decode_state_vector(data: bytes) -> dict[int, int]:
 
 def encode_state_vector(sv: dict[int, int]) -> bytes:
     out = bytearray()
-    _write_uint(out, len(sv))
+    write_uint(out, len(sv))
     for client, clock in sorted(sv.items()):
-        _write_uint(out, client)
-        _write_uint(out, clock)
+        write_uint(out, client)
+        write_uint(out, clock)
     return bytes(out)
 
 

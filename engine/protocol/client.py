@@ -121,6 +121,8 @@ class ClientSession(Session):
         self._versions = tuple(versions)
         self.version: int | None = None
         self.read_only = False
+        #: The relay takes other nodes' entries from this node (welcome ``carrier``).
+        self.carrier = False
         self._documents: list[str] = []
         self.documents: tuple[str, ...] = ()  # the relay's, once OPEN
         self._welcomed = False
@@ -442,6 +444,7 @@ class ClientSession(Session):
             self._welcomed = True
             self.version = msg.version
             self.read_only = msg.read_only
+            self.carrier = msg.carrier
             self._limits = msg.limits
             self._heartbeat_ms = msg.heartbeat_ms
             return []
@@ -465,6 +468,7 @@ class ClientSession(Session):
                     self._limits,
                     self._heartbeat_ms,
                     self.documents,
+                    self.carrier,
                 )
             ]
         raise self._violation(msg, "during the handshake")

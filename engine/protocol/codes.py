@@ -21,6 +21,7 @@ BAD_UPDATE = "bad_update"
 UNAVAILABLE = "unavailable"
 INTERNAL = "internal"
 LOCKED_PERIOD = "locked_period"
+NOT_AUTHOR = "not_author"
 
 #: code -> what it means (docs/protocol.md repeats this table).
 CODES: dict[str, str] = {
@@ -40,11 +41,14 @@ CODES: dict[str, str] = {
     INTERNAL: "the peer failed internally (e.g. its store); nothing from this frame was kept",
     LOCKED_PERIOD: "an update of a document whose period the relay has locked (in a refused "
     "frame: the session goes on)",
+    NOT_AUTHOR: "an update that would change or remove another node's entries, or that waits "
+    "for changes the relay has not seen, from a node that is not a carrier (in a refused "
+    "frame: the session goes on)",
 }
 
 #: Codes a ``refused`` frame may carry: the relay refuses those updates (not
 #: stored, never acknowledged) and the session goes on.
-REFUSAL_CODES: frozenset[str] = frozenset({LOCKED_PERIOD})
+REFUSAL_CODES: frozenset[str] = frozenset({LOCKED_PERIOD, NOT_AUTHOR})
 
 #: Codes after which a client should reconnect with backoff.
 RETRYABLE: frozenset[str] = frozenset({RATE_LIMITED, UNAVAILABLE, INTERNAL})

@@ -94,6 +94,7 @@ class Opened:
     limits: Limits
     heartbeat_ms: int
     documents: tuple[str, ...]
+    carrier: bool = False  # the relay takes other nodes' entries from this node
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,9 @@ class Hello:
 
 @dataclass(frozen=True)
 class Welcome:
-    """Relay -> client: the handshake succeeded; ``limits`` now bind both sides."""
+    """Relay -> client: the handshake succeeded; ``limits`` now bind both sides.
+    ``carrier``: the relay takes other nodes' entries from this node (absent
+    on the wire means false)."""
 
     version: int
     dataset: str
@@ -66,6 +68,7 @@ class Welcome:
     read_only: bool
     limits: Limits
     heartbeat_ms: int
+    carrier: bool = False
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,8 @@ def header_of(msg: Message) -> dict[str, Any]:
             limits=msg.limits.to_json(),
             heartbeat_ms=msg.heartbeat_ms,
         )
+        if msg.carrier:
+            h["carrier"] = True
     elif isinstance(msg, Docs):
         h.update(names=list(msg.names), final=msg.final)
     elif isinstance(msg, Error):
@@ -449,6 +454,7 @@ def _welcome(h: dict[str, Any], payload: bytes) -> Welcome:
         read_only=_bool(h, "read_only"),
         limits=_limits(h),
         heartbeat_ms=_int(h, "heartbeat_ms", MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS),
+        carrier=_bool(h, "carrier") if "carrier" in h else False,
     )
 
 

@@ -142,8 +142,11 @@ class RelaySession(Session):
 
     # -- handshake ----------------------------------------------------------------
 
-    def accept(self, *, read_only: bool, documents: Iterable[str] = ()) -> None:
-        """Admit the client: queue ``welcome`` and the ``docs`` list (the
+    def accept(
+        self, *, read_only: bool, documents: Iterable[str] = (), carrier: bool = False
+    ) -> None:
+        """Admit the client: queue ``welcome`` (with ``carrier``: the relay
+        takes other nodes' entries from it) and the ``docs`` list (the
         dataset's document names); the session is OPEN. Raises
         LocalProtocolError unless a hello awaits an answer, or for bad names."""
         _check(
@@ -164,7 +167,13 @@ class RelaySession(Session):
         hello = self.hello
         self._send(
             Welcome(
-                self.version, hello.dataset, hello.node, read_only, self._limits, self._heartbeat_ms
+                self.version,
+                hello.dataset,
+                hello.node,
+                read_only,
+                self._limits,
+                self._heartbeat_ms,
+                carrier,
             )
         )
         for start in range(0, max(len(names), 1), MAX_DOCS_PER_FRAME):
