@@ -337,8 +337,14 @@ def test_out_of_order_updates_wait_and_survive_compaction(tmp_path: Path) -> Non
     store = SqliteRelayStore.create(path)
     store.enroll("acme", "X")
     u = _map_updates(4, client_id=77)
-    # 2 and 3 arrive before 0 and 1: they wait, stored once even if re-sent.
     late = [UpdateIn("customers", u[2], "X"), UpdateIn("customers", u[3], "X")]
+    # From a node that is not a carrier, a waiting update is refused: what it
+    # will change cannot be checked (engine.relay.authorship).
+    refused = store.append_updates("acme", late)
+    assert [type(r.error).__name__ for r in refused] == ["NotAuthor", "NotAuthor"]
+    assert "waits for changes" in str(refused[0].error)
+    # A carrier's: 2 and 3 arrive before 0 and 1 and wait, stored once even if re-sent.
+    store.enroll("acme", "X", carrier=True)
     assert [r.status for r in store.append_updates("acme", late)] == ["stored", "stored"]
     assert [r.status for r in store.append_updates("acme", late)] == ["duplicate", "duplicate"]
     store.compact("acme")
@@ -616,7 +622,7 @@ def test_an_update_that_waits_for_an_earlier_one_is_kept_across_reopen(tmp_path:
     a.put("customers", {"code": "KH1", "name": "An Phát"})  # replaces the first entry
     (_, _, first), (_, _, second) = a.outbox()
     s = SqliteRelayStore.create(tmp_path / "relay.db")
-    s.enroll("acme", "A")
+    s.enroll("acme", "A", carrier=True)  # only a carrier's updates may wait
     [res] = s.append_updates("acme", [UpdateIn("customers", second, "A")])
     assert res.status == "stored"
     s.close()
@@ -659,7 +665,8 @@ def test_period_locks_refuse_updates_of_their_documents_only(tmp_path: Path) -> 
     store.enroll("acme", "X")
     docs = ["customers", "journal/2025", "journal/2026", "journal/2026-11", "journal/2026-12"]
     docs += ["sales_invoice/2026-11"]
-    updates = dict(zip(docs, _map_updates(len(docs), client_id=9), strict=True))
+    # One client per document: an update of each stands alone (none waits).
+    updates = {d: _map_updates(1, client_id=100 + i)[0] for i, d in enumerate(docs)}
 
     def refused(names: list[str]) -> set[str]:
         results = store.append_updates("acme", [UpdateIn(d, updates[d], "X") for d in names])
@@ -680,8 +687,7 @@ def test_period_locks_refuse_updates_of_their_documents_only(tmp_path: Path) -> 
     assert store.unlock_period("acme", "2026-11") is True
     assert store.unlock_period("acme", "2026-11") is False
     assert store.lock_period("acme", "2026")
-    second = _map_updates(len(docs), client_id=10)
-    updates = dict(zip(docs, second, strict=True))
+    updates = {d: _map_updates(1, client_id=200 + i)[0] for i, d in enumerate(docs)}
     assert refused(docs) == {"journal/2026", "journal/2026-12"} | {
         "journal/2026-11",
         "sales_invoice/2026-11",
@@ -696,18 +702,25 @@ def test_period_locks_refuse_updates_of_their_documents_only(tmp_path: Path) -> 
     store.close()
 
 
-def test_a_format_1_store_gains_period_locks_when_opened(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_store_is_upgraded_when_opened(tmp_path: Path, version: int) -> None:
+    """Format 1 lacks period locks, 2 the carrier flag: both open as 3, and
+    the nodes enrolled before are not carriers."""
     path = tmp_path / "r.db"
     with SqliteRelayStore.create(path) as store:
         store.enroll("acme", "X")
     conn = sqlite3.connect(path)
-    conn.execute("DROP TABLE locks")
-    conn.execute("PRAGMA user_version = 1")
+    conn.execute("ALTER TABLE nodes DROP COLUMN carrier")
+    if version == 1:
+        conn.execute("DROP TABLE locks")
+    conn.execute(f"PRAGMA user_version = {version}")
     conn.commit()
     conn.close()
     with SqliteRelayStore.open(path) as store:
         assert store.lock_period("acme", "2026")
         assert store.status()[0].locks == ["2026"]
+        assert [n.carrier for n in store.status()[0].nodes] == [False]
+        assert store.enroll("acme", "HO", carrier=True).carrier
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
     conn.close()

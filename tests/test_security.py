@@ -16,8 +16,9 @@ adds what was missing:
   another node is served meanwhile;
 - tokens never in any log line (every logger at DEBUG) nor in /metrics, for
   accepted and refused connections alike;
-- node id spoofing inside an update is measured: see
-  ``test_spoofed_entry_is_stored_today`` and docs/reliability.md.
+- node id spoofing inside updates: a node that is not a carrier cannot
+  change, remove or set up a later change of another node's entry; a carrier
+  can publish them (docs/reliability.md "Authorship").
 
 Waits are on conditions with generous bounds; nothing asserts a duration
 except as an upper bound far above the configured one.
@@ -29,10 +30,11 @@ import asyncio
 import base64
 import logging
 import os
-import sqlite3
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -50,9 +52,12 @@ from test_relay_server import (
 )
 from websockets.asyncio.client import connect
 
+from engine.crdt.deleteset import encode_delete_set
 from engine.protocol import Limits, codes, encode_message
+from engine.protocol.events import UpdateRefused
 from engine.protocol.messages import Lease, Update, Updates
 from engine.relay.server import RelayServer, ServerLimits
+from engine.relay.sqlite_store import SqliteRelayStore
 
 __all__ = ["relay_db"]  # the fixture, imported for pytest
 
@@ -385,29 +390,108 @@ def test_node_sync_logs_no_token(tmp_path: Path, caplog: pytest.LogCaptureFixtur
 # -- node id spoofing ---------------------------------------------------------------------
 
 
-def test_spoofed_entry_is_stored_today(relay_db: tuple[Path, Tokens]) -> None:
-    """A2 writes an entry under A1's key (``record|A1``). The relay cannot
-    tell it from A1's own entry carried by A2 (e.g. imported from a file),
-    so it stores and fans it out: this test pins that behaviour until the
-    relay checks authorship (see docs/reliability.md, "Node id spoofing").
-    What holds meanwhile: the write is attributed to the authenticated
-    sender in the relay's log, so it can be traced."""
-    path, tok = relay_db
-    doc: Doc[object] = Doc()
+def entries_of(path: Path, doc: str) -> dict[str, str]:
+    """The entries (root ``r``) a fresh store instance on ``path`` holds of ``doc``."""
+    with SqliteRelayStore.open(path) as store:
+        ydoc: Doc[Any] = Doc()
+        ydoc.apply_update(store.diff("acme", doc))
+        return dict(ydoc.get("r", type=Map).to_py() or {})
+
+
+def forge(base: list[bytes], client_id: int, edit: Callable[[Map[Any]], None]) -> bytes:
+    """The update a document holding ``base`` makes when ``edit`` changes it."""
+    doc: Doc[Any] = Doc(client_id=client_id)
     entries = doc.get("r", type=Map)
-    entries["01HZZZZZZZZZZZZZZZZZZZZZZZ|A1"] = '{"w": [[1, {}]], "f": {"name": [0, "forged"]}}'
-    forged = doc.get_update()
+    for update in base:
+        doc.apply_update(update)
+    before = doc.get_state()
+    edit(entries)
+    out: bytes = doc.get_update(before)
+    return out
+
+
+def test_entries_of_another_node_are_refused_and_the_session_goes_on(
+    relay_db: tuple[Path, Tokens],
+) -> None:
+    """A2 (not a carrier) tries every way to change or remove A1's entry; each
+    is refused with ``not_author`` in a ``refused`` frame, nothing is stored,
+    A2's own writes on the same connection go on, and A1's next change lands
+    as A1 wrote it (no forged item waits at the relay to overwrite it)."""
+    path, tok = relay_db
+    a1: Doc[Any] = Doc(client_id=11)
+    a1_entries = a1.get("r", type=Map)
+    a1_entries["R1|A1"] = '{"v": 1}'
+    seen = a1.get_update()  # published by A1 first
+    before = a1.get_state()
+    a1_entries["R1|A1"] = '{"v": 2}'
+    later = a1.get_update(before)  # A1's next change, not yet at the relay
+
+    def put(key: str, value: str) -> Callable[[Map[Any]], None]:
+        return lambda m: m.__setitem__(key, value)
+
+    def remove(key: str) -> Callable[[Map[Any]], None]:
+        return lambda m: m.pop(key)
+
+    forgeries = {
+        "a new entry under A1's key": forge([], 22, put("R9|A1", "forged")),
+        "A1's entry overwritten": forge([seen], 22, put("R1|A1", "forged")),
+        "A1's entry overwritten under A1's client id": forge([seen], 11, put("R1|A1", "forged")),
+        "A1's entry removed": forge([seen], 22, remove("R1|A1")),
+        "an item waiting for A1's next change": forge([seen, later], 22, put("R1|A1", "x")),
+        # Only the deletion of A1's next item (clock 1), before it arrives.
+        "a deletion of A1's unseen item": b"\x00" + encode_delete_set({11: [(1, 1)]}),
+        "a key without a node": forge([], 22, put("R9", "forged")),
+    }
+    reasons: dict[str, str] = {}
 
     async def body(server: RelayServer) -> None:
-        a2, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
-        await a2.put("customers", forged, ref=1)
-        await a2.acked(1)
-        await a2.close()
+        c1, opened = await Client.opened(server.url, "acme", "A1", tok.a1)
+        assert opened.carrier is False
+        await c1.put("customers", seen, ref=1)
+        await c1.acked(1)
+        c2, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+        for ref, (what, forged) in enumerate(forgeries.items(), start=1):
+            await c2.put("customers", forged, ref=ref)
+            ev = await c2.wait(UpdateRefused, lambda e, ref=ref: ref in e.refs)  # type: ignore[misc]
+            assert (ev.doc, ev.code) == ("customers", codes.NOT_AUTHOR), what
+            reasons[what] = ev.message
+        await c2.put("customers", forge([], 22, put("R2|A2", "own")), ref=100)
+        await c2.acked(100)
+        await c1.put("customers", later, ref=2)
+        await c1.acked(2)
+        await c1.close()
+        await c2.close()
 
     run(with_server(path, body))
-    conn = sqlite3.connect(path)
-    try:
-        senders = [r[0] for r in conn.execute("SELECT node FROM updates WHERE doc = 'customers'")]
-    finally:
-        conn.close()
-    assert senders == ["A2"]
+    assert entries_of(path, "customers") == {"R1|A1": '{"v": 2}', "R2|A2": "own"}
+    assert "of node 'A1'" in reasons["A1's entry overwritten under A1's client id"]
+    assert "removes entry 'R1|A1'" in reasons["A1's entry removed"]
+    assert "waits for changes" in reasons["an item waiting for A1's next change"]
+    assert "has not seen" in reasons["a deletion of A1's unseen item"]
+    assert all("A2" in r for r in reasons.values())
+
+
+def test_a_carrier_publishes_other_nodes_entries(relay_db: tuple[Path, Tokens]) -> None:
+    """A head office enrolled with ``carrier`` may publish A1's entries it
+    imported from a file, also out of order; the welcome tells it so."""
+    path, _ = relay_db
+    with SqliteRelayStore.open(path) as store:
+        ho = store.enroll("acme", "HO", carrier=True).token
+    a1: Doc[Any] = Doc(client_id=11)
+    a1_entries = a1.get("r", type=Map)
+    a1_entries["R1|A1"] = '{"v": 1}'
+    first = a1.get_update()
+    before = a1.get_state()
+    a1_entries["R1|A1"] = '{"v": 2}'
+    second = a1.get_update(before)
+
+    async def body(server: RelayServer) -> None:
+        client, opened = await Client.opened(server.url, "acme", "HO", ho)
+        assert opened.carrier is True
+        await client.put("customers", second, ref=1)  # waits for the first
+        await client.put("customers", first, ref=2)
+        await client.acked(1, 2)
+        await client.close()
+
+    run(with_server(path, body))
+    assert entries_of(path, "customers") == {"R1|A1": '{"v": 2}'}

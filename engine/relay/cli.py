@@ -67,12 +67,22 @@ def init_cmd(store: Path, as_json: bool) -> None:
 @click.argument("dataset")
 @click.argument("node")
 @click.option("--read-only", is_flag=True, help="the node may read but not write")
+@click.option(
+    "--carrier",
+    is_flag=True,
+    help="the node may publish other nodes' entries (e.g. a head office that imports "
+    "branches' export files); other nodes may publish only their own",
+)
 @json_option
-def enroll_cmd(store: Path, dataset: str, node: str, read_only: bool, as_json: bool) -> None:
+def enroll_cmd(
+    store: Path, dataset: str, node: str, read_only: bool, carrier: bool, as_json: bool
+) -> None:
     """Issue a token for NODE of DATASET (the dataset is created on first
-    enroll). Re-enrolling a node replaces its token."""
+    enroll). Re-enrolling a node replaces its token and its flags."""
+    if read_only and carrier:
+        raise click.UsageError("a node cannot be both --read-only and --carrier")
     with _opened(store) as relay:
-        done = relay.enroll(dataset, node, read_only=read_only)
+        done = relay.enroll(dataset, node, read_only=read_only, carrier=carrier)
     if as_json:
         _emit(
             {
@@ -80,6 +90,7 @@ def enroll_cmd(store: Path, dataset: str, node: str, read_only: bool, as_json: b
                 "dataset": done.dataset,
                 "node": done.node,
                 "read_only": done.read_only,
+                "carrier": done.carrier,
                 "replaced": done.replaced,
                 "dataset_created": done.dataset_created,
             }
@@ -92,7 +103,7 @@ def enroll_cmd(store: Path, dataset: str, node: str, read_only: bool, as_json: b
             f"node '{node}' was enrolled before: its previous token no longer works "
             "(a revoked node is active again)"
         )
-    mode = "read-only" if read_only else "read-write"
+    mode = "read-only" if read_only else "read-write, carrier" if carrier else "read-write"
     click.echo(f"enrolled node '{node}' of dataset '{dataset}' ({mode}); token:")
     click.echo(done.token)
     click.echo("This token will not be shown again; the relay keeps only a hash of it.")
@@ -156,7 +167,7 @@ def _said(dataset: str, period: str, changed: bool, done: str, as_json: bool) ->
 @store_argument
 @json_option
 def status_cmd(store: Path, as_json: bool) -> None:
-    """Datasets, their nodes (read-only, revoked), locked periods, documents
+    """Datasets, their nodes (read-only, carrier, revoked), locked periods, documents
     and update counts."""
     with _opened(store) as relay:
         info = relay.status()
@@ -172,6 +183,7 @@ def status_cmd(store: Path, as_json: bool) -> None:
                             {
                                 "name": n.name,
                                 "read_only": n.read_only,
+                                "carrier": n.carrier,
                                 "revoked": n.revoked,
                                 "enrolled_at": n.enrolled_at,
                                 "revoked_at": n.revoked_at,
@@ -210,7 +222,11 @@ def status_cmd(store: Path, as_json: bool) -> None:
         for n in ds.nodes:
             nodes.add_row(
                 n.name,
-                "read-only" if n.read_only else "read-write",
+                "read-only"
+                if n.read_only
+                else "read-write, carrier"
+                if n.carrier
+                else "read-write",
                 "revoked" if n.revoked else "active",
             )
         console.print(nodes)

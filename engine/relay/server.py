@@ -52,6 +52,7 @@ from ..errors import (
     BranchlineError,
     LocalProtocolError,
     NodeRevoked,
+    NotAuthor,
     PeriodLocked,
     ReadOnlyNode,
     RelayLimitError,
@@ -521,7 +522,9 @@ class RelayServer:
         if conn.session.state is not SessionState.CONNECTING:
             return  # timed out or failed while the store answered
         try:
-            conn.session.accept(read_only=grant.read_only, documents=answer.documents)
+            conn.session.accept(
+                read_only=grant.read_only, documents=answer.documents, carrier=grant.carrier
+            )
         except LocalProtocolError as exc:
             self._fail(conn, codes.LIMIT_EXCEEDED, f"cannot list the dataset's documents: {exc}")
             return
@@ -781,9 +784,10 @@ class RelayServer:
         self.metrics.batches_committed += 1
         acks: dict[_Connection, list[int]] = {}
         failed: dict[_Connection, tuple[str, str]] = {}
-        # Updates of a locked period: refused one document at a time, and the
-        # session goes on (the node's other documents keep flowing).
-        refused: dict[tuple[_Connection, str], tuple[list[int], str]] = {}
+        # Updates of a locked period, or that their sender may not publish:
+        # refused one document at a time, and the session goes on (the
+        # node's other documents keep flowing).
+        refused: dict[tuple[_Connection, str, str], tuple[list[int], str]] = {}
         stored: list[_Pending] = []
         for p, result in zip(items, results, strict=True):
             self.metrics.updates_in[result.status] += 1
@@ -791,8 +795,13 @@ class RelayServer:
                 acks.setdefault(p.conn, []).append(p.ref)
                 if result.status == "stored":
                     stored.append(p)
-            elif isinstance(result.error, PeriodLocked):
-                refused.setdefault((p.conn, p.doc), ([], str(result.error)))[0].append(p.ref)
+            elif isinstance(result.error, PeriodLocked | NotAuthor):
+                code = (
+                    codes.LOCKED_PERIOD
+                    if isinstance(result.error, PeriodLocked)
+                    else codes.NOT_AUTHOR
+                )
+                refused.setdefault((p.conn, p.doc, code), ([], str(result.error)))[0].append(p.ref)
             elif p.conn not in failed:
                 failed[p.conn] = _rejection(p.doc, result.error)
         for conn, refs in acks.items():
@@ -800,17 +809,17 @@ class RelayServer:
                 conn.session.ack(refs)
             except LocalProtocolError as exc:  # a driver bug; keep the others going
                 log.error("%s: cannot ack: %s", conn.label(), exc)
-        for (conn, doc), (refs, why) in refused.items():
+        for (conn, doc, code), (refs, why) in refused.items():
             log.info("%s: %d update(s) refused: %s", conn.label(), len(refs), why)
-            self.metrics.updates_refused[codes.LOCKED_PERIOD] += len(refs)
+            self.metrics.updates_refused[code] += len(refs)
             try:
-                conn.session.refuse(doc, refs, codes.LOCKED_PERIOD, why)
+                conn.session.refuse(doc, refs, code, why)
             except LocalProtocolError as exc:  # a driver bug; keep the others going
                 log.error("%s: cannot refuse: %s", conn.label(), exc)
         for conn, (code, message) in failed.items():
             log.info("%s: update refused (%s): %s", conn.label(), code, message)
             self._fail(conn, code, message)
-        touched = set(acks) | set(failed) | {conn for conn, _ in refused}
+        touched = set(acks) | set(failed) | {conn for conn, _, _ in refused}
         peers = [c for c in self._datasets.get(dataset, ()) if c.session.state is SessionState.OPEN]
         if stored and peers:
             self.metrics.updates_fanned_out += self._fan_out_batch(stored, peers)

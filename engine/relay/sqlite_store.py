@@ -44,18 +44,20 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pycrdt import Doc, TransactionEvent, get_update
+from pycrdt import Doc, Map, MapEvent, TransactionEvent, get_update
 
+from ..crdt.document import ROOT
 from ..crdt.statevec import decode_state_vector
 from ..errors import (
     AuthError,
     BranchlineError,
     FormatVersionError,
     NodeRevoked,
+    NotAuthor,
     PeriodLocked,
     ReadOnlyNode,
     RelayLimitError,
@@ -69,6 +71,7 @@ from ..errors import (
     UserError,
 )
 from ..names import DATASET_RE, DOC_RE, NODE_RE
+from . import authorship
 from .store import (
     EMPTY_STATE_VECTOR,
     EMPTY_UPDATE,
@@ -82,7 +85,8 @@ from .store import (
     UpdateIn,
 )
 
-FORMAT_VERSION = 2  # 2: period locks (a format 1 file is upgraded when opened)
+# 2: period locks; 3: carrier nodes (older files are upgraded when opened)
+FORMAT_VERSION = 3
 APPLICATION_ID = 0x424C5259  # "BLRY": a Branchline relay store
 BUSY_TIMEOUT_MS = 30_000
 SERIES_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@/-]{0,127}\Z")
@@ -106,6 +110,7 @@ CREATE TABLE nodes (
     read_only INTEGER NOT NULL,
     enrolled_at INTEGER NOT NULL,
     revoked_at INTEGER,
+    carrier INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (dataset_id, name)
 ) WITHOUT ROWID;
 
@@ -200,11 +205,33 @@ class _Loaded:
     changes: int = 0  # transactions that changed the document, counted by its observer
     snapshot_bytes: int = 0  # bytes of its snapshot row
     tail_bytes: int = 0  # bytes of its log rows
+    # Entries changed by the transaction being integrated (key -> yrs action),
+    # read only while ``watching``: the authorship check of a non-carrier.
+    watching: bool = False
+    entries_changed: dict[str, str] = field(default_factory=dict)
+    entries: Map[Any] | None = (
+        None  # the root Map: pycrdt drops a type's observers with the type object
+    )
+    failed: str = ""  # why reading the entries' event failed (yrs panics)
 
     def on_change(self, _event: TransactionEvent) -> None:
         # yrs calls the observer once per transaction that changed the
         # document (new items or new deletions), and not for a duplicate.
         self.changes += 1
+
+    def on_entries(self, event: MapEvent) -> None:
+        if not self.watching:
+            return  # building the keys of a large load costs; carriers skip it
+        try:
+            keys: dict[str, dict[str, Any]] = event.keys  # type: ignore[attr-defined]
+            for key, change in keys.items():
+                self.entries_changed[key] = str(change["action"])
+        except BaseException as exc:
+            # yrs 0.28 panics on some valid update sequences while building
+            # the keys (pyo3 raises a BaseException); see RecordDoc.apply.
+            if type(exc).__name__ != "PanicException":
+                raise
+            self.failed = str(exc).splitlines()[0] if str(exc) else "panic"
 
 
 class SqliteRelayStore(RelayStore):
@@ -261,8 +288,8 @@ class SqliteRelayStore(RelayStore):
         if app_id != APPLICATION_ID:
             conn.close()
             raise StoreError(f"{path} is not a Branchline relay store")
-        if version == 1:
-            _upgrade_1_to_2(conn)
+        if version in (1, 2):
+            _upgrade(conn, version)
             version = FORMAT_VERSION
         if version != FORMAT_VERSION:
             conn.close()
@@ -292,7 +319,9 @@ class SqliteRelayStore(RelayStore):
 
     # -- nodes -------------------------------------------------------------
 
-    def enroll(self, dataset: str, node: str, *, read_only: bool = False) -> Enrollment:
+    def enroll(
+        self, dataset: str, node: str, *, read_only: bool = False, carrier: bool = False
+    ) -> Enrollment:
         _check_dataset(dataset)
         _check_node(node)
         token = secrets.token_urlsafe(32)
@@ -310,9 +339,9 @@ class SqliteRelayStore(RelayStore):
             else:
                 ds_id = int(row[0])
             cur = conn.execute(
-                "UPDATE nodes SET salt = ?, token_hash = ?, read_only = ?, enrolled_at = ?, "
-                "revoked_at = NULL WHERE dataset_id = ? AND name = ?",
-                (salt, _hash(salt, token), int(read_only), now, ds_id, node),
+                "UPDATE nodes SET salt = ?, token_hash = ?, read_only = ?, carrier = ?, "
+                "enrolled_at = ?, revoked_at = NULL WHERE dataset_id = ? AND name = ?",
+                (salt, _hash(salt, token), int(read_only), int(carrier), now, ds_id, node),
             )
             replaced = cur.rowcount > 0
             if replaced:  # the old token stops working: open connections must notice
@@ -320,10 +349,10 @@ class SqliteRelayStore(RelayStore):
             else:
                 conn.execute(
                     "INSERT INTO nodes (dataset_id, name, salt, token_hash, read_only, "
-                    "enrolled_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (ds_id, node, salt, _hash(salt, token), int(read_only), now),
+                    "carrier, enrolled_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (ds_id, node, salt, _hash(salt, token), int(read_only), int(carrier), now),
                 )
-        return Enrollment(dataset, node, token, read_only, replaced, created)
+        return Enrollment(dataset, node, token, read_only, replaced, created, carrier)
 
     def revoke(self, dataset: str, node: str) -> bool:
         _check_dataset(dataset)
@@ -372,7 +401,7 @@ class SqliteRelayStore(RelayStore):
     def authenticate(self, dataset: str, node: str, token: str) -> NodeGrant:
         with self._lock:
             row = self._conn.execute(
-                "SELECT n.salt, n.token_hash, n.read_only, n.revoked_at FROM nodes n "
+                "SELECT n.salt, n.token_hash, n.read_only, n.revoked_at, n.carrier FROM nodes n "
                 "JOIN datasets d ON d.id = n.dataset_id WHERE d.name = ? AND n.name = ?",
                 (dataset, node),
             ).fetchone()
@@ -392,7 +421,7 @@ class SqliteRelayStore(RelayStore):
                 f"node {node!r} of dataset {dataset!r} has been revoked; "
                 "enroll it again to issue a new token"
             )
-        return NodeGrant(dataset, node, bool(row[2]), _token_id(stored))
+        return NodeGrant(dataset, node, bool(row[2]), _token_id(stored), bool(row[4]))
 
     # -- updates -----------------------------------------------------------
 
@@ -443,7 +472,7 @@ class SqliteRelayStore(RelayStore):
         results: list[Appended | None],
         touched: set[tuple[int, str]],
     ) -> None:
-        writers: dict[str, BranchlineError | None] = {}
+        writers: dict[str, tuple[BranchlineError | None, bool]] = {}
         counts: dict[str, tuple[int, int]] = {}
         room: dict[str, BranchlineError | None] = {}
         new_docs: set[str] = set()  # documents this batch creates
@@ -463,8 +492,8 @@ class SqliteRelayStore(RelayStore):
             if results[i] is not None:
                 continue
             if u.node not in writers:
-                writers[u.node] = self._writer_error(conn, ds_id, dataset, u.node)
-            err = writers[u.node]
+                writers[u.node] = self._writer(conn, ds_id, dataset, u.node)
+            err, carrier = writers[u.node]
             if err is None and u.doc not in room:
                 room[u.doc] = self._room_for(conn, ds_id, dataset, u.doc, new_docs)
             if err is None and locked:
@@ -479,14 +508,15 @@ class SqliteRelayStore(RelayStore):
             loaded = self._load(conn, key)
             data = bytes(u.data)
             try:
-                integrated, waiting = _integrate(loaded, data)
-            except UpdateError as exc:
-                # A failed apply may have integrated a part: rebuild the
-                # document from what this transaction has written so far.
+                integrated, waiting = _integrate(loaded, data, None if carrier else u.node, u.doc)
+            except (UpdateError, NotAuthor) as exc:
+                # The document holds what it integrated (part of it, or all of
+                # a refused update): rebuild it from what this transaction has
+                # written so far.
                 self._drop(key)
-                results[i] = Appended(
-                    u.doc, "rejected", error=UpdateError(f"document {u.doc!r}: {exc}")
-                )
+                if isinstance(exc, UpdateError):
+                    exc = UpdateError(f"document {u.doc!r}: {exc}")
+                results[i] = Appended(u.doc, "rejected", error=exc)
                 continue
             digest = None
             if waiting:
@@ -544,22 +574,23 @@ class SqliteRelayStore(RelayStore):
             and loaded.tail_bytes >= limits.compact_ratio * loaded.snapshot_bytes
         )
 
-    def _writer_error(
+    def _writer(
         self, conn: sqlite3.Connection, ds_id: int, dataset: str, node: str
-    ) -> BranchlineError | None:
+    ) -> tuple[BranchlineError | None, bool]:
+        """(why ``node`` may not write, or None; whether it is a carrier)."""
         # Checked in the write transaction: a revoke committed by the admin
         # command takes effect on the next batch, whatever the server cached.
         row = conn.execute(
-            "SELECT read_only, revoked_at FROM nodes WHERE dataset_id = ? AND name = ?",
+            "SELECT read_only, revoked_at, carrier FROM nodes WHERE dataset_id = ? AND name = ?",
             (ds_id, node),
         ).fetchone()
         if row is None:
-            return AuthError(f"node {node!r} is not enrolled in dataset {dataset!r}")
+            return AuthError(f"node {node!r} is not enrolled in dataset {dataset!r}"), False
         if row[1] is not None:
-            return NodeRevoked(f"node {node!r} of dataset {dataset!r} has been revoked")
+            return NodeRevoked(f"node {node!r} of dataset {dataset!r} has been revoked"), False
         if row[0]:
-            return ReadOnlyNode(f"node {node!r} of dataset {dataset!r} is read-only")
-        return None
+            return ReadOnlyNode(f"node {node!r} of dataset {dataset!r} is read-only"), False
+        return None, bool(row[2])
 
     def _room_for(
         self, conn: sqlite3.Connection, ds_id: int, dataset: str, doc: str, new_docs: set[str]
@@ -705,9 +736,9 @@ class SqliteRelayStore(RelayStore):
                 "SELECT id, name, created_at FROM datasets ORDER BY name"
             ).fetchall():
                 nodes = [
-                    NodeInfo(str(n), bool(ro), rev is not None, int(at), rev)
-                    for n, ro, at, rev in conn.execute(
-                        "SELECT name, read_only, enrolled_at, revoked_at FROM nodes "
+                    NodeInfo(str(n), bool(ro), rev is not None, int(at), rev, bool(carrier))
+                    for n, ro, at, rev, carrier in conn.execute(
+                        "SELECT name, read_only, enrolled_at, revoked_at, carrier FROM nodes "
                         "WHERE dataset_id = ? ORDER BY name",
                         (ds_id,),
                     )
@@ -825,6 +856,8 @@ class SqliteRelayStore(RelayStore):
         loaded = _Loaded(doc, applied, tail, 0)
         loaded.snapshot_bytes, loaded.tail_bytes = snapshot_bytes, size - snapshot_bytes
         doc.observe(loaded.on_change)
+        loaded.entries = doc.get(ROOT, type=Map)
+        loaded.entries.observe(loaded.on_entries)
         self._docs[key] = loaded
         self._grow(loaded, size)
         return loaded
@@ -886,11 +919,19 @@ class SqliteRelayStore(RelayStore):
         return int(removed)
 
 
-def _integrate(loaded: _Loaded, update: bytes) -> tuple[bool, bool]:
+def _integrate(
+    loaded: _Loaded, update: bytes, author: str | None = None, name: str = ""
+) -> tuple[bool, bool]:
     """Apply ``update``; returns (changed the document, part of it waits for
-    updates not seen yet). Raises UpdateError for bytes that are not an update."""
+    updates not seen yet). With ``author`` (a node that is not a carrier),
+    check that it may publish the update (``authorship.check``). Raises
+    UpdateError for bytes that are not an update, NotAuthor; after either,
+    the document may hold part of the update: drop it."""
     before = loaded.changes
     doc = loaded.doc
+    loaded.watching = author is not None
+    loaded.entries_changed = {}
+    loaded.failed = ""
     try:
         # Apply and read the state vector in ONE transaction: yrs integrates
         # (and retries waiting parts) inside apply_update, so the state is
@@ -911,6 +952,14 @@ def _integrate(loaded: _Loaded, update: bytes) -> tuple[bool, bool]:
         beyond = get_update(update, state)
     except Exception as exc:  # pycrdt raises bare exceptions for bad input
         raise UpdateError(f"not a valid update ({exc})") from None
+    finally:
+        loaded.watching = False
+    if loaded.failed:
+        raise UpdateError(f"the CRDT library failed on this update ({loaded.failed})")
+    if author is not None:
+        refusal = authorship.check(author, name, loaded.entries_changed, state, beyond)
+        if refusal is not None:
+            raise refusal
     return loaded.changes != before, beyond[:1] != b"\x00"
 
 
@@ -1008,14 +1057,18 @@ def _locked(dataset: str, doc: str, locked: set[str]) -> PeriodLocked | None:
     )
 
 
-def _upgrade_1_to_2(conn: sqlite3.Connection) -> None:
-    """Format 1 -> 2: add the locks table (in one write transaction)."""
+def _upgrade(conn: sqlite3.Connection, version: int) -> None:
+    """Format 1 or 2 -> 3 in one write transaction: 2 added the locks table,
+    3 the nodes' carrier flag (existing nodes are not carriers)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS locks (dataset_id INTEGER NOT NULL, period TEXT NOT NULL, "
-            "at INTEGER NOT NULL, PRIMARY KEY (dataset_id, period)) WITHOUT ROWID"
-        )
+        if version < 2:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS locks (dataset_id INTEGER NOT NULL, "
+                "period TEXT NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (dataset_id, period)) "
+                "WITHOUT ROWID"
+            )
+        conn.execute("ALTER TABLE nodes ADD COLUMN carrier INTEGER NOT NULL DEFAULT 0")
         conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
         conn.execute("COMMIT")
     except sqlite3.Error as exc:

@@ -41,11 +41,12 @@ class Enrollment:
     read_only: bool
     replaced: bool
     dataset_created: bool
+    carrier: bool = False
 
     def __repr__(self) -> str:  # keeps the token out of logs and tracebacks
         return (
             f"Enrollment(dataset={self.dataset!r}, node={self.node!r}, token=<hidden>, "
-            f"read_only={self.read_only}, replaced={self.replaced})"
+            f"read_only={self.read_only}, carrier={self.carrier}, replaced={self.replaced})"
         )
 
 
@@ -59,6 +60,7 @@ class NodeGrant:
     node: str
     read_only: bool
     token_id: bytes = field(default=b"", repr=False)
+    carrier: bool = False  # may publish other nodes' entries (docs/reliability.md)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class Appended:
     ``stored``: new content, logged under ``seq``. ``duplicate``: everything
     in it was already held, nothing logged (acknowledge it anyway).
     ``rejected``: nothing stored; ``error`` says why (bad document name or
-    bytes, too large, node unknown, revoked or read-only).
+    bytes, too large, node unknown, revoked or read-only, a locked period,
+    ``NotAuthor``).
     """
 
     doc: str
@@ -99,6 +102,7 @@ class NodeInfo:
     revoked: bool
     enrolled_at: int  # ms since the epoch
     revoked_at: int | None
+    carrier: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,11 +130,14 @@ class RelayStore(ABC):
     # -- nodes -------------------------------------------------------------
 
     @abstractmethod
-    def enroll(self, dataset: str, node: str, *, read_only: bool = False) -> Enrollment:
+    def enroll(
+        self, dataset: str, node: str, *, read_only: bool = False, carrier: bool = False
+    ) -> Enrollment:
         """Issue a new token for ``node`` of ``dataset`` (the dataset is created
         on its first enroll). Re-enrolling a node (also a revoked one) replaces
         its token: the old one stops working once this returns, and the node's
-        read-only flag becomes ``read_only``. Only a salted hash of the token is
+        flags become ``read_only`` and ``carrier`` (a carrier may publish other
+        nodes' entries, see ``append_updates``). Only a salted hash of the token is
         stored; the caller must show the token once and forget it.
 
         Raises UserError for a dataset or node name that is not valid.
@@ -171,6 +178,13 @@ class RelayStore(ABC):
         (``duplicate``). An update that is invalid, too large, or sent by a
         node that is not enrolled, revoked or read-only is ``rejected`` and
         stored in no part; the others of the batch are unaffected.
+
+        Authorship: an update from a node that is not a carrier is rejected
+        with ``NotAuthor`` when, integrated into the document, it would change
+        an entry (map key ``record|node``) of another node, remove any entry,
+        or leave a part (items or deletions) waiting for changes the store
+        has not seen (whose effect could not be checked). A carrier's updates
+        are not checked.
 
         Raises UnknownDataset (nothing stored), RelayLimitError for a batch
         larger than the limit, StoreError when the commit fails (nothing of

@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from ..clock import ManualClock
-from ..errors import BranchlineError, LocalProtocolError, RemoteProtocolError, UserError
+from ..errors import (
+    BranchlineError,
+    LocalProtocolError,
+    NotAuthor,
+    RemoteProtocolError,
+    UserError,
+)
 from ..node import Node
 from ..protocol import (
     ClientSession,
@@ -265,7 +271,11 @@ class SimRelay:
             session.fail(codes.AUTH_FAILED, str(exc))
             return
         self.grants[link.id] = (grant.dataset, grant.node)
-        session.accept(read_only=grant.read_only, documents=self.store.documents(grant.dataset))
+        session.accept(
+            read_only=grant.read_only,
+            documents=self.store.documents(grant.dataset),
+            carrier=grant.carrier,
+        )
 
     def commit(self) -> None:
         """Group commit of everything received this tick, then acks and fan-out."""
@@ -286,6 +296,13 @@ class SimRelay:
                     acks.setdefault(link_id, []).append(ref)
                     if result.status == "stored":
                         stored.append((link_id, doc, data))
+                elif link_id in self.sessions and isinstance(result.error, NotAuthor):
+                    # Reordered frames make a node's update wait at the relay:
+                    # refused like the server does, the session goes on.
+                    with _local_errors(self.sessions[link_id][0]):
+                        self.sessions[link_id][0].refuse(
+                            doc, [ref], codes.NOT_AUTHOR, str(result.error)
+                        )
                 elif link_id in self.sessions:
                     self.sessions[link_id][0].fail(codes.BAD_UPDATE, f"{doc}: {result.error}")
             for link_id, refs in acks.items():
