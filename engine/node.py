@@ -30,6 +30,8 @@ from . import series as series_mod
 from .clock import Clock, HybridClock, SystemClock, system_random
 from .conflicts import list_conflicts, list_resolutions
 from .crdt import MAX_MERGE, RecordDoc, merge, trim_heap
+from .crdt.deleteset import delete_set_only, encode_delete_set, keep_clients
+from .crdt.statevec import decode_state_vector, encode_state_vector, read_uint
 from .errors import (
     AdapterError,
     AdapterNotFound,
@@ -122,6 +124,9 @@ class Node:
         # One Yjs client id per process: two live Doc instances of one document
         # must never share a client id, or the replicas diverge.
         self._client_id = rng.getrandbits(52) + 1
+        # True once a committed write holds this instance's row in ``clients``
+        # (checked on every local write, so it must cost no query).
+        self._client_noted = False
         self._salt = node_salt(self.node_id)
         self._docs: OrderedDict[str, _Loaded] = OrderedDict()
         # None unless the node enables adapters: then writes skip them at no cost.
@@ -466,7 +471,9 @@ class Node:
                 out[name] = data
         return out
 
-    def export_parts(self, doc: str, since: bytes | None, max_bytes: int) -> Parts:
+    def export_parts(
+        self, doc: str, since: bytes | None, max_bytes: int, *, own_only: bool = False
+    ) -> Parts:
         """What a replica in state ``since`` lacks of ``doc``, as updates of at
         most ``max_bytes`` each, each with the outbox seqs it carries (so an
         acknowledgement of it can clear them).
@@ -476,33 +483,55 @@ class Node:
         replica lacks besides them (changes that came from elsewhere, say by
         file) goes in a later exchange, once the replica's state includes the
         parts and the rest is small. Seqs are read before the diff is
-        computed, so a part never claims a row it does not hold. Raises
-        UpdateError for an invalid state vector.
+        computed, so a part never claims a row it does not hold.
+
+        With ``own_only`` (for a relay that checks authorship), the diff holds
+        only the items this node wrote (clients in the ``clients`` table) and
+        their deletions, never another node's entries or deletions. Outbox
+        rows it would not hold go whole into the same part: rows imported with
+        ``import --unsynced`` (a former life of this node, whose client ids
+        are not in ``clients``) and local rows written before store format 3;
+        so every claimed row is in the part, and nothing written on top of
+        them waits at the relay for them.
+
+        Raises UpdateError for an invalid state vector, or (``own_only``)
+        when the diff cannot be split safely; nothing is exported then.
         """
         with self._reading() as conn:
             rows = [
-                (int(seq), bytes(data))
-                for seq, data in conn.execute(
-                    "SELECT seq, data FROM updates WHERE pending = 1 AND doc = ? ORDER BY seq",
+                (int(seq), bytes(data), str(origin))
+                for seq, data, origin in conn.execute(
+                    "SELECT seq, data, origin FROM updates WHERE pending = 1 AND doc = ? "
+                    "ORDER BY seq",
                     (doc,),
                 )
             ]
+            mine = {int(c) for (c,) in conn.execute("SELECT client FROM clients")}
         # Only now catch up with other processes' commits: the diff below then
         # holds every row just read. (Refreshing before the read let a row
         # committed in between be claimed by a diff without it; its ack then
         # cleared a row that never reached the relay.)
         self.refresh()
+        seqs = [seq for seq, _, _ in rows]
         if doc not in self.documents():
-            return [([seq for seq, _ in rows], EMPTY_UPDATE)] if rows else []
+            return [(seqs, EMPTY_UPDATE)] if rows else []
         loaded = self._doc(doc)
-        whole = loaded.doc.diff(since)
-        if len(whole) <= max_bytes:
-            return [([seq for seq, _ in rows], whole)] if whole != EMPTY_UPDATE or rows else []
+        whole: bytes | None
+        if own_only:
+            whole = self._own_diff(loaded, since, mine)
+            extra = [d for _, d, origin in rows if origin != "local" or _writer(d) not in mine]
+            if extra:
+                fits = len(whole) + sum(map(len, extra)) <= max_bytes
+                whole = _merged([whole, *extra]) if fits else None
+        else:
+            whole = loaded.doc.diff(since)
+        if whole is not None and len(whole) <= max_bytes:
+            return [(seqs, whole)] if whole != EMPTY_UPDATE or rows else []
         del whole
         parts: Parts = []
         group: Rows = []
         size = 0
-        for seq, data in rows:
+        for seq, data, _ in rows:
             if group and (size + len(data) > max_bytes // 2 or len(group) >= MAX_MERGE):
                 parts.append(([s for s, _ in group], merge([d for _, d in group])))
                 group, size = [], 0
@@ -511,6 +540,35 @@ class Node:
         if group:
             parts.append(([s for s, _ in group], merge([d for _, d in group])))
         return parts
+
+    def _own_diff(self, loaded: _Loaded, since: bytes | None, mine: set[int]) -> bytes:
+        """``loaded``'s diff against ``since`` holding only the items of
+        clients ``mine`` and their deletions. Raises UpdateError for an
+        invalid state vector, or when the diff does not end with the
+        document's delete set as expected."""
+        doc = loaded.doc
+        local = decode_state_vector(doc.state_vector())
+        state = decode_state_vector(since) if since is not None else {}
+        for client, clock in local.items():
+            if client not in mine:
+                state[client] = clock  # the replica "has" them: the diff skips them
+        # An empty state vector would also bring items waiting for missing
+        # updates (pycrdt adds them then); an entry at clock 0 changes nothing else.
+        state.setdefault(self._client_id, 0)
+        local.setdefault(self._client_id, 0)
+        diff = doc.diff(encode_state_vector(state))
+        # A diff is the structs the replica lacks followed by the document's
+        # whole delete set, which is all a diff against the document's own
+        # state holds.
+        tail = doc.diff(encode_state_vector(local))
+        deletions = tail[1:]
+        if not diff.endswith(deletions):
+            raise UpdateError(
+                f"document {doc.name}: cannot leave other nodes' changes out of the "
+                "update (its delete set is not where expected); nothing was sent"
+            )
+        kept = keep_clients(delete_set_only(tail), mine.__contains__)
+        return diff[: len(diff) - len(deletions)] + encode_delete_set(kept)
 
     def unsynced_updates(self) -> dict[str, bytes]:
         """Per document, one update holding every local change the relay has
@@ -522,12 +580,7 @@ class Node:
         by_doc: dict[str, list[bytes]] = {}
         for doc, data in rows:
             by_doc.setdefault(str(doc), []).append(bytes(data))
-        out = {}
-        for doc, blobs in by_doc.items():
-            while len(blobs) > 1:
-                blobs = [merge(blobs[i : i + MAX_MERGE]) for i in range(0, len(blobs), MAX_MERGE)]
-            out[doc] = blobs[0]
-        return out
+        return {doc: _merged(blobs) for doc, blobs in by_doc.items()}
 
     def import_updates(self, updates: dict[str, bytes], *, unsynced: bool = False) -> ImportReport:
         """Integrate updates from another replica in one durable transaction.
@@ -611,17 +664,21 @@ class Node:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self.store.transaction() as conn:
-            try:
+        noted = self._client_noted
+        try:
+            with self.store.transaction() as conn:
                 self.refresh()
                 row = conn.execute("SELECT value FROM meta WHERE key = 'hlc'").fetchone()
                 self._hlc.observe(int(row[0]))
                 yield conn
                 self.store.set_meta("hlc", str(self._hlc.last))
-            except BaseException:
-                # In-memory documents may hold changes that will not commit.
-                self._docs.clear()
-                raise
+        except BaseException:
+            # In-memory documents may hold changes that did not commit (the
+            # commit itself can fail), and the ``clients`` row this write
+            # added, if any, rolled back with it.
+            self._docs.clear()
+            self._client_noted = noted
+            raise
 
     def _new_id(self) -> str:
         return new_id(self._hlc.tick(), self._salt, self._rng)
@@ -685,6 +742,15 @@ class Node:
         hlc = self._hlc.tick(at_least=current.newest)
         state = new_state(states.get(self.node_id), values, hlc, seen_by(states, self.node_id))
         update = loaded.doc.write(rid, self.node_id, state)
+        if not self._client_noted:
+            # Every local write comes through here: the first one of this
+            # instance notes its client id, in the same transaction, so an
+            # own-only diff (``export_parts``) never misses an item it wrote.
+            conn.execute(
+                "INSERT OR IGNORE INTO clients (client, first_at) VALUES (?, ?)",
+                (self._client_id, self._clock.wall_ms()),
+            )
+            self._client_noted = True
         self._log(conn, loaded, update, "local", rid)
         self._materialize(conn, coll, loaded.doc, {rid})
 
@@ -1269,6 +1335,28 @@ def _references(paths: list[RefPath], values: dict[str, Any]) -> Iterator[tuple[
                 ref = line.get(sub)
                 if type(ref) is str:
                     yield target, ref
+
+
+def _merged(blobs: list[bytes]) -> bytes:
+    """One update holding all of ``blobs`` (at least one), merged
+    ``MAX_MERGE`` at a time. Raises UpdateError for bytes that are not updates."""
+    while len(blobs) > 1:
+        blobs = [merge(blobs[i : i + MAX_MERGE]) for i in range(0, len(blobs), MAX_MERGE)]
+    return blobs[0]
+
+
+def _writer(update: bytes) -> int | None:
+    """The client id of an update's structs when they are one client's (a
+    local write always is), else None. Never raises."""
+    try:
+        groups, pos = read_uint(update, 0)
+        if groups != 1:
+            return None
+        _, pos = read_uint(update, pos)  # the group's struct count
+        client, _ = read_uint(update, pos)
+    except UpdateError:
+        return None
+    return client
 
 
 def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import FormatVersionError, HomeExists, HomeNotFound, StoreError
 
 STORE_FILE = "branchline.db"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 CACHE_KIB = 16_384
 
@@ -150,8 +150,19 @@ CREATE INDEX waiting_target ON waiting (target_collection, target_id);
 """
 SCHEMA_SQL += RESOLUTION_SQL
 
+# Added in format 3 (own-only sync diffs, docs/sync.md).
+CLIENTS_SQL = """
+-- The Yjs client ids this store's Node instances wrote local updates with:
+-- a sync answer to a relay that checks authorship carries only their items.
+CREATE TABLE clients (client INTEGER PRIMARY KEY, first_at INTEGER NOT NULL);
+"""
+SCHEMA_SQL += CLIENTS_SQL
+
 # Format n -> n + 1. Each step only adds, so older rows stay exactly right.
-MIGRATIONS = {1: "ALTER TABLE records ADD COLUMN alias_of TEXT;\n" + RESOLUTION_SQL}
+MIGRATIONS = {
+    1: "ALTER TABLE records ADD COLUMN alias_of TEXT;\n" + RESOLUTION_SQL,
+    2: CLIENTS_SQL,
+}
 
 
 class NodeStore:
