@@ -65,14 +65,16 @@ class Load:
 
 
 def build_updates(node: int, n: int) -> list[bytes]:
+    """Single-record updates of node ``N{node}``: entries of its own (root
+    ``r``, key ``record|N{node}``), so the relay's authorship check runs."""
     doc: Doc[Any] = Doc(client_id=5000 + node)
-    m: Map[Any] = doc.get("m", type=Map)
+    m: Map[Any] = doc.get("r", type=Map)
     rng = random.Random(node)
     out: list[bytes] = []
     for i in range(n):
         fields = {k: str(v) for k, v in record(node * 1_000_000 + i, rng).items()}
         before = doc.get_state()
-        m[f"n{node:03d}u{i:06d}"] = orjson.dumps(fields).decode()
+        m[f"n{node:03d}u{i:06d}|N{node}"] = orjson.dumps(fields).decode()
         out.append(doc.get_update(before))
     return out
 

@@ -180,13 +180,15 @@ class Relay:
 
 
 def build_updates(writer: int, n: int) -> list[bytes]:
-    """Deterministic single-record updates of writer ``writer`` (fixed client id)."""
+    """Deterministic single-record updates of writer ``W{writer}`` (fixed
+    client id): entries of its own (root ``r``, key ``record|W{writer}``), so
+    the relay's authorship check runs on each."""
     doc: Doc[Any] = Doc(client_id=1000 + writer)
-    m: Map[Any] = doc.get("m", type=Map)
+    m: Map[Any] = doc.get("r", type=Map)
     out: list[bytes] = []
     for i in range(n):
         before = doc.get_state()
-        m[f"w{writer}-{i}"] = i
+        m[f"w{writer}-{i}|W{writer}"] = i
         out.append(doc.get_update(before))
     return out
 

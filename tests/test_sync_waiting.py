@@ -4,6 +4,7 @@ never reaches the relay is shown after a full sync, as a dangling reference.
 
 Node C carries A's voucher to the relay by file (export/import), without the
 customer it refers to: the relay then serves a voucher whose target it lacks.
+C is enrolled as a carrier: only a carrier may publish another node's entries.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ SALE = {
 def test_a_voucher_without_its_customer_waits_then_settles_as_dangling(tmp_path: Path) -> None:
     store_path = tmp_path / "relay.db"
     store = SqliteRelayStore.create(store_path)
-    tokens = {n: store.enroll("acme", n).token for n in ("B", "C")}
+    tokens = {n: store.enroll("acme", n, carrier=n == "C").token for n in ("B", "C")}
     store.close()
     port = free_port()
     homes = {n: tmp_path / n for n in ("A", "B", "C")}
