@@ -20,6 +20,11 @@ Guarantees:
   diff under a synthetic ref that maps to the rows read *before* the diff was
   computed (a row committed in between is in the diff but not in the map: it
   is sent again later, which is harmless).
+- Unless the relay's welcome says this node is a carrier, a state is
+  answered with an own-only diff (``Node.export_parts(own_only=True)``): the
+  items this node wrote and their deletions, plus its outbox rows, never
+  another node's entries, which a relay checking authorship would refuse
+  (``not_author``). A carrier answers with the whole diff.
 - A received update that cannot be imported is recorded in ``sync_failures``
   (direction ``download``) and the session goes on.
 - An update the relay refuses holds back only its document: the failure is
@@ -27,7 +32,9 @@ Guarantees:
   left alone until ``retry``; every other document keeps flowing. A
   ``refused`` frame (``UpdateRefused``, e.g. a locked period) leaves the
   session open; an error frame ends it with ``UpdatesRefused`` and the next
-  connection goes on.
+  connection goes on. Failures that clear by themselves (``not_author``:
+  the relay had not seen changes of another node yet) are retried at the
+  start of every connection (``failures.AUTO_RETRY``).
 - After the first full sync of a connection, received records still waiting
   for a record they refer to are shown (``Node.settle_waiting``): each is
   then a ``dangling_reference`` conflict.
@@ -517,6 +524,9 @@ class SyncDriver:
             # The relay takes this node's writes again: read-only refusals are moot.
             docs = [f.doc for f in fl.list_failures(self.node) if f.code == codes.READ_ONLY]
             fl.resolve(self.node, fl.UPLOAD, docs, only_retrying=False)
+            # Another node may have published since what the relay refused
+            # for want of it: try again, no person needed.
+            fl.retry_codes(self.node, fl.UPLOAD, fl.AUTO_RETRY)
         self._load_failures()
         self._asked_again = set(self._retry_down)  # this first pass asks for them
         states = self.node.state()
@@ -606,6 +616,12 @@ class SyncDriver:
                 fl.record_failure(self.node, fl.UPLOAD, doc, f"{fl.LOCAL}: {exc}", self._wall_ms())
                 self.held = self.held | {doc}
                 parts = []
+            else:
+                if not parts and doc in self._retry_up:
+                    # The relay lacks nothing of this node's changes of it
+                    # (say another node carried them): the failure is moot.
+                    fl.resolve(self.node, fl.UPLOAD, [doc], only_retrying=True)
+                    self._retry_up = self._retry_up - {doc}
             if len(parts) > self.session.inflight_room:
                 return False
             answer = []
@@ -647,15 +663,17 @@ class SyncDriver:
         # clears them. ``export_parts`` reads seqs before it diffs, so a row
         # committed in between is in a part but not claimed by it: it is sent
         # again later, which is harmless.
+        # Only a carrier may hand the relay other nodes' entries.
+        own_only = not (self.opened is not None and self.opened.carrier)
         try:
-            return self.node.export_parts(doc, sv, MAX_ANSWER_BYTES)
+            return self.node.export_parts(doc, sv, MAX_ANSWER_BYTES, own_only=own_only)
         except UpdateError:
             if self._readable(sv):
                 raise
             # The relay's state vector is unreadable: upload everything (the
             # relay stores nothing twice). Its fault, not one a user can fix.
             self.stats.extra["unreadable_states"] = self.stats.extra.get("unreadable_states", 0) + 1
-            return self.node.export_parts(doc, None, MAX_ANSWER_BYTES)
+            return self.node.export_parts(doc, None, MAX_ANSWER_BYTES, own_only=own_only)
 
     @staticmethod
     def _readable(sv: bytes) -> bool:
@@ -706,8 +724,11 @@ class SyncDriver:
             carried = self._inflight.pop(ref, [])
             seqs.extend(carried)
             doc = self._ref_doc.pop(ref, None) or self._live_doc.pop(ref, None)
-            if doc is not None and carried:
-                touched[doc] = max(touched.get(doc, 0), max(carried))
+            if doc is not None and (carried or ref >= SYNTHETIC_REF_BASE):
+                # A state diff counts even when it carried no outbox row: the
+                # relay took what it lacked of the document (a refused diff
+                # need not have carried any).
+                touched[doc] = max(touched.get(doc, 0), max(carried, default=0))
             records = self._ref_records.pop(ref, 0)
             entry = self._docs.get(doc) if doc is not None else None
             if entry is not None and records:

@@ -18,6 +18,11 @@ A document that failed to come down because this node cannot hold it at all
 retried; an update whose bytes did not decode does not hold its document,
 and the failure is resolved when a later pass imports that document cleanly.
 
+Upload failures whose cause clears without a person (``AUTO_RETRY``: the
+relay refused another node's entries, ``not_author``, which it takes once
+that node has published them) are marked for a retry by the driver at the
+start of every connection (``retry_codes``).
+
 ``retry`` does not delete history: it marks failures in node meta
 ``sync_retry`` (a JSON list of failure ids) so the driver sends or asks for
 their documents again. An upload failure is resolved (its row deleted) when
@@ -38,6 +43,7 @@ import orjson
 
 from ..errors import FailureNotFound
 from ..node import Node
+from ..protocol import codes
 
 UPLOAD = "upload"
 DOWNLOAD = "download"
@@ -53,6 +59,10 @@ SCHEMA = "schema"
 INVALID = "invalid"
 #: Code of an update this node could not even build (local store problem).
 LOCAL = "local"
+#: Upload failure codes retried at the start of every connection: the relay
+#: refused entries of another node, or changes it had not seen yet, which it
+#: takes once their own node has published them.
+AUTO_RETRY: frozenset[str] = frozenset({codes.NOT_AUTHOR})
 
 
 @dataclass(frozen=True)
@@ -225,6 +235,31 @@ def retry(node: Node, ids: Iterable[int] | None = None) -> list[Failure]:
             )
         _set_retry_ids(node, _retry_ids(node) | wanted)
     return [f for f in list_failures(node) if f.id in wanted]
+
+
+def retry_codes(node: Node, direction: str, wanted: Iterable[str]) -> list[int]:
+    """Mark for a retry (as ``retry`` does) every failure in ``direction``
+    whose code is in ``wanted``; returns their ids, sorted. Writes nothing
+    when there is none."""
+    want = frozenset(wanted)
+
+    def matching() -> set[int]:
+        return {
+            int(fid)
+            for fid, reason in node.store.conn.execute(
+                "SELECT id, reason FROM sync_failures WHERE direction = ?", (direction,)
+            )
+            if code_of(str(reason)) in want
+        }
+
+    if not matching():
+        return []  # the usual case: no write transaction at all
+    with node.store.transaction():
+        ids = matching()
+        retrying = _retry_ids(node)
+        if ids - retrying:
+            _set_retry_ids(node, retrying | ids)
+    return sorted(ids)
 
 
 def held_uploads(node: Node) -> frozenset[str]:
