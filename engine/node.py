@@ -124,8 +124,9 @@ class Node:
         # One Yjs client id per process: two live Doc instances of one document
         # must never share a client id, or the replicas diverge.
         self._client_id = rng.getrandbits(52) + 1
-        # True once a committed write holds this instance's row in ``clients``
-        # (checked on every local write, so it must cost no query).
+        # True once this instance's row is in ``clients`` (or in the write
+        # transaction under way; reset if it rolls back). Checked on every
+        # local write, so it must cost no query.
         self._client_noted = False
         self._salt = node_salt(self.node_id)
         self._docs: OrderedDict[str, _Loaded] = OrderedDict()
