@@ -31,6 +31,7 @@ from .clock import Clock, HybridClock, SystemClock, system_random
 from .conflicts import list_conflicts, list_resolutions
 from .crdt import MAX_MERGE, RecordDoc, merge, trim_heap
 from .crdt.deleteset import delete_set_only, encode_delete_set, keep_clients
+from .crdt.document import SEP
 from .crdt.statevec import decode_state_vector, encode_state_vector, read_uint
 from .errors import (
     AdapterError,
@@ -599,9 +600,11 @@ class Node:
             for name, data in updates.items():
                 coll = self._collection_of(name)
                 loaded = self._doc(name)
+                before = loaded.doc.state_vector()
                 changed, integrated, pending = loaded.doc.apply(bytes(data))
                 if not integrated and not pending:
                     continue  # nothing new: importing twice stores nothing
+                self._adopt_clients(conn, loaded.doc, before)
                 # The raw bytes, not just what integrated: a part waiting for
                 # missing updates would otherwise be lost on restart.
                 blob = bytes(data)
@@ -617,6 +620,26 @@ class Node:
         if sum(len(data) for data in updates.values()) > TRIM_AFTER_BYTES:
             trim_heap()
         return ImportReport(documents, records, stored)
+
+    def _adopt_clients(self, conn: sqlite3.Connection, doc: RecordDoc, before: bytes) -> None:
+        """An import that set only this node's own entries brought this
+        node's work written elsewhere (an earlier life of the node, records
+        built for it): note the clients it advanced as this node's, so
+        own-only diffs (``export_parts``) publish those items too. Imports
+        that also set other nodes' entries adopt nothing."""
+        keys = doc.set_keys()
+        if not keys or any(k.partition(SEP)[2] != self.node_id for k in keys):
+            return
+        old = decode_state_vector(before)
+        new = decode_state_vector(doc.state_vector())
+        conn.executemany(
+            "INSERT OR IGNORE INTO clients (client, first_at) VALUES (?, ?)",
+            [
+                (client, self._clock.wall_ms())
+                for client, clock in new.items()
+                if clock > old.get(client, 0)
+            ],
+        )
 
     def outbox(self, limit: int = 1000) -> Outbox:
         """Local updates the relay has not acknowledged: (seq, document, update)."""

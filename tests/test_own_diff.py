@@ -237,6 +237,39 @@ def test_unsynced_work_of_a_former_life_goes_up_with_the_answer(
     assert "c1 (never uploaded)" in str(at_relay) and "b3" in str(at_relay)
 
 
+def test_an_import_of_only_its_own_entries_is_adopted_as_its_own_work(
+    tmp_path: Path, relay: SqliteRelayStore
+) -> None:
+    """Records written under this node's name elsewhere (an earlier life of
+    the node, records built for it) and imported plainly are its own work:
+    their clients are adopted, so the own-only diff publishes them. An import
+    that also sets another node's entries adopts nothing."""
+    earlier = make(tmp_path / "earlier", "A", seed="earlier")
+    for i in range(3):
+        earlier.put(DOC, {"code": f"K{i}", "name": f"n{i}"})
+    own_work = earlier.export_updates()
+    earlier.close()
+    b = make(tmp_path, "B")
+    b.put(DOC, {"code": "KB", "name": "b"})
+    b.import_updates(own_work)
+    mixed = b.export_updates()
+
+    a = make(tmp_path, "A")
+    a.import_updates(mixed)  # B's entry and A's: not adopted
+    assert clients(tmp_path / "A") == []
+    assert a.export_parts(DOC, None, BIG, own_only=True) == []  # nothing of its own
+    a.import_updates(own_work)  # already here: nothing new, nothing adopted
+    assert clients(tmp_path / "A") == []
+    a.close()
+
+    fresh = make(tmp_path / "fresh", "A", seed="fresh")
+    fresh.import_updates(own_work)
+    assert len(clients(tmp_path / "fresh" / "A")) == 1
+    own = only_part(fresh, None, own_only=True)[1]
+    assert publish(relay, "A", own) is None
+    assert of("A", entries(relay.diff("acme", DOC))) == of("A", entries(own_work[DOC]))
+
+
 def test_unsynced_rows_imported_before_the_first_download_also_go_up(
     tmp_path: Path, relay: SqliteRelayStore
 ) -> None:

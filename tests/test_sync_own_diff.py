@@ -37,13 +37,13 @@ DOC = "customers"
 
 class Relay:
     """The relay's update path over the real store, one thread, no sockets.
-    ``refuse`` names documents whose next update is refused ``not_author``
-    (as if the relay lacked another node's changes it builds on)."""
+    ``refuse`` maps documents to how many of their next updates are refused
+    ``not_author`` (as if the relay lacked changes they build on)."""
 
     def __init__(self, path: Path) -> None:
         self.store = SqliteRelayStore.create(path)
         self.links: list[Link] = []
-        self.refuse: set[str] = set()
+        self.refuse: dict[str, int] = {}
         self.refusals: list[tuple[str, str]] = []  # (node, code) of refused updates
 
     def handle(self, link: Link, events: list[Event]) -> None:
@@ -71,8 +71,8 @@ class Relay:
             elif isinstance(ev, UpdateReceived):
                 ds, node = session.dataset, session.node
                 assert ds is not None and node is not None and ev.ref is not None
-                if ev.doc in self.refuse:
-                    self.refuse.discard(ev.doc)
+                if self.refuse.get(ev.doc, 0) > 0:
+                    self.refuse[ev.doc] -= 1
                     self.refusals.append((node, codes.NOT_AUTHOR))
                     session.refuse(ev.doc, [ev.ref], codes.NOT_AUTHOR, "waits for 'A' (test)")
                     continue
@@ -215,16 +215,20 @@ def test_a_carrier_uploads_the_entries_it_carries(tmp_path: Path, relay: Relay) 
 def test_not_author_refusals_are_retried_on_the_next_connection(
     tmp_path: Path, relay: Relay
 ) -> None:
+    """A refused document gets one more pass on the same connection (an
+    own-only diff against the relay's state of then), and when that is
+    refused too, it waits for the next connection."""
     b = make_node(tmp_path, "B")
     token = relay.store.enroll("acme", "B").token
     b.put(DOC, {"code": "KB", "name": "b1"})
     b.put("items", {"code": "IB", "name": "Trà", "unit": "kg", "price": "1"})
-    relay.refuse = {DOC}
+    relay.refuse = {DOC: 2}
     link = relay.connect(b, token)
     relay.pump()
-    assert relay.refusals == [("B", codes.NOT_AUTHOR)]
+    assert relay.refusals == [("B", codes.NOT_AUTHOR)] * 2  # the first pass, then one more
     (failure,) = failures.list_failures(b)
     assert (failure.doc, failure.code, failure.retrying) == (DOC, codes.NOT_AUTHOR, False)
+    assert failure.attempts == 2
     assert link.driver.synced and link.driver.held == {DOC}  # the rest went on
     assert b.pending()[DOC] == 1 and b.pending()["items"] == 0
     # Still held on this connection: a later write of it stays in the outbox.
@@ -235,6 +239,23 @@ def test_not_author_refusals_are_retried_on_the_next_connection(
     again = relay.connect(b, token)
     relay.pump()
     assert again.driver.synced and again.driver.held == frozenset()
+    assert failures.list_failures(b) == [] and b.outbox() == []
+    assert of("B", relay.entries()) == of("B", entries(b))
+
+
+def test_a_not_author_refusal_gets_one_more_pass_on_the_same_connection(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """Updates that overtook one another (the relay refused one that waited):
+    the document's second pass sends an own-only diff against the relay's
+    state of then, which the relay takes, and the failure goes."""
+    b = make_node(tmp_path, "B")
+    b.put(DOC, {"code": "KB", "name": "b1"})
+    relay.refuse = {DOC: 1}
+    link = relay.connect(b, relay.store.enroll("acme", "B").token)
+    relay.pump()
+    assert relay.refusals == [("B", codes.NOT_AUTHOR)]
+    assert link.driver.synced and link.driver.held == frozenset()
     assert failures.list_failures(b) == [] and b.outbox() == []
     assert of("B", relay.entries()) == of("B", entries(b))
 

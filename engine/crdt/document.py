@@ -159,6 +159,10 @@ class RecordDoc:
         assert update is not None
         return update
 
+    def set_keys(self) -> list[str]:
+        """Entry keys the last ``apply`` set (valid until ``release``)."""
+        return list(self._fresh)
+
     def release(self) -> None:
         """Drop the entry texts kept from the last transaction (call once the
         changed records are resolved; a bulk import holds megabytes there)."""

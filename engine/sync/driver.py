@@ -33,8 +33,10 @@ Guarantees:
   ``refused`` frame (``UpdateRefused``, e.g. a locked period) leaves the
   session open; an error frame ends it with ``UpdatesRefused`` and the next
   connection goes on. Failures that clear by themselves (``not_author``:
-  the relay had not seen changes of another node yet) are retried at the
-  start of every connection (``failures.AUTO_RETRY``).
+  the relay lacked changes the refused update builds on, say after updates
+  overtook one another) get one more pass of their document on the same
+  connection, then are retried at the start of every connection
+  (``failures.AUTO_RETRY``).
 - After the first full sync of a connection, received records still waiting
   for a record they refer to are shown (``Node.settle_waiting``): each is
   then a ``dangling_reference`` conflict.
@@ -228,6 +230,10 @@ class SyncDriver:
         self._retry_down: frozenset[str] = frozenset()
         self._failed_down: frozenset[str] = frozenset()  # docs with download failures
         self._asked_again: set[str] = set()  # retried downloads requested this connection
+        # Documents refused with ``not_author`` that get one more pass on this
+        # connection (to pass), and those that had it (never twice).
+        self._repass: set[str] = set()
+        self._repassed: set[str] = set()
         #: Documents this connection set aside because the relay refused them.
         self.quarantined: list[str] = []
         #: ``{"upload": n, "download": n}`` failures waiting for a person when
@@ -356,6 +362,8 @@ class SyncDriver:
                     f"nothing heard from the relay for {ev.silent_ms} ms; the link is dead"
                 )
         self._answer_states()
+        if self._repass:
+            self._ask_again()  # as soon as the pass in progress ends
         if self.live:
             self._ship_live()
 
@@ -424,6 +432,8 @@ class SyncDriver:
             self.quarantined.append(ev.doc)
         self.held = self.held | {ev.doc}
         self._retry_up = self._retry_up - {ev.doc}
+        if ev.code in fl.AUTO_RETRY and ev.doc not in self._repassed:
+            self._repass.add(ev.doc)
         self._maybe_done(ev.doc)
 
     def _quarantine(self, ev: ErrorReceived) -> list[str]:
@@ -466,16 +476,34 @@ class SyncDriver:
         return sorted(out)[: fl.MAX_RECORDS]
 
     def _pending_retry(self) -> bool:
-        """A retried download not asked again yet (keeps a one-shot sync going)."""
-        return bool(self._retry_down - self._asked_again)
+        """A retried download not asked again yet, or a document refused
+        with ``not_author`` awaiting its second pass (keeps a one-shot sync
+        going)."""
+        return bool(self._retry_down - self._asked_again or self._repass)
 
     def _ask_again(self) -> None:
         """While connected and between passes, start a pass over the retried
-        downloads (a new connection includes them in its first pass)."""
-        docs = sorted(self._retry_down - self._asked_again)
+        downloads (a new connection includes them in its first pass) and
+        over documents just refused with ``not_author``."""
+        docs = sorted((self._retry_down - self._asked_again) | self._repass)
         if not docs or not self.live or self.session.syncing:
             return
         self._asked_again.update(docs)
+        if self._repass:
+            # Released for this pass: its answer, an own-only diff against the
+            # relay's state of now, is what the relay takes when the refusal
+            # came from updates overtaking one another (a diff of the relay's
+            # state never waits). Refused again, it is held until the next
+            # connection.
+            ids = [
+                f.id
+                for f in fl.list_failures(self.node)
+                if f.direction == fl.UPLOAD and f.doc in self._repass and f.code in fl.AUTO_RETRY
+            ]
+            fl.retry(self.node, ids)
+            self._repassed |= self._repass
+            self._repass = set()
+            self._load_failures()
         states = self.node.state()
         for doc in docs:
             entry = self._docs.setdefault(doc, _DocPass(doc.partition("/")[0]))
