@@ -34,6 +34,8 @@ from ..errors import NotAuthor, UpdateError
 
 #: Entries named in a refusal message at most.
 MAX_NAMED = 3
+#: An update with no structs and an empty delete set.
+NO_DELETIONS = b"\x00\x00"
 
 
 def entry_node(key: str) -> str:
@@ -57,19 +59,27 @@ def check(
             "the relay has not seen, so its author cannot be checked (a node that is not "
             "a carrier sends its own changes in order; reconnecting sends them again)"
         )
-    removed = sorted(k for k, action in changed.items() if action == "delete")
+    removed: list[str] = []
+    foreign: list[str] = []
+    for key, action in changed.items():
+        if action == "delete":
+            removed.append(key)
+        elif entry_node(key) != node:
+            foreign.append(key)
     if removed:
         return NotAuthor(
             f"update of {doc!r} from node {node!r} refused: it removes "
-            f"{_name(removed)}; Branchline never removes an entry"
+            f"{_name(sorted(removed))}; Branchline never removes an entry"
         )
-    foreign = sorted(k for k in changed if entry_node(k) != node)
     if foreign:
+        foreign.sort()
         return NotAuthor(
             f"update of {doc!r} from node {node!r} refused: it changes {_name(foreign)} "
             f"of node {entry_node(foreign[0])!r}; only that node, or a node enrolled "
             "as a carrier, may publish them"
         )
+    if beyond == NO_DELETIONS:
+        return None  # the usual new entry: no delete set to look at
     try:
         late = deletions_beyond(delete_set_only(beyond), decode_state_vector(state))
     except UpdateError as exc:

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pycrdt import Doc, Map, MapEvent, TransactionEvent, get_update
+from pycrdt import Doc, Map, TransactionEvent, get_update
 
 from ..crdt.document import ROOT
 from ..crdt.statevec import decode_state_vector
@@ -209,9 +209,10 @@ class _Loaded:
     # read only while ``watching``: the authorship check of a non-carrier.
     watching: bool = False
     entries_changed: dict[str, str] = field(default_factory=dict)
-    entries: Map[Any] | None = (
-        None  # the root Map: pycrdt drops a type's observers with the type object
-    )
+    # The root Map and the subscription of ``on_entries`` to it: both must stay
+    # referenced, or the observer goes.
+    entries: Map[Any] | None = None
+    subscription: Any = None
     failed: str = ""  # why reading the entries' event failed (yrs panics)
 
     def on_change(self, _event: TransactionEvent) -> None:
@@ -219,11 +220,15 @@ class _Loaded:
         # document (new items or new deletions), and not for a duplicate.
         self.changes += 1
 
-    def on_entries(self, event: MapEvent) -> None:
+    def on_entries(self, event: Any) -> None:
+        # Subscribed to the Map's integrated (Rust) type, not through
+        # ``Map.observe``: pycrdt's wrapper converts every field of every
+        # event, a third of the relay's integration time; only ``keys`` is
+        # needed, and only for a non-carrier.
         if not self.watching:
-            return  # building the keys of a large load costs; carriers skip it
+            return
         try:
-            keys: dict[str, dict[str, Any]] = event.keys  # type: ignore[attr-defined]
+            keys: dict[str, dict[str, Any]] = event.keys
             for key, change in keys.items():
                 self.entries_changed[key] = str(change["action"])
         except BaseException as exc:
@@ -857,7 +862,7 @@ class SqliteRelayStore(RelayStore):
         loaded.snapshot_bytes, loaded.tail_bytes = snapshot_bytes, size - snapshot_bytes
         doc.observe(loaded.on_change)
         loaded.entries = doc.get(ROOT, type=Map)
-        loaded.entries.observe(loaded.on_entries)
+        loaded.subscription = loaded.entries.integrated.observe(loaded.on_entries)
         self._docs[key] = loaded
         self._grow(loaded, size)
         return loaded
