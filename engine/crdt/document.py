@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from pycrdt import Doc, Map, MapEvent, TransactionEvent, get_update, merge_updates
+from pycrdt import Doc, Map, TransactionEvent, get_update, merge_updates
 
 from ..errors import UpdateError
 from ..merge.record import NodeState
@@ -53,7 +53,11 @@ class RecordDoc:
             rid, _, node = key.partition(SEP)
             self._add(rid, node)
         self._doc.observe(self._on_transaction)
-        self._map.observe(self._on_map)
+        # Through the integrated (Rust) type, not ``Map.observe``: pycrdt's
+        # wrapper converts every field of every event (target, path, each
+        # value) before the callback; only ``keys`` is read here. The
+        # subscription must stay referenced.
+        self._subscription = self._map.integrated.observe(self._on_map)
 
     def _add(self, rid: str, node: str) -> None:
         have = self._index.get(rid)
@@ -87,8 +91,8 @@ class RecordDoc:
         if self._capture:
             self._update = event.update
 
-    def _on_map(self, event: MapEvent) -> None:
-        keys: dict[str, dict[str, Any]] = event.keys  # type: ignore[attr-defined]
+    def _on_map(self, event: Any) -> None:
+        keys: dict[str, dict[str, Any]] = event.keys
         fresh, changed = self._fresh, self._changed
         for key, change in keys.items():
             rid, _, node = key.partition(SEP)
