@@ -993,7 +993,7 @@ def test_refuse_is_only_for_refusal_codes_and_pending_refs() -> None:
     for f in c.data_to_send():
         r.receive_frame(f)
     for bad in [
-        ("journal/2026", [1], codes.BAD_UPDATE),  # ends the session: fail(), not refuse()
+        ("journal/2026", [1], codes.READ_ONLY),  # ends the session: fail(), not refuse()
         ("journal/2026", [2], codes.LOCKED_PERIOD),  # not pending
         ("journal/2026", [], codes.LOCKED_PERIOD),
         ("Bad", [1], codes.LOCKED_PERIOD),

@@ -495,3 +495,25 @@ def test_a_carrier_publishes_other_nodes_entries(relay_db: tuple[Path, Tokens]) 
 
     run(with_server(path, body))
     assert entries_of(path, "customers") == {"R1|A1": '{"v": 2}'}
+
+
+def test_an_update_the_store_cannot_take_is_refused_and_the_session_goes_on(
+    relay_db: tuple[Path, Tokens],
+) -> None:
+    """Bytes that are not a Yjs update, inside a well-formed frame: that one
+    update is refused (``bad_update`` in a ``refused`` frame) and the next
+    one on the same connection is stored."""
+    path, tok = relay_db
+    good = forge([], 22, lambda m: m.__setitem__("R1|A2", "own"))
+
+    async def body(server: RelayServer) -> None:
+        client, _ = await Client.opened(server.url, "acme", "A2", tok.a2)
+        await client.put("customers", b"\xff\x00 not an update", ref=1)
+        ev = await client.wait(UpdateRefused)
+        assert (ev.doc, ev.refs, ev.code) == ("customers", (1,), codes.BAD_UPDATE)
+        await client.put("customers", good, ref=2)
+        await client.acked(2)
+        await client.close()
+
+    run(with_server(path, body))
+    assert entries_of(path, "customers") == {"R1|A2": "own"}

@@ -47,8 +47,11 @@ CODES: dict[str, str] = {
 }
 
 #: Codes a ``refused`` frame may carry: the relay refuses those updates (not
-#: stored, never acknowledged) and the session goes on.
-REFUSAL_CODES: frozenset[str] = frozenset({LOCKED_PERIOD, NOT_AUTHOR})
+#: stored, never acknowledged) and the session goes on. ``bad_update`` and
+#: ``frame_too_large`` there are about one update the relay's store would
+#: not take (bytes it cannot integrate, more than it stores); in an ``error``
+#: frame they are about the frame itself and end the session.
+REFUSAL_CODES: frozenset[str] = frozenset({LOCKED_PERIOD, NOT_AUTHOR, BAD_UPDATE, FRAME_TOO_LARGE})
 
 #: Codes after which a client should reconnect with backoff.
 RETRYABLE: frozenset[str] = frozenset({RATE_LIMITED, UNAVAILABLE, INTERNAL})

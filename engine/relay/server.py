@@ -52,14 +52,11 @@ from ..errors import (
     BranchlineError,
     LocalProtocolError,
     NodeRevoked,
-    NotAuthor,
-    PeriodLocked,
     ReadOnlyNode,
     RelayLimitError,
     RemoteProtocolError,
     UnknownDataset,
     UpdateError,
-    UpdateTooLarge,
 )
 from ..protocol import (
     DEFAULT_HEARTBEAT_MS,
@@ -78,7 +75,7 @@ from ..protocol import (
     encode_updates,
 )
 from .metrics import RelayMetrics
-from .store import Appended, NodeGrant, RelayStore, UpdateIn
+from .store import Appended, NodeGrant, RelayStore, UpdateIn, refusal_code
 
 log = logging.getLogger("branchline.relay")
 
@@ -784,9 +781,10 @@ class RelayServer:
         self.metrics.batches_committed += 1
         acks: dict[_Connection, list[int]] = {}
         failed: dict[_Connection, tuple[str, str]] = {}
-        # Updates of a locked period, or that their sender may not publish:
-        # refused one document at a time, and the session goes on (the
-        # node's other documents keep flowing).
+        # Updates of a locked period, that their sender may not publish, or
+        # that the store cannot take (bad bytes, too large): refused one
+        # document at a time, and the session goes on (the node's other
+        # documents keep flowing).
         refused: dict[tuple[_Connection, str, str], tuple[list[int], str]] = {}
         stored: list[_Pending] = []
         for p, result in zip(items, results, strict=True):
@@ -795,12 +793,7 @@ class RelayServer:
                 acks.setdefault(p.conn, []).append(p.ref)
                 if result.status == "stored":
                     stored.append(p)
-            elif isinstance(result.error, PeriodLocked | NotAuthor):
-                code = (
-                    codes.LOCKED_PERIOD
-                    if isinstance(result.error, PeriodLocked)
-                    else codes.NOT_AUTHOR
-                )
+            elif (code := refusal_code(result.error)) is not None:
                 refused.setdefault((p.conn, p.doc, code), ([], str(result.error)))[0].append(p.ref)
             elif p.conn not in failed:
                 failed[p.conn] = _rejection(p.doc, result.error)
@@ -1013,18 +1006,15 @@ def _encode(updates: list[tuple[str, bytes]], max_frame: int) -> EncodedUpdates 
 
 
 def _rejection(doc: str, error: BranchlineError | None) -> tuple[str, str]:
-    """The error frame (code, message) for an update the store rejected."""
+    """The error frame (code, message) for an update the store rejected in a
+    way that ends the session (the others are refused: ``refusal_code``)."""
     message = f"update of {doc!r} not stored: {error}"
     if isinstance(error, ReadOnlyNode):
         return codes.READ_ONLY, message
     if isinstance(error, AuthError):  # not enrolled or revoked since the hello
         return codes.AUTH_FAILED, message
-    if isinstance(error, UpdateTooLarge):
-        return codes.FRAME_TOO_LARGE, message
     if isinstance(error, RelayLimitError):
         return codes.LIMIT_EXCEEDED, message
-    if isinstance(error, UpdateError):
-        return codes.BAD_UPDATE, message
     return codes.INTERNAL, message
 
 

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..errors import BranchlineError
+from ..errors import BranchlineError, NotAuthor, PeriodLocked, UpdateError, UpdateTooLarge
+from ..protocol import codes
 
 EMPTY_UPDATE = b"\x00\x00"  # a Yjs update holding nothing
 EMPTY_STATE_VECTOR = b"\x00"  # the state vector of an empty document
@@ -253,3 +254,18 @@ class RelayStore(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the store; later calls are not allowed."""
+
+
+def refusal_code(error: BranchlineError | None) -> str | None:
+    """The code of the ``refused`` frame that answers an update the store
+    rejected with ``error`` while the session goes on, or None when the
+    rejection must end the session (the node may no longer write)."""
+    if isinstance(error, PeriodLocked):
+        return codes.LOCKED_PERIOD
+    if isinstance(error, NotAuthor):
+        return codes.NOT_AUTHOR
+    if isinstance(error, UpdateTooLarge):
+        return codes.FRAME_TOO_LARGE
+    if isinstance(error, UpdateError):
+        return codes.BAD_UPDATE
+    return None

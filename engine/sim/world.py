@@ -35,7 +35,6 @@ from ..clock import ManualClock
 from ..errors import (
     BranchlineError,
     LocalProtocolError,
-    NotAuthor,
     RemoteProtocolError,
     UserError,
 )
@@ -51,7 +50,7 @@ from ..protocol import (
     codes,
 )
 from ..relay.sqlite_store import SqliteRelayStore
-from ..relay.store import UpdateIn
+from ..relay.store import UpdateIn, refusal_code
 from ..schema import parse_schema
 from ..sync import SyncDriver
 
@@ -296,13 +295,12 @@ class SimRelay:
                     acks.setdefault(link_id, []).append(ref)
                     if result.status == "stored":
                         stored.append((link_id, doc, data))
-                elif link_id in self.sessions and isinstance(result.error, NotAuthor):
-                    # Reordered frames make a node's update wait at the relay:
-                    # refused like the server does, the session goes on.
+                elif link_id in self.sessions and (code := refusal_code(result.error)):
+                    # E.g. reordered frames made a node's update wait at the
+                    # relay (not_author): refused like the server does, the
+                    # session goes on.
                     with _local_errors(self.sessions[link_id][0]):
-                        self.sessions[link_id][0].refuse(
-                            doc, [ref], codes.NOT_AUTHOR, str(result.error)
-                        )
+                        self.sessions[link_id][0].refuse(doc, [ref], code, str(result.error))
                 elif link_id in self.sessions:
                     self.sessions[link_id][0].fail(codes.BAD_UPDATE, f"{doc}: {result.error}")
             for link_id, refs in acks.items():
