@@ -317,9 +317,7 @@ def edited_fields(coll: Collection, states: dict[str, Any], created_hlc: int) ->
     writers = resolve(states).writers
     return tuple(
         sorted(
-            name
-            for name, (_, hlc) in writers.items()
-            if name in coll.fields and hlc > created_hlc
+            name for name, (_, hlc) in writers.items() if name in coll.fields and hlc > created_hlc
         )
     )
 

@@ -4,7 +4,7 @@ A v1 update is its structs (grouped by client) followed by its delete set:
 ``count, (client, ranges, (clock, length) * ranges) * count``, every number a
 lib0 var-uint. ``get_update(update, state)`` of pycrdt keeps an update's whole
 delete set and drops the structs the state covers, so the delete set of any
-update is ``delete_set_of(get_update(update, state_covering_it))``.
+update is ``delete_set_only(get_update(update, state_covering_it))``.
 
 Used by the relay to see which deletions an update carries (docs/reliability.md
 "Authorship") and by a node to leave other nodes' deletions out of its diffs.
