@@ -55,6 +55,21 @@ def test_enroll_json_token_authenticates(store: Path) -> None:
         assert relay.authenticate("acme", "till", ro["token"]).read_only is True
 
 
+def test_enroll_carrier_is_granted_shown_and_taken_back_by_enrolling_again(store: Path) -> None:
+    out = ok_json("relay", "enroll", store, "acme", "HO", "--carrier")
+    assert out["carrier"] is True and out["read_only"] is False
+    with SqliteRelayStore.open(store) as relay:
+        assert relay.authenticate("acme", "HO", out["token"]).carrier is True
+    status = ok_json("relay", "status", store)
+    assert [(n["name"], n["carrier"]) for n in status["datasets"][0]["nodes"]] == [("HO", True)]
+    assert "read-write, carrier" in run("relay", "status", store).stdout
+    again = ok_json("relay", "enroll", store, "acme", "HO")  # without --carrier: a plain node
+    with SqliteRelayStore.open(store) as relay:
+        assert relay.authenticate("acme", "HO", again["token"]).carrier is False
+    line = fails("relay", "enroll", store, "acme", "T1", "--carrier", "--read-only")
+    assert "both --read-only and --carrier" in line
+
+
 def test_enroll_text_shows_token_once_and_reenroll_says_old_is_invalid(store: Path) -> None:
     first = run("relay", "enroll", store, "acme", "HN")
     assert first.exit_code == 0, first.stderr
