@@ -350,8 +350,17 @@ def test_tokens_never_appear_in_logs_or_metrics(
         await a1.close()
 
     run(with_server(path, body))
-    # What a log handler writes: the formatted message and any traceback.
-    text = "\n".join(f"{r.name}: {r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    # What a log handler may write or keep: the formatted message, any
+    # traceback, and the arguments (websockets logs each frame as one). The
+    # clients here are the test's own websockets, not the node's transport
+    # (test_node_sync_logs_no_token checks that one): their arguments are not
+    # the relay's.
+    text = "\n".join(
+        f"{r.name}: {r.getMessage()} {r.exc_text or ''} "
+        + (repr(r.args) if r.name != "websockets.client" else "")
+        for r in caplog.records
+    )
+    assert "BINARY [" in text  # the relay logged frames, without their payloads
     assert "refused" in text  # the refusals were logged...
     for secret in (tok.a1, tok.a2, tok.ro, tok.gone, tok.b1, guessed):
         assert secret not in text  # ...without the token
@@ -383,7 +392,10 @@ def test_node_sync_logs_no_token(tmp_path: Path, caplog: pytest.LogCaptureFixtur
                         await node_sync(n, timeout=30)
 
     run(with_server(path, body))
-    text = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    # The records' arguments too: a handler may keep them (websockets logs
+    # each frame as an argument; engine.wslog keeps only opcode and length).
+    text = "\n".join(f"{r.getMessage()} {r.exc_text or ''} {r.args!r}" for r in caplog.records)
+    assert "BINARY [" in text  # frames were logged, without their payloads
     assert token not in text and "W" * 43 not in text
 
 

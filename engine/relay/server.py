@@ -74,6 +74,7 @@ from ..protocol import (
     codes,
     encode_updates,
 )
+from ..wslog import websockets_logger
 from .metrics import RelayMetrics
 from .store import Appended, NodeGrant, RelayStore, UpdateIn, refusal_code
 
@@ -299,6 +300,7 @@ class RelayServer:
                 ping_interval=None,  # the protocol has its own heartbeats
                 close_timeout=self.limits.close_timeout_s,
                 server_header="branchline-relay",
+                logger=websockets_logger("websockets.server"),  # frames without payloads
             )
         except BaseException:
             self._executor.shutdown(wait=False)

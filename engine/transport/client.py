@@ -63,6 +63,7 @@ from ..sync import (
     SyncTimeout,
     failure_counts,
 )
+from ..wslog import websockets_logger
 
 log = logging.getLogger("branchline.sync")
 
@@ -342,6 +343,7 @@ async def _open(url: str) -> ClientConnection:
         max_size=MAX_FRAME_BYTES,
         max_queue=16,  # frames buffered before reading pauses the socket
         compression=None,  # Yjs updates are compact; deflate costs CPU per frame
+        logger=websockets_logger("websockets.client"),  # frames without payloads (tokens)
     )
 
 
