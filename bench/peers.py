@@ -583,7 +583,8 @@ def relay_memory(tmp: Path, datasets: int, records: int) -> dict[str, Any]:
     update to the dataset's document (active: the document is loaded)."""
     from .sync import open_client
 
-    update, _ = build_source(records, seed=SEED, node="D")
+    # Entries of the node that sends them ("N"): the relay refuses others'.
+    update, _ = build_source(records, seed=SEED, node="N")
     empty_path = tmp / "relay-empty.db"
     SqliteRelayStore.create(empty_path).close()
     relay = Relay(empty_path)
@@ -597,7 +598,8 @@ def relay_memory(tmp: Path, datasets: int, records: int) -> dict[str, Any]:
         for d in range(datasets):
             name = f"ds{d:04d}"
             tokens[name] = store.enroll(name, "N").token
-            store.append_updates(name, [UpdateIn(COLLECTION, update, "N")])
+            (stored,) = store.append_updates(name, [UpdateIn(COLLECTION, update, "N")])
+            assert stored.ok, stored.error
     relay = Relay(store_path)
     try:
         time.sleep(1.0)
@@ -607,7 +609,7 @@ def relay_memory(tmp: Path, datasets: int, records: int) -> dict[str, Any]:
             from engine.protocol import Limits, encode_message
             from engine.protocol.messages import Update
 
-            extra = build_source(1, seed=SEED + 1, node="E")[0]
+            extra = build_source(1, seed=SEED + 1, node="N")[0]
             frame = encode_message(Update(COLLECTION, extra, 1), max_frame=Limits().max_frame)
             conns = []
             for name, token in tokens.items():
