@@ -31,14 +31,18 @@ from engine.protocol import (
 )
 from engine.protocol import messages as m
 from engine.relay.sqlite_store import SqliteRelayStore
-from engine.relay.store import UpdateIn
+from engine.relay.store import UpdateIn, refusal_code
 from engine.sync import SyncDriver, failure_counts, upload_order
 
 START_MS = 1_767_225_600_000 + 40 * 86_400_000  # 2026-02-10
 
 
 class MemRelay:
-    """A relay driver over the real relay store, without sockets."""
+    """A relay driver over the real relay store, without sockets. What the
+    store rejects is refused (a ``refused`` frame) or ends the session, as
+    the server does. ``refuse`` maps documents to how many of their next
+    updates are refused ``not_author`` whatever they hold (as if the relay
+    lacked changes they build on)."""
 
     def __init__(self, path: Path, serves: str | None = None) -> None:
         self.store = SqliteRelayStore.create(path)
@@ -49,6 +53,8 @@ class MemRelay:
         self.received: list[tuple[str, str]] = []  # (node, doc) of updates in arrival order
         self.deny_leases = False
         self.lease_requests: list[str] = []  # series of lease requests in arrival order
+        self.refuse: dict[str, int] = {}
+        self.refusals: list[tuple[str, str]] = []  # (node, code) of refused updates
 
     def handle(self, link: Link, events: list[Event]) -> None:
         session = link.relay
@@ -66,7 +72,9 @@ class MemRelay:
                     session.reject(codes.AUTH_FAILED, str(exc))
                     continue
                 session.accept(
-                    read_only=grant.read_only, documents=self.store.documents(ev.dataset)
+                    read_only=grant.read_only,
+                    documents=self.store.documents(ev.dataset),
+                    carrier=grant.carrier,
                 )
             elif isinstance(ev, SyncRequested):
                 ds = session.dataset
@@ -79,9 +87,19 @@ class MemRelay:
             elif isinstance(ev, UpdateReceived):
                 ds, node = session.dataset, session.node
                 assert ds is not None and node is not None and ev.ref is not None
+                if self.refuse.get(ev.doc, 0) > 0:
+                    self.refuse[ev.doc] -= 1
+                    self.refusals.append((node, codes.NOT_AUTHOR))
+                    session.refuse(ev.doc, [ev.ref], codes.NOT_AUTHOR, "waits (test)")
+                    continue
                 (result,) = self.store.append_updates(ds, [UpdateIn(ev.doc, ev.data, node)])
                 if not result.ok:
-                    session.fail(codes.BAD_UPDATE, str(result.error))
+                    code = refusal_code(result.error)
+                    if code is None:
+                        session.fail(codes.BAD_UPDATE, str(result.error))
+                    else:
+                        self.refusals.append((node, code))
+                        session.refuse(ev.doc, [ev.ref], code, str(result.error))
                     continue
                 self.received.append((node, ev.doc))
                 for other in self.links:
