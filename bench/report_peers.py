@@ -4,6 +4,7 @@ for the local-write and rebuild goals). ``python -m bench.report`` calls it."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -499,6 +500,12 @@ def plot(doc: dict[str, Any], outdir: Path, rel: str) -> dict[str, str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        # Said out loud: the report is then written without its plots.
+        print(
+            "warning: matplotlib is not installed, so the report has no plots "
+            "(pip install -e '.[bench]', or run 'make bench')",
+            file=sys.stderr,
+        )
         return {}
     outdir.mkdir(parents=True, exist_ok=True)
     out: dict[str, str] = {}
