@@ -13,6 +13,12 @@ raw CRDT update of one document (``Node.export_updates``); a state part is the
 document's Yjs state vector (``Node.state``), used by ``--since-state`` to
 export only what another replica lacks.
 
+A full or ``--unsynced`` export also carries, in the header key ``series``,
+the exporting node's series state (``engine.series.dump_state``: counters,
+leased blocks, provisional numbers, gap journal); importing it into a home
+of the same node id merges it (``restore_state``), so a rebuilt home never
+issues a number its earlier life issued. Other nodes ignore it.
+
 The ``encode_*``/``decode_*`` functions are pure (bytes in, bytes out), so the
 format can be tested and fuzzed without files. Decoders never raise anything
 but ``ExchangeFileError``, whatever the input. File functions are thin: writes
@@ -36,6 +42,7 @@ import orjson
 
 from .crdt.statevec import decode_state_vector
 from .errors import BranchlineError, DatasetMismatch, ExchangeFileError, UpdateError, UserError
+from .series import JOURNAL_EVENTS
 
 if TYPE_CHECKING:
     from .node import ImportReport
@@ -53,6 +60,8 @@ MAX_STATE_BYTES = 64 << 20
 MAX_DOCUMENTS = 100_000
 MAX_NAME_CHARS = 128
 MAX_TIME_MS = 2**63 - 1
+MAX_SERIES_ROWS = 100_000  # per list of a series state
+MAX_DETAIL_CHARS = 1000
 
 _Decoder = Callable[[bytes], tuple["Header", dict[str, bytes]]]
 _NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]+\Z")
@@ -85,6 +94,8 @@ class Header:
     # An export of unacknowledged local work only (``export --unsynced``):
     # importing it puts the changes back into the outbox.
     unsynced: bool = False
+    # The exporting node's series state (full and unsynced exports).
+    series: dict[str, Any] | None = None
 
 
 # -- pure encoding ---------------------------------------------------------
@@ -97,12 +108,17 @@ def encode_export(
     updates: dict[str, bytes],
     created_ms: int,
     unsynced: bool = False,
+    series: dict[str, Any] | None = None,
 ) -> bytes:
-    """The bytes of an export file holding ``updates`` (document -> CRDT update).
+    """The bytes of an export file holding ``updates`` (document -> CRDT update)
+    and the node's ``series`` state, if given.
 
-    Raises ExchangeFileError when the result would exceed what readers accept.
+    Raises ExchangeFileError when the result would exceed what readers accept
+    or ``series`` is not a valid series state.
     """
-    extra = {"unsynced": True} if unsynced else {}
+    extra: dict[str, Any] = {"unsynced": True} if unsynced else {}
+    if series is not None:
+        extra["series"] = _parse_series(series, "export file")
     return _encode(EXPORT_MAGIC, MAX_EXPORT_BYTES, dataset, node, updates, created_ms, extra)
 
 
@@ -148,13 +164,19 @@ def write_export(
     updates: dict[str, bytes],
     created_ms: int,
     unsynced: bool = False,
+    series: dict[str, Any] | None = None,
 ) -> int:
     """Write an export file atomically; returns its size in bytes.
 
     Raises ExchangeFileError (oversized) or BranchlineError (cannot write).
     """
     data = encode_export(
-        dataset=dataset, node=node, updates=updates, created_ms=created_ms, unsynced=unsynced
+        dataset=dataset,
+        node=node,
+        updates=updates,
+        created_ms=created_ms,
+        unsynced=unsynced,
+        series=series,
     )
     _write_atomic(Path(path), data)
     return len(data)
@@ -201,8 +223,14 @@ class Replica(Protocol):
 
     def unsynced_updates(self) -> dict[str, bytes]: ...
 
+    def series_state(self) -> dict[str, Any]: ...
+
     def import_updates(
-        self, updates: dict[str, bytes], *, unsynced: bool = False
+        self,
+        updates: dict[str, bytes],
+        *,
+        unsynced: bool = False,
+        series: dict[str, Any] | None = None,
     ) -> ImportReport: ...
 
 
@@ -261,6 +289,7 @@ def export_to_file(
             updates=updates,
             created_ms=created_ms,
             unsynced=True,
+            series=node.series_state(),
         )
         return Exported(Path(path), len(updates), size, None)
     since = None
@@ -276,13 +305,20 @@ def export_to_file(
         since_node = header.node
     updates = node.export_updates(since)
     size = write_export(
-        path, dataset=node.dataset, node=node.node_id, updates=updates, created_ms=created_ms
+        path,
+        dataset=node.dataset,
+        node=node.node_id,
+        updates=updates,
+        created_ms=created_ms,
+        # What another node lacks needs no numbering; a full export is a backup.
+        series=node.series_state() if since is None else None,
     )
     return Exported(Path(path), len(updates), size, since_node)
 
 
 def import_from_file(node: Replica, path: str | Path) -> Imported:
-    """Verify an export file and integrate it into ``node`` (idempotent).
+    """Verify an export file and integrate it into ``node`` (idempotent),
+    with the series state it carries when ``node`` has the exporting node's id.
 
     Raises ExchangeFileError for a damaged file and DatasetMismatch for a file
     of another dataset (naming both); nothing is written then. Raises
@@ -294,7 +330,8 @@ def import_from_file(node: Replica, path: str | Path) -> Imported:
             f"{path} holds dataset '{header.dataset}' (exported by node '{header.node}'), "
             f"but node '{node.node_id}' belongs to dataset '{node.dataset}'; nothing was imported"
         )
-    return Imported(header, node.import_updates(updates, unsynced=header.unsynced))
+    series = header.series if header.node == node.node_id else None
+    return Imported(header, node.import_updates(updates, unsynced=header.unsynced, series=series))
 
 
 # -- internals -------------------------------------------------------------
@@ -331,18 +368,21 @@ def _encode(
         documents.append({"name": name, "offset": offset, "length": len(blob)})
         offset += len(blob)
     body = b"".join(bytes(parts[name]) for name in sorted(parts))
-    header = orjson.dumps(
-        {
-            "format": FORMAT_VERSION,
-            "dataset": dataset,
-            "node": node,
-            "created_ms": created_ms,
-            "documents": documents,
-            "body_length": len(body),
-            "body_sha256": hashlib.sha256(body).hexdigest(),
-            **(extra or {}),
-        }
-    )
+    try:
+        header = orjson.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "dataset": dataset,
+                "node": node,
+                "created_ms": created_ms,
+                "documents": documents,
+                "body_length": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+                **(extra or {}),
+            }
+        )
+    except orjson.JSONEncodeError as exc:  # e.g. a lone surrogate in a text
+        raise ExchangeFileError(f"{kind}: header cannot be written ({exc})") from None
     if len(header) > MAX_HEADER_BYTES:
         raise ExchangeFileError(f"{kind}: header larger than {MAX_HEADER_BYTES} bytes")
     total = len(magic) + len(header) + 1 + len(body)
@@ -452,7 +492,76 @@ def _parse_header(raw: bytes, kind: str) -> Header:
     unsynced = obj.get("unsynced", False)
     if type(unsynced) is not bool:
         raise ExchangeFileError(f"{kind} is damaged: header 'unsynced' is not true or false")
-    return Header(fmt, dataset, node, created, tuple(parts), body_length, sha, unsynced)
+    series = _parse_series(obj["series"], kind) if "series" in obj else None
+    return Header(fmt, dataset, node, created, tuple(parts), body_length, sha, unsynced, series)
+
+
+_SERIES_LISTS = {
+    "blocks": {"series": "name", "start": "seq", "stop": "seq", "next": "seq"},
+    "provisional": {
+        "record": "name",
+        "collection": "name",
+        "series": "name",
+        "provisional": "name",
+        "final": "name?",
+        "at": "time",
+    },
+    "journal": {
+        "series": "name",
+        "number": "name",
+        "event": "event",
+        "collection": "name?",
+        "record": "name?",
+        "detail": "text?",
+        "at": "time",
+    },
+}
+
+
+def _parse_series(value: Any, kind: str) -> dict[str, Any]:
+    """A checked copy of a series state (``engine.series.dump_state``).
+    Raises ExchangeFileError for anything else."""
+    where = f"{kind} is damaged: series state"
+    if not isinstance(value, dict) or set(value) != {"counters", *_SERIES_LISTS}:
+        raise ExchangeFileError(f"{where} is malformed")
+    counters = value["counters"]
+    if not isinstance(counters, dict) or len(counters) > MAX_SERIES_ROWS:
+        raise ExchangeFileError(f"{where}: counters are malformed")
+    for key, nxt in counters.items():
+        if not _valid_name(key) or type(nxt) is not int or not 1 <= nxt <= MAX_TIME_MS:
+            raise ExchangeFileError(f"{where}: counter {key!r} is out of range")
+    out: dict[str, Any] = {"counters": dict(counters)}
+    for name, shape in _SERIES_LISTS.items():
+        rows = value[name]
+        if not isinstance(rows, list) or len(rows) > MAX_SERIES_ROWS:
+            raise ExchangeFileError(f"{where}: {name} is not a list of at most {MAX_SERIES_ROWS}")
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or set(row) != set(shape):
+                raise ExchangeFileError(f"{where}: {name} entry {i} is malformed")
+            for field, rule in shape.items():
+                if not _series_value(row[field], rule):
+                    raise ExchangeFileError(f"{where}: {name} entry {i} has a bad {field}")
+        out[name] = [dict(row) for row in rows]
+    for b in out["blocks"]:
+        if not b["start"] <= b["stop"] or not b["start"] <= b["next"] <= b["stop"] + 1:
+            raise ExchangeFileError(f"{where}: block {b['start']}..{b['stop']} is inconsistent")
+    return out
+
+
+def _series_value(value: Any, rule: str) -> bool:
+    if rule.endswith("?"):
+        if value is None:
+            return True
+        rule = rule[:-1]
+    if rule == "name":
+        return isinstance(value, str) and _valid_name(value)
+    if rule == "text":
+        return isinstance(value, str) and len(value) <= MAX_DETAIL_CHARS
+    if rule == "event":
+        return value in JOURNAL_EVENTS
+    if rule == "seq":
+        return type(value) is int and 1 <= value < MAX_TIME_MS
+    return type(value) is int and 0 <= value <= MAX_TIME_MS  # time
 
 
 def _header_name(value: Any, what: str, kind: str) -> str:

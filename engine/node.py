@@ -90,6 +90,7 @@ class ImportReport:
     documents: int
     records: int
     stored: int
+    series: int = 0  # series state rows added or raised (an export of this node)
 
 
 @dataclass
@@ -151,10 +152,14 @@ class Node:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         adapters: Iterable[str] | dict[str, dict[str, Any]] | None = None,
+        new_node: bool | None = None,
     ) -> Node:
         """Create a node home, with ``adapters`` enabled (names, or names ->
-        options). Raises UserError for bad names, HomeExists, SchemaError,
-        AdapterNotFound, AdapterConfigError."""
+        options). ``new_node`` says whether this node id never issued voucher
+        numbers anywhere (default: yes without a relay, no with one); a home
+        that is not new issues provisional numbers until its first completed
+        sync (docs/conflicts.md). Raises UserError for bad names, HomeExists,
+        SchemaError, AdapterNotFound, AdapterConfigError."""
         if not DATASET_RE.match(dataset):
             raise UserError(
                 f"invalid dataset name {dataset!r}: use letters, digits, '_', '.', '-' (max 64)"
@@ -176,6 +181,8 @@ class Node:
             meta["relay"] = relay
         if token:
             meta["token"] = token
+        if not (relay is None if new_node is None else new_node):
+            meta[series_mod.NUMBERING_META] = series_mod.UNCONFIRMED
         store = NodeStore.create(Path(home), meta)
         created = cls(Path(home), store, sch, clock, rng or system_random())
         if adapters:
@@ -324,6 +331,31 @@ class Node:
                 self.add_block(coll.name, first, last, year)
                 leased += last - first + 1
         return leased
+
+    def numbering_known(self) -> bool:
+        """False while this home cannot know how far its node's series went
+        (a rebuilt home before its first completed sync): ``node`` series
+        then issue provisional numbers."""
+        return series_mod.numbering_known(self.store.conn)
+
+    def confirm_numbering(self) -> int:
+        """After a completed sync (the node's earlier vouchers are here and
+        counted, ``series.learn``): mark the numbering known and give final
+        numbers to provisionally numbered vouchers of ``node`` series.
+        Returns how many were finalized; writes nothing when there is nothing to do."""
+        node_series = [
+            c for c in self.schema.ordered() if c.series is not None and c.series.strategy == "node"
+        ]
+        if self.numbering_known() and not any(self._has_provisional(c) for c in node_series):
+            return 0
+        with self._write() as conn:
+            series_mod.set_numbering(conn, True)
+            return sum(self._finalize_provisional(conn, c) for c in node_series)
+
+    def series_state(self) -> dict[str, Any]:
+        """This home's series state for an export file (``series.dump_state``)."""
+        with self._reading() as conn:
+            return series_mod.dump_state(conn)
 
     def reserve_left(self, collection: str, year: int | None = None) -> int:
         """Unused leased numbers of a ``blocks`` series."""
@@ -584,19 +616,29 @@ class Node:
             by_doc.setdefault(str(doc), []).append(bytes(data))
         return {doc: _merged(blobs) for doc, blobs in by_doc.items()}
 
-    def import_updates(self, updates: dict[str, bytes], *, unsynced: bool = False) -> ImportReport:
+    def import_updates(
+        self,
+        updates: dict[str, bytes],
+        *,
+        unsynced: bool = False,
+        series: dict[str, Any] | None = None,
+    ) -> ImportReport:
         """Integrate updates from another replica in one durable transaction.
         With ``unsynced`` (work another life of this node never uploaded),
         what is new here also goes into the outbox, to upload at the next sync.
+        ``series`` (this node's series state from an export of it) is merged
+        in the same transaction (``series.restore_state``).
 
         Idempotent: what is already here is not stored again. Raises
         UpdateError (nothing stored) for a bad document name or bad bytes.
         """
         for name in updates:
             self._collection_of(name)
-        documents = records = stored = 0
+        documents = records = stored = restored = 0
         touched: set[str] = set()
         with self._write() as conn:
+            if series is not None:
+                restored = series_mod.restore_state(conn, series)
             for name, data in updates.items():
                 coll = self._collection_of(name)
                 loaded = self._doc(name)
@@ -611,6 +653,11 @@ class Node:
                 documents += 1
                 stored += 1
                 self._log(conn, loaded, blob, "remote", pending=unsynced)
+                if unsynced:
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO outbox_records VALUES (?, ?)",
+                        [(loaded.applied, rid) for rid in sorted(changed)],
+                    )
                 records += self._materialize(conn, coll, loaded.doc, changed, hold=True)
                 loaded.doc.release()
                 if changed and coll.on_duplicate == "renumber":
@@ -619,7 +666,7 @@ class Node:
                 resolution.renumber_own_duplicates(self, conn, touched)
         if sum(len(data) for data in updates.values()) > TRIM_AFTER_BYTES:
             trim_heap()
-        return ImportReport(documents, records, stored)
+        return ImportReport(documents, records, stored, restored)
 
     def _adopt_clients(self, conn: sqlite3.Connection, doc: RecordDoc, before: bytes) -> None:
         """An import that set only this node's own entries brought this
@@ -653,7 +700,7 @@ class Node:
         changes the relay has not acknowledged yet."""
         out = dict.fromkeys(self.schema.collections, 0)
         for doc, count in self.store.conn.execute(
-            "SELECT doc, COUNT(DISTINCT record) FROM updates WHERE pending = 1 GROUP BY doc"
+            "SELECT doc, COUNT(DISTINCT record) FROM pending_records GROUP BY doc"
         ):
             name = str(doc).partition("/")[0]
             if name in out:
@@ -662,8 +709,10 @@ class Node:
 
     def ack(self, seqs: Iterable[int]) -> None:
         """Mark outbox entries acknowledged by the relay (durably)."""
+        rows = [(s,) for s in seqs]
         with self.store.transaction() as conn:
-            conn.executemany("UPDATE updates SET pending = 0 WHERE seq = ?", [(s,) for s in seqs])
+            conn.executemany("UPDATE updates SET pending = 0 WHERE seq = ?", rows)
+            conn.executemany("DELETE FROM outbox_records WHERE seq = ?", rows)
 
     def refresh(self) -> bool:
         """Bring loaded documents up to date with other processes' commits.
@@ -1012,6 +1061,11 @@ class Node:
                 incomplete.append((coll.name, rid))
             else:
                 resolved.append((rid, r, _valid_values(coll, r.values)))
+        if hold and resolved and coll.series is not None:
+            # Received vouchers: this node's own numbers among them (an
+            # earlier life's, back from the relay) are never issued again.
+            found = [(rid, v.get(coll.key), v.get(coll.partition_field)) for rid, _, v in resolved]
+            series_mod.learn(conn, coll, self.node_id, found, self._clock.wall_ms())
         if hold and resolved and self._refs[coll.name]:
             resolved, waiting = self._hold_back(conn, coll, doc.name, resolved)
             incomplete += waiting
@@ -1230,24 +1284,27 @@ class Node:
         ).fetchone()
         return row is not None
 
-    def _finalize_provisional(self, conn: sqlite3.Connection, coll: Collection) -> None:
+    def _finalize_provisional(self, conn: sqlite3.Connection, coll: Collection) -> int:
         pending = conn.execute(
             "SELECT p.record_id, json_extract(r.data, '$.date') FROM provisional p "
             "JOIN records r ON r.collection = p.collection AND r.id = p.record_id "
             "WHERE p.collection = ? AND p.final IS NULL ORDER BY p.rowid",
             (coll.name,),
         ).fetchall()
+        done = 0
         for rid, date in pending:
             day = dt.date.fromisoformat(date) if date else None
             number = series_mod.finalize(conn, coll, self.node_id, rid, day, self._clock.wall_ms())
             if number is None:
-                return
+                break
+            done += 1
             row = conn.execute(
                 "SELECT doc, deleted FROM records WHERE collection = ? AND id = ?",
                 (coll.name, rid),
             ).fetchone()
             if not row[1]:
                 self._write_entry(conn, coll, self._doc(row[0]), rid, {"number": number})
+        return done
 
     # -- adapters (issue 5) ------------------------------------------------
 

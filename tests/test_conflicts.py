@@ -373,6 +373,7 @@ def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     node.close()
     conn = sqlite3.connect(tmp_path / "A" / STORE_FILE)
     conn.executescript(
+        "DROP VIEW pending_records; DROP TABLE outbox_records; "
         "DROP TABLE clients; DROP TABLE resolutions; DROP TABLE waiting; DROP INDEX records_alias; "
         "ALTER TABLE records DROP COLUMN alias_of; PRAGMA user_version = 1;"
     )

@@ -118,6 +118,7 @@ def test_encode_state_rejects_a_bad_state_vector() -> None:
         ({"updates": {"x" * 200: b"x"}}, "invalid document name"),
         ({"updates": {"customers": "text"}}, "not bytes"),
         ({"created_ms": -1}, "created_ms"),
+        ({"dataset": "a\ud800"}, "header cannot be written"),
     ],
 )
 def test_encode_export_rejects_bad_input(kwargs: dict[str, object], match: str) -> None:
@@ -361,7 +362,10 @@ def test_fuzz_forged_headers(data: bytes) -> None:
     _decodes_or_refuses(data)
 
 
-@settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=50,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(_mutated())
 def test_fuzz_files_on_disk(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "fuzz.bin"
@@ -371,3 +375,77 @@ def test_fuzz_files_on_disk(tmp_path: Path, data: bytes) -> None:
             read(path)
         except ExchangeFileError as exc:
             assert str(exc).startswith(str(path))
+
+
+_VALID_SERIES: dict[str, object] = {
+    "counters": {"sales_invoice": 4, "sales_invoice#provisional": 2},
+    "blocks": [{"series": "cash_receipt", "start": 1, "stop": 100, "next": 7}],
+    "provisional": [
+        {
+            "record": "01J0Z3",
+            "collection": "cash_receipt",
+            "series": "cash_receipt",
+            "provisional": "PT-hn-P000001",
+            "final": None,
+            "at": 5,
+        }
+    ],
+    "journal": [
+        {
+            "series": "sales_invoice",
+            "number": "HDhn-000002",
+            "event": "void",
+            "collection": "sales_invoice",
+            "record": "01J0Z4",
+            "detail": None,
+            "at": 6,
+        }
+    ],
+}
+
+
+def test_series_state_round_trips_in_the_header() -> None:
+    data = encode_export(
+        dataset="acme", node="hn", updates={}, created_ms=1, series=dict(_VALID_SERIES)
+    )
+    header, _ = decode_export(data)
+    assert header.series == _VALID_SERIES
+    assert (
+        decode_export(encode_export(dataset="acme", node="hn", updates={}, created_ms=1))[0].series
+        is None
+    )
+    with pytest.raises(ExchangeFileError, match="series state"):
+        encode_export(dataset="acme", node="hn", updates={}, created_ms=1, series={"x": 1})
+
+
+@st.composite
+def _forged_series(draw: st.DrawFn) -> bytes:
+    """Export files whose series state has fields drawn at random."""
+    state = json.loads(json.dumps(_VALID_SERIES))
+    for _ in range(draw(st.integers(1, 3))):
+        part = draw(st.sampled_from(sorted(_VALID_SERIES)))
+        value = state.get(part)
+        if draw(st.booleans()) or not isinstance(value, list | dict):
+            state[part] = draw(_json)
+        elif isinstance(value, dict):
+            value[draw(st.sampled_from([*value, "x"]))] = draw(_json)
+        elif value and isinstance(value[0], dict) and value[0]:
+            row = value[0]
+            row[draw(st.sampled_from(sorted(row)))] = draw(_json | st.integers(-(2**70), 2**70))
+    header = {
+        "format": 1,
+        "dataset": "acme",
+        "node": "hn",
+        "created_ms": 0,
+        "documents": [],
+        "body_length": 0,
+        "body_sha256": hashlib.sha256(b"").hexdigest(),
+        "series": state,
+    }
+    return EXPORT_MAGIC + json.dumps(header).encode() + b"\n"
+
+
+@settings(max_examples=300)
+@given(_forged_series())
+def test_fuzz_forged_series_states(data: bytes) -> None:
+    _decodes_or_refuses(data)

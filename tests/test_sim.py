@@ -16,7 +16,12 @@ from engine.sim.__main__ import main
 # 9023, 9250: reordered frames made an update wait at the relay, which now
 # refuses that (not_author), and the document stayed held until a
 # reconnection that never came (it now gets one more pass at once).
-REGRESSIONS = (1, 4, 7, 19, 20, 27, 35, 9023, 9250)
+# 16: a home rebuilt twice held an update part that yrs never integrated once
+# what it waited for arrived in another update (engine.crdt retries it now);
+# 18: work imported into a rebuilt home's outbox was not counted per record.
+# 27, 45 also issue node numbers again unless a rebuilt home numbers
+# provisionally until its first sync (test_the_checks_catch_a_reused_number).
+REGRESSIONS = (1, 4, 7, 16, 18, 19, 20, 27, 35, 45, 9023, 9250)
 
 
 @pytest.mark.parametrize("seed", REGRESSIONS)
@@ -42,7 +47,7 @@ def test_the_checks_catch_a_lost_write() -> None:
         world.heal()
         victim = world.nodes[1].node
         assert victim is not None
-        rid = next(iter(world.acked))
+        rid = next(r for r in world.acked if r not in world.excused)
         with victim.store.transaction() as conn:
             conn.execute("DELETE FROM records WHERE id = ?", (rid,))
         with pytest.raises(SimFailure) as failure:
@@ -50,6 +55,20 @@ def test_the_checks_catch_a_lost_write() -> None:
         assert failure.value.kind == "correctness"
     finally:
         world.close()
+
+
+def test_the_checks_catch_a_reused_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed 45 rebuilds a node that books before its first sync: with the
+    numbering taken as known and nothing learned, a number is issued again
+    and renumbered later, which the checks report."""
+    from engine import series
+
+    monkeypatch.setattr(series, "numbering_known", lambda conn: True)
+    monkeypatch.setattr(series, "learn", lambda *args: None)
+    monkeypatch.setattr(series, "restore_state", lambda *args: 0)
+    with pytest.raises(SimFailure, match="was issued HDN0-000001, now numbered") as failure:
+        World(45).run()
+    assert failure.value.kind == "correctness"
 
 
 def test_exit_code_and_replay_line_of_a_failing_seed(

@@ -22,6 +22,11 @@ from ..merge.record import NodeState
 
 ROOT = "r"
 SEP = "|"
+#: Updates kept for another try because part of them waits for missing
+#: earlier updates (see ``RecordDoc.apply``); beyond this, the oldest are
+#: dropped from the retry list (their bytes stay in the caller's log, and
+#: the next load of the document tries them again).
+MAX_WAITING = 256
 
 
 class RecordDoc:
@@ -44,11 +49,17 @@ class RecordDoc:
         self._fresh: dict[str, Any] = {}  # key -> text, from the last transaction
         self._capture = False
         self._update: bytes | None = None
+        self._waiting: list[bytes] = []
+        initial = list(initial)
         for update in initial:
             try:
                 self._doc.apply_update(update)
             except Exception as exc:  # pycrdt raises bare exceptions for bad input
                 raise UpdateError(f"document {name}: not a valid update ({exc})") from None
+        state = self._doc.get_state()
+        self._waiting = [u for u in initial if _waits(u, state)][-MAX_WAITING:]
+        if self._waiting:
+            self._retry_waiting()
         for key in self._map:
             rid, _, node = key.partition(SEP)
             self._add(rid, node)
@@ -133,21 +144,33 @@ class RecordDoc:
                 f"document {self.name}: the CRDT library failed on this update "
                 f"({str(exc).splitlines()[0]}); it was not stored"
             ) from None
-        changed, self._changed = self._changed, set()
         after = self._doc.get_state()
+        waits = _waits(update, after)
+        if after != before and self._waiting:
+            after = self._retry_waiting()
+        if waits:
+            self._waiting = [*self._waiting, update][-MAX_WAITING:]
+        changed, self._changed = self._changed, set()
         integrated = bool(changed) or after != before
-        pending = False
-        if not integrated:
-            # A duplicate, or an update waiting for earlier ones. What of it
-            # lies beyond our state holds items (a non-zero client count) only
-            # when it waits. (``pycrdt.get_state(update)`` cannot tell: it
-            # omits every client whose items do not start at clock 0.)
-            try:
-                beyond = get_update(update, after)
-            except Exception:
-                beyond = b"\x00"
-            pending = beyond[:1] != b"\x00"
-        return changed, integrated, pending
+        return changed, integrated, waits and not integrated
+
+    def _retry_waiting(self) -> bytes:
+        """Apply again the updates that had a waiting part, until no more of
+        them integrates; returns the state then. yrs does not always
+        integrate a waiting part once what it waited for arrives (the same
+        updates in another order would have): applying its bytes again does,
+        and is harmless for what is already here."""
+        state = self._doc.get_state()
+        while self._waiting:
+            with self._doc.transaction(origin="remote"):
+                for update in self._waiting:
+                    self._doc.apply_update(update)
+            now = self._doc.get_state()
+            self._waiting = [u for u in self._waiting if _waits(u, now)]
+            if now == state:
+                break
+            state = now
+        return state
 
     def write(self, record_id: str, node: str, state: NodeState) -> bytes:
         """Replace ``node``'s entry of a record; returns the Yjs update made."""
@@ -202,6 +225,17 @@ class RecordDoc:
 
 
 MAX_MERGE = 1000  # updates merged at once: pycrdt's merge is quadratic in their number
+
+
+def _waits(update: bytes, state: bytes) -> bool:
+    """Part of ``update`` lies beyond ``state`` and holds items: it waits for
+    missing earlier updates. (``pycrdt.get_state(update)`` cannot tell: it
+    omits every client whose items do not start at clock 0.) Never raises."""
+    try:
+        beyond = get_update(update, state)
+    except Exception:
+        return False
+    return beyond[:1] != b"\x00"
 
 
 def merge(updates: list[bytes]) -> bytes:

@@ -11,7 +11,9 @@ fan stored updates out to the dataset's other open sessions, serve leases).
 
 A run has two phases. **Safety**: a random workload while the faults chosen
 for this seed (swarm testing: each kind on or off, with a random intensity)
-hit the network, the nodes and the relay. **Heal**: faults off, every node
+hit the network, the nodes and the relay; a node may also lose its disk and
+be rebuilt from an export (the one it wrote as its disk failed, or its last
+backup export) as docs/operations.md says. **Heal**: faults off, every node
 up; the nodes must converge within a bounded number of ticks. Then the
 checks (``check``) run; a failure raises ``SimFailure`` with a kind that
 maps to a distinct exit code.
@@ -27,7 +29,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from ..errors import (
     RemoteProtocolError,
     UserError,
 )
+from ..exchange import export_to_file, import_from_file
 from ..node import Node
 from ..protocol import (
     ClientSession,
@@ -96,6 +99,7 @@ CODES = ("K1", "K2", "K3", "K4")
 ITEMS = ("T1", "T2")
 DATES = ("2026-09-02", "2026-09-21", "2026-10-01")
 FINAL_RECEIPT = re.compile(r"^PT\d{6}\Z")  # provisional numbers look like PT-N0-P000001
+FINAL_SALE = re.compile(r"^HDN\d+-\d{6}\Z")  # provisional: HD-N0-P000001
 
 
 class SimFailure(Exception):
@@ -118,6 +122,7 @@ class Faults:
     node_crashes: float = 0.0  # per tick and node
     relay_crashes: float = 0.0  # per tick
     skew_ms: tuple[int, ...] = ()  # per node
+    rebuilds: float = 0.0  # per tick and node: its disk is lost, it is rebuilt from an export
 
     @classmethod
     def draw(cls, rng: random.Random, nodes: int) -> Faults:
@@ -136,6 +141,11 @@ class Faults:
                 rng.randint(-3_600_000, 3_600_000) if on(0.5) else 0 for _ in range(nodes)
             ),
         )
+
+    def with_rebuilds(self, rng: random.Random) -> Faults:
+        """These faults plus disk losses, drawn from their own generator so
+        that adding them left every earlier seed's schedule as it was."""
+        return replace(self, rebuilds=rng.uniform(0.0005, 0.003) if rng.random() < 0.35 else 0.0)
 
     def describe(self) -> str:
         parts = [
@@ -373,6 +383,8 @@ class SimNode:
     down_until: int = 0  # crashed until this tick
     retry_at: int = 0  # next connection attempt
     failures: int = 0  # connection failures in a row (backoff)
+    backup: Path | None = None  # its last backup export (export --unsynced)
+    lives: int = 1  # homes it has had (rebuilds + 1)
 
 
 class World:
@@ -384,7 +396,9 @@ class World:
         self.ops = ops
         self.tick = 0
         self.stats = Stats()
-        self.faults = Faults.draw(self.rng, nodes)
+        # Disk losses have a generator of their own (see Faults.with_rebuilds).
+        self.disk_rng = random.Random(f"disks-{seed}")
+        self.faults = Faults.draw(self.rng, nodes).with_rebuilds(self.disk_rng)
         self.net = Network(random.Random(self.rng.getrandbits(64)), self.faults, self.stats)
         self._own_dir = workdir is None
         # In memory where the OS offers it: fsync there costs nothing, and a
@@ -414,6 +428,12 @@ class World:
         self.partition_until = 0
         self.relay_back = 0  # tick at which a crashed relay restarts
         self.acked: dict[str, str] = {}  # record id -> collection, as returned to a caller
+        # Voucher id -> (number, provisional) as post_voucher returned it, for
+        # series numbers (not typed by hand).
+        self.issued: dict[str, tuple[str, bool]] = {}
+        # Records whose last changes may have gone with a lost disk (not in
+        # the export it was rebuilt from, maybe never acknowledged).
+        self.excused: set[str] = set()
 
     # -- running -------------------------------------------------------------------
 
@@ -555,12 +575,63 @@ class World:
                 sim.node = None
                 sim.down_until = self.tick + self.rng.randint(1, 100)
                 self.stats.faults["node crash"] += 1
+        if f.rebuilds:
+            for sim in self.nodes:
+                if sim.node is None:
+                    continue
+                if self.disk_rng.random() < f.rebuilds:
+                    self._rebuild(sim)
+                elif self.disk_rng.random() < 0.01:
+                    self._backup(sim)
         if self.relay.up and f.relay_crashes and self.rng.random() < f.relay_crashes:
             self.relay.crash()
             self.stats.faults["relay crash"] += 1
             self.relay_back = self.tick + self.rng.randint(1, 100)
         elif not self.relay.up and self.tick >= self.relay_back:
             self.relay.restart()
+
+    def _backup(self, sim: SimNode) -> None:
+        """The node's periodic backup: an unsynced export beside its home."""
+        assert sim.node is not None
+        path = self.dir / f"{sim.name}-backup.blx"
+        export_to_file(sim.node, path, created_ms=sim.clock.wall_ms(), unsynced=True)
+        sim.backup = path
+        self.stats.faults["backup export"] += 1
+
+    def _rebuild(self, sim: SimNode) -> None:
+        """The node's disk is lost: a new home of the same node id (not new:
+        its numbering is unconfirmed) imports the export written as the disk
+        failed or, half the time, the last backup export (work after it that
+        the relay never acknowledged is lost with the disk), and goes on."""
+        node = sim.node
+        assert node is not None
+        self._disconnect(sim)
+        from_backup = self.disk_rng.random() < 0.5
+        if from_backup:
+            since = sim.backup
+            lost = node.store.conn.execute("SELECT DISTINCT record FROM pending_records").fetchall()
+            self.excused.update(str(r[0]) for r in lost)
+        else:
+            since = self.dir / f"{sim.name}-failing.blx"
+            export_to_file(node, since, created_ms=sim.clock.wall_ms(), unsynced=True)
+        node.close()
+        sim.node = None
+        shutil.rmtree(sim.home)
+        sim.lives += 1
+        sim.home = self.dir / f"{sim.name}.{sim.lives}"
+        sim.node = Node.create(
+            sim.home,
+            dataset=DATASET,
+            node=sim.name,
+            schema=self.schema,
+            clock=sim.clock,
+            rng=random.Random(sim.seed + sim.lives),
+            new_node=False,
+        )
+        if since is not None:
+            import_from_file(sim.node, since)
+        kind = "from its last backup" if from_backup else "from its failing disk"
+        self.stats.faults[f"disk lost, rebuilt {kind}"] += 1
 
     # -- the workload ------------------------------------------------------------------
 
@@ -591,7 +662,10 @@ class World:
                 }
                 if self.rng.random() < 0.2:
                     fields["number"] = f"TAY-{self.rng.randint(1, 3)}"  # typed by hand
-                self._acked("sales", node.post_voucher("sales", fields).id)
+                posted = node.post_voucher("sales", fields)
+                if "number" not in fields:
+                    self.issued[posted.id] = (posted.number, posted.provisional)
+                self._acked("sales", posted.id)
             elif r < 0.7:
                 fields = {"customer": self.rng.choice(CODES), "amount": "10"}
                 self._acked("receipts", node.post_voucher("receipts", fields).id)
@@ -675,7 +749,7 @@ class World:
         for sim in self.nodes:
             assert sim.node is not None
             held = {r[0] for r in sim.node.store.conn.execute("SELECT id FROM records").fetchall()}
-            lost = sorted(set(self.acked) - held)
+            lost = sorted(set(self.acked) - held - self.excused)
             if lost:
                 raise SimFailure(
                     "correctness", f"{sim.name} lacks {len(lost)} acknowledged writes: {lost[:3]}"
@@ -685,6 +759,7 @@ class World:
         clash = [n for n, k in Counter(numbers).items() if k > 1]
         if clash:
             raise SimFailure("correctness", f"blocks numbers used twice: {clash[:5]}")
+        self._check_numbers(first[0]["sales"])
         renumbered: dict[str, set[str]] = {}
         for entry in first[2]:
             if entry.get("action") == "renumber" and entry.get("auto"):
@@ -704,6 +779,31 @@ class World:
             conn.close()
         if dupes:
             raise SimFailure("correctness", f"the relay stored {dupes} updates twice")
+
+    def _check_numbers(self, sales: list[dict[str, Any]]) -> None:
+        """No series number issued twice, none changed after it was issued
+        as final, every provisional number finalized once synced."""
+        node = self.nodes[0].node
+        assert node is not None
+        rows = node.store.conn.execute(
+            "SELECT id, key, deleted FROM records WHERE collection = 'sales'"
+        ).fetchall()
+        numbers = [str(key) for _, key, _ in rows if key and FINAL_SALE.match(str(key))]
+        twice = [n for n, k in Counter(numbers).items() if k > 1]
+        if twice:
+            raise SimFailure("correctness", f"node numbers used twice: {twice[:5]}")
+        now = {str(rid): str(key) for rid, key, _ in rows}
+        for rid, (number, provisional) in self.issued.items():
+            if rid in self.excused or rid not in now:
+                continue
+            if not provisional and now[rid] != number:
+                raise SimFailure(
+                    "correctness", f"voucher {rid} was issued {number}, now numbered {now[rid]}"
+                )
+        left = [r["number"] for r in sales if not FINAL_SALE.match(r["number"])]
+        left = [n for n in left if n.startswith("HD-")]
+        if left:
+            raise SimFailure("correctness", f"provisional numbers never finalized: {left[:5]}")
 
 
 class _LinkDown(Exception):

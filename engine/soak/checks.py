@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,41 @@ def voucher_numbers_unique(homes: Mapping[str, Path]) -> list[str]:
                     problems.append(f"{name}: {book} number {number!r} used {n} times")
         finally:
             conn.close()
+    return problems[:MAX_LISTED]
+
+
+def voucher_numbers_kept(
+    issued: Mapping[str, tuple[str, bool]], homes: Mapping[str, Path]
+) -> list[str]:
+    """Every voucher numbered final by its series still carries that number
+    (none changed after issue), every provisional one got a final number,
+    and no number of a series is held by two vouchers, deleted ones included
+    (none issued twice)."""
+    problems: list[str] = []
+    for name, home in sorted(homes.items()):
+        conn = _ro(home / STORE_FILE)
+        try:
+            rows = conn.execute(
+                "SELECT collection, id, key FROM records WHERE json_extract(data, '$.number') "
+                "IS NOT NULL"
+            ).fetchall()
+        finally:
+            conn.close()
+        now = {str(rid): str(key) for _, rid, key in rows}
+        for rid, (number, provisional) in sorted(issued.items()):
+            held = now.get(rid)
+            if held is None:
+                continue
+            if not provisional and held != number:
+                problems.append(f"{name}: voucher {rid} was issued {number}, now numbered {held}")
+            elif provisional and held == number:
+                problems.append(f"{name}: voucher {rid} still has provisional number {number}")
+        issued_numbers = Counter((c, k) for c, rid, k in rows if rid in issued)
+        problems += [
+            f"{name}: {c} number {k!r} held by {n} vouchers"
+            for (c, k), n in sorted(issued_numbers.items())
+            if n > 1
+        ]
     return problems[:MAX_LISTED]
 
 

@@ -7,8 +7,11 @@ enrolled node per node home, starts ``branchline relay serve`` and one
 
 - the workload (``engine.soak.workload``) writes into the homes;
 - the nemesis plays a schedule drawn from the seed: SIGKILL and restart of
-  node processes and of the relay, and per proxy delays, cuts (partitions,
-  also of half the nodes at once), connection resets and refused connections.
+  node processes and of the relay, per proxy delays, cuts (partitions, also
+  of half the nodes at once), connection resets and refused connections, and
+  lost disks: a node's process is killed, its home exported (``export
+  --unsynced``), wiped and rebuilt (``node init``, ``import``, ``sync``, as
+  docs/operations.md says), and the node goes on in the new home.
 
 Then it heals every fault, restarts whatever is down, stops the workload and
 waits (at most ``converge_timeout_s``) until every home has an empty outbox
@@ -73,6 +76,7 @@ FAULTS: dict[str, int] = {
     "partition_half": 1,
     "reset": 3,
     "refuse": 2,
+    "rebuild_node": 1,
 }
 
 
@@ -126,7 +130,8 @@ def schedule(
             fault = Fault(t, kind, sorted(half), rng.uniform(1.0, 8.0))
         else:
             hold = {"kill_node": (0.2, 3.0), "delay": (2.0, 8.0), "cut": (1.0, 8.0),
-                    "reset": (0.0, 0.0), "refuse": (0.5, 4.0)}[kind]  # fmt: skip
+                    "reset": (0.0, 0.0), "refuse": (0.5, 4.0),
+                    "rebuild_node": (0.0, 0.0)}[kind]  # fmt: skip
             fault = Fault(t, kind, [rng.choice(names)], rng.uniform(*hold))
             if kind == "delay":
                 fault.delay_ms = rng.uniform(20, 400)
@@ -237,6 +242,7 @@ class SoakState:
     crashes: list[str] = field(default_factory=list)
     converge_s: float | None = None
     phase: str = "setup"
+    late_first_syncs: int = 0  # rebuilt homes whose first sync waited for a fault to end
 
 
 class Soak:
@@ -268,12 +274,15 @@ class Soak:
         self._work_error: BaseException | None = None
         self._cut_depth: Counter[str] = Counter()
         self._refuse_depth: Counter[str] = Counter()
+        self.tokens: dict[str, str] = {}
+        self.lives: Counter[str] = Counter()
 
     # -- setup -----------------------------------------------------------------
 
     def _setup(self) -> None:
         with SqliteRelayStore.create(self.relay_db) as store:
             tokens = {n: store.enroll(DATASET, n).token for n in self.names}
+        self.tokens = tokens
         self.host = ProxyHost(self.proxy_rng)
         for n in self.names:
             self.proxies[n] = self.host.add(self.relay_port)
@@ -324,6 +333,7 @@ class Soak:
         try:
             self.workload.open()
             while not self._stop_work.is_set():
+                self.workload.serve_pause()
                 self.workload.step()
                 self._stop_work.wait(self.work_rng.expovariate(rate))
         except BaseException as exc:  # reported by the main thread
@@ -345,6 +355,9 @@ class Soak:
             proc = self.runs[fault.targets[0]]
             proc.kill()
             return [(fault.hold_s, partial(self._restart, proc))]
+        if kind == "rebuild_node":
+            self._rebuild(fault.targets[0])
+            return []
         undo: list[tuple[float, Callable[[], None]]] = []
         for name in fault.targets:
             proxy = self.proxies[name]
@@ -362,6 +375,47 @@ class Soak:
                 self.host.call(partial(proxy.refuse, True))
                 undo.append((fault.hold_s, partial(self._unrefuse, name)))
         return undo
+
+    def _rebuild(self, name: str) -> None:
+        """The node's disk fails: with its process killed and the workload
+        holding off it, export its unsynced work, wipe the home, create a
+        new one for the same node, import, sync once (which may fail while
+        other faults hold) and go on there."""
+        with self.workload.paused(name):
+            proc = self.runs[name]
+            proc.kill()
+            old = self.homes[name]
+            export = self.root / f"{name}-unsynced.blx"
+            self._cli_ok("export", "--home", str(old), str(export), "--unsynced")
+            shutil.rmtree(old)
+            self.lives[name] += 1
+            new = self.root / f"{name}.{self.lives[name] + 1}"
+            url = f"ws://127.0.0.1:{self.proxies[name].port}/"
+            self._cli_ok(
+                "node", "init", "--home", str(new), "--dataset", DATASET, "--node", name,
+                "--relay", url, "--token", self.tokens[name],
+            )  # fmt: skip
+            self._cli_ok("import", "--home", str(new), str(export))
+            synced = subprocess.run(
+                [*self.cli, "sync", "--home", str(new), "--timeout", "10"],
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
+            if synced.returncode != 0:
+                self.state.late_first_syncs += 1  # another fault holds: it syncs later
+            self.homes[name] = new
+            proc.argv = [*self.cli, "node", "run", "--home", str(new), "--backoff-max", "1"]
+            proc.start()
+
+    def _cli_ok(self, *args: str) -> None:
+        out = subprocess.run(
+            [*self.cli, *args], capture_output=True, text=True, timeout=120, check=False
+        )
+        if out.returncode != 0:
+            raise SoakFailure(
+                EXIT_CRASH, f"branchline {' '.join(args[:1])} failed: {out.stderr.strip()}"
+            )
 
     def host_call(self, fn: Callable[[], None]) -> None:
         assert self.host is not None
@@ -524,6 +578,7 @@ class Soak:
             "replicas_identical": checks.replicas_identical(self.homes),
             "lost_writes": checks.lost_writes(self.workload.acked, self.homes),
             "voucher_numbers_unique": checks.voucher_numbers_unique(self.homes),
+            "voucher_numbers_kept": checks.voucher_numbers_kept(self.workload.issued, self.homes),
             "relay_no_duplicates": checks.relay_duplicates(self.relay_db),
             "relay_holds_everything": checks.relay_holds_everything(
                 self.relay_db, DATASET, self.homes
@@ -567,6 +622,7 @@ class Soak:
             "lost_writes": checks.count_lost(lost) if "lost_writes" in problems else None,
             "faults": sum(self.state.faults.values()),
             "faults_by_kind": dict(sorted(self.state.faults.items())),
+            "rebuilds_synced_later": self.state.late_first_syncs,
             "process_starts": {
                 "relay": self.relay.starts if self.relay else 0,
                 **{n: p.starts for n, p in self.runs.items()},

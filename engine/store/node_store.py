@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import FormatVersionError, HomeExists, HomeNotFound, StoreError
 
 STORE_FILE = "branchline.db"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 BUSY_TIMEOUT_MS = 30_000
 CACHE_KIB = 16_384
 
@@ -158,10 +158,30 @@ CREATE TABLE clients (client INTEGER PRIMARY KEY, first_at INTEGER NOT NULL);
 """
 SCHEMA_SQL += CLIENTS_SQL
 
+# Added in format 4 (imported outbox rows counted per record).
+OUTBOX_RECORDS_SQL = """
+-- The records an outbox row imported with import --unsynced carries (a
+-- local row names its one record in updates.record).
+CREATE TABLE outbox_records (
+    seq INTEGER NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (seq, record)
+) WITHOUT ROWID;
+
+-- Every (outbox row, record it carries) of the outbox.
+CREATE VIEW pending_records AS
+    SELECT seq, doc, record FROM updates WHERE pending = 1 AND record IS NOT NULL
+    UNION ALL
+    SELECT u.seq, u.doc, o.record FROM outbox_records o JOIN updates u ON u.seq = o.seq
+    WHERE u.pending = 1;
+"""
+SCHEMA_SQL += OUTBOX_RECORDS_SQL
+
 # Format n -> n + 1. Each step only adds, so older rows stay exactly right.
 MIGRATIONS = {
     1: "ALTER TABLE records ADD COLUMN alias_of TEXT;\n" + RESOLUTION_SQL,
     2: CLIENTS_SQL,
+    3: OUTBOX_RECORDS_SQL,
 }
 
 

@@ -40,6 +40,9 @@ Guarantees:
 - After the first full sync of a connection, received records still waiting
   for a record they refer to are shown (``Node.settle_waiting``): each is
   then a ``dangling_reference`` conflict.
+- After a completed pass without download failures of voucher books, the
+  node's numbering is known (``Node.confirm_numbering``): a rebuilt home's
+  provisional numbers become final.
 - While live, ``blocks`` series reserves below their target are refilled
   (also after a local booking by another process), with capped exponential
   backoff after a refusal.
@@ -348,6 +351,10 @@ class SyncDriver:
                 self.stats.passes_completed += 1
                 with self.node.store.transaction():
                     self.node.store.set_meta("last_sync", str(self._wall_ms()))
+                if not any(self._numbered(doc) for doc in self._failed_down):
+                    # Everything the relay holds of this node's vouchers is
+                    # here and counted: provisional numbers become final.
+                    self.node.confirm_numbering()
             elif isinstance(ev, LeaseGranted):
                 lease = self._leases.pop(ev.ref)
                 self._leasing.discard(ev.series)
@@ -466,8 +473,8 @@ class SyncDriver:
             out.update(
                 str(r[0])
                 for r in self.node.store.conn.execute(
-                    "SELECT DISTINCT record FROM updates WHERE record IS NOT NULL "
-                    f"AND seq IN ({', '.join('?' * len(chunk))})",
+                    "SELECT DISTINCT record FROM pending_records "
+                    f"WHERE seq IN ({', '.join('?' * len(chunk))})",
                     chunk,
                 )
             )
@@ -571,7 +578,7 @@ class SyncDriver:
             self.progress.setdefault(entry.collection, Progress()).docs_total += 1
         if not ev.read_only:
             for doc, count in self.node.store.conn.execute(
-                "SELECT doc, COUNT(DISTINCT record) FROM updates WHERE pending = 1 GROUP BY doc"
+                "SELECT doc, COUNT(DISTINCT record) FROM pending_records GROUP BY doc"
             ):
                 found = self._docs.get(str(doc))
                 if found is not None and doc not in self.held:
@@ -661,7 +668,7 @@ class SyncDriver:
                 self._inflight[ref] = seqs
                 self._ref_doc[ref] = doc
                 self._sent.update(seqs)
-                mine = {owner[s] for s in seqs if s in owner} - counted
+                mine = {r for s in seqs for r in owner.get(s, ())} - counted
                 counted |= mine
                 self._ref_records[ref] = len(mine)
                 if entry is not None:
@@ -674,16 +681,14 @@ class SyncDriver:
             self._maybe_done(doc)
         return True
 
-    def _owners(self, doc: str) -> dict[int, str]:
-        """Outbox seq -> record of ``doc``'s pending rows (progress counts records)."""
-        return {
-            int(seq): str(record)
-            for seq, record in self.node.store.conn.execute(
-                "SELECT seq, record FROM updates WHERE pending = 1 AND doc = ? "
-                "AND record IS NOT NULL",
-                (doc,),
-            )
-        }
+    def _owners(self, doc: str) -> dict[int, list[str]]:
+        """Outbox seq -> records of ``doc``'s pending rows (progress counts records)."""
+        out: dict[int, list[str]] = {}
+        for seq, record in self.node.store.conn.execute(
+            "SELECT seq, record FROM pending_records WHERE doc = ?", (doc,)
+        ):
+            out.setdefault(int(seq), []).append(str(record))
+        return out
 
     def _parts(self, doc: str, sv: bytes) -> list[tuple[list[int], bytes]]:
         # An empty diff with pending rows is still sent: the relay holds them
@@ -802,6 +807,11 @@ class SyncDriver:
     def _report(self, collection: str, prog: Progress) -> None:
         if self._on_progress is not None:
             self._on_progress(collection, prog.done, prog.total)
+
+    def _numbered(self, doc: str) -> bool:
+        """``doc`` belongs to a voucher book with a series."""
+        coll = self.node.schema.collections.get(doc.partition("/")[0])
+        return coll is not None and coll.series is not None
 
     def _has_pending(self) -> bool:
         """Outbox rows of documents that are not held."""
