@@ -232,12 +232,52 @@ class Node:
         """Insert a record, or update the one named by ``id`` or by the unique
         key in ``fields`` (only the given fields change). Returns the record id.
 
+        In a voucher book, only an edit of an existing voucher that keeps its
+        number: new vouchers are booked with ``post_voucher``, which numbers
+        them from the series (ValidationError otherwise).
+
         Raises UnknownCollection, ValidationError, UnknownReference,
         RecordNotFound, RecordDeleted; nothing is written then.
         """
         coll = self.collection(collection)
         with self._write() as conn:
+            if coll.is_voucher and isinstance(fields, dict):
+                self._check_voucher_edit(conn, coll, fields)
             return self._put(conn, coll, fields)
+
+    def _check_voucher_edit(
+        self, conn: sqlite3.Connection, coll: Collection, fields: dict[str, Any]
+    ) -> None:
+        """Refuse a ``put`` that would create a voucher or change a voucher's
+        number (a printed number never changes; clashes are renumbered by
+        ``resolve``). Raises ValidationError."""
+        book = (
+            f"{coll.name} is a voucher book: book a new voucher with "
+            f"'branchline voucher {coll.name} JSON' (Node.post_voucher), which numbers it"
+        )
+        number = fields.get(coll.key)
+        if "id" not in fields:
+            if number is None:
+                raise ValidationError(f"{book}; put only edits a voucher named by id or number")
+            key = encode(coll.fields[coll.key], number, f"{coll.name}.{coll.key}")
+            if self._lookup(conn, coll, key, by_id=False) is None:
+                raise ValidationError(f"{book}; no voucher is numbered {key!r}")
+            return
+        if number is None:
+            return
+        found = self._lookup(conn, coll, str(fields["id"]))
+        if found is None:
+            return  # _put says the voucher does not exist
+        key = encode(coll.fields[coll.key], number, f"{coll.name}.{coll.key}")
+        row = conn.execute(
+            "SELECT key FROM records WHERE collection = ? AND id = ?", (coll.name, found[0])
+        ).fetchone()
+        if row is not None and row[0] != key:
+            raise ValidationError(
+                f"{coll.name}: voucher {found[0]} is numbered {row[0]!r} and keeps it "
+                "(a number once issued never changes); a clash of numbers is settled with "
+                "'branchline resolve --renumber'"
+            )
 
     def post_voucher(self, collection: str, fields: dict[str, Any]) -> Posted:
         """Book a new voucher and give it the next number of its series

@@ -314,7 +314,7 @@ def test_client_id_noted_once_per_instance_in_the_first_write(tmp_path: Path) ->
     assert row == (START_MS,)
     other = Node.open(home, rng=random.Random(7))
     assert clients(home) == [node._client_id]  # opening is not writing
-    other.put("cash_receipt", {"date": "2026-01-05", "customer": "K1", "amount": "10"})
+    other.post_voucher("cash_receipt", {"date": "2026-01-05", "customer": "K1", "amount": "10"})
     assert sorted(clients(home)) == sorted([node._client_id, other._client_id])
     other.close()
     node.close()

@@ -58,7 +58,9 @@ def test_put_edits_a_voucher_that_keeps_its_number(node: Node) -> None:
 def test_cli_put_on_a_voucher_book_is_one_line_exit_2(node: Node) -> None:
     home = node.home
     node.close()
-    result = CliRunner().invoke(cli, ["put", "--home", str(home), "sales_invoice", json.dumps(SALE)])
+    result = CliRunner().invoke(
+        cli, ["put", "--home", str(home), "sales_invoice", json.dumps(SALE)]
+    )
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: sales_invoice is a voucher book") and "voucher" in line

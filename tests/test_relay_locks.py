@@ -44,8 +44,8 @@ def start(tmp_path: Path) -> tuple[ThreadRelay, dict[str, Path], Path]:
 def write(a: Node) -> None:
     """A customer, a receipt in the locked month and one in the next month."""
     a.put("customers", {"code": "KH1", "name": "Lan"})
-    a.put("cash_receipt", {"date": "2026-11-05", "customer": "KH1", "amount": "10"})
-    a.put("cash_receipt", {"date": "2026-12-01", "customer": "KH1", "amount": "20"})
+    a.post_voucher("cash_receipt", {"date": "2026-11-05", "customer": "KH1", "amount": "10"})
+    a.post_voucher("cash_receipt", {"date": "2026-12-01", "customer": "KH1", "amount": "20"})
 
 
 async def until(predicate: object, timeout: float = 30) -> None:
