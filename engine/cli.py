@@ -21,7 +21,6 @@ from collections.abc import Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
 import orjson
@@ -32,6 +31,7 @@ from rich.text import Text
 from . import __version__
 from .errors import BranchlineError, RecordNotFound, UserError
 from .exchange import export_to_file, import_from_file, save_state
+from .names import META_TOKEN_REFUSED, relay_url_ok
 from .node import Node
 from .relay.cli import relay_group
 
@@ -286,10 +286,8 @@ def node_init(
     """Create a node home of DATASET with node id NODE."""
     if (relay is None) != (token is None):
         raise UserError("--relay and --token go together: give both or neither")
-    if relay is not None:
-        parts = urlsplit(relay)
-        if parts.scheme not in ("ws", "wss") or not parts.netloc:
-            raise UserError(f"--relay {relay!r}: expected a ws:// or wss:// URL")
+    if relay is not None and not relay_url_ok(relay):
+        raise UserError(f"--relay {relay!r}: expected a ws:// or wss:// URL")
     created = Node.create(
         home, dataset=dataset, node=node_name, schema=schema, relay=relay, token=token
     )
@@ -310,6 +308,34 @@ def node_init(
             f"created node '{created.node_id}' of dataset '{created.dataset}' in {home} "
             f"(schema {created.schema.name} v{created.schema.version})"
         )
+    )
+
+
+@node.command("config")
+@home_option
+@click.option("--relay", default=None, help="new relay URL (ws:// or wss://)")
+@click.option("--token", default=None, help="new token of this node ('branchline relay enroll')")
+@json_option
+def node_config(home: Path, relay: str | None, token: str | None, as_json: bool) -> None:
+    """Change the relay URL or the token of an existing node home (a lost or
+    rotated token, a moved relay). A running 'node run' picks them up."""
+    with _opened(home) as n:
+        n.configure(relay=relay, token=token)
+        meta = n.store.meta()
+        known = n.numbering_known()
+    info = {
+        "home": str(home),
+        "relay": meta.get("relay"),
+        "token_changed": token is not None,
+        "numbering_known": known,
+    }
+    if as_json:
+        _emit(info)
+        return
+    done = [f"relay {info['relay']}"] if relay is not None else []
+    done += ["token replaced"] if token is not None else []
+    _console().print(
+        Text(f"{', '.join(done)}; a running 'node run' uses them at its next connection")
     )
 
 
@@ -593,6 +619,8 @@ def import_cmd(home: Path, file: Path, as_json: bool) -> None:
                 "documents_in_file": in_file,
                 "documents_changed": report.documents,
                 "records_changed": report.records,
+                "records_waiting": report.waiting,
+                "series_state_restored": report.series,
                 "changed": report.documents > 0,
                 "unsynced": header.unsynced,
             }
@@ -608,6 +636,11 @@ def import_cmd(home: Path, file: Path, as_json: bool) -> None:
             f"imported {file} from node '{header.node}': {report.documents} of "
             f"{_count(in_file, 'document')} changed, {_count(report.records, 'record')} updated"
         )
+        if report.waiting:
+            text += (
+                f" ({report.waiting} waiting for records they refer to: "
+                f"see 'branchline waiting --home {home}')"
+            )
         if header.unsynced:
             text += "; this unsynced work uploads at the next sync"
     _console().print(Text(text))
@@ -884,8 +917,11 @@ def status_cmd(home: Path, as_json: bool) -> None:
             "relay": meta.get("relay"),
             "last_sync": int(last) if last else None,
             "pending": n.pending(),
+            "waiting": n.waiting(),
             "conflicts": len(n.conflicts()),
             "failures": failure_counts(n),
+            "token_refused": _token_refused(meta),
+            "numbering_known": n.numbering_known(),
         }
     if as_json:
         _emit(info)
@@ -905,14 +941,61 @@ def status_cmd(home: Path, as_json: bool) -> None:
         ("relay", info["relay"] or "none"),
         ("last sync", when),
         ("pending", _show(pending) if pending else "nothing"),
+        ("waiting", f"{info['waiting']} (see 'branchline waiting')" if info["waiting"] else "none"),
         ("conflicts", str(info["conflicts"])),
         (
             "failures",
             f"upload {info['failures']['upload']}, download {info['failures']['download']}",
         ),
     ]
+    refused = info["token_refused"]
+    if refused:
+        rows.append(
+            (
+                "relay token",
+                f"token refused by the relay ({_when(refused['at'])}): enroll the node again "
+                "('branchline relay enroll') and run 'branchline node config --home "
+                f"{home} --token T'",
+            )
+        )
+    if not info["numbering_known"]:
+        rows.append(("numbering", "provisional until the first completed sync (rebuilt home)"))
     for name, value in rows:
         table.add_row(Text(name), Text(value))
+    _console().print(table)
+
+
+def _token_refused(meta: dict[str, str]) -> dict[str, Any] | None:
+    """When and why the relay last refused the token (node meta), or None."""
+    raw = meta.get(META_TOKEN_REFUSED)
+    if not raw:
+        return None
+    at, _, why = raw.partition(" ")
+    return {"at": int(at) if at.isdigit() else 0, "message": why}
+
+
+@cli.command("waiting")
+@home_option
+@json_option
+def waiting_cmd(home: Path, as_json: bool) -> None:
+    """Received or imported records that wait for a record they refer to
+    (shown once it arrives, or as a dangling reference after a full sync)."""
+    with _opened(home) as n:
+        found = n.waiting_records()
+    if as_json:
+        _emit(found)
+        return
+    if not found:
+        _console().print("nothing waits")
+        return
+    table = Table(title=_count(len(found), "waiting record"))
+    for name in ("collection", "code / number", "id", "waits for"):
+        table.add_column(name, overflow="fold")
+    for r in found:
+        missing = ", ".join(f"{m['collection']} {m['id']}" for m in r["missing"])
+        table.add_row(
+            Text(r["collection"]), Text(str(r["key"] or "")), Text(r["id"]), Text(missing)
+        )
     _console().print(table)
 
 

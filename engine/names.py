@@ -7,8 +7,18 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
 # A collection name, then for partitioned voucher books "/YYYY" or "/YYYY-MM".
 DOC_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}(/\d{4}(-\d{2})?)?\Z")
+#: Node meta key: when and why the relay last refused this node's token
+#: (cleared by a session the relay accepts, or a new token).
+META_TOKEN_REFUSED = "token_refused"
+
+
+def relay_url_ok(url: str) -> bool:
+    """A ``ws://`` or ``wss://`` URL with a host."""
+    parts = urlsplit(url)
+    return parts.scheme in ("ws", "wss") and bool(parts.netloc)

@@ -48,7 +48,7 @@ from .errors import (
 )
 from .ids import is_id, new_id, node_salt
 from .merge import ALIAS, CREATED, DELETED, Resolved, new_state, resolve, seen_by
-from .names import DATASET_RE, DOC_RE, NODE_RE
+from .names import DATASET_RE, DOC_RE, META_TOKEN_REFUSED, NODE_RE, relay_url_ok
 from .query import QueryResult, run_query
 from .schema import Collection, Schema, load_schema, parse_schema
 from .store import NodeStore
@@ -85,12 +85,15 @@ class Posted:
 @dataclass(frozen=True)
 class ImportReport:
     """What ``import_updates`` changed: documents that had something new,
-    records re-resolved, and update-log rows written."""
+    records whose replicated state changed (``waiting`` of them now wait for
+    a record they refer to), update-log rows written, and series state rows
+    added or raised (an export of this node)."""
 
     documents: int
     records: int
     stored: int
-    series: int = 0  # series state rows added or raised (an export of this node)
+    series: int = 0
+    waiting: int = 0
 
 
 @dataclass
@@ -372,6 +375,29 @@ class Node:
                 leased += last - first + 1
         return leased
 
+    def configure(self, *, relay: str | None = None, token: str | None = None) -> None:
+        """Change the relay URL and/or the token this home syncs with (a
+        re-enrolled or rotated token, a moved relay). A new token clears a
+        refusal of the old one; a relay given to a home that never completed
+        a sync makes its numbering unconfirmed until it does (it may be an
+        existing node's). A running ``node run`` uses them at its next
+        connection. Raises UserError for a bad URL or an empty token."""
+        if relay is None and token is None:
+            raise UserError("give --relay URL, --token T or both")
+        if relay is not None and not relay_url_ok(relay):
+            raise UserError(f"relay {relay!r}: expected a ws:// or wss:// URL")
+        if token is not None and not token.strip():
+            raise UserError("the token is empty; give the one 'branchline relay enroll' printed")
+        with self._write() as conn:
+            meta = self.store.meta()
+            if relay is not None:
+                self.store.set_meta("relay", relay)
+                if "last_sync" not in meta and not meta.get("relay"):
+                    series_mod.set_numbering(conn, False)
+            if token is not None:
+                self.store.set_meta("token", token)
+                conn.execute("DELETE FROM meta WHERE key = ?", (META_TOKEN_REFUSED,))
+
     def numbering_known(self) -> bool:
         """False while this home cannot know how far its node's series went
         (a rebuilt home before its first completed sync): ``node`` series
@@ -498,6 +524,30 @@ class Node:
             "SELECT COUNT(*) FROM (SELECT DISTINCT collection, id FROM waiting)"
         ).fetchone()
         return int(row[0])
+
+    def waiting_records(self, limit: int = 1000) -> Records:
+        """The records ``waiting`` counts (at most ``limit``), by collection
+        and id: ``collection``, ``id``, ``key`` (the code or voucher number
+        as received, or None), ``doc`` and ``missing`` (``[{collection,
+        id}]`` of the records they wait for)."""
+        self.refresh()
+        rows = self.store.conn.execute(
+            "SELECT collection, id, doc, target_collection, target_id FROM waiting "
+            "ORDER BY collection, id, target_collection, target_id"
+        ).fetchall()
+        out: Records = []
+        for cname, rid, docname, tcoll, tid in rows:
+            if not out or (out[-1]["collection"], out[-1]["id"]) != (cname, rid):
+                if len(out) >= limit:
+                    break
+                coll = self.schema.collections.get(cname)
+                values = resolve(self._doc(docname).doc.states(rid)).values if coll else {}
+                key = values.get(coll.key) if coll else None
+                out.append(
+                    {"collection": cname, "id": rid, "key": key, "doc": docname, "missing": []}
+                )
+            out[-1]["missing"].append({"collection": tcoll, "id": tid})
+        return out
 
     def settle_waiting(self) -> int:
         """After a full sync: show the records still waiting for a reference
@@ -676,6 +726,7 @@ class Node:
             self._collection_of(name)
         documents = records = stored = restored = 0
         touched: set[str] = set()
+        changed_records: set[tuple[str, str]] = set()
         with self._write() as conn:
             if series is not None:
                 restored = series_mod.restore_state(conn, series)
@@ -693,20 +744,27 @@ class Node:
                 documents += 1
                 stored += 1
                 self._log(conn, loaded, blob, "remote", pending=unsynced)
+                changed_records |= {(coll.name, rid) for rid in changed}
                 if unsynced:
                     conn.executemany(
                         "INSERT OR IGNORE INTO outbox_records VALUES (?, ?)",
                         [(loaded.applied, rid) for rid in sorted(changed)],
                     )
-                records += self._materialize(conn, coll, loaded.doc, changed, hold=True)
+                self._materialize(conn, coll, loaded.doc, changed, hold=True)
                 loaded.doc.release()
                 if changed and coll.on_duplicate == "renumber":
                     touched.add(coll.name)
             if touched:
                 resolution.renumber_own_duplicates(self, conn, touched)
+            records = len(changed_records)
+            held = (
+                {tuple(r) for r in conn.execute("SELECT DISTINCT collection, id FROM waiting")}
+                if changed_records
+                else set()
+            )
         if sum(len(data) for data in updates.values()) > TRIM_AFTER_BYTES:
             trim_heap()
-        return ImportReport(documents, records, stored, restored)
+        return ImportReport(documents, records, stored, restored, len(held & changed_records))
 
     def _adopt_clients(self, conn: sqlite3.Connection, doc: RecordDoc, before: bytes) -> None:
         """An import that set only this node's own entries brought this

@@ -331,6 +331,8 @@ def test_exchange_converges_and_shows_conflicts(tmp_path: Path) -> None:
         "documents_in_file": 3,
         "documents_changed": 3,
         "records_changed": 3,
+        "records_waiting": 0,
+        "series_state_restored": 0,  # another node's state is not restored
         "changed": True,
         "unsynced": False,
     }

@@ -69,7 +69,7 @@ from ..errors import (
     UpdateError,
     UpdatesRefused,
 )
-from ..names import DOC_RE
+from ..names import DOC_RE, META_TOKEN_REFUSED
 from ..node import EMPTY_UPDATE, Node
 from ..protocol import (
     EMPTY_STATE_VECTOR,
@@ -398,7 +398,14 @@ class SyncDriver:
 
     def _error(self, ev: ErrorReceived) -> None:
         if ev.code == codes.AUTH_FAILED:
-            raise AuthError(f"the relay refused this node's token: {ev.message}")
+            # Kept for ``status`` and ``node run``: a person must act.
+            with self.node.store.transaction():
+                self.node.store.set_meta(META_TOKEN_REFUSED, f"{self._wall_ms()} {ev.message}")
+            raise AuthError(
+                f"the relay refused this node's token: {ev.message}; enroll the node again "
+                "on the relay ('branchline relay enroll STORE DATASET NODE') and give the "
+                f"new token with 'branchline node config --home {self.node.home} --token T'"
+            )
         if ev.code == codes.WRONG_DATASET:
             raise DatasetMismatch(
                 f"the relay refused dataset {self.node.dataset!r} of node "
@@ -555,6 +562,9 @@ class SyncDriver:
                 f"{self.node.dataset!r}"
             )
         self.opened = ev
+        if META_TOKEN_REFUSED in self.node.store.meta():
+            with self.node.store.transaction() as conn:
+                conn.execute("DELETE FROM meta WHERE key = ?", (META_TOKEN_REFUSED,))
         if not ev.read_only:
             # The relay takes this node's writes again: read-only refusals are moot.
             docs = [f.doc for f in fl.list_failures(self.node) if f.code == codes.READ_ONLY]

@@ -69,6 +69,9 @@ log = logging.getLogger("branchline.sync")
 
 POLL_S = 0.05  # look for other processes' writes this often (ships within ~100 ms)
 OFFLINE_CHECK_S = 0.5  # re-read the offline flag this often
+# After the relay refused the token, try again this seldom unless the token
+# in the node's meta changes first (``branchline node config --token``).
+TOKEN_RETRY_S = 300.0
 STATUS_EVERY_S = 2.0  # write the run heartbeat this often
 #: A run heartbeat older than this means no ``node run`` is connected.
 STALE_AFTER_MS = 10_000
@@ -462,7 +465,9 @@ class LiveSync:
     Every Node call runs on a node thread of its own (module docstring); the
     ``node`` given is only read here (relay URL, token, home) and stays
     usable by its owner, whose writes are shipped within about 100 ms.
-    Errors never escape the loop: auth and dataset refusals are logged at
+    Errors never escape the loop: a refused token is logged once at ERROR
+    (saying what to do) and tried again only when the node's token changes
+    or after ``TOKEN_RETRY_S``; dataset and version refusals are logged at
     ERROR and retried at the backoff cap (a person may fix the relay side);
     a refused update sets its document aside (``branchline failures``) and
     the connection is opened again at once.
@@ -481,6 +486,9 @@ class LiveSync:
         wall_ms: Callable[[], int] = _wall_ms,
         write_status: bool = True,
     ) -> None:
+        # Read again from the node's meta before each connection (``node
+        # config`` may change them while it runs) unless given here.
+        self._from_meta = url is None or token is None
         if url is None or token is None:
             url, token = relay_of(node)
         self.home = node.home
@@ -587,11 +595,21 @@ class LiveSync:
                 if await self._sleep(OFFLINE_CHECK_S):
                     break
                 continue
+            if self._from_meta:
+                with contextlib.suppress(BranchlineError):
+                    self.url, self._token = await nt.run(relay_of)
             await self._set_state("connecting", safe_url(self.url))
             try:
                 await self._connection(nt)
                 attempt = 0  # a session that ended cleanly (offline mode, stop)
-            except (AuthError, DatasetMismatch, RelayRefused) as exc:
+            except AuthError as exc:
+                self.last_error = exc
+                log.error("%s", exc)
+                if await self._token_refused(nt):
+                    break
+                attempt = 0
+                continue
+            except (DatasetMismatch, RelayRefused) as exc:
                 self.last_error = exc
                 log.error("%s", exc)
                 attempt = 30  # straight to the cap: a person must act
@@ -614,6 +632,23 @@ class LiveSync:
             await self._set_state("backing off", f"{delay:.1f}s")
             if await self._sleep(delay):
                 break
+
+    async def _token_refused(self, nt: NodeThread) -> bool:
+        """Wait, without connecting, until the node's token changes or
+        ``TOKEN_RETRY_S`` pass; True when stopped meanwhile."""
+        await self._set_state("token refused", "waiting for a new token: branchline node config")
+        refused = self._token
+        waited = 0.0
+        while waited < TOKEN_RETRY_S:
+            if await self._sleep(OFFLINE_CHECK_S):
+                return True
+            waited += OFFLINE_CHECK_S
+            await self._status()
+            with contextlib.suppress(BranchlineError):
+                if self._from_meta and (await nt.run(relay_of))[1] != refused:
+                    log.info("new token: connecting")
+                    return False
+        return False
 
     async def _connection(self, nt: NodeThread) -> None:
         ws = await _open(self.url)
