@@ -25,7 +25,7 @@ async function waiting() {
     el("p", { class: "muted" }, "Saved on this branch server and not yet taken by the relay. They go up by themselves while online."),
     table(
       ["Collection", "Code or number", "Document"],
-      shown.map((p) => [p.collection, p.code ?? p.number ?? p.id, el("code", {}, p.doc ?? "")]),
+      shown.map((p) => [p.collection, p.key ?? p.code ?? p.number ?? p.id, el("code", {}, p.doc ?? "")]),
     ),
     capped(shown, total, "changes"),
   );
@@ -238,11 +238,35 @@ async function conflicts(ctx) {
 
 // -- reports -----------------------------------------------------------------------
 
+const NAMES_CAP = 1000; // catalog records fetched to name a report's codes (the API's page limit)
+
+/** code -> name of a catalog's first NAMES_CAP records (codes past that show alone). */
+async function names(collection) {
+  try {
+    const page = await get(`/records/${collection}?limit=${NAMES_CAP}`);
+    return new Map(page.items.filter((r) => r.code && r.name).map((r) => [r.code, r.name]));
+  } catch {
+    return new Map();
+  }
+}
+
+// Which report columns hold codes of which catalog.
+const NAMED = { item: "items", warehouse: "warehouses", customer: "customers" };
+
 function report(name, intro) {
   return async () => {
     const r = await get(`/reports/${name}`);
     if (!r.rows.length) return el("p", { class: "empty" }, "Nothing to show yet.");
-    return el("div", {}, el("p", { class: "muted" }, intro), table(r.columns, r.rows.slice(0, ROW_CAP)), capped(r.rows.slice(0, ROW_CAP), r.rows.length, "rows"));
+    const rows = r.rows.slice(0, ROW_CAP);
+    const named = r.columns.map((c) => NAMED[c]);
+    const maps = await Promise.all(named.map((coll) => (coll ? names(coll) : null)));
+    const cells = rows.map((row) =>
+      row.map((cell, i) => {
+        const nm = maps[i]?.get(cell);
+        return nm ? el("span", {}, el("code", {}, cell), " ", nm) : cell;
+      }),
+    );
+    return el("div", {}, el("p", { class: "muted" }, intro), table(r.columns.map((c) => c[0].toUpperCase() + c.slice(1).replaceAll("_", " ")), cells), capped(rows, r.rows.length, "rows"));
   };
 }
 
