@@ -125,7 +125,7 @@ function render(s) {
   const steps = Object.values(sync.progress ?? {});
   const done = steps.reduce((a, [d]) => a + d, 0);
   const total = steps.reduce((a, [, t]) => a + t, 0);
-  $("#progress").hidden = !sync.running;
+  $("#progress").hidden = !sync.running || total === 0; // a pass with nothing to move shows no bar
   $("#progress-bar").max = Math.max(total, 1);
   $("#progress-bar").value = total ? done : 0;
   $("#progress-text").textContent = total ? `${done} of ${total}` : "";
