@@ -34,8 +34,9 @@ browser:
 		echo "WARNING: $(CHROMIUM) is missing and we are not root: the browser tests will be SKIPPED (as root: apt-get install -y chromium)"; \
 	fi
 
+# KEEP=1 leaves the relay, the nodes and DN's branch server running until Ctrl-C.
 demo: $(STAMP)
-	$(PY) -m engine.demo
+	$(PY) -m engine.demo $(if $(KEEP),--linger)
 
 # pytest exits 5 when it collects no tests: say so loudly, but do not fail on it.
 test: $(STAMP) browser
