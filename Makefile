@@ -8,7 +8,7 @@ JOBS ?= 2
 DURATION ?= 60
 SOAK_OUT ?= bench/results/soak.json
 
-.PHONY: venv browser demo test lint check sim bench bench-quick soak clean
+.PHONY: venv browser demo test lint check sim bench bench-quick soak clean screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	@$(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "WARNING: pytest collected no tests"; exit 0; fi; exit $$rc
+
+# The sync screen's reference screenshots (docs/img/sync-screen-*.png), from the browser tests.
+screenshots: $(STAMP) browser
+	BRANCHLINE_DOC_SCREENSHOTS=1 $(PY) -m pytest tests/test_browser.py -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check engine adapters tests bench
