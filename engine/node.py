@@ -670,7 +670,10 @@ class Node:
         (its code or number) and ``doc``."""
         rows = self.store.conn.execute(
             "SELECT u.doc, u.record, r.collection, r.key FROM updates u "
-            "LEFT JOIN records r ON r.id = u.record "
+            # The primary key is (collection, id): joining on the id alone
+            # would scan every record for every outbox row.
+            "LEFT JOIN records r ON r.collection = "
+            "substr(u.doc, 1, instr(u.doc || '/', '/') - 1) AND r.id = u.record "
             "WHERE u.pending = 1 AND u.record IS NOT NULL "
             "GROUP BY u.doc, u.record ORDER BY MIN(u.seq) LIMIT ?",
             (max(limit, 0),),
