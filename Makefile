@@ -8,7 +8,7 @@ JOBS ?= 2
 DURATION ?= 60
 SOAK_OUT ?= bench/results/soak.json
 
-.PHONY: venv demo test lint check sim bench bench-quick soak clean
+.PHONY: venv browser demo test lint check sim bench bench-quick soak clean screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,34 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The browser tests drive Debian's Chromium through Playwright (never
+# `playwright install`: its own browser download cannot work here). Missing and
+# root: install it; missing and not root: say so (the browser tests skip,
+# loudly); under CI=true a missing browser fails.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing chromium (apt-get) for the browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; \
+	elif [ "$$CI" = true ]; then \
+		echo "ERROR: $(CHROMIUM) is missing and we are not root to install it (apt-get install -y chromium)"; exit 1; \
+	else \
+		echo "WARNING: $(CHROMIUM) is missing and we are not root: the browser tests will be SKIPPED (as root: apt-get install -y chromium)"; \
+	fi
+
+# KEEP=1 leaves the relay, the nodes and DN's branch server running until Ctrl-C.
 demo: $(STAMP)
-	$(PY) -m engine.demo
+	$(PY) -m engine.demo $(if $(KEEP),--linger)
 
 # pytest exits 5 when it collects no tests: say so loudly, but do not fail on it.
-test: $(STAMP)
+test: $(STAMP) browser
 	@$(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "WARNING: pytest collected no tests"; exit 0; fi; exit $$rc
+
+# The sync screen's reference screenshots (docs/img/sync-screen-*.png), from the browser tests.
+screenshots: $(STAMP) browser
+	BRANCHLINE_DOC_SCREENSHOTS=1 $(PY) -m pytest tests/test_browser.py -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check engine adapters tests bench

@@ -13,26 +13,24 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import click
-import orjson
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
+from . import __version__, jsonio
 from .errors import BranchlineError, RecordNotFound, UserError
 from .exchange import export_to_file, import_from_file, save_state
-from .names import META_TOKEN_REFUSED, relay_url_ok
+from .names import relay_url_ok
 from .node import Node
+from .query import json_cell
 from .relay.cli import relay_group
 
 HOME_HELP = "node home directory (default: $BRANCHLINE_HOME, else the current directory)"
@@ -104,20 +102,6 @@ class BranchlineGroup(click.Group):
 # -- input and output --------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise UserError(f"invalid JSON: {name} is not a number Branchline accepts")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            # json.loads would silently keep the last one; a typo must not pass.
-            raise UserError(f"invalid JSON: field {key!r} is given twice")
-        out[key] = value
-    return out
-
-
 def parse_fields(text: str) -> dict[str, Any]:
     """A JSON object of fields with exact decimals (``-`` reads stdin).
 
@@ -131,48 +115,12 @@ def parse_fields(text: str) -> dict[str, Any]:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise UserError("invalid JSON on stdin: not UTF-8 text") from None
-    try:
-        value = json.loads(
-            text,
-            parse_float=Decimal,
-            parse_constant=_reject_constant,
-            object_pairs_hook=_no_duplicates,
-        )
-    except json.JSONDecodeError as exc:
-        raise UserError(
-            f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    except RecursionError:
-        raise UserError("invalid JSON: nested too deeply") from None
-    if not isinstance(value, dict):
-        raise UserError(
-            f'expected a JSON object of fields like \'{{"code": "KH001"}}\', '
-            f"got a JSON {_json_kind(value)}"
-        )
-    return value
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, bool):
-        return "boolean"
-    if value is None:
-        return "null"
-    return "number"
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return str(value)  # exact: money never goes through a float
-    raise TypeError(f"cannot show {type(value).__name__} as JSON")
+    return jsonio.loads_object(text)
 
 
 def to_json(value: Any) -> str:
     """One JSON document: Decimal as strings, dates as ISO text."""
-    return orjson.dumps(value, default=_default, option=orjson.OPT_INDENT_2).decode()
+    return jsonio.dumps(value, indent=True).decode()
 
 
 def _emit(value: Any) -> None:
@@ -717,6 +665,140 @@ def node_run(home: Path, backoff_max: float, verbose: bool) -> None:
         asyncio.run(run(n))
 
 
+@node.command("serve")
+@home_option
+@click.option(
+    "--listen",
+    default="127.0.0.1:8470",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="address to serve on (loopback unless --public)",
+)
+@click.option(
+    "--public",
+    is_flag=True,
+    help="allow a non-loopback --listen address (put TLS in front, or give --tls-cert/--tls-key)",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="PEM certificate: serve HTTPS",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="PEM private key of --tls-cert",
+)
+@click.option(
+    "--backoff-max",
+    type=click.FloatRange(0.1, 3600),
+    default=3.0,
+    show_default=True,
+    help="longest wait between reconnection attempts to the relay, in seconds",
+)
+@click.option("-v", "--verbose", is_flag=True, help="also log debug details")
+def node_serve(
+    home: Path,
+    listen: str,
+    public: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    backoff_max: float,
+    verbose: bool,
+) -> None:
+    """Serve the branch server (JSON API, web screen, /metrics) for this
+    node's workstations, and keep the node synced like 'node run', until
+    Ctrl-C or SIGTERM. Users and their tokens: 'branchline node users'.
+    """
+    from .server.serve import parse_listen, serve
+
+    host, port = parse_listen(listen)
+    Node.open(home).close()  # a missing home fails here, in one line
+    serve(
+        home,
+        host,
+        port,
+        public=public,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        backoff_max=backoff_max,
+        verbose=verbose,
+    )
+
+
+@node.group("users")
+def node_users() -> None:
+    """Workstation users of the branch server ('node serve') and their tokens."""
+
+
+@node_users.command("add")
+@home_option
+@click.argument("name")
+@click.option("--read-only", is_flag=True, help="the user can read, not write")
+@json_option
+def node_users_add(home: Path, name: str, read_only: bool, as_json: bool) -> None:
+    """Add user NAME and print its token, once: it is stored only hashed."""
+    from .users import add_user
+
+    with _opened(home) as n:
+        token = add_user(n, name, read_only=read_only, now_ms=_now_ms())
+    if as_json:
+        _emit({"user": name, "read_only": read_only, "token": token})
+        return
+    click.echo(token)
+    kind = "read-only user" if read_only else "user"
+    click.echo(
+        f"added {kind} '{name}'; the line above is its token, shown only now: give it to "
+        "the workstation (the web screen asks for it)",
+        err=True,
+    )
+
+
+@node_users.command("list")
+@home_option
+@json_option
+def node_users_list(home: Path, as_json: bool) -> None:
+    """List the users (never their tokens)."""
+    from .users import list_users
+
+    with _opened(home) as n:
+        users = list_users(n)
+    rows: list[dict[str, Any]] = [
+        {"user": u.name, "read_only": u.read_only, "created_at": u.created_at} for u in users
+    ]
+    if as_json:
+        _emit(rows)
+        return
+    if not rows:
+        _console().print("no users; add one with 'branchline node users add NAME'")
+        return
+    table = Table(title=_count(len(rows), "user"))
+    for name in ("user", "access", "created"):
+        table.add_column(name)
+    for r in rows:
+        table.add_row(
+            Text(r["user"]),
+            Text("read-only" if r["read_only"] else "read and write"),
+            Text(_when(r["created_at"])),
+        )
+    _console().print(table)
+
+
+@node_users.command("remove")
+@home_option
+@click.argument("name")
+def node_users_remove(home: Path, name: str) -> None:
+    """Remove user NAME: its token stops working (a running server notices
+    within a second)."""
+    from .users import remove_user
+
+    with _opened(home) as n:
+        remove_user(n, name)
+    click.echo(f"removed user '{name}'")
+
+
 @node.command("offline")
 @home_option
 def node_offline(home: Path) -> None:
@@ -901,28 +983,10 @@ def retry_cmd(home: Path, ids: tuple[int, ...], all_: bool, as_json: bool) -> No
 @json_option
 def status_cmd(home: Path, as_json: bool) -> None:
     """Sync status: online, last sync, pending changes, conflicts, failures."""
-    from .sync import failure_counts
-    from .transport import run_status
+    from .status import node_status
 
     with _opened(home) as n:
-        meta = n.store.meta()
-        run = run_status(n, _now_ms())
-        last = meta.get("last_sync")
-        info: dict[str, Any] = {
-            "dataset": n.dataset,
-            "node": n.node_id,
-            "online": run["online"],
-            "state": run["state"],
-            "offline_mode": run["offline_mode"],
-            "relay": meta.get("relay"),
-            "last_sync": int(last) if last else None,
-            "pending": n.pending(),
-            "waiting": n.waiting(),
-            "conflicts": len(n.conflicts()),
-            "failures": failure_counts(n),
-            "token_refused": _token_refused(meta),
-            "numbering_known": n.numbering_known(),
-        }
+        info = node_status(n, _now_ms())
     if as_json:
         _emit(info)
         return
@@ -965,15 +1029,6 @@ def status_cmd(home: Path, as_json: bool) -> None:
     _console().print(table)
 
 
-def _token_refused(meta: dict[str, str]) -> dict[str, Any] | None:
-    """When and why the relay last refused the token (node meta), or None."""
-    raw = meta.get(META_TOKEN_REFUSED)
-    if not raw:
-        return None
-    at, _, why = raw.partition(" ")
-    return {"at": int(at) if at.isdigit() else 0, "message": why}
-
-
 @cli.command("waiting")
 @home_option
 @json_option
@@ -1000,16 +1055,6 @@ def waiting_cmd(home: Path, as_json: bool) -> None:
 
 
 # -- adapters (issue 5: rebuild, query, adapters, bridge) ---------------------
-
-
-def _cell(value: Any) -> Any:
-    """A query value for JSON: integers and text as they are; any other
-    number as exact decimal text; blobs as hex."""
-    if isinstance(value, float):
-        return str(Decimal(repr(value)))
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
 
 
 @cli.command("rebuild")
@@ -1083,13 +1128,13 @@ def query_cmd(home: Path, sql: str, as_json: bool) -> None:
     with _opened(home) as n:
         result = n.query(sql)
     if as_json:
-        _emit([{k: _cell(v) for k, v in row.items()} for row in result.objects()])
+        _emit([{k: json_cell(v) for k, v in row.items()} for row in result.objects()])
         return
     table = Table(title=_count(len(result.rows), "row"))
     for name in result.columns:
         table.add_column(name, overflow="fold")
     for row in result.rows:
-        table.add_row(*(Text("" if v is None else str(_cell(v))) for v in row))
+        table.add_row(*(Text("" if v is None else str(json_cell(v))) for v in row))
     _console().print(table)
 
 

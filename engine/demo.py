@@ -5,7 +5,11 @@ Everything runs in a temporary directory on loopback, SQLite everywhere:
 1. ``branchline relay init`` / ``relay enroll --json`` / ``relay serve`` (a real
    process, waited on through ``/healthz``); three branch homes of one dataset
    (HN, HCM, DN; built-in ``accounting`` schema) made with ``node init --relay
-   --token`` and kept live by ``branchline node run`` processes.
+   --token`` and kept live by ``branchline node run`` processes; DN's by
+   ``branchline node serve``, its branch server: the demo prints its URL and
+   a token (``node users add``) so the sync screen can be watched while the
+   day runs; ``--linger`` (``make demo KEEP=1``) leaves everything running
+   after the checks until Ctrl-C.
 2. Head office (HN) sets up the catalogs; they reach every branch.
 3. The day: every branch books sales invoices (some unpaid), purchases, cash
    receipts and stock transfers into its own home while its ``node run``
@@ -26,7 +30,7 @@ Everything runs in a temporary directory on loopback, SQLite everywhere:
    and journal included, with no conflict open. Every process is stopped
    cleanly.
 
-Run with ``python -m engine.demo [--keep DIR] [--seed N]``.
+Run with ``python -m engine.demo [--keep DIR] [--seed N] [--linger]``.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ DATASET = "branchline-trading"
 DAY = "2024-05-06"
 HQ, HCM, DN = "HN", "HCM", "DN"
 BRANCHES = (HQ, HCM, DN)
+SERVED = DN  # the branch whose branch server (node serve) the demo opens: the one cut off
 WAREHOUSE = {HQ: "KHO-HN", HCM: "KHO-HCM", DN: "KHO-DN"}
 TIMEOUT_S = 30.0  # generous bound for every wait on a condition
 
@@ -177,7 +182,11 @@ class Processes:
     def start(self, label: str, *args: str) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{label}.log").open("wb")
         proc = subprocess.Popen(
-            [*self.cmd, *args], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            [*self.cmd, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the demo alone; it stops them itself
         )
         self.started.append((label, proc, log))
         return proc
@@ -332,6 +341,8 @@ class Day:
         self.branches: dict[str, Branch] = {}
         self.url = ""
         self.relay: subprocess.Popen[bytes] | None = None
+        self.served_url = ""
+        self.served_token = ""
         self.figures: list[tuple[str, str]] = []
 
     # 1. relay and branch nodes ------------------------------------------------------
@@ -345,23 +356,9 @@ class Day:
             ]
             for b in BRANCHES
         }
-        for attempt in range(3):  # a free port may be taken before the relay binds it
-            port = _free_port()
-            self.url = f"http://127.0.0.1:{port}"
-            relay = self.procs.start(
-                f"relay-{attempt}", "relay", "serve", str(store), "--port", str(port)
-            )
-            started = time.monotonic()
-            while relay.poll() is None and not _healthy(self.url):
-                if time.monotonic() - started > TIMEOUT_S:
-                    raise AssertionError("demo: the relay did not answer /healthz")
-                time.sleep(0.05)
-            if relay.poll() is None:
-                self.relay = relay
-                break
-            self.procs.forget(relay)  # exited (port taken): try another port
-        else:
-            raise AssertionError(f"demo: the relay did not start:\n{self.procs.tail('relay-2')}")
+        self.relay, self.url = self._listening(
+            "relay", lambda port: ("relay", "serve", str(store), "--port", str(port))
+        )
         ws = self.url.replace("http://", "ws://") + "/"
         for b in BRANCHES:
             home = self.workdir / b
@@ -373,16 +370,75 @@ class Day:
             self.procs.cli("adapters", "enable", "--home", str(home), "accounting")
             self.branches[b] = Branch(b, home, Node.open(home, dataset=DATASET), tokens[b])
         for branch in self.branches.values():
+            if branch.name == SERVED:
+                continue
             branch.run = self.procs.start(
                 f"node-{branch.name}", "node", "run", "--home", str(branch.home),
                 "--backoff-max", "1",
             )  # fmt: skip
+        self.serve_branch(self.branches[SERVED])
         took = _wait_for("every branch online", lambda: all(self._online(b) for b in BRANCHES))
         self.console.print(
             f"  relay [bold]{ws}[/] (healthz ok, store relay.db); "
-            f"nodes {', '.join(BRANCHES)} enrolled, homes made, [bold]node run[/] online "
-            f"after {took:.2f} s"
+            f"nodes {', '.join(BRANCHES)} enrolled, homes made, [bold]node run[/] "
+            f"({SERVED}: [bold]node serve[/]) online after {took:.2f} s"
         )
+        self.console.print(
+            Panel(
+                Text.assemble(
+                    (f"{SERVED}'s branch server (the sync screen and its JSON API): ", ""),
+                    (self.served_url + "/", "bold"),
+                    "\nsign in with the token ",
+                    (self.served_token, "bold"),
+                    " (user 'demo'; shown once, valid while the demo runs)",
+                ),
+                title="Look while the demo runs",
+            )
+        )
+
+    def _listening(
+        self, label: str, args: Callable[[int], tuple[str, ...]]
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """Start a server process on a free loopback port and wait for its
+        /healthz; another port when it exits first (the port was taken)."""
+        for attempt in range(3):
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            proc = self.procs.start(f"{label}-{attempt}", *args(port))
+            started = time.monotonic()
+            while proc.poll() is None and not _healthy(url):
+                if time.monotonic() - started > TIMEOUT_S:
+                    raise AssertionError(f"demo: {label} did not answer /healthz")
+                time.sleep(0.05)
+            if proc.poll() is None:
+                return proc, url
+            self.procs.forget(proc)  # exited (port taken): try another port
+        raise AssertionError(f"demo: {label} did not start:\n{self.procs.tail(f'{label}-2')}")
+
+    def serve_branch(self, branch: Branch) -> None:
+        """``node serve`` for ``branch`` (its sync loop too) with a user for the screen."""
+        added = self.procs.cli("node", "users", "add", "--home", str(branch.home), "demo", "--json")
+        self.served_token = json.loads(added)["token"]
+        branch.run, self.served_url = self._listening(
+            f"serve-{branch.name}",
+            lambda port: (
+                "node", "serve", "--home", str(branch.home), "--listen", f"127.0.0.1:{port}",
+            ),
+        )  # fmt: skip
+        # The screen is there and the API answers the token as this branch.
+        with urllib.request.urlopen(self.served_url + "/", timeout=10) as resp:
+            page = resp.read().decode("utf-8")
+        assert "<title>Branchline" in page, "demo: the branch server does not serve its page"
+        status = self.served_api("/status")
+        assert status["node"] == branch.name, f"demo: the branch server answers as {status['node']}"
+
+    def served_api(self, path: str) -> Any:
+        req = urllib.request.Request(
+            f"{self.served_url}/api/v1{path}",
+            headers={"Authorization": f"Bearer {self.served_token}"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read().decode("utf-8"))
 
     def _online(self, name: str) -> bool:
         status = run_status(self.branches[name].node, time.time_ns() // 1_000_000)
@@ -810,6 +866,23 @@ class Day:
             )
         )
 
+    def linger(self) -> None:
+        """Keep everything running until Ctrl-C, for a look at the screen; then stop as usual."""
+        self.console.print(
+            Text.assemble(
+                f"  {SERVED}'s branch server stays up at ",
+                (self.served_url + "/", "bold"),
+                " (token ",
+                (self.served_token, "bold"),
+                "); press Ctrl-C to stop everything",
+            )
+        )
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            self.console.print("  Ctrl-C: stopping")
+
     # 5. the end ---------------------------------------------------------------------
 
     def shut_down(self) -> None:
@@ -835,7 +908,7 @@ def _day(workdir: Path, console: Console, seed: int) -> Iterator[Day]:
         day.procs.stop_all()
 
 
-def run(workdir: Path, console: Console, seed: int = 2024) -> None:
+def run(workdir: Path, console: Console, seed: int = 2024, linger: bool = False) -> None:
     """Play the branch-office day in ``workdir``. Raises AssertionError when something
     does not hold (the nodes differ, a wait times out, a process fails)."""
     started = time.perf_counter()
@@ -865,6 +938,8 @@ def run(workdir: Path, console: Console, seed: int = 2024) -> None:
             day.settle_conflicts()
             _step(console, "7. Closing: the books as every node computes them")
             day.show_books()
+            if linger:
+                day.linger()
             _step(console, "8. Stopping")
             day.shut_down()
         except Exception:
@@ -891,6 +966,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__)
     parser.add_argument("--keep", type=Path, help="run in this new directory and keep it")
     parser.add_argument("--seed", type=int, default=2024, help="seed of the day's bookings")
+    parser.add_argument(
+        "--linger",
+        action="store_true",
+        help="after the checks, leave the relay, the nodes and the branch server running "
+        "until Ctrl-C (make demo KEEP=1)",
+    )
     args = parser.parse_args(argv)
     console = Console(highlight=False)
     os.environ.pop("BRANCHLINE_HOME", None)  # every command names its --home
@@ -899,10 +980,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=False)
-            run(args.keep, console, args.seed)
+            run(args.keep, console, args.seed, args.linger)
         else:
             with tempfile.TemporaryDirectory(prefix="branchline-demo-") as tmp:
-                run(Path(tmp), console, args.seed)
+                run(Path(tmp), console, args.seed, args.linger)
     except AssertionError as exc:
         console.print(Text(f"✘ the demo failed: {exc}", style="bold red"))
         return 1

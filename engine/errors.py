@@ -32,6 +32,11 @@ class UnknownCollection(UserError):
     """The collection is not in the node's schema."""
 
 
+class DuplicateKey(ValidationError):
+    """A new record would take a unique key (a voucher number typed by hand)
+    that a live record already has; nothing was written."""
+
+
 class UnknownReference(ValidationError):
     """A reference names a record (by code or id) that this node does not have."""
 
@@ -243,3 +248,23 @@ class AdapterConfigError(AdapterError):
 
 class QueryError(UserError):
     """A read-only SQL query failed (syntax, unknown table) or tried to write."""
+
+
+# -- branch server (issue 12) ---------------------------------------------------
+
+
+class UserExists(UserError):
+    """A workstation user of that name already exists on this node."""
+
+
+class UnknownUser(UserError):
+    """No workstation user of that name on this node."""
+
+
+class ReadOnlyUser(AuthError):
+    """A read-only workstation user tried to write; nothing was written."""
+
+
+class SyncUnavailable(BranchlineError):
+    """The branch server runs no sync loop (no relay configured, or it was
+    started without one), so it cannot sync now."""

@@ -22,3 +22,7 @@ def relay_url_ok(url: str) -> bool:
     """A ``ws://`` or ``wss://`` URL with a host."""
     parts = urlsplit(url)
     return parts.scheme in ("ws", "wss") and bool(parts.netloc)
+
+
+# A workstation user of the branch server (engine.users).
+USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}\Z")

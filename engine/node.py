@@ -37,6 +37,7 @@ from .errors import (
     AdapterError,
     AdapterNotFound,
     DatasetMismatch,
+    DuplicateKey,
     RecordDeleted,
     RecordNotFound,
     SeriesError,
@@ -301,7 +302,7 @@ class Node:
                 number = encode(coll.fields["number"], fields["number"], f"{coll.name}.number")
                 taken = self._lookup(conn, coll, number, by_id=False)
                 if taken is not None:
-                    raise ValidationError(
+                    raise DuplicateKey(
                         f"{coll.name}: number {number!r} is already used by voucher {taken[0]}"
                     )
                 rid = self._new_id()
@@ -452,13 +453,16 @@ class Node:
         ).fetchone()
         return self._rows_to_records(coll, [row], codes)[0] if row else None
 
-    def list(self, collection: str, *, codes: bool = False) -> Records:
-        """All live records of a collection in id (creation time) order."""
+    def list(
+        self, collection: str, *, codes: bool = False, limit: int | None = None, offset: int = 0
+    ) -> Records:
+        """The live records of a collection in id (creation time) order: all
+        of them, or ``limit`` of them after the first ``offset``."""
         coll = self.collection(collection)
         rows = self.store.conn.execute(
             "SELECT id, data, alias_of FROM records "
-            "WHERE collection = ? AND deleted = 0 ORDER BY id",
-            (coll.name,),
+            "WHERE collection = ? AND deleted = 0 ORDER BY id LIMIT ? OFFSET ?",
+            (coll.name, -1 if limit is None else max(limit, 0), max(offset, 0)),
         ).fetchall()
         return self._rows_to_records(coll, rows, codes)
 
@@ -804,6 +808,30 @@ class Node:
             if name in out:
                 out[name] += int(count)
         return out
+
+    def pending_records(self, limit: int = 1000) -> Records:
+        """Records with local changes the relay has not acknowledged, oldest
+        change first (at most ``limit``): ``collection``, ``id``, ``key``
+        (its code or number) and ``doc``."""
+        rows = self.store.conn.execute(
+            "SELECT u.doc, u.record, r.collection, r.key FROM updates u "
+            # The primary key is (collection, id): joining on the id alone
+            # would scan every record for every outbox row.
+            "LEFT JOIN records r ON r.collection = "
+            "substr(u.doc, 1, instr(u.doc || '/', '/') - 1) AND r.id = u.record "
+            "WHERE u.pending = 1 AND u.record IS NOT NULL "
+            "GROUP BY u.doc, u.record ORDER BY MIN(u.seq) LIMIT ?",
+            (max(limit, 0),),
+        ).fetchall()
+        return [
+            {
+                "collection": str(coll) if coll else str(doc).partition("/")[0],
+                "id": str(rid),
+                "key": key,
+                "doc": str(doc),
+            }
+            for doc, rid, coll, key in rows
+        ]
 
     def ack(self, seqs: Iterable[int]) -> None:
         """Mark outbox entries acknowledged by the relay (durably)."""

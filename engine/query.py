@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,20 @@ class QueryResult:
             seen[name] = seen.get(name, 0) + 1
             keys.append(name if seen[name] == 1 else f"{name}:{seen[name]}")
         return [dict(zip(keys, row, strict=True)) for row in self.rows]
+
+    def json_rows(self) -> list[list[Any]]:
+        """Rows with every value as ``json_cell`` shows it."""
+        return [[json_cell(v) for v in row] for row in self.rows]
+
+
+def json_cell(value: Any) -> Any:
+    """A query value for JSON: integers and text as they are; any other
+    number as exact decimal text; blobs as hex."""
+    if isinstance(value, float):
+        return str(Decimal(repr(value)))
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
 
 
 def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, src: Any) -> int:

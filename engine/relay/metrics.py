@@ -1,7 +1,8 @@
 """Relay server metrics in the Prometheus text exposition format (0.0.4).
 
 Plain counters in one object, updated from the event loop only (no locks
-needed) and rendered on ``GET /metrics``. Labels carry dataset-independent
+needed: the hot path adds to ints) and written out by prometheus_client on
+``GET /metrics``. Labels carry dataset-independent
 values only (result kinds, error codes): never a token, and never dataset or
 node names, so that the number of series stays bounded.
 """
@@ -9,7 +10,17 @@ node names, so that the number of series stays bounded.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 #: Upper bounds (seconds) of the commit latency histogram buckets: from a
 #: fast fsync (~1 ms) to a commit stuck behind a compaction of a big document.
@@ -50,16 +61,20 @@ class Histogram:
                 self.counts[i] += 1
                 break
 
-    def render(self, name: str, help_text: str) -> list[str]:
-        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    def family(self, name: str) -> HistogramMetricFamily:
+        """The histogram as a prometheus_client family (cumulative buckets)."""
         running = 0
+        buckets: list[tuple[str, float]] = []
         for bound, n in zip(self.buckets, self.counts, strict=True):
             running += n
-            lines.append(f'{name}_bucket{{le="{bound:g}"}} {running}')
-        lines.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        lines.append(f"{name}_sum {self.total:.6f}")
-        lines.append(f"{name}_count {self.count}")
-        return lines
+            buckets.append((f"{bound:g}", running))
+        buckets.append(("+Inf", self.count))
+        return HistogramMetricFamily(
+            name,
+            "Time of one group commit in the store thread.",
+            buckets=buckets,
+            sum_value=self.total,
+        )
 
 
 @dataclass
@@ -94,108 +109,102 @@ class RelayMetrics:
         documents_in_memory: int | None,
         commit_queue: int,
     ) -> str:
-        """The exposition text (ends with a newline)."""
-        out: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, value: float | int) -> None:
-            out.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"))
-
-        def labelled(
-            name: str, kind: str, help_text: str, label: str, values: dict[str, int]
-        ) -> None:
-            out.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"))
-            for key in sorted(values):
-                out.append(f'{name}{{{label}="{key}"}} {values[key]}')
-
+        """The exposition text (ends with a newline), written by prometheus_client
+        from a registry made for this render (never the process-global one, so
+        several relays in one process keep their figures apart)."""
+        fams: list[Metric] = []
         p = "branchline_relay_"
-        metric(p + "connections_open", "gauge", "Websocket connections open now.", connections_open)
-        metric(
-            p + "connections_total",
-            "counter",
-            "Websocket connections accepted.",
-            self.connections_total,
-        )
+
+        def gauge(name: str, help_text: str, value: float) -> None:
+            fams.append(GaugeMetricFamily(p + name, help_text, value=value))
+
+        def counter(name: str, help_text: str, value: float) -> None:
+            fams.append(CounterMetricFamily(p + name, help_text, value=value))
+
+        def labelled(name: str, help_text: str, label: str, values: dict[str, int]) -> None:
+            fam = CounterMetricFamily(p + name, help_text, labels=[label])
+            for key in sorted(values):
+                fam.add_metric([key], values[key])
+            fams.append(fam)
+
+        gauge("connections_open", "Websocket connections open now.", connections_open)
+        counter("connections_total", "Websocket connections accepted.", self.connections_total)
         labelled(
-            p + "connections_rejected_total",
-            "counter",
+            "connections_rejected_total",
             "Handshakes refused, by error code.",
             "code",
             dict(self.connections_rejected),
         )
         labelled(
-            p + "protocol_errors_total",
-            "counter",
+            "protocol_errors_total",
             "Error frames sent to clients, by code.",
             "code",
             dict(self.protocol_errors),
         )
         labelled(
-            p + "updates_in_total",
-            "counter",
+            "updates_in_total",
             "Client updates committed, by result.",
             "result",
             {k: self.updates_in.get(k, 0) for k in ("stored", "duplicate", "rejected")},
         )
         labelled(
-            p + "updates_refused_total",
-            "counter",
+            "updates_refused_total",
             "Client updates refused without ending the session (e.g. locked period), by code.",
             "code",
             dict(self.updates_refused),
         )
-        metric(
-            p + "updates_fanned_out_total",
-            "counter",
+        counter(
+            "updates_fanned_out_total",
             "Stored updates sent to other connections of their dataset.",
             self.updates_fanned_out,
         )
-        metric(p + "bytes_in_total", "counter", "Websocket message bytes received.", self.bytes_in)
-        metric(p + "bytes_out_total", "counter", "Websocket message bytes sent.", self.bytes_out)
-        metric(p + "frames_in_total", "counter", "Websocket messages received.", self.frames_in)
-        metric(p + "frames_out_total", "counter", "Websocket messages sent.", self.frames_out)
-        metric(
-            p + "batches_committed_total",
-            "counter",
-            "Group commits of client updates.",
-            self.batches_committed,
+        counter("bytes_in_total", "Websocket message bytes received.", self.bytes_in)
+        counter("bytes_out_total", "Websocket message bytes sent.", self.bytes_out)
+        counter("frames_in_total", "Websocket messages received.", self.frames_in)
+        counter("frames_out_total", "Websocket messages sent.", self.frames_out)
+        counter(
+            "batches_committed_total", "Group commits of client updates.", self.batches_committed
         )
-        metric(
-            p + "commit_failures_total",
-            "counter",
+        counter(
+            "commit_failures_total",
             "Group commits that failed (nothing of them stored or acknowledged).",
             self.commit_failures,
         )
-        out.extend(
-            self.commit_seconds.render(
-                p + "commit_seconds", "Time of one group commit in the store thread."
-            )
-        )
-        metric(
-            p + "commit_queue_updates",
-            "gauge",
+        fams.append(self.commit_seconds.family(p + "commit_seconds"))
+        gauge(
+            "commit_queue_updates",
             "Updates received and waiting for the next group commit.",
             commit_queue,
         )
-        metric(
-            p + "slow_consumers_dropped_total",
-            "counter",
+        counter(
+            "slow_consumers_dropped_total",
             "Connections dropped because their send queue was full.",
             self.slow_consumers_dropped,
         )
-        metric(p + "sync_requests_total", "counter", "sync1 requests answered.", self.sync_requests)
-        metric(p + "leases_granted_total", "counter", "blocks leases granted.", self.leases_granted)
-        metric(p + "leases_denied_total", "counter", "blocks leases denied.", self.leases_denied)
-        metric(
-            p + "datasets_connected",
-            "gauge",
+        counter("sync_requests_total", "sync1 requests answered.", self.sync_requests)
+        counter("leases_granted_total", "blocks leases granted.", self.leases_granted)
+        counter("leases_denied_total", "blocks leases denied.", self.leases_denied)
+        gauge(
+            "datasets_connected",
             "Datasets with at least one open connection.",
             datasets_connected,
         )
         if documents_in_memory is not None:
-            metric(
-                p + "documents_in_memory",
-                "gauge",
+            gauge(
+                "documents_in_memory",
                 "Documents the store holds in memory (all datasets).",
                 documents_in_memory,
             )
-        return "\n".join(out) + "\n"
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families(fams))
+        return generate_latest(registry).decode()
+
+
+class _Families(Collector):
+    """The metric families of one render, for a registry of their own."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return iter(self._families)

@@ -34,7 +34,6 @@ revoke) may run beside it.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import random
 import re
 import secrets
@@ -71,6 +70,7 @@ from ..errors import (
     UserError,
 )
 from ..names import DATASET_RE, DOC_RE, NODE_RE
+from ..tokens import new_token, token_hash, token_matches
 from . import authorship
 from .store import (
     EMPTY_STATE_VECTOR,
@@ -90,7 +90,6 @@ FORMAT_VERSION = 3
 APPLICATION_ID = 0x424C5259  # "BLRY": a Branchline relay store
 BUSY_TIMEOUT_MS = 30_000
 SERIES_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@/-]{0,127}\Z")
-SALT_BYTES = 16
 
 SCHEMA_SQL = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -329,8 +328,7 @@ class SqliteRelayStore(RelayStore):
     ) -> Enrollment:
         _check_dataset(dataset)
         _check_node(node)
-        token = secrets.token_urlsafe(32)
-        salt = secrets.token_bytes(SALT_BYTES)
+        token, salt = new_token()
         now = _now()
         with self._lock, self._write() as conn:
             row = conn.execute("SELECT id FROM datasets WHERE name = ?", (dataset,)).fetchone()
@@ -346,7 +344,7 @@ class SqliteRelayStore(RelayStore):
             cur = conn.execute(
                 "UPDATE nodes SET salt = ?, token_hash = ?, read_only = ?, carrier = ?, "
                 "enrolled_at = ?, revoked_at = NULL WHERE dataset_id = ? AND name = ?",
-                (salt, _hash(salt, token), int(read_only), int(carrier), now, ds_id, node),
+                (salt, token_hash(salt, token), int(read_only), int(carrier), now, ds_id, node),
             )
             replaced = cur.rowcount > 0
             if replaced:  # the old token stops working: open connections must notice
@@ -355,7 +353,7 @@ class SqliteRelayStore(RelayStore):
                 conn.execute(
                     "INSERT INTO nodes (dataset_id, name, salt, token_hash, read_only, "
                     "carrier, enrolled_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (ds_id, node, salt, _hash(salt, token), int(read_only), int(carrier), now),
+                    (ds_id, node, salt, token_hash(salt, token), int(read_only), int(carrier), now),
                 )
         return Enrollment(dataset, node, token, read_only, replaced, created, carrier)
 
@@ -410,12 +408,10 @@ class SqliteRelayStore(RelayStore):
                 "JOIN datasets d ON d.id = n.dataset_id WHERE d.name = ? AND n.name = ?",
                 (dataset, node),
             ).fetchone()
-        # Hash and compare even for an unknown node, so that timing does not
-        # tell an unknown node from a wrong token.
-        salt, stored = (bytes(row[0]), bytes(row[1])) if row else (b"\x00" * SALT_BYTES, b"")
-        given = _hash(salt, token)
-        right = hmac.compare_digest(given, stored) if row else hmac.compare_digest(given, given)
-        if row is None or not right:
+        # token_matches hashes even for an unknown node, so that timing does
+        # not tell an unknown node from a wrong token.
+        salt, stored = (bytes(row[0]), bytes(row[1])) if row else (None, None)
+        if row is None or not token_matches(salt, stored, token):
             raise AuthError(
                 f"authentication failed for node {node!r} of dataset {dataset!r}: "
                 "unknown node or dataset, or wrong token"
@@ -426,7 +422,7 @@ class SqliteRelayStore(RelayStore):
                 f"node {node!r} of dataset {dataset!r} has been revoked; "
                 "enroll it again to issue a new token"
             )
-        return NodeGrant(dataset, node, bool(row[2]), _token_id(stored), bool(row[4]))
+        return NodeGrant(dataset, node, bool(row[2]), _token_id(bytes(row[1])), bool(row[4]))
 
     # -- updates -----------------------------------------------------------
 
@@ -998,10 +994,10 @@ def _next_seq(conn: sqlite3.Connection) -> int:
     return int(row[0]) + 1
 
 
-def _token_id(token_hash: bytes) -> bytes:
+def _token_id(hashed: bytes) -> bytes:
     """What a grant keeps to tell its token from a later one: a prefix of the
     salted hash (a random salt per token, so no two tokens share it in practice)."""
-    return token_hash[:8]
+    return hashed[:8]
 
 
 def _bump_revocations(conn: sqlite3.Connection) -> None:
@@ -1011,10 +1007,6 @@ def _bump_revocations(conn: sqlite3.Connection) -> None:
         "INSERT INTO meta (key, value) VALUES ('revocations', '1') ON CONFLICT (key) "
         "DO UPDATE SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)"
     )
-
-
-def _hash(salt: bytes, token: str) -> bytes:
-    return hmac.new(salt, token.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
 
 
 def _has_doc(conn: sqlite3.Connection, key: tuple[int, str]) -> bool:

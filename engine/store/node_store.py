@@ -275,9 +275,14 @@ class NodeStore:
             self.conn.execute("ROLLBACK")
             raise StoreError(f"{self.path}: commit failed ({exc})") from None
 
+    def data_version(self) -> int:
+        """SQLite's change counter of this connection: it moves whenever
+        another connection commits (this one's own commits leave it)."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
     def changed_elsewhere(self) -> bool:
         """True when another connection committed since the last call."""
-        version = int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+        version = self.data_version()
         changed = version != self._data_version
         self._data_version = version
         return changed

@@ -244,8 +244,10 @@ class _Connection:
         monotonic_ms: Callable[[], int],
         wall_ms: Callable[[], int],
         on_progress: ProgressCallback | None,
+        on_apply: Callable[[float], None] | None = None,
     ) -> None:
         self.nt = nt
+        self.on_apply = on_apply
         self.ws = ws
         self.monotonic_ms = monotonic_ms
         self.heartbeat_ms = heartbeat_ms
@@ -318,7 +320,10 @@ class _Connection:
             # A final error frame may have been read already; recv raises after it.
             raise RelayUnreachable(f"the relay closed the connection ({exc})") from None
         data = msg.encode() if isinstance(msg, str) else msg
+        started = time.perf_counter()
         frames, dead = await self.call(self._work, data)
+        if data is not None and self.on_apply is not None:
+            self.on_apply(time.perf_counter() - started)
         if dead:
             # A dead link: the closing handshake would wait out close_timeout
             # (10 s) on a peer that no longer answers. Drop the socket now.
@@ -485,12 +490,16 @@ class LiveSync:
         monotonic_ms: Callable[[], int] = _monotonic_ms,
         wall_ms: Callable[[], int] = _wall_ms,
         write_status: bool = True,
+        on_apply: Callable[[float], None] | None = None,
+        on_synced: Callable[[float], None] | None = None,
     ) -> None:
         # Read again from the node's meta before each connection (``node
         # config`` may change them while it runs) unless given here.
         self._from_meta = url is None or token is None
         if url is None or token is None:
             url, token = relay_of(node)
+        self._on_apply = on_apply
+        self._on_synced = on_synced
         self.home = node.home
         self.dataset = node.dataset
         self.url = url
@@ -512,6 +521,7 @@ class LiveSync:
         self._nt: NodeThread | None = None
         self._synced = asyncio.Event()
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._status_at = 0
 
@@ -534,6 +544,24 @@ class LiveSync:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    @property
+    def synced(self) -> bool:
+        """Connected, the pass complete and the outbox empty (but for
+        documents set aside by sync failures)."""
+        return self._synced.is_set()
+
+    def sync_now(self) -> bool:
+        """Sync again now: while waiting to reconnect, reconnect at once;
+        while connected and synced, open a new connection, whose first pass
+        compares every document with the relay. Returns False (and does
+        nothing) in offline mode or while a pass is under way already."""
+        if self.state in ("offline mode", "connecting") or (
+            self.state == "online" and not self.synced
+        ):
+            return False
+        self._wake.set()
+        return True
 
     async def wait_synced(self, timeout: float | None = None) -> None:
         """Return once connected, the pass complete and the outbox empty
@@ -562,9 +590,15 @@ class LiveSync:
             await self._nt.run(_write_run_state, self.state, self._wall_ms())
 
     async def _sleep(self, seconds: float) -> bool:
-        """Sleep unless stopped; True when stopped."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        """Sleep unless stopped or woken (``sync_now``); True when stopped."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        wake = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({stop, wake}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            wake.cancel()
+        self._wake.clear()
         return self._stop.is_set()
 
     async def _run(self) -> None:
@@ -661,8 +695,11 @@ class LiveSync:
                 monotonic_ms=self._monotonic_ms,
                 wall_ms=self._wall_ms,
                 on_progress=_posting(self._on_progress),
+                on_apply=self._on_apply,
             )
             self.driver = conn.driver
+            self._wake.clear()
+            started = time.perf_counter()
             await conn.start()
             checked = self._monotonic_ms()
             try:
@@ -674,9 +711,14 @@ class LiveSync:
                         if refused is not None:
                             log.error("%s", refused)
                     if conn.synced:
+                        if not self._synced.is_set() and self._on_synced is not None:
+                            self._on_synced(time.perf_counter() - started)
                         self._synced.set()
                     else:
                         self._synced.clear()
+                    if self._wake.is_set():
+                        log.info("syncing again, as asked")
+                        return  # _loop connects again at once
                     await self._status()
                     now = self._monotonic_ms()
                     if now - checked >= OFFLINE_CHECK_S * 1000:

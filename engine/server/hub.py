@@ -1,0 +1,200 @@
+"""The status the branch server keeps and pushes (``GET /api/v1/status``,
+``GET /api/v1/events``).
+
+One watcher task looks, every ``WATCH_S``, for anything that changes the
+status: a commit by another connection (the sync loop's node thread,
+another process: SQLite's ``data_version`` on the API thread's
+connection), a write through the API (``touch``), a change of the sync
+loop's state or progress, and at least every ``REFRESH_S`` (the heartbeat
+of a sync loop in another process ages). It then computes the status on the
+API thread and, when it differs from the last, sends it to every event
+subscriber. Reads of the status between changes cost no thread hop.
+
+Bounds: at most ``MAX_SUBSCRIBERS`` event streams; each subscriber's queue
+holds ``QUEUE_SIZE`` statuses and drops the oldest when full (each one is
+a whole snapshot, so a slow reader only misses intermediate states).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..jsonio import dumps as jsonio_bytes
+from ..node import Node
+from ..status import node_status
+from ..transport import LiveSync, run_status
+from ..transport.client import NodeThread
+from ..users import StoredUser, load_users
+from .errors import HttpError
+
+log = logging.getLogger("branchline.server")
+
+WATCH_S = 0.2
+REFRESH_S = 2.0
+MAX_SUBSCRIBERS = 64
+QUEUE_SIZE = 8
+
+
+class Subscriber:
+    """One event stream's queue of status documents (JSON bytes)."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=QUEUE_SIZE)
+
+    def offer(self, data: bytes) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()  # the newest snapshot supersedes the oldest
+        self.queue.put_nowait(data)
+
+
+class StatusHub:
+    """Status cache, users cache and event fan-out of one server (loop side)."""
+
+    def __init__(self, nt: NodeThread, live: LiveSync | None, wall_ms: Callable[[], int]) -> None:
+        self._nt = nt
+        self.live = live
+        self._wall_ms = wall_ms
+        self.status: dict[str, Any] | None = None
+        self.status_json = b""
+        self.users: list[StoredUser] = []
+        self.progress: dict[str, list[int]] = {}
+        self._dirty = True
+        self._version = -1
+        self._live_seen: tuple[Any, ...] = ()
+        self._computed_at = 0.0
+        self._subscribers: set[Subscriber] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    # -- the loop side -----------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._watch(), name="branchline-status-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def touch(self) -> None:
+        """A write went through the API: the next read computes the status."""
+        self._dirty = True
+        self._changed.set()
+
+    def on_progress(self, collection: str, done: int, total: int) -> None:
+        """The sync loop's progress callback (called on the event loop)."""
+        self.progress[collection] = [done, total]
+        self._changed.set()
+
+    async def current(self) -> dict[str, Any]:
+        """The status, computed again first if the API wrote since."""
+        if self._dirty or self.status is None:
+            await self.refresh()
+        assert self.status is not None
+        return self.status
+
+    async def current_json(self) -> bytes:
+        await self.current()
+        return self.status_json
+
+    async def refresh(self) -> None:
+        """Compute the status (and reload users if the store changed) on the
+        API thread; publish it when it differs."""
+        self._dirty = False
+        run = self._run_info()
+        version, users, status = await self._nt.run(self._compute, run, self._version)
+        if users is not None:
+            self.users = users
+        self._version = version
+        status["sync"] = self._sync_info()
+        self._computed_at = time.monotonic()
+        data = jsonio_bytes(status)
+        if data != self.status_json:
+            self.status, self.status_json = status, data
+            for sub in self._subscribers:
+                sub.offer(data)
+
+    def subscribe(self) -> Subscriber:
+        """A new event stream. Raises HttpError 503 past ``MAX_SUBSCRIBERS``."""
+        if len(self._subscribers) >= MAX_SUBSCRIBERS:
+            raise HttpError(
+                503,
+                "too_many_streams",
+                f"{MAX_SUBSCRIBERS} event streams are open on this server; close one "
+                "(another tab or workstation) and try again",
+            )
+        sub = Subscriber()
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    # -- internals ---------------------------------------------------------------
+
+    def _compute(
+        self, node: Node, run: dict[str, Any] | None, seen: int
+    ) -> tuple[int, list[StoredUser] | None, dict[str, Any]]:
+        """API thread: (data version, users if the store changed, status)."""
+        version = node.store.data_version()
+        users = load_users(node) if version != seen else None
+        now = self._wall_ms()
+        if run is not None:
+            run = {**run_status(node, now), **run}
+        return version, users, node_status(node, now, run)
+
+    def _run_info(self) -> dict[str, Any] | None:
+        if self.live is None:
+            return None  # a sync loop of another process, by its heartbeat
+        return {"online": self.live.online, "state": self.live.state}
+
+    def _sync_info(self) -> dict[str, Any]:
+        live = self.live
+        running = live is not None and (
+            live.state == "connecting" or (live.online and not live.synced)
+        )
+        return {"running": running, "progress": dict(sorted(self.progress.items()))}
+
+    def _live_key(self) -> tuple[Any, ...]:
+        live = self.live
+        if live is None:
+            return ()
+        return (live.state, live.online, live.synced)
+
+    async def _watch(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=WATCH_S)
+            self._changed.clear()
+            try:
+                version = await self._nt.run(_data_version)
+                key = self._live_key()
+                due = time.monotonic() - self._computed_at >= REFRESH_S
+                if (
+                    self._dirty
+                    or version != self._version
+                    or key != self._live_seen
+                    or self.progress != (self.status or {}).get("sync", {}).get("progress")
+                    or due
+                ):
+                    self._live_seen = key
+                    await self.refresh()
+            except Exception:  # keep watching: a busy store now is not a dead server
+                log.exception("status refresh failed")
+                await asyncio.sleep(WATCH_S)
+
+
+def _data_version(node: Node) -> int:
+    return node.store.data_version()

@@ -1,0 +1,97 @@
+"""``branchline node serve``: uvicorn serving the branch server app, whose
+lifespan runs the node's live sync loop, in one event loop."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from ..errors import UserError
+from ..transport import Backoff
+from .app import create_app
+
+DEFAULT_LISTEN = "127.0.0.1:8470"
+#: Seconds open connections (event streams) get to finish on shutdown.
+GRACEFUL_S = 3
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, but SIGINT/SIGTERM end it with exit code 0 (uvicorn
+    raises the signal again after a graceful shutdown, so the process would
+    die of it): a stop asked for is a clean stop, as for 'node run'."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port). Raises UserError."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host:
+        raise UserError(f"--listen {listen!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN}")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise UserError(f"--listen {listen!r}: the port must be a number") from None
+    if not 0 <= port <= 65535:
+        raise UserError(f"--listen {listen!r}: the port must be 0 to 65535")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    home: Path,
+    host: str,
+    port: int,
+    *,
+    public: bool = False,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    backoff_max: float = 3.0,
+    verbose: bool = False,
+) -> None:
+    """Serve ``home`` on ``host:port`` until SIGINT or SIGTERM (uvicorn's
+    handlers), syncing it with its relay meanwhile. Raises UserError for a
+    non-loopback address without ``public``, or half a TLS pair."""
+    if not is_loopback(host) and not public:
+        raise UserError(
+            f"{host} is reachable from other machines: pass --public to bind it, and put "
+            "TLS in front (a reverse proxy) or give --tls-cert and --tls-key"
+        )
+    if (tls_cert is None) != (tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together: give both or neither")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    app = create_app(home, sync=True, backoff=Backoff(cap_s=backoff_max))
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+        log_level="debug" if verbose else "info",
+        timeout_graceful_shutdown=GRACEFUL_S,
+        lifespan="on",
+        proxy_headers=False,
+        server_header=False,
+    )
+    _Server(config).run()

@@ -1,0 +1,261 @@
+"""The branch server's JSON API through the ASGI test client, on a real
+node home: auth, records, vouchers, status, conflicts, failures, errors,
+and the OpenAPI description against the app's routes."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from engine import errors
+from engine.node import Node
+from engine.server import create_app
+from engine.server.errors import ERRORS, http_error
+from engine.server.openapi import openapi_spec
+from engine.users import add_user, remove_user
+
+API = "/api/v1"
+
+
+class Api:
+    def __init__(self, client: TestClient, token: str) -> None:
+        self.client = client
+        self.h = {"Authorization": f"Bearer {token}"}
+
+    def __call__(self, method: str, path: str, **kw: Any) -> Any:
+        return self.client.request(method, API + path, headers=self.h, **kw)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    h = tmp_path / "hn"
+    Node.create(h, dataset="acme", node="HN").close()
+    return h
+
+
+@pytest.fixture
+def tokens(home: Path) -> dict[str, str]:
+    with Node.open(home) as n:
+        return {
+            "kt": add_user(n, "kt", read_only=False, now_ms=1),
+            "ro": add_user(n, "ro", read_only=True, now_ms=1),
+        }
+
+
+@pytest.fixture
+def client(home: Path, tokens: dict[str, str]) -> Iterator[TestClient]:
+    with TestClient(create_app(home)) as c:
+        yield c
+
+
+@pytest.fixture
+def api(client: TestClient, tokens: dict[str, str]) -> Api:
+    return Api(client, tokens["kt"])
+
+
+def seed(api: Api) -> None:
+    assert (
+        api(
+            "PUT", "/records/customers", json={"code": "KH001", "name": "Công ty An Phát"}
+        ).status_code
+        == 200
+    )
+    assert (
+        api("PUT", "/records/warehouses", json={"code": "K1", "name": "Kho 1"}).status_code == 200
+    )
+    assert (
+        api(
+            "PUT", "/records/items", json={"code": "SP1", "name": "Bút bi", "price": "5000"}
+        ).status_code
+        == 200
+    )
+
+
+INVOICE = {
+    "date": "2026-11-23", "customer": "KH001", "warehouse": "K1", "paid": False,
+    "lines": [{"item": "SP1", "qty": "3", "price": "5000.50", "vat_rate": "0.1"}],
+}  # fmt: skip
+
+
+def test_auth_needed_and_read_only(client: TestClient, tokens: dict[str, str], home: Path) -> None:
+    assert client.get(API + "/status").status_code == 401
+    bad = client.get(API + "/status", headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "unauthorized"
+    ro = Api(client, tokens["ro"])
+    assert ro("GET", "/me").json() == {"user": "ro", "read_only": True}
+    assert ro("GET", "/records/customers").status_code == 200
+    refused = ro("PUT", "/records/customers", json={"code": "X", "name": "x"})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "read_only"
+    assert ro("GET", "/records/customers").json()["total"] == 0  # nothing written
+    with Node.open(home) as n:
+        remove_user(n, "ro")
+    client.app.state.server.hub.touch()  # type: ignore[attr-defined]
+    import time
+
+    deadline = time.monotonic() + 5
+    while ro("GET", "/me").status_code != 401:
+        assert time.monotonic() < deadline, "a removed user's token still works"
+        time.sleep(0.05)
+
+
+def test_records_crud_filter_paging(api: Api) -> None:
+    seed(api)
+    for i in range(5):
+        api("PUT", "/records/customers", json={"code": f"C{i}", "name": f"n{i % 2}"})
+    page = api("GET", "/records/customers?limit=2&offset=1").json()
+    assert page["total"] == 6 and len(page["items"]) == 2
+    found = api("GET", "/records/customers", params={"name": "Công ty An Phát"}).json()
+    assert [r["code"] for r in found["items"]] == ["KH001"]
+    assert api("GET", "/records/customers?name=n1").json()["total"] == 2
+    assert api("GET", "/records/items?price=5000.00").json()["total"] == 1
+    one = api("GET", "/records/customers/KH001").json()
+    assert one["name"] == "Công ty An Phát"
+    assert (
+        api("PUT", "/records/customers", json={"code": "KH001", "name": "An Phát 2"}).json()["id"]
+        == one["id"]
+    )
+    assert api("DELETE", "/records/customers/KH001").json() == {"id": one["id"]}
+    gone = api("GET", "/records/customers/KH001")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "record_not_found"
+
+
+def test_errors_write_nothing(api: Api) -> None:
+    seed(api)
+    cases = [
+        (api("GET", "/records/nope"), 404, "unknown_collection"),
+        (api("PUT", "/records/nope", json={"code": "x"}), 404, "unknown_collection"),
+        (api("PUT", "/records/customers", content=b"{bad"), 400, "bad_json"),
+        (api("PUT", "/records/customers", content=b"[1]"), 400, "bad_json"),
+        (api("PUT", "/records/customers", content=b'{"code": "a", "code": "b"}'), 400, "bad_json"),
+        (api("PUT", "/records/customers", json={"code": "Z", "nope": 1}), 422, "validation_error"),
+        (
+            api("POST", "/vouchers/sales_invoice", json={**INVOICE, "customer": "KH999"}),
+            422,
+            "unknown_reference",
+        ),
+        (api("POST", "/vouchers/customers", json={"code": "x"}), 404, "unknown_collection"),
+        (api("GET", "/records/customers?limit=x"), 400, "bad_parameter"),
+        (api("GET", "/records/customers?nofield=1"), 422, "validation_error"),
+        (api("GET", "/conflicts/zzz"), 404, "conflict_not_found"),
+        (api("POST", "/failures/99/retry"), 404, "failure_not_found"),
+        (api("POST", "/failures/x/retry"), 400, "bad_parameter"),
+        (api("GET", "/failures?direction=sideways"), 400, "bad_parameter"),
+        (api("GET", "/reports/nope"), 404, "unknown_report"),
+        (api("GET", "/reports/stock_on_hand"), 409, "adapter_not_enabled"),
+        (api("POST", "/sync"), 503, "sync_unavailable"),
+        (api("POST", "/conflicts/x/resolve", json={"bogus": 1}), 400, "bad_request"),
+    ]
+    for response, status, code in cases:
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code), (
+            response.text
+        )
+        assert response.json()["error"]["message"]
+    st = api("GET", "/status").json()
+    assert st["pending"]["customers"] == 1 and st["pending"]["sales_invoice"] == 0
+
+
+def test_vouchers_post_list_void_and_duplicate_number(api: Api) -> None:
+    seed(api)
+    body = (
+        b'{"date": "2026-11-23", "customer": "KH001", "warehouse": "K1", "paid": false, '
+        b'"lines": [{"item": "SP1", "qty": 3, "price": 5000.50, "vat_rate": 0.1}]}'
+    )
+    r = api("POST", "/vouchers/sales_invoice", content=body)
+    assert r.status_code == 201
+    posted = r.json()
+    assert posted["number"] == "HDHN-000001" and posted["provisional"] is False
+    items = api("GET", "/vouchers/sales_invoice").json()["items"]
+    assert items[0]["lines"][0]["price"] == "5000.50"  # exact, as text
+    dup = api("POST", "/vouchers/sales_invoice", json={**INVOICE, "number": "HDHN-000001"})
+    assert dup.status_code == 409 and dup.json()["error"]["code"] == "duplicate_key"
+    voided = api("POST", "/vouchers/sales_invoice/HDHN-000001/void").json()
+    assert voided == {"id": posted["id"], "number": "HDHN-000001"}
+    assert api("GET", "/vouchers/sales_invoice").json()["total"] == 0
+
+
+def test_status_pending_collections(api: Api) -> None:
+    st = api("GET", "/status").json()
+    assert st["dataset"] == "acme" and st["node"] == "HN" and st["pending_total"] == 0
+    assert st["sync"] == {"running": False, "progress": {}}
+    seed(api)
+    api("POST", "/vouchers/sales_invoice", json=INVOICE)
+    st = api("GET", "/status").json()
+    assert st["pending_total"] == 4 and st["pending"]["sales_invoice"] == 1
+    assert st["failures"] == {"upload": 0, "download": 0} and st["conflicts"] == 0
+    pend = api("GET", "/pending").json()
+    assert [p.get("code") or p.get("number") for p in pend] == ["KH001", "K1", "SP1", "HDHN-000001"]
+    colls = {c["name"]: c for c in api("GET", "/collections").json()}
+    assert colls["sales_invoice"]["kind"] == "voucher" and colls["customers"]["key"] == "code"
+    assert api("GET", "/conflicts").json() == [] and api("GET", "/failures").json() == []
+    off = api("POST", "/offline").json()
+    assert off["offline_mode"] is True
+    assert api("POST", "/online").json()["offline_mode"] is False
+
+
+def test_duplicate_code_conflict_resolved_by_rename(tmp_path: Path, home: Path, api: Api) -> None:
+    other = tmp_path / "hcm"
+    with Node.create(other, dataset="acme", node="HCM") as b:
+        b.put("customers", {"code": "KH001", "name": "từ HCM"})
+        updates = b.export_updates()
+    api("PUT", "/records/customers", json={"code": "KH001", "name": "từ HN"})
+    with Node.open(home) as n:
+        n.import_updates(updates)
+    found = api("GET", "/conflicts").json()
+    assert [c["kind"] for c in found] == ["duplicate_key"]
+    cid = found[0]["id"]
+    assert api("GET", f"/conflicts/{cid[:6]}").json()["id"] == cid
+    entry = api("POST", f"/conflicts/{cid[:6]}/resolve", json={"rename": "KH002"})
+    assert entry.status_code == 200, entry.text
+    assert api("GET", "/conflicts").json() == []
+    assert api("GET", "/records/customers").json()["total"] == 2
+
+
+def test_healthz_metrics_openapi_unauthenticated(client: TestClient, api: Api) -> None:
+    api("GET", "/status")
+    assert client.get("/healthz").json()["ok"] is True
+    text = client.get("/metrics").text
+    for name in (
+        "branchline_node_api_request_seconds_bucket",
+        "branchline_node_pending_records",
+        "branchline_node_sync_failures",
+        "branchline_node_conflicts",
+        "branchline_node_sync_pass_seconds",
+        "branchline_node_sync_apply_seconds",
+    ):
+        assert name in text
+    assert client.get("/openapi.json").json()["openapi"].startswith("3.1")
+
+
+def test_openapi_and_docs_describe_every_route(client: TestClient) -> None:
+    spec = openapi_spec()["paths"]
+    described = {(p, m.upper()) for p, ops in spec.items() for m in ops}
+    served = set()
+    for route in client.app.routes:  # type: ignore[attr-defined]
+        if isinstance(route, Route):
+            served |= {(route.path, m) for m in route.methods or () if m != "HEAD"}
+    assert served == described
+    doc = (Path(__file__).parent.parent / "docs" / "api-http.md").read_text()
+    missing = [f"{m} {p}" for p, m in sorted(described) if f"{m} {p}" not in doc]
+    assert not missing, f"docs/api-http.md lacks {missing}"
+
+
+def test_error_table_covers_every_error_in_order() -> None:
+    classes = [
+        c
+        for _, c in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(c, errors.BranchlineError)
+    ]
+    listed = [cls for cls, _, _ in ERRORS]
+    for i, cls in enumerate(listed):
+        hidden = [base for base in listed[:i] if issubclass(cls, base)]
+        assert not hidden, f"{cls.__name__} is hidden by {hidden}"
+    for cls in classes:
+        assert any(issubclass(cls, row) for row in listed), cls
+    assert http_error(errors.UnknownReference("x")) == (422, "unknown_reference")
+    assert http_error(errors.ReadOnlyUser("x")) == (403, "read_only")
