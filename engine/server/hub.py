@@ -64,6 +64,7 @@ class StatusHub:
         self.users: list[StoredUser] = []
         self.progress: dict[str, list[int]] = {}
         self._dirty = True
+        self._inflight = 0  # refreshes computing now (their result may predate a write)
         self._version = -1
         self._live_seen: tuple[Any, ...] = ()
         self._computed_at = 0.0
@@ -95,8 +96,9 @@ class StatusHub:
         self._changed.set()
 
     async def current(self) -> dict[str, Any]:
-        """The status, computed again first if the API wrote since."""
-        if self._dirty or self.status is None:
+        """The status, computed again first if the API wrote since (or a
+        refresh is computing: it may have started before the last write)."""
+        if self._dirty or self._inflight or self.status is None:
             await self.refresh()
         assert self.status is not None
         return self.status
@@ -110,7 +112,11 @@ class StatusHub:
         API thread; publish it when it differs."""
         self._dirty = False
         run = self._run_info()
-        version, users, status = await self._nt.run(self._compute, run, self._version)
+        self._inflight += 1
+        try:
+            version, users, status = await self._nt.run(self._compute, run, self._version)
+        finally:
+            self._inflight -= 1
         if users is not None:
             self.users = users
         self._version = version
