@@ -53,6 +53,7 @@ from .names import DATASET_RE, DOC_RE, META_TOKEN_REFUSED, NODE_RE, relay_url_ok
 from .query import QueryResult, run_query
 from .schema import Collection, Schema, load_schema, parse_schema
 from .store import NodeStore
+from .store.conflict_index import ConflictIndex, Written, is_stale
 from .values import decode, encode, is_stored
 
 MAX_LOADED_DOCS = 64  # documents kept in memory; least recently used are dropped
@@ -139,7 +140,12 @@ class Node:
         # None unless the node enables adapters: then writes skip them at no cost.
         self._adapters = plugins.AdapterSet.from_meta(meta, schema)
         self._refs = {c.name: _ref_paths(c) for c in schema.collections.values()}
+        self._index = ConflictIndex(schema)
         store.changed_elsewhere()
+        if is_stale(store.conn):
+            with store.transaction() as conn:
+                if is_stale(conn):  # another process may have rebuilt it first
+                    self._index.rebuild(conn)
 
     # -- opening -----------------------------------------------------------
 
@@ -1250,12 +1256,19 @@ class Node:
             "DELETE FROM record_conflicts WHERE collection = ? AND record_id = ?",
             [(coll.name, rid) for rid in rids if rid in had],
         )
+        written = [
+            Written(rid, row[3], not r.deleted, row[9] is not None, values)
+            for (rid, r, values), row in zip(resolved, rows, strict=True)
+        ]
+        removed = [rid for _, rid in incomplete]
+        old = self._index.before(conn, coll.name, written, removed)
         conn.executemany("DELETE FROM records WHERE collection = ? AND id = ?", incomplete)
         conn.executemany(
             "INSERT OR REPLACE INTO records (collection, id, doc, key, deleted, created_hlc, "
             "created_node, updated_hlc, data, alias_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
+        self._index.after(conn, coll.name, written, removed, old)
         conn.executemany(
             "INSERT OR REPLACE INTO record_conflicts VALUES (?, ?, ?, ?, ?, ?)", conflicts
         )

@@ -14,9 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import FormatVersionError, HomeExists, HomeNotFound, StoreError
+from .conflict_index import INDEX_SQL, STALE_META
 
 STORE_FILE = "branchline.db"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 BUSY_TIMEOUT_MS = 30_000
 CACHE_KIB = 16_384
 
@@ -177,11 +178,16 @@ CREATE VIEW pending_records AS
 """
 SCHEMA_SQL += OUTBOX_RECORDS_SQL
 
+# Added in format 5: the conflict index (engine.store.conflict_index).
+SCHEMA_SQL += INDEX_SQL
+
 # Format n -> n + 1. Each step only adds, so older rows stay exactly right.
 MIGRATIONS = {
     1: "ALTER TABLE records ADD COLUMN alias_of TEXT;\n" + RESOLUTION_SQL,
     2: CLIENTS_SQL,
     3: OUTBOX_RECORDS_SQL,
+    # Derived from records by code, not SQL: rebuilt when the node first opens.
+    4: INDEX_SQL + f"\nINSERT INTO meta (key, value) VALUES ('{STALE_META}', '1');",
 }
 
 
