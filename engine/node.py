@@ -17,7 +17,7 @@ import datetime as dt
 import random
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,6 +342,22 @@ class Node:
                     key = series_mod.series_key(coll, date)
                     series_mod.void(conn, key, row[0], coll.name, rid, self._clock.wall_ms())
             return rid
+
+    def batch(self, calls: Iterable[Callable[[Node], Any]]) -> list[tuple[bool, Any]]:
+        """Run each ``call(node)`` in one write transaction, each in a
+        savepoint of its own, and commit once (group commit). Returns, in
+        order, ``(True, result)`` or ``(False, exception)``: a call that
+        raised is undone alone. Raises StoreError when the commit fails (then
+        none of them is durable)."""
+        out: list[tuple[bool, Any]] = []
+        with self._write():
+            for call in calls:
+                try:
+                    with self.store.transaction():
+                        out.append((True, call(self)))
+                except Exception as exc:
+                    out.append((False, exc))
+        return out
 
     def restore(self, collection: str, record_id: str) -> None:
         """Undo a delete (wins over the delete it has seen). Raises RecordNotFound."""

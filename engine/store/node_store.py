@@ -198,6 +198,7 @@ class NodeStore:
         self.path = path
         self.conn = conn
         self._data_version = -1
+        self._depth = 0  # transactions open: inner ones are savepoints
 
     @staticmethod
     def file_in(home: Path) -> Path:
@@ -263,23 +264,45 @@ class NodeStore:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction holding the store's write lock; durable on exit.
+        Inside another one it is a savepoint of it: undone alone on an
+        exception, durable when the outermost one commits (group commit).
 
-        Rolls back and re-raises on any exception.
+        Rolls back (to the savepoint) and re-raises on any exception.
         """
+        if self._depth:
+            yield from self._savepoint()
+            return
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             raise StoreError(f"{self.path}: cannot start a write ({exc})") from None
+        self._depth = 1
         try:
             yield self.conn
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        finally:
+            self._depth = 0
         try:
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self.conn.execute("ROLLBACK")
             raise StoreError(f"{self.path}: commit failed ({exc})") from None
+
+    def _savepoint(self) -> Iterator[sqlite3.Connection]:
+        name = f"nested_{self._depth}"
+        self.conn.execute(f"SAVEPOINT {name}")
+        self._depth += 1
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute(f"ROLLBACK TO {name}")
+            self.conn.execute(f"RELEASE {name}")
+            raise
+        finally:
+            self._depth -= 1
+        self.conn.execute(f"RELEASE {name}")
 
     def data_version(self) -> int:
         """SQLite's change counter of this connection: it moves whenever
