@@ -139,6 +139,7 @@ class Node:
         self._docs: OrderedDict[str, _Loaded] = OrderedDict()
         # None unless the node enables adapters: then writes skip them at no cost.
         self._adapters = plugins.AdapterSet.from_meta(meta, schema)
+        self._adapters_meta = meta.get(plugins.META_KEY)
         self._refs = {c.name: _ref_paths(c) for c in schema.collections.values()}
         self._index = ConflictIndex(schema)
         store.changed_elsewhere()
@@ -869,7 +870,15 @@ class Node:
             return False
         for loaded in list(self._docs.values()):
             self._catch_up(loaded)
+        self._adapters_changed(self.store.meta())
         return True
+
+    def _adapters_changed(self, meta: dict[str, str]) -> None:
+        # Another process enabled or disabled an adapter (and rebuilt its
+        # tables): from now on this instance's writes feed the new set.
+        if meta.get(plugins.META_KEY) != self._adapters_meta:
+            self._adapters = plugins.AdapterSet.from_meta(meta, self.schema)
+            self._adapters_meta = meta.get(plugins.META_KEY)
 
     def compact(self, docname: str | None = None) -> int:
         """Fold log rows into snapshots (acknowledged or remote rows are then
@@ -1472,8 +1481,8 @@ class Node:
         the current records, in one transaction. Enabling it again replaces
         its options and rebuilds. Raises AdapterNotFound, AdapterConfigError.
 
-        Other processes that have this home open keep their adapter set until
-        they reopen it: enable adapters while the node is otherwise closed.
+        Other processes that have this home open take up the new set at
+        their next read or write.
         """
         adapter = plugins.load(name, self.schema, options)
         with self._write() as conn:
@@ -1483,7 +1492,7 @@ class Node:
             adapter.setup(conn)
             plugins.rebuild(conn, adapter, self._live_records(adapter), compare=False)
             self.store.set_meta(plugins.META_KEY, orjson.dumps(wanted).decode())
-        self._adapters = plugins.AdapterSet.from_meta(self.store.meta(), self.schema)
+        self._adapters_changed(self.store.meta())
 
     def disable_adapter(self, name: str) -> None:
         """Disable an adapter and drop its tables, views and conflicts.
@@ -1505,7 +1514,7 @@ class Node:
             conn.execute("DELETE FROM adapter_conflicts WHERE adapter = ?", (name,))
             del wanted[name]
             self.store.set_meta(plugins.META_KEY, orjson.dumps(wanted).decode())
-        self._adapters = plugins.AdapterSet.from_meta(self.store.meta(), self.schema)
+        self._adapters_changed(self.store.meta())
 
     def rebuild_adapters(
         self, names: Iterable[str] | None = None, *, compare: bool = True

@@ -379,3 +379,20 @@ def test_cli_rebuild_reports_and_repairs_differences(tmp_path: Path) -> None:
     assert "stock_moves: 4 missing, 0 extra rows" in r.output
     r = run("rebuild", "--home", home, "--json")
     assert r.exit_code == 0 and json.loads(r.output)[0]["same"]
+
+
+def test_an_adapter_enabled_by_another_process_is_fed_by_an_open_node(tmp_path: Path) -> None:
+    from adapters.testing import assert_rebuild_identical
+
+    home = tmp_path / "shared"
+    Node.create(home, dataset="acme", node="HN").close()
+    with Node.open(home) as running, Node.open(home) as admin:
+        running.put("customers", {"code": "KH1", "name": "An"})
+        admin.enable_adapter("accounting")
+        running.put("customers", {"code": "KH2", "name": "Bình"})  # after the enable
+        names = running.query("SELECT code FROM customers ORDER BY code").rows
+        assert [r[0] for r in names] == ["KH1", "KH2"]
+        assert_rebuild_identical(running)
+        admin.disable_adapter("accounting")
+        running.put("customers", {"code": "KH3", "name": "Chi"})  # no adapter tables now
+        assert running.adapters() == {}
