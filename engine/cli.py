@@ -287,6 +287,77 @@ def node_config(home: Path, relay: str | None, token: str | None, as_json: bool)
     )
 
 
+@node.command("recover")
+@home_option
+@click.option(
+    "--from",
+    "export",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="the node's last export (full or --unsynced) to import into the fresh store",
+)
+@click.option("--dataset", default=None, help="dataset, when the damaged store cannot tell")
+@click.option("--node", "node_name", default=None, help="node id, when the store cannot tell")
+@click.option("--relay", default=None, help="relay URL, when the store cannot tell")
+@click.option("--token", default=None, help="this node's token, when the store cannot tell")
+@json_option
+def node_recover(
+    home: Path,
+    export: Path | None,
+    dataset: str | None,
+    node_name: str | None,
+    relay: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Replace a damaged node store: keep the damaged file aside under a
+    dated name, create a fresh store for the same node and import the
+    export given with --from (with its voucher series state). Without
+    --from, the fresh store gets everything back from the relay at its
+    first sync. Refuses a healthy store."""
+    from .recovery import recover
+
+    if relay is not None and not relay_url_ok(relay):
+        raise UserError(f"--relay {relay!r}: expected a ws:// or wss:// URL")
+    done = recover(home, export=export, dataset=dataset, node=node_name, relay=relay, token=token)
+    report = done.imported
+    info = {
+        "home": str(home),
+        "damage": done.damage,
+        "damaged_file": str(done.moved_to),
+        "dataset": done.dataset,
+        "node": done.node,
+        "identity_from": done.identity_from,
+        "relay": done.relay,
+        "from": str(export) if export else None,
+        "records_imported": report.records if report else 0,
+        "series_state_restored": report.series if report else 0,
+        "numbering_known": False,
+    }
+    if as_json:
+        _emit(info)
+        return
+    lines = [
+        f"the store {done.damage}: kept aside as {done.moved_to}",
+        f"created a fresh store for node '{done.node}' of dataset '{done.dataset}' in {home}",
+    ]
+    if report is not None:
+        lines.append(
+            f"imported {export} from node '{done.export_node}': "
+            f"{_count(report.records, 'record')}, "
+            f"{_count(report.series, 'series state row')} restored"
+        )
+    nxt = (
+        f"run 'branchline sync --home {home}'"
+        if done.relay
+        else f"give it a relay ('branchline node config --home {home} --relay URL "
+        "--token T') and sync"
+    )
+    lines.append(f"voucher numbers are provisional until the first completed sync: {nxt}")
+    for line in lines:
+        _console().print(Text(line))
+
+
 @cli.command()
 @home_option
 @click.argument("collection")

@@ -73,6 +73,17 @@ class FormatVersionError(StoreError):
     """The store was written by another, incompatible format version."""
 
 
+class StoreDamaged(StoreError):
+    """The node store file is empty, truncated, overwritten or fails SQLite's
+    check; nothing was written to it. The message says what to do
+    (``branchline node recover``)."""
+
+
+class RecoverRefused(UserError):
+    """``node recover`` was asked for a home it must not touch (no store, a
+    healthy store, an export of another dataset or node); nothing changed."""
+
+
 class DatasetMismatch(BranchlineError):
     """Data of one dataset was offered to a node of another dataset."""
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import FormatVersionError, HomeExists, HomeNotFound, StoreError
 from .conflict_index import INDEX_SQL, STALE_META
+from .health import check_store, problem, recovery_hint
 
 STORE_FILE = "branchline.db"
 FORMAT_VERSION = 5
@@ -210,6 +211,11 @@ class NodeStore:
         home = Path(home)
         path = cls.file_in(home)
         if path.exists():
+            damage = problem(path, full=False)
+            if damage is not None:
+                raise HomeExists(
+                    f"{home} already holds a node store file that {damage}; {recovery_hint(home)}"
+                )
             raise HomeExists(f"{home} already holds a node store ({path.name}); open it instead")
         try:
             home.mkdir(parents=True, exist_ok=True)
@@ -228,12 +234,14 @@ class NodeStore:
 
     @classmethod
     def open(cls, home: Path) -> NodeStore:
-        """Open an existing store. Raises HomeNotFound or FormatVersionError."""
+        """Open an existing store. Raises HomeNotFound, StoreDamaged (nothing
+        written to a damaged file) or FormatVersionError."""
         path = cls.file_in(Path(home))
         if not path.is_file():
             raise HomeNotFound(
                 f"no node store in {home}; create one with 'branchline node init --home {home} ...'"
             )
+        check_store(path)
         conn = _connect(path)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version not in MIGRATIONS and version != FORMAT_VERSION:
