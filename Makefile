@@ -49,7 +49,8 @@ screenshots: $(STAMP) browser
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check engine adapters tests bench
-	$(VENV)/bin/mypy --strict engine
+	$(VENV)/bin/ruff format --check engine adapters tests bench
+	$(VENV)/bin/mypy --strict engine adapters
 
 check: test lint
 

@@ -358,8 +358,8 @@ class AccountingAdapter:
             for name, kind in self._catalog_columns[coll.name].items():
                 if name not in have:
                     table.add_column(name, kind)
-        for table, (columns, pk) in TABLES.items():
-            d.table(table).create(columns, pk=pk, if_not_exists=True)
+        for name, (columns, pk) in TABLES.items():
+            d.table(name).create(columns, pk=pk, if_not_exists=True)
 
     def _create_indexes_and_views(self, conn: sqlite3.Connection) -> None:
         d = db(conn)
