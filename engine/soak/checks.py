@@ -21,6 +21,8 @@ import orjson
 from pycrdt import Doc, Map
 
 from ..node import Node
+from ..schema import parse_schema
+from ..store.conflict_index import ConflictIndex
 from ..store.node_store import STORE_FILE
 
 #: At most this many problems are listed per check (the count is exact).
@@ -333,3 +335,20 @@ def integrity(paths: Iterable[Path]) -> list[str]:
         if rows != ["ok"]:
             problems.append(f"{path}: {'; '.join(rows[:5])}")
     return problems
+
+
+def conflict_indexes_true(homes: Mapping[str, Path]) -> list[str]:
+    """Every home's conflict index (engine.store.conflict_index) holds
+    exactly what a rebuild from its records would."""
+    problems: list[str] = []
+    for name, home in sorted(homes.items()):
+        conn = _ro(home / STORE_FILE)
+        try:
+            source = conn.execute("SELECT value FROM meta WHERE key = 'schema_source'").fetchone()
+            index = ConflictIndex(parse_schema(str(source[0]), origin=f"{home} (stored schema)"))
+            missing, extra = index.compare(conn)
+        finally:
+            conn.close()
+        problems += [f"{name}: the conflict index lacks {row}" for row in sorted(missing)]
+        problems += [f"{name}: the conflict index has a stale {row}" for row in sorted(extra)]
+    return problems[:MAX_LISTED]

@@ -584,6 +584,7 @@ class Soak:
                 self.relay_db, DATASET, self.homes
             ),
             "integrity_check": checks.integrity(stores),
+            "conflict_indexes_true": checks.conflict_indexes_true(self.homes),
         }
 
     def _summary(

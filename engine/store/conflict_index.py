@@ -41,7 +41,9 @@ CREATE TABLE dangling_refs (
     field TEXT NOT NULL,
     target_collection TEXT NOT NULL,
     target_id TEXT NOT NULL,
-    PRIMARY KEY (collection, id, field, target_id)
+    -- Every column in the key, in order: SQLite 3.40's integrity_check
+    -- reports a false "NULL value" for a column between key columns.
+    PRIMARY KEY (collection, id, field, target_collection, target_id)
 ) WITHOUT ROWID;
 CREATE INDEX dangling_refs_target ON dangling_refs (target_collection, target_id);
 """
@@ -227,40 +229,49 @@ class ConflictIndex:
 
     # -- whole-table ---------------------------------------------------------------
 
-    def rebuild(self, conn: sqlite3.Connection) -> None:
-        """Derive both tables again from ``records``."""
-        conn.execute("DELETE FROM shared_keys")
-        conn.execute("DELETE FROM dangling_refs")
+    def derive(self, conn: sqlite3.Connection) -> set[tuple[str, ...]]:
+        """The rows both tables should hold, derived from ``records`` (reads
+        only: a read-only connection will do)."""
+        rows: set[tuple[str, ...]] = set()
         for name in sorted(self.keyed):
-            conn.execute(
-                "INSERT INTO shared_keys SELECT collection, key "
-                "FROM records INDEXED BY records_key WHERE collection = ? AND deleted = 0 "
-                "AND key IS NOT NULL AND alias_of IS NULL "
-                "GROUP BY key HAVING COUNT(*) > 1",
-                (name,),
+            rows.update(
+                ("key", name, str(key))
+                for (key,) in conn.execute(
+                    "SELECT key FROM records INDEXED BY records_key WHERE collection = ? "
+                    "AND deleted = 0 AND key IS NOT NULL AND alias_of IS NULL "
+                    "GROUP BY key HAVING COUNT(*) > 1",
+                    (name,),
+                )
             )
         for paths in self.paths.values():
             for p in paths:
-                conn.executemany(
-                    "INSERT OR IGNORE INTO dangling_refs VALUES (?, ?, ?, ?, ?)",
-                    [(p.collection, rid, p.label, p.target, tid) for rid, tid in _scan(conn, p)],
+                rows.update(
+                    ("ref", p.collection, rid, p.label, p.target, tid)
+                    for rid, tid in _scan(conn, p)
                 )
+        return rows
+
+    def rebuild(self, conn: sqlite3.Connection) -> None:
+        """Derive both tables again from ``records``."""
+        rows = self.derive(conn)
+        conn.execute("DELETE FROM shared_keys")
+        conn.execute("DELETE FROM dangling_refs")
+        conn.executemany(
+            "INSERT INTO shared_keys VALUES (?, ?)", sorted(r[1:] for r in rows if r[0] == "key")
+        )
+        conn.executemany(
+            "INSERT INTO dangling_refs VALUES (?, ?, ?, ?, ?)",
+            sorted(r[1:] for r in rows if r[0] == "ref"),
+        )
         conn.execute("DELETE FROM meta WHERE key = ?", (STALE_META,))
 
     def compare(
         self, conn: sqlite3.Connection
     ) -> tuple[set[tuple[str, ...]], set[tuple[str, ...]]]:
         """(rows a rebuild would add, rows a rebuild would drop); both empty
-        when the incremental tables are right. Leaves the tables unchanged."""
-        before = _rows(conn)
-        conn.execute("SAVEPOINT conflict_index_compare")
-        try:
-            self.rebuild(conn)
-            rebuilt = _rows(conn)
-        finally:
-            conn.execute("ROLLBACK TO conflict_index_compare")
-            conn.execute("RELEASE conflict_index_compare")
-        return rebuilt - before, before - rebuilt
+        when the incremental tables are right. Reads only."""
+        held, derived = _rows(conn), self.derive(conn)
+        return derived - held, held - derived
 
 
 def is_stale(conn: sqlite3.Connection) -> bool:
