@@ -165,6 +165,15 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _private_home(home: Path, allow: bool) -> None:
+    """Raise HomeExposed for a home others can read, unless ``allow``."""
+    from .store.node_store import STORE_FILE
+    from .store.private import require_private
+
+    if not allow:
+        require_private(home, STORE_FILE)
+
+
 @contextlib.contextmanager
 def _opened(home: Path) -> Iterator[Node]:
     node = Node.open(home)
@@ -184,6 +193,13 @@ home_option = click.option(
 )
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="print one JSON document on stdout"
+)
+# The commands that sync refuse a home others can read (it holds the token).
+shared_home_option = click.option(
+    "--allow-shared-home",
+    "allow_shared",
+    is_flag=True,
+    help="sync even though other users can read the node home (it holds the relay token)",
 )
 # put, voucher and delete always print their one JSON object (the contract of
 # issue 2 §7); --json is accepted so scripts may pass it to every command.
@@ -706,12 +722,14 @@ def state_cmd(home: Path, file: Path, as_json: bool) -> None:
     help="longest wait between reconnection attempts, in seconds",
 )
 @click.option("-v", "--verbose", is_flag=True, help="also log debug details")
-def node_run(home: Path, backoff_max: float, verbose: bool) -> None:
+@shared_home_option
+def node_run(home: Path, backoff_max: float, verbose: bool, allow_shared: bool) -> None:
     """Keep this node synced with its relay until Ctrl-C or SIGTERM.
 
     Connects, syncs, ships local writes (also other processes') live and
     reconnects with capped exponential backoff; logs state changes on stderr.
     """
+    _private_home(home, allow_shared)
     import asyncio
     import logging
     import signal
@@ -770,6 +788,7 @@ def node_run(home: Path, backoff_max: float, verbose: bool) -> None:
     help="longest wait between reconnection attempts to the relay, in seconds",
 )
 @click.option("-v", "--verbose", is_flag=True, help="also log debug details")
+@shared_home_option
 def node_serve(
     home: Path,
     listen: str,
@@ -778,6 +797,7 @@ def node_serve(
     tls_key: Path | None,
     backoff_max: float,
     verbose: bool,
+    allow_shared: bool,
 ) -> None:
     """Serve the branch server (JSON API, web screen, /metrics) for this
     node's workstations, and keep the node synced like 'node run', until
@@ -787,6 +807,7 @@ def node_serve(
 
     host, port = parse_listen(listen)
     Node.open(home).close()  # a missing home fails here, in one line
+    _private_home(home, allow_shared)
     serve(
         home,
         host,
@@ -902,7 +923,8 @@ def node_online(home: Path) -> None:
     help="seconds to reach a full sync before giving up",
 )
 @json_option
-def sync_cmd(home: Path, timeout: float, as_json: bool) -> None:
+@shared_home_option
+def sync_cmd(home: Path, timeout: float, as_json: bool, allow_shared: bool) -> None:
     """Sync once: push all, pull all; exit 0 only when fully synced.
 
     Shows a progress bar per collection (records) when stdout is a terminal.
@@ -916,6 +938,7 @@ def sync_cmd(home: Path, timeout: float, as_json: bool) -> None:
     from .errors import SyncIncomplete
     from .transport import node_sync
 
+    _private_home(home, allow_shared)
     console = _console()
     with _opened(home) as n:
         if console.is_terminal and not as_json:

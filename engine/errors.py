@@ -79,6 +79,11 @@ class StoreDamaged(StoreError):
     (``branchline node recover``)."""
 
 
+class HomeExposed(UserError):
+    """A node home holding the relay token is readable (or its files
+    replaceable) by other users; sync refuses it unless told otherwise."""
+
+
 class RecoverRefused(UserError):
     """``node recover`` was asked for a home it must not touch (no store, a
     healthy store, an export of another dataset or node); nothing changed."""

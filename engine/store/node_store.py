@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import FormatVersionError, HomeExists, HomeNotFound, StoreError
 from .conflict_index import INDEX_SQL, STALE_META
 from .health import check_store, problem, recovery_hint
+from .private import create_file, make_home
 
 STORE_FILE = "branchline.db"
 FORMAT_VERSION = 5
@@ -217,10 +218,8 @@ class NodeStore:
                     f"{home} already holds a node store file that {damage}; {recovery_hint(home)}"
                 )
             raise HomeExists(f"{home} already holds a node store ({path.name}); open it instead")
-        try:
-            home.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create node home {home}: {exc}") from None
+        make_home(home)
+        create_file(path)  # 0600 before SQLite writes the token into it
         store = cls(path, _connect(path))
         with store.transaction():
             # executescript() would commit; statement by statement keeps it atomic.
