@@ -28,7 +28,7 @@ from rich.text import Text
 from . import __version__, jsonio
 from .errors import BranchlineError, RecordNotFound, UserError
 from .exchange import export_to_file, import_from_file, save_state
-from .names import relay_url_ok
+from .names import META_RELAY_CA, relay_url_ok
 from .node import Node
 from .query import json_cell
 from .relay.cli import relay_group
@@ -237,6 +237,13 @@ def node() -> None:
 )
 @click.option("--relay", default=None, help="relay URL (ws:// or wss://); needs --token")
 @click.option("--token", default=None, help="this node's relay token; needs --relay")
+@click.option(
+    "--ca",
+    "ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM file of the CA that signed a private wss:// relay's certificate",
+)
 @json_option
 def node_init(
     home: Path,
@@ -245,6 +252,7 @@ def node_init(
     schema: str,
     relay: str | None,
     token: str | None,
+    ca: Path | None,
     as_json: bool,
 ) -> None:
     """Create a node home of DATASET with node id NODE."""
@@ -252,8 +260,10 @@ def node_init(
         raise UserError("--relay and --token go together: give both or neither")
     if relay is not None and not relay_url_ok(relay):
         raise UserError(f"--relay {relay!r}: expected a ws:// or wss:// URL")
+    if ca is not None and relay is None:
+        raise UserError("--ca goes with --relay: it names the CA of that relay's certificate")
     created = Node.create(
-        home, dataset=dataset, node=node_name, schema=schema, relay=relay, token=token
+        home, dataset=dataset, node=node_name, schema=schema, relay=relay, token=token, relay_ca=ca
     )
     with contextlib.closing(created):
         info = {
@@ -279,18 +289,28 @@ def node_init(
 @home_option
 @click.option("--relay", default=None, help="new relay URL (ws:// or wss://)")
 @click.option("--token", default=None, help="new token of this node ('branchline relay enroll')")
+@click.option(
+    "--ca",
+    "ca",
+    default=None,
+    help="PEM file of the CA of a private wss:// relay's certificate ('' for the system's CAs)",
+)
 @json_option
-def node_config(home: Path, relay: str | None, token: str | None, as_json: bool) -> None:
-    """Change the relay URL or the token of an existing node home (a lost or
-    rotated token, a moved relay). A running 'node run' picks them up."""
+def node_config(
+    home: Path, relay: str | None, token: str | None, ca: str | None, as_json: bool
+) -> None:
+    """Change the relay URL, the token or the relay's CA of an existing node
+    home (a lost or rotated token, a moved relay, a private CA). A running
+    'node run' picks them up."""
     with _opened(home) as n:
-        n.configure(relay=relay, token=token)
+        n.configure(relay=relay, token=token, ca=ca)
         meta = n.store.meta()
         known = n.numbering_known()
     info = {
         "home": str(home),
         "relay": meta.get("relay"),
         "token_changed": token is not None,
+        "relay_ca": meta.get(META_RELAY_CA),
         "numbering_known": known,
     }
     if as_json:
@@ -298,6 +318,8 @@ def node_config(home: Path, relay: str | None, token: str | None, as_json: bool)
         return
     done = [f"relay {info['relay']}"] if relay is not None else []
     done += ["token replaced"] if token is not None else []
+    if ca is not None:
+        done += [f"relay CA {info['relay_ca']}" if ca else "relay CA: the system's"]
     _console().print(
         Text(f"{', '.join(done)}; a running 'node run' uses them at its next connection")
     )

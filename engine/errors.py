@@ -228,6 +228,11 @@ class RelayRefused(SyncError):
     exit_code = 2
 
 
+class RelayCertificateError(RelayRefused):
+    """The relay's TLS certificate failed this node's check (unknown CA,
+    expired, wrong name): a person must fix it, retrying will not."""
+
+
 class UpdatesRefused(RelayUnreachable):
     """The relay refused some of this node's updates and ended the session:
     their documents are set aside as sync failures (``branchline failures``)

@@ -49,11 +49,12 @@ from .errors import (
 )
 from .ids import is_id, new_id, node_salt
 from .merge import ALIAS, CREATED, DELETED, Resolved, new_state, resolve, seen_by
-from .names import DATASET_RE, DOC_RE, META_TOKEN_REFUSED, NODE_RE, relay_url_ok
+from .names import DATASET_RE, DOC_RE, META_RELAY_CA, META_TOKEN_REFUSED, NODE_RE, relay_url_ok
 from .query import QueryResult, run_query
 from .schema import Collection, Schema, load_schema, parse_schema
 from .store import NodeStore
 from .store.conflict_index import ConflictIndex, Written, is_stale
+from .tls import load_ca
 from .values import decode, encode, is_stored
 
 MAX_LOADED_DOCS = 64  # documents kept in memory; least recently used are dropped
@@ -164,12 +165,15 @@ class Node:
         rng: random.Random | None = None,
         adapters: Iterable[str] | dict[str, dict[str, Any]] | None = None,
         new_node: bool | None = None,
+        relay_ca: str | Path | None = None,
     ) -> Node:
         """Create a node home, with ``adapters`` enabled (names, or names ->
         options). ``new_node`` says whether this node id never issued voucher
         numbers anywhere (default: yes without a relay, no with one); a home
         that is not new issues provisional numbers until its first completed
-        sync (docs/conflicts.md). Raises UserError for bad names, HomeExists,
+        sync (docs/conflicts.md). ``relay_ca``: the PEM file of the CA that
+        signed a private relay's certificate. Raises UserError for bad names
+        or CA file, HomeExists,
         SchemaError, AdapterNotFound, AdapterConfigError."""
         if not DATASET_RE.match(dataset):
             raise UserError(
@@ -192,6 +196,8 @@ class Node:
             meta["relay"] = relay
         if token:
             meta["token"] = token
+        if relay_ca is not None:
+            meta[META_RELAY_CA] = load_ca(relay_ca)
         if not (relay is None if new_node is None else new_node):
             meta[series_mod.NUMBERING_META] = series_mod.UNCONFIRMED
         store = NodeStore.create(Path(home), meta)
@@ -399,15 +405,20 @@ class Node:
                 leased += last - first + 1
         return leased
 
-    def configure(self, *, relay: str | None = None, token: str | None = None) -> None:
+    def configure(
+        self, *, relay: str | None = None, token: str | None = None, ca: str | Path | None = None
+    ) -> None:
         """Change the relay URL and/or the token this home syncs with (a
         re-enrolled or rotated token, a moved relay). A new token clears a
         refusal of the old one; a relay given to a home that never completed
         a sync makes its numbering unconfirmed until it does (it may be an
         existing node's). A running ``node run`` uses them at its next
-        connection. Raises UserError for a bad URL or an empty token."""
-        if relay is None and token is None:
-            raise UserError("give --relay URL, --token T or both")
+        connection. ``ca``: the PEM file of the CA of a private relay
+        certificate (``""`` goes back to the system's CAs). Raises UserError
+        for a bad URL, an empty token or a CA file that is not one."""
+        if relay is None and token is None and ca is None:
+            raise UserError("give --relay URL, --token T or --ca FILE")
+        ca_path = load_ca(ca) if ca else None
         if relay is not None and not relay_url_ok(relay):
             raise UserError(f"relay {relay!r}: expected a ws:// or wss:// URL")
         if token is not None and not token.strip():
@@ -421,6 +432,10 @@ class Node:
             if token is not None:
                 self.store.set_meta("token", token)
                 conn.execute("DELETE FROM meta WHERE key = ?", (META_TOKEN_REFUSED,))
+            if ca_path is not None:
+                self.store.set_meta(META_RELAY_CA, ca_path)
+            elif ca is not None:
+                conn.execute("DELETE FROM meta WHERE key = ?", (META_RELAY_CA,))
 
     def numbering_known(self) -> bool:
         """False while this home cannot know how far its node's series went

@@ -31,6 +31,7 @@ import contextlib
 import functools
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +64,7 @@ from ..sync import (
     SyncTimeout,
     failure_counts,
 )
+from ..tls import certificate_error, client_context
 from ..wslog import websockets_logger
 
 log = logging.getLogger("branchline.sync")
@@ -333,9 +335,16 @@ class _Connection:
         await self.flush(frames)
 
 
+def relay_tls(node: Node) -> ssl.SSLContext | None:
+    """The TLS context for the node's relay (engine.transport.tls)."""
+    return client_context(node.store.meta())
+
+
 def _classify(exc: BaseException, url: str) -> BranchlineError:
     if isinstance(exc, BranchlineError):
         return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return certificate_error(exc, safe_url(url))
     if isinstance(exc, InvalidURI):
         return UserError(f"invalid relay URL {safe_url(url)!r}: {exc}")
     if isinstance(exc, OSError | InvalidHandshake | TimeoutError | ConnectionClosed):
@@ -343,9 +352,11 @@ def _classify(exc: BaseException, url: str) -> BranchlineError:
     raise exc
 
 
-async def _open(url: str) -> ClientConnection:
+async def _open(url: str, tls: ssl.SSLContext | None) -> ClientConnection:
+    extra: dict[str, Any] = {"ssl": tls} if tls is not None and url.startswith("wss:") else {}
     return await connect(
         url,
+        **extra,
         open_timeout=OPEN_TIMEOUT_S,
         ping_interval=None,  # liveness is the protocol's heartbeat
         max_size=MAX_FRAME_BYTES,
@@ -392,6 +403,7 @@ async def node_sync(
     """
     if url is None or token is None:
         url, token = relay_of(node)
+    tls = relay_tls(node)
     progress = _posting(on_progress)
     try:
         async with asyncio.timeout(timeout):
@@ -401,8 +413,9 @@ async def node_sync(
                 while True:
                     try:
                         driver = await _sync_once(
-                            nt, url, token, progress, heartbeat_ms, monotonic_ms, wall_ms, set_aside
-                        )
+                            nt, (url, tls), token, progress, heartbeat_ms, monotonic_ms, wall_ms,
+                            set_aside,
+                        )  # fmt: skip
                     except UpdatesRefused as exc:
                         rounds += 1
                         if rounds >= MAX_REFUSAL_ROUNDS:
@@ -421,7 +434,7 @@ async def node_sync(
 
 async def _sync_once(
     nt: NodeThread,
-    url: str,
+    where: tuple[str, ssl.SSLContext | None],
     token: str,
     on_progress: ProgressCallback | None,
     heartbeat_ms: int,
@@ -431,8 +444,9 @@ async def _sync_once(
 ) -> SyncDriver:
     """One connection of ``node_sync``, until synced; the documents its
     driver set aside are added to ``set_aside`` however it ends."""
+    url, tls = where
     try:
-        ws = await _open(url)
+        ws = await _open(url, tls)
     except Exception as exc:  # classified, or re-raised
         raise _classify(exc, url) from None
     async with ws:
@@ -498,6 +512,7 @@ class LiveSync:
         self._from_meta = url is None or token is None
         if url is None or token is None:
             url, token = relay_of(node)
+        self._tls: ssl.SSLContext | None = None  # read before each connection
         self._on_apply = on_apply
         self._on_synced = on_synced
         self.home = node.home
@@ -632,6 +647,14 @@ class LiveSync:
             if self._from_meta:
                 with contextlib.suppress(BranchlineError):
                     self.url, self._token = await nt.run(relay_of)
+            try:
+                self._tls = await nt.run(relay_tls)
+            except BranchlineError as exc:  # the CA file went away: say so, wait
+                self.last_error = exc
+                log.error("%s", exc)
+                if await self._sleep(self.backoff.cap_s):
+                    break
+                continue
             await self._set_state("connecting", safe_url(self.url))
             try:
                 await self._connection(nt)
@@ -685,7 +708,7 @@ class LiveSync:
         return False
 
     async def _connection(self, nt: NodeThread) -> None:
-        ws = await _open(self.url)
+        ws = await _open(self.url, self._tls)
         async with ws:
             conn = _Connection(
                 nt,
