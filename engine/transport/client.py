@@ -679,7 +679,11 @@ class LiveSync:
                 log.info("offline (%s)", exc)
             except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed) as exc:
                 self.last_error = _classify(exc, self.url)
-                log.info("offline (%s)", self.last_error)
+                if isinstance(self.last_error, RelayRefused):  # a certificate: a person must act
+                    log.error("%s", self.last_error)
+                    attempt = 30
+                else:
+                    log.info("offline (%s)", self.last_error)
             if self._stop.is_set():
                 break
             if self.state == "online":
