@@ -32,6 +32,8 @@ from .names import relay_url_ok
 from .node import Node
 from .query import json_cell
 from .relay.cli import relay_group
+from .stopping import SIGINT_EXIT, STOP_GRACE_S, exit_soon
+from .wslog import LOG_FORMATS, configure_logging
 
 HOME_HELP = "node home directory (default: $BRANCHLINE_HOME, else the current directory)"
 MAX_INPUT_BYTES = 64 << 20  # fields JSON read from stdin
@@ -81,9 +83,12 @@ class BranchlineGroup(click.Group):
         except click.ClickException as exc:
             _fail(exc.format_message())
             code = exc.exit_code
-        except click.Abort:
-            _fail("aborted")
-            code = 1
+        except click.Abort as exc:
+            if isinstance(exc.__cause__, KeyboardInterrupt):
+                code = SIGINT_EXIT  # Ctrl-C: the shell's code, no error line
+            else:
+                _fail("aborted")
+                code = 1
         except BrokenPipeError:
             # The reader of stdout went away (e.g. `| head`): stop quietly, and
             # keep Python from complaining when it flushes stdout at exit.
@@ -184,6 +189,13 @@ home_option = click.option(
 )
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="print one JSON document on stdout"
+)
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="log lines on stderr as text, or one JSON object per line (for log shippers)",
 )
 # put, voucher and delete always print their one JSON object (the contract of
 # issue 2 §7); --json is accepted so scripts may pass it to every command.
@@ -705,35 +717,44 @@ def state_cmd(home: Path, file: Path, as_json: bool) -> None:
     show_default=True,
     help="longest wait between reconnection attempts, in seconds",
 )
-@click.option("-v", "--verbose", is_flag=True, help="also log debug details")
-def node_run(home: Path, backoff_max: float, verbose: bool) -> None:
-    """Keep this node synced with its relay until Ctrl-C or SIGTERM.
+@click.option("-v", "--verbose", is_flag=True, help="also log debug details (never frames)")
+@log_format_option
+def node_run(home: Path, backoff_max: float, verbose: bool, log_format: str) -> None:
+    """Keep this node synced with its relay until Ctrl-C (exit 130) or
+    SIGTERM (exit 0).
 
     Connects, syncs, ships local writes (also other processes') live and
-    reconnects with capped exponential backoff; logs state changes on stderr.
+    reconnects with capped exponential backoff; logs state changes on stderr
+    (and, while the relay cannot be reached, a summary every 5 minutes).
     """
     import asyncio
-    import logging
     import signal
 
     from .transport import Backoff, LiveSync
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(verbose=verbose, log_format=log_format)
+    stopped_by: list[int] = []
 
     async def run(n: Node) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: int) -> None:
+            if sig == signal.SIGINT:
+                # A second Ctrl-C ends the process at once.
+                exit_soon(SIGINT_EXIT, 0 if stopped_by else STOP_GRACE_S)
+            stopped_by.append(sig)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         async with LiveSync(n, backoff=Backoff(cap_s=backoff_max)):
             await stop.wait()
 
     with _opened(home) as n:
         asyncio.run(run(n))
+    if stopped_by and stopped_by[0] == signal.SIGINT:
+        raise click.exceptions.Exit(SIGINT_EXIT)
 
 
 @node.command("serve")
@@ -769,7 +790,8 @@ def node_run(home: Path, backoff_max: float, verbose: bool) -> None:
     show_default=True,
     help="longest wait between reconnection attempts to the relay, in seconds",
 )
-@click.option("-v", "--verbose", is_flag=True, help="also log debug details")
+@click.option("-v", "--verbose", is_flag=True, help="also log debug details (never frames)")
+@log_format_option
 def node_serve(
     home: Path,
     listen: str,
@@ -778,16 +800,20 @@ def node_serve(
     tls_key: Path | None,
     backoff_max: float,
     verbose: bool,
+    log_format: str,
 ) -> None:
     """Serve the branch server (JSON API, web screen, /metrics) for this
     node's workstations, and keep the node synced like 'node run', until
-    Ctrl-C or SIGTERM. Users and their tokens: 'branchline node users'.
+    Ctrl-C (exit 130) or SIGTERM (exit 0). Users and their tokens: 'branchline
+    node users'.
     """
+    import signal
+
     from .server.serve import parse_listen, serve
 
     host, port = parse_listen(listen)
     Node.open(home).close()  # a missing home fails here, in one line
-    serve(
+    stopped_by = serve(
         home,
         host,
         port,
@@ -796,7 +822,10 @@ def node_serve(
         tls_key=tls_key,
         backoff_max=backoff_max,
         verbose=verbose,
+        log_format=log_format,
     )
+    if stopped_by == signal.SIGINT:
+        raise click.exceptions.Exit(SIGINT_EXIT)
 
 
 @node.group("users")

@@ -64,6 +64,7 @@ from ..sync import (
     failure_counts,
 )
 from ..wslog import websockets_logger
+from .runlog import ReachLog
 
 log = logging.getLogger("branchline.sync")
 
@@ -83,6 +84,9 @@ KEEPALIVE_CHECK_S = 0.1
 MAX_REFUSAL_ROUNDS = 100
 MAX_FRAME_BYTES = Limits().max_frame  # websocket max_size follows the protocol limit
 PING_FRAME = encode_message(Ping(), max_frame=MAX_FRAME_BYTES)
+
+#: States of the loop that ReachLog reports (state changes log the others).
+_REACH_STATES = frozenset({"connecting", "backing off", "online"})
 
 META_OFFLINE = "offline"
 META_RUN_STATE = "run_state"
@@ -524,6 +528,7 @@ class LiveSync:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._status_at = 0
+        self.reach = ReachLog(log, monotonic_ms)
 
     async def __aenter__(self) -> LiveSync:
         self._task = asyncio.create_task(self._run(), name="branchline-live-sync")
@@ -574,7 +579,10 @@ class LiveSync:
 
     async def _set_state(self, state: str, detail: str = "") -> None:
         if state != self.state:
-            log.info("%s%s", state, f" ({detail})" if detail else "")
+            # Reaching the relay or not is ReachLog's: once per change, not
+            # once per attempt.
+            level = logging.DEBUG if state in _REACH_STATES else logging.INFO
+            log.log(level, "%s%s", state, f" ({detail})" if detail else "")
         self.state = state
         self.online = state == "online"
         if state != "online":
@@ -638,14 +646,14 @@ class LiveSync:
                 attempt = 0  # a session that ended cleanly (offline mode, stop)
             except AuthError as exc:
                 self.last_error = exc
-                log.error("%s", exc)
+                self.reach.failed(str(exc), logging.ERROR)
                 if await self._token_refused(nt):
                     break
                 attempt = 0
                 continue
             except (DatasetMismatch, RelayRefused) as exc:
                 self.last_error = exc
-                log.error("%s", exc)
+                self.reach.failed(str(exc), logging.ERROR)
                 attempt = 30  # straight to the cap: a person must act
             except UpdatesRefused as exc:
                 self.last_error = exc
@@ -653,12 +661,14 @@ class LiveSync:
                 attempt = 0  # the refused documents are held; the rest goes on at once
             except BranchlineError as exc:
                 self.last_error = exc
-                log.info("offline (%s)", exc)
+                self.reach.failed(str(exc))
             except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed) as exc:
                 self.last_error = _classify(exc, self.url)
-                log.info("offline (%s)", self.last_error)
+                self.reach.failed(str(self.last_error))
             if self._stop.is_set():
                 break
+            if self.reach.due():
+                self.reach.summary(await nt.run(Node.pending))
             if self.state == "online":
                 attempt = 0  # it was up: start the backoff over
             delay = self.backoff.delay(attempt)
@@ -707,6 +717,7 @@ class LiveSync:
                     await conn.step(POLL_S)
                     if conn.open and self.state != "online":
                         await self._set_state("online", safe_url(self.url))
+                        self.reach.online(safe_url(self.url))
                         refused = conn.driver.upload_refused
                         if refused is not None:
                             log.error("%s", refused)
