@@ -1082,7 +1082,8 @@ def retry_cmd(home: Path, ids: tuple[int, ...], all_: bool, as_json: bool) -> No
 @home_option
 @json_option
 def status_cmd(home: Path, as_json: bool) -> None:
-    """Sync status: online, last sync, pending changes, conflicts, failures."""
+    """Sync status: online, last sync, when the relay was last reached and the
+    last sync error, pending changes, conflicts, failures."""
     from .status import node_status
 
     with _opened(home) as n:
@@ -1104,6 +1105,7 @@ def status_cmd(home: Path, as_json: bool) -> None:
         ("offline mode", _show(info["offline_mode"])),
         ("relay", info["relay"] or "none"),
         ("last sync", when),
+        ("relay reached", _when(info["last_reached"]) if info["last_reached"] else "never"),
         ("pending", _show(pending) if pending else "nothing"),
         ("waiting", f"{info['waiting']} (see 'branchline waiting')" if info["waiting"] else "none"),
         ("conflicts", str(info["conflicts"])),
@@ -1112,6 +1114,9 @@ def status_cmd(home: Path, as_json: bool) -> None:
             f"upload {info['failures']['upload']}, download {info['failures']['download']}",
         ),
     ]
+    error = info["last_error"]
+    if error:
+        rows.insert(5, ("last error", f"{error['message']} (since {_when(error['at'])})"))
     refused = info["token_refused"]
     if refused:
         rows.append(

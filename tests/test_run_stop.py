@@ -22,13 +22,8 @@ from engine.store import NodeStore
 from engine.store.health import problem
 from engine.transport.runlog import ReachLog
 from engine.wslog import JsonFormatter
+from tests.test_reenroll import status
 from tests.test_sync_live import BRANCHLINE, ThreadRelay, cli, free_port, init_home, wait_for
-
-
-def status(home: Path) -> dict[str, object]:
-    out = cli("status", "--home", str(home), "--json")
-    assert out.returncode == 0, out.stderr
-    return dict(json.loads(out.stdout))
 
 
 def interrupt(proc: subprocess.Popen[str]) -> tuple[float, str]:
@@ -93,6 +88,8 @@ def test_relay_down_logs_changes_not_attempts_and_ctrl_c_exits_130(tmp_path: Pat
     )  # fmt: skip
     wait_for(lambda: status(home)["state"] == "backing off", 30)
     time.sleep(2.0)  # about ten more attempts at this backoff
+    error = status(home)["last_error"]
+    assert isinstance(error, dict) and "cannot reach the relay" in error["message"]
     took, err = interrupt(run)
     assert run.returncode == 130, err
     assert took < 5
