@@ -32,6 +32,8 @@ from .names import META_RELAY_CA, relay_url_ok
 from .node import Node
 from .query import json_cell
 from .relay.cli import relay_group
+from .stopping import SIGINT_EXIT, STOP_GRACE_S, exit_soon
+from .wslog import LOG_FORMATS, configure_logging
 
 HOME_HELP = "node home directory (default: $BRANCHLINE_HOME, else the current directory)"
 MAX_INPUT_BYTES = 64 << 20  # fields JSON read from stdin
@@ -81,9 +83,12 @@ class BranchlineGroup(click.Group):
         except click.ClickException as exc:
             _fail(exc.format_message())
             code = exc.exit_code
-        except click.Abort:
-            _fail("aborted")
-            code = 1
+        except click.Abort as exc:
+            if isinstance(exc.__cause__, KeyboardInterrupt):
+                code = SIGINT_EXIT  # Ctrl-C: the shell's code, no error line
+            else:
+                _fail("aborted")
+                code = 1
         except BrokenPipeError:
             # The reader of stdout went away (e.g. `| head`): stop quietly, and
             # keep Python from complaining when it flushes stdout at exit.
@@ -200,6 +205,13 @@ shared_home_option = click.option(
     "allow_shared",
     is_flag=True,
     help="sync even though other users can read the node home (it holds the relay token)",
+)
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="log lines on stderr as text, or one JSON object per line (for log shippers)",
 )
 # put, voucher and delete always print their one JSON object (the contract of
 # issue 2 §7); --json is accepted so scripts may pass it to every command.
@@ -743,37 +755,48 @@ def state_cmd(home: Path, file: Path, as_json: bool) -> None:
     show_default=True,
     help="longest wait between reconnection attempts, in seconds",
 )
-@click.option("-v", "--verbose", is_flag=True, help="also log debug details")
+@click.option("-v", "--verbose", is_flag=True, help="also log debug details (never frames)")
+@log_format_option
 @shared_home_option
-def node_run(home: Path, backoff_max: float, verbose: bool, allow_shared: bool) -> None:
-    """Keep this node synced with its relay until Ctrl-C or SIGTERM.
+def node_run(
+    home: Path, backoff_max: float, verbose: bool, log_format: str, allow_shared: bool
+) -> None:
+    """Keep this node synced with its relay until Ctrl-C (exit 130) or
+    SIGTERM (exit 0).
 
     Connects, syncs, ships local writes (also other processes') live and
-    reconnects with capped exponential backoff; logs state changes on stderr.
+    reconnects with capped exponential backoff; logs state changes on stderr
+    (and, while the relay cannot be reached, a summary every 5 minutes).
     """
     _private_home(home, allow_shared)
     import asyncio
-    import logging
     import signal
 
     from .transport import Backoff, LiveSync
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(verbose=verbose, log_format=log_format)
+    stopped_by: list[int] = []
 
     async def run(n: Node) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: int) -> None:
+            if sig == signal.SIGINT:
+                # A second Ctrl-C ends the process at once.
+                exit_soon(SIGINT_EXIT, 0 if stopped_by else STOP_GRACE_S)
+            stopped_by.append(sig)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         async with LiveSync(n, backoff=Backoff(cap_s=backoff_max)):
             await stop.wait()
 
     with _opened(home) as n:
         asyncio.run(run(n))
+    if stopped_by and stopped_by[0] == signal.SIGINT:
+        raise click.exceptions.Exit(SIGINT_EXIT)
 
 
 @node.command("serve")
@@ -809,7 +832,8 @@ def node_run(home: Path, backoff_max: float, verbose: bool, allow_shared: bool) 
     show_default=True,
     help="longest wait between reconnection attempts to the relay, in seconds",
 )
-@click.option("-v", "--verbose", is_flag=True, help="also log debug details")
+@click.option("-v", "--verbose", is_flag=True, help="also log debug details (never frames)")
+@log_format_option
 @shared_home_option
 def node_serve(
     home: Path,
@@ -819,18 +843,22 @@ def node_serve(
     tls_key: Path | None,
     backoff_max: float,
     verbose: bool,
+    log_format: str,
     allow_shared: bool,
 ) -> None:
     """Serve the branch server (JSON API, web screen, /metrics) for this
     node's workstations, and keep the node synced like 'node run', until
-    Ctrl-C or SIGTERM. Users and their tokens: 'branchline node users'.
+    Ctrl-C (exit 130) or SIGTERM (exit 0). Users and their tokens: 'branchline
+    node users'.
     """
+    import signal
+
     from .server.serve import parse_listen, serve
 
     host, port = parse_listen(listen)
     Node.open(home).close()  # a missing home fails here, in one line
     _private_home(home, allow_shared)
-    serve(
+    stopped_by = serve(
         home,
         host,
         port,
@@ -839,7 +867,10 @@ def node_serve(
         tls_key=tls_key,
         backoff_max=backoff_max,
         verbose=verbose,
+        log_format=log_format,
     )
+    if stopped_by == signal.SIGINT:
+        raise click.exceptions.Exit(SIGINT_EXIT)
 
 
 @node.group("users")
@@ -1098,7 +1129,8 @@ def retry_cmd(home: Path, ids: tuple[int, ...], all_: bool, as_json: bool) -> No
 @home_option
 @json_option
 def status_cmd(home: Path, as_json: bool) -> None:
-    """Sync status: online, last sync, pending changes, conflicts, failures."""
+    """Sync status: online, last sync, when the relay was last reached and the
+    last sync error, pending changes, conflicts, failures."""
     from .status import node_status
 
     with _opened(home) as n:
@@ -1120,6 +1152,7 @@ def status_cmd(home: Path, as_json: bool) -> None:
         ("offline mode", _show(info["offline_mode"])),
         ("relay", info["relay"] or "none"),
         ("last sync", when),
+        ("relay reached", _when(info["last_reached"]) if info["last_reached"] else "never"),
         ("pending", _show(pending) if pending else "nothing"),
         ("waiting", f"{info['waiting']} (see 'branchline waiting')" if info["waiting"] else "none"),
         ("conflicts", str(info["conflicts"])),
@@ -1128,6 +1161,9 @@ def status_cmd(home: Path, as_json: bool) -> None:
             f"upload {info['failures']['upload']}, download {info['failures']['download']}",
         ),
     ]
+    error = info["last_error"]
+    if error:
+        rows.insert(5, ("last error", f"{error['message']} (since {_when(error['at'])})"))
     refused = info["token_refused"]
     if refused:
         rows.append(

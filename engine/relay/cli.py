@@ -9,6 +9,7 @@ other command ever shows one.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import signal
 import ssl
@@ -171,6 +172,7 @@ def status_cmd(store: Path, as_json: bool) -> None:
     and update counts."""
     with _opened(store) as relay:
         info = relay.status()
+        seen = relay.last_seen()
     if as_json:
         _emit(
             {
@@ -187,6 +189,7 @@ def status_cmd(store: Path, as_json: bool) -> None:
                                 "revoked": n.revoked,
                                 "enrolled_at": n.enrolled_at,
                                 "revoked_at": n.revoked_at,
+                                "last_seen": seen.get((ds.name, n.name)),
                             }
                             for n in ds.nodes
                         ],
@@ -218,8 +221,9 @@ def status_cmd(store: Path, as_json: bool) -> None:
             f"dataset {ds.name}: {len(ds.nodes)} node(s), {len(ds.documents)} document(s), "
             f"{updates} update(s)"
         )
-        nodes = Table("node", "access", "state", box=None)
+        nodes = Table("node", "access", "state", "last seen", box=None)
         for n in ds.nodes:
+            at = seen.get((ds.name, n.name))
             nodes.add_row(
                 n.name,
                 "read-only"
@@ -228,6 +232,7 @@ def status_cmd(store: Path, as_json: bool) -> None:
                 if n.carrier
                 else "read-write",
                 "revoked" if n.revoked else "active",
+                _seen_text(at) if at is not None else "never",
             )
         console.print(nodes)
         if ds.locks:
@@ -237,6 +242,11 @@ def status_cmd(store: Path, as_json: bool) -> None:
             for d in ds.documents:
                 docs.add_row(d.name, str(d.updates), str(d.bytes), str(d.log_rows))
             console.print(docs)
+
+
+def _seen_text(at_ms: int) -> str:
+    """``2026-12-03 12:05 UTC`` of a wall-ms time."""
+    return dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 # ``list`` is the same view: operators reach for either name.

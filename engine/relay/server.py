@@ -55,6 +55,7 @@ from ..errors import (
     ReadOnlyNode,
     RelayLimitError,
     RemoteProtocolError,
+    StoreError,
     UnknownDataset,
     UpdateError,
 )
@@ -429,6 +430,12 @@ class RelayServer:
             log.info(
                 "%s closed%s", conn.label(), f" ({ended.code}: {ended.message})" if ended else ""
             )
+            if conn.grant is not None:
+                await self._seen_at_close(conn.grant)
+
+    async def _seen_at_close(self, grant: NodeGrant) -> None:
+        with contextlib.suppress(RuntimeError):  # the store thread is gone: shutting down
+            await self._run(self._note_seen, grant)
 
     def _forget(self, conn: _Connection) -> None:
         self._conns.discard(conn)
@@ -542,6 +549,7 @@ class RelayServer:
         """Store thread: authenticate a hello; the grant, or why not."""
         try:
             grant = self.store.authenticate(dataset, node, token)
+            self._note_seen(grant)
             return _HelloAnswer(grant, self.store.documents(dataset))
         except NodeRevoked as exc:
             return _HelloAnswer(None, [], codes.AUTH_FAILED, str(exc))
@@ -559,6 +567,14 @@ class RelayServer:
             return _HelloAnswer(None, [], codes.AUTH_FAILED, str(exc))
         except UnknownDataset as exc:
             return _HelloAnswer(None, [], codes.WRONG_DATASET, str(exc))
+
+    def _note_seen(self, grant: NodeGrant) -> None:
+        """Store thread: the node's last-seen time for ``relay status``; a
+        store that cannot write it does not stop the session."""
+        try:
+            self.store.note_seen(grant.dataset, grant.node, time.time_ns() // 1_000_000)
+        except StoreError as exc:
+            log.warning("cannot record when node %r was last seen: %s", grant.node, exc)
 
     def _home_of(self, dataset: str, node: str, token: str) -> str | None:
         """Store thread: the other dataset whose ``node`` this token opens, if any."""

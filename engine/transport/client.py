@@ -66,6 +66,7 @@ from ..sync import (
 )
 from ..tls import certificate_error, client_context
 from ..wslog import websockets_logger
+from .runlog import ReachLog
 
 log = logging.getLogger("branchline.sync")
 
@@ -86,10 +87,19 @@ MAX_REFUSAL_ROUNDS = 100
 MAX_FRAME_BYTES = Limits().max_frame  # websocket max_size follows the protocol limit
 PING_FRAME = encode_message(Ping(), max_frame=MAX_FRAME_BYTES)
 
+#: States of the loop that ReachLog reports (state changes log the others).
+_REACH_STATES = frozenset({"connecting", "backing off", "online"})
+
 META_OFFLINE = "offline"
 META_RUN_STATE = "run_state"
 META_RUN_HEARTBEAT = "run_heartbeat"
 META_LAST_SYNC = "last_sync"
+#: Wall ms when a session with the relay was last open (status "last reached").
+META_LAST_REACHED = "last_reached"
+#: "<wall ms> <message>": why the latest attempt to sync failed, since when;
+#: cleared when a session opens.
+META_LAST_ERROR = "last_sync_error"
+MAX_ERROR_CHARS = 500
 
 
 T = TypeVar("T")
@@ -156,6 +166,32 @@ def _write_run_state(node: Node, state: str, wall_ms: int) -> None:
     with node.store.transaction():
         node.store.set_meta(META_RUN_STATE, state)
         node.store.set_meta(META_RUN_HEARTBEAT, str(wall_ms))
+        if state == "online":
+            _reached(node, wall_ms)
+
+
+def _reached(node: Node, wall_ms: int) -> None:
+    """In a transaction: the relay was reached at ``wall_ms``; no error stands."""
+    node.store.set_meta(META_LAST_REACHED, str(wall_ms))
+    node.store.conn.execute("DELETE FROM meta WHERE key = ?", (META_LAST_ERROR,))
+
+
+def note_reached(node: Node, wall_ms: int) -> None:
+    """Record that a session with the relay was open at ``wall_ms``."""
+    with node.store.transaction():
+        _reached(node, wall_ms)
+
+
+def note_sync_error(node: Node, message: str, wall_ms: int) -> None:
+    """Record why syncing failed; the time stays that of the first failure
+    with the same message (the error stands since then)."""
+    message = " ".join(message.split())[:MAX_ERROR_CHARS]
+    with node.store.transaction():
+        row = node.store.conn.execute(
+            "SELECT value FROM meta WHERE key = ?", (META_LAST_ERROR,)
+        ).fetchone()
+        if row is None or row[0].partition(" ")[2] != message:
+            node.store.set_meta(META_LAST_ERROR, f"{wall_ms} {message}")
 
 
 class _WallClock:
@@ -422,6 +458,11 @@ async def node_sync(
                             raise
                         log.info("%s", exc)
                         continue
+                    except BranchlineError as exc:
+                        with contextlib.suppress(BranchlineError):
+                            await nt.run(note_sync_error, str(exc), wall_ms())
+                        raise
+                    await nt.run(note_reached, wall_ms())
                     driver.quarantined = set_aside
                     driver.failures = await nt.run(failure_counts)
                     return driver
@@ -539,6 +580,7 @@ class LiveSync:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._status_at = 0
+        self.reach = ReachLog(log, monotonic_ms)
 
     async def __aenter__(self) -> LiveSync:
         self._task = asyncio.create_task(self._run(), name="branchline-live-sync")
@@ -589,7 +631,10 @@ class LiveSync:
 
     async def _set_state(self, state: str, detail: str = "") -> None:
         if state != self.state:
-            log.info("%s%s", state, f" ({detail})" if detail else "")
+            # Reaching the relay or not is ReachLog's: once per change, not
+            # once per attempt.
+            level = logging.DEBUG if state in _REACH_STATES else logging.INFO
+            log.log(level, "%s%s", state, f" ({detail})" if detail else "")
         self.state = state
         self.online = state == "online"
         if state != "online":
@@ -650,8 +695,7 @@ class LiveSync:
             try:
                 self._tls = await nt.run(relay_tls)
             except BranchlineError as exc:  # the CA file went away: say so, wait
-                self.last_error = exc
-                log.error("%s", exc)
+                await self._failed(nt, exc, logging.ERROR)
                 if await self._sleep(self.backoff.cap_s):
                     break
                 continue
@@ -660,32 +704,31 @@ class LiveSync:
                 await self._connection(nt)
                 attempt = 0  # a session that ended cleanly (offline mode, stop)
             except AuthError as exc:
-                self.last_error = exc
-                log.error("%s", exc)
+                await self._failed(nt, exc, logging.ERROR)
                 if await self._token_refused(nt):
                     break
                 attempt = 0
                 continue
             except (DatasetMismatch, RelayRefused) as exc:
-                self.last_error = exc
-                log.error("%s", exc)
+                await self._failed(nt, exc, logging.ERROR)
                 attempt = 30  # straight to the cap: a person must act
             except UpdatesRefused as exc:
                 self.last_error = exc
                 log.warning("%s", exc)
                 attempt = 0  # the refused documents are held; the rest goes on at once
             except BranchlineError as exc:
-                self.last_error = exc
-                log.info("offline (%s)", exc)
+                await self._failed(nt, exc)
             except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed) as exc:
-                self.last_error = _classify(exc, self.url)
-                if isinstance(self.last_error, RelayRefused):  # a certificate: a person must act
-                    log.error("%s", self.last_error)
+                error = _classify(exc, self.url)
+                if isinstance(error, RelayRefused):  # a certificate: a person must act
+                    await self._failed(nt, error, logging.ERROR)
                     attempt = 30
                 else:
-                    log.info("offline (%s)", self.last_error)
+                    await self._failed(nt, error)
             if self._stop.is_set():
                 break
+            if self.reach.due():
+                self.reach.summary(await nt.run(Node.pending))
             if self.state == "online":
                 attempt = 0  # it was up: start the backoff over
             delay = self.backoff.delay(attempt)
@@ -693,6 +736,16 @@ class LiveSync:
             await self._set_state("backing off", f"{delay:.1f}s")
             if await self._sleep(delay):
                 break
+
+    async def _failed(
+        self, nt: NodeThread, exc: BranchlineError, level: int = logging.WARNING
+    ) -> None:
+        """An attempt failed: logged as ReachLog says, kept for ``status``."""
+        self.last_error = exc
+        self.reach.failed(str(exc), level)
+        if self._write_status:
+            with contextlib.suppress(BranchlineError):
+                await nt.run(note_sync_error, str(exc), self._wall_ms())
 
     async def _token_refused(self, nt: NodeThread) -> bool:
         """Wait, without connecting, until the node's token changes or
@@ -734,6 +787,7 @@ class LiveSync:
                     await conn.step(POLL_S)
                     if conn.open and self.state != "online":
                         await self._set_state("online", safe_url(self.url))
+                        self.reach.online(safe_url(self.url))
                         refused = conn.driver.upload_refused
                         if refused is not None:
                             log.error("%s", refused)
