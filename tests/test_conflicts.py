@@ -375,7 +375,8 @@ def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     conn.executescript(
         "DROP VIEW pending_records; DROP TABLE outbox_records; "
         "DROP TABLE clients; DROP TABLE resolutions; DROP TABLE waiting; DROP INDEX records_alias; "
-        "ALTER TABLE records DROP COLUMN alias_of; PRAGMA user_version = 1;"
+        "ALTER TABLE records DROP COLUMN alias_of; ALTER TABLE sync_failures DROP COLUMN code; "
+        "PRAGMA user_version = 1;"
     )
     conn.close()
     node = Node.open(tmp_path / "A")
@@ -404,7 +405,8 @@ def test_a_locked_period_refusal_is_listed_as_a_conflict_of_this_node(trio: list
         a,
         "upload",
         "sales_invoice/2026-03",
-        "locked_period: sales_invoice/2026-03 is in period 2026-03, which the relay has locked",
+        "locked_period",
+        "sales_invoice/2026-03 is in period 2026-03, which the relay has locked",
         1_790_000_000_000,
         [inv],
     )

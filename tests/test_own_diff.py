@@ -402,13 +402,13 @@ def test_format_2_store_is_upgraded_and_its_outbox_still_goes_up(
     conn = sqlite3.connect(tmp_path / "B" / STORE_FILE)
     conn.executescript(
         "DROP VIEW pending_records; DROP TABLE outbox_records; DROP TABLE clients; "
-        "PRAGMA user_version = 2;"
+        "ALTER TABLE sync_failures DROP COLUMN code; PRAGMA user_version = 2;"
     )
     conn.close()
 
     b = Node.open(tmp_path / "B", rng=random.Random("B after upgrade"))
     version = b.store.conn.execute("PRAGMA user_version").fetchone()[0]
-    assert version == FORMAT_VERSION == 4
+    assert version == FORMAT_VERSION == 5
     assert clients(tmp_path / "B") == []
     assert b.get(DOC, "KB")["name"] == "b1 (format 2)"  # type: ignore[index]
     b.put(DOC, {"id": rid, "name": "b2 (format 3)"})  # on top of the format 2 row

@@ -224,10 +224,11 @@ def test_a_format_3_store_is_upgraded_to_4(tmp_path: Path) -> None:
     n.close()
     conn = sqlite3.connect(tmp_path / "h" / STORE_FILE)
     conn.executescript(
-        "DROP VIEW pending_records; DROP TABLE outbox_records; PRAGMA user_version = 3;"
+        "DROP VIEW pending_records; DROP TABLE outbox_records; "
+        "ALTER TABLE sync_failures DROP COLUMN code; PRAGMA user_version = 3;"
     )
     conn.close()
     n = Node.open(tmp_path / "h")
-    assert n.store.conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 4
+    assert n.store.conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 5
     assert n.pending()["customers"] == 1
     n.close()

@@ -1,4 +1,7 @@
-"""SQLite node store: update log, snapshots, outbox, records, series, metadata.
+"""The node store's file: its tables, format versions and migrations, the
+connection, and the write transaction (``WriteTxn``) every writer uses. What
+the tables hold is read and written by one module per concept (``doclog``,
+``outbox``, ``records``, ``failures``, ``meta``).
 
 Durability: WAL with ``synchronous=FULL``, so a commit is on disk when
 ``transaction()`` returns. Several processes may open one store; writers are
@@ -14,9 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import FormatVersionError, HomeExists, HomeNotFound, StoreError
+from . import meta as meta_table
+from .txn import WriteTxn
 
 STORE_FILE = "branchline.db"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 BUSY_TIMEOUT_MS = 30_000
 CACHE_KIB = 16_384
 
@@ -116,6 +121,7 @@ CREATE TABLE sync_failures (
     first_at INTEGER NOT NULL,
     last_at INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 1,
+    code TEXT NOT NULL DEFAULT 'local',  -- format 5: the reason's code, as a column
     UNIQUE (direction, doc, reason)
 );
 """
@@ -177,11 +183,22 @@ CREATE VIEW pending_records AS
 """
 SCHEMA_SQL += OUTBOX_RECORDS_SQL
 
+# Added in format 5: sync failures carry their code in a column (before, only
+# in the reason text, ``code: message``; a reason without one counts as local).
+FAILURE_CODE_SQL = """
+ALTER TABLE sync_failures ADD COLUMN code TEXT NOT NULL DEFAULT 'local';
+UPDATE sync_failures SET code = substr(reason, 1, instr(reason, ': ') - 1)
+WHERE instr(reason, ': ') > 1
+    AND substr(reason, 1, instr(reason, ': ') - 1) NOT GLOB '*[^a-z0-9_]*'
+    AND substr(reason, 1, instr(reason, ': ') - 1) GLOB '*[a-z]*';
+"""
+
 # Format n -> n + 1. Each step only adds, so older rows stay exactly right.
 MIGRATIONS = {
     1: "ALTER TABLE records ADD COLUMN alias_of TEXT;\n" + RESOLUTION_SQL,
     2: CLIENTS_SQL,
     3: OUTBOX_RECORDS_SQL,
+    4: FAILURE_CODE_SQL,
 }
 
 
@@ -209,14 +226,12 @@ class NodeStore:
         except OSError as exc:
             raise StoreError(f"cannot create node home {home}: {exc}") from None
         store = cls(path, _connect(path))
-        with store.transaction():
+        with store.transaction() as txn:
             # executescript() would commit; statement by statement keeps it atomic.
             for statement in _statements(SCHEMA_SQL):
-                store.conn.execute(statement)
-            store.conn.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?)", sorted(meta.items())
-            )
-            store.conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+                txn.execute(statement)
+            meta_table.insert_many(txn, meta)
+            txn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
         return store
 
     @classmethod
@@ -243,29 +258,30 @@ class NodeStore:
     def _migrate(self) -> None:
         """Upgrade an older format in one transaction (another process may
         have done it first: the version is read again under the write lock)."""
-        with self.transaction() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        with self.transaction() as txn:
+            version = txn.execute("PRAGMA user_version").fetchone()[0]
             while version != FORMAT_VERSION:
                 for statement in _statements(MIGRATIONS[version]):
-                    conn.execute(statement)
+                    txn.execute(statement)
                 version += 1
-            conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+            txn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
 
     def close(self) -> None:
         self.conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[WriteTxn]:
         """A write transaction holding the store's write lock; durable on exit.
 
-        Rolls back and re-raises on any exception.
+        Rolls back and re-raises on any exception. Raises StoreError when
+        the lock cannot be had or the commit fails.
         """
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             raise StoreError(f"{self.path}: cannot start a write ({exc})") from None
         try:
-            yield self.conn
+            yield WriteTxn(self.conn)
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
@@ -287,15 +303,34 @@ class NodeStore:
         self._data_version = version
         return changed
 
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """One read snapshot of the store (or the write transaction under
+        way): another process compacting between two queries would otherwise
+        delete log rows this process has not applied yet."""
+        conn = self.conn
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
     def meta(self) -> dict[str, str]:
-        return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        return meta_table.read_all(self.conn)
+
+    def get_meta(self, key: str) -> str | None:
+        return meta_table.get(self.conn, key)
 
     def set_meta(self, key: str, value: str) -> None:
-        self.conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
+        """Inside ``transaction()``: set one meta key."""
+        meta_table.put(WriteTxn(self.conn), key, value)
+
+    def delete_meta(self, key: str) -> bool:
+        """Inside ``transaction()``: remove one meta key; True when it was there."""
+        return meta_table.delete(WriteTxn(self.conn), key)
 
     def integrity_check(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
