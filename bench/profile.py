@@ -242,7 +242,7 @@ def mem_variant(variant: str, payload_path: Path, home: Path) -> list[dict[str, 
         node.store.conn.execute("PRAGMA shrink_memory")
         _trim(0)
         _stage(stages, "PRAGMA shrink_memory + malloc_trim: SQLite page cache emptied")
-        loaded = next(iter(node._docs.values()))
+        loaded = node._doc(COLLECTION)  # the one document loaded
         index = loaded.doc._index
         index_bytes = sys.getsizeof(index) + sum(
             sys.getsizeof(k) + sys.getsizeof(v) + sum(sys.getsizeof(x) for x in v)

@@ -173,7 +173,7 @@ def _locked(conn: sqlite3.Connection, node: str) -> list[Conflict]:
     out = []
     for fid, doc, records, reason, first_at in conn.execute(
         "SELECT id, doc, record, reason, first_at FROM sync_failures "
-        "WHERE direction = 'upload' AND reason LIKE 'locked\\_period: %' ESCAPE '\\'"
+        "WHERE direction = 'upload' AND code = 'locked_period'"
     ):
         ids = orjson.loads(records) if records else []
         message = str(reason).partition(": ")[2]

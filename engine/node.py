@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-import sqlite3
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,23 +46,20 @@ from .errors import (
     ValidationError,
 )
 from .ids import is_id, new_id, node_salt
-from .merge import ALIAS, CREATED, DELETED, Resolved, new_state, resolve, seen_by
+from .merge import CREATED, DELETED, new_state, resolve, seen_by
 from .names import DATASET_RE, DOC_RE, META_RELAY_CA, META_TOKEN_REFUSED, NODE_RE, relay_url_ok
 from .query import QueryResult, run_query
 from .schema import Collection, Schema, load_schema, parse_schema
-from .store import NodeStore
-from .store.conflict_index import ConflictIndex, Written, is_stale
+from .store import NodeStore, WriteTxn, doclog, outbox
+from .store import records as rec
+from .store.conflict_index import is_stale
+from .store.doclog import DocLog, Loaded
+from .store.records import Materialized, Materializer
 from .tls import load_ca
-from .values import decode, encode, is_stored
+from .values import encode
 
-MAX_LOADED_DOCS = 64  # documents kept in memory; least recently used are dropped
-# A document's log is folded into a new snapshot once it holds COMPACT_MIN_ROWS
-# rows and a quarter of the snapshot's size (re-encoding a large document costs
-# about a second, so it must be rare), or COMPACT_MAX_ROWS rows in any case.
-COMPACT_MIN_ROWS = 1000
-COMPACT_MAX_ROWS = 20_000
 EMPTY_UPDATE = b"\x00\x00"
-TRIM_AFTER_BYTES = 4 << 20  # after importing this much, hand freed memory back
+TRIM_AFTER_BYTES = doclog.TRIM_AFTER_BYTES  # after importing this much, hand freed memory back
 
 # Aliases: inside ``Node`` the name ``list`` is the method, not the type.
 Records = list[dict[str, Any]]
@@ -72,8 +67,6 @@ Strings = list[str]
 Outbox = list[tuple[int, str, bytes]]
 Parts = list[tuple[list[int], bytes]]  # (outbox seqs carried, update)
 Rows = list[tuple[int, bytes]]
-Held = list[tuple[str, Resolved, dict[str, Any]]]  # (record id, resolved, valid values)
-Pairs = list[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -99,21 +92,6 @@ class ImportReport:
     waiting: int = 0
 
 
-@dataclass
-class _Loaded:
-    doc: RecordDoc
-    applied: int  # highest update-log seq integrated into ``doc``
-    snapshot: int  # ``upto`` of the snapshot it was loaded from
-    tail: int  # log rows after the snapshot
-    tail_bytes: int = 0
-    base_bytes: int = 0  # size of the snapshot
-
-    def due_for_compaction(self) -> bool:
-        if self.tail >= COMPACT_MAX_ROWS:
-            return True
-        return self.tail >= COMPACT_MIN_ROWS and self.tail_bytes * 4 >= self.base_bytes
-
-
 class Node:
     """An open node home. Not thread-safe; use one ``Node`` per thread."""
 
@@ -137,17 +115,19 @@ class Node:
         # local write, so it must cost no query.
         self._client_noted = False
         self._salt = node_salt(self.node_id)
-        self._docs: OrderedDict[str, _Loaded] = OrderedDict()
+        self._log = DocLog(store.reading, self._client_id, clock.wall_ms)
+        self._records = Materializer(
+            schema, self.node_id, clock.wall_ms, self._document, self._hlc.observe
+        )
         # None unless the node enables adapters: then writes skip them at no cost.
-        self._adapters = plugins.AdapterSet.from_meta(meta, schema)
+        self._adapters: plugins.AdapterSet | None = None
+        self._set_adapters(plugins.AdapterSet.from_meta(meta, schema))
         self._adapters_meta = meta.get(plugins.META_KEY)
-        self._refs = {c.name: _ref_paths(c) for c in schema.collections.values()}
-        self._index = ConflictIndex(schema)
         store.changed_elsewhere()
         if is_stale(store.conn):
-            with store.transaction() as conn:
-                if is_stale(conn):  # another process may have rebuilt it first
-                    self._index.rebuild(conn)
+            with store.transaction() as txn:
+                if is_stale(txn.conn):  # another process may have rebuilt it first
+                    self._records.index.rebuild(txn.conn)
 
     # -- opening -----------------------------------------------------------
 
@@ -234,7 +214,7 @@ class Node:
         return cls(Path(home), store, sch, clock or SystemClock(), rng or system_random())
 
     def close(self) -> None:
-        self._docs.clear()
+        self._log.clear()
         self.store.close()
 
     def __enter__(self) -> Node:
@@ -257,14 +237,12 @@ class Node:
         RecordNotFound, RecordDeleted; nothing is written then.
         """
         coll = self.collection(collection)
-        with self._write() as conn:
+        with self._write() as txn:
             if coll.is_voucher and isinstance(fields, dict):
-                self._check_voucher_edit(conn, coll, fields)
-            return self._put(conn, coll, fields)
+                self._check_voucher_edit(txn, coll, fields)
+            return self._put(txn, coll, fields)
 
-    def _check_voucher_edit(
-        self, conn: sqlite3.Connection, coll: Collection, fields: dict[str, Any]
-    ) -> None:
+    def _check_voucher_edit(self, txn: WriteTxn, coll: Collection, fields: dict[str, Any]) -> None:
         """Refuse a ``put`` that would create a voucher or change a voucher's
         number (a printed number never changes; clashes are renumbered by
         ``resolve``). Raises ValidationError."""
@@ -277,21 +255,19 @@ class Node:
             if number is None:
                 raise ValidationError(f"{book}; put only edits a voucher named by id or number")
             key = encode(coll.fields[coll.key], number, f"{coll.name}.{coll.key}")
-            if self._lookup(conn, coll, key, by_id=False) is None:
+            if self._lookup(txn, coll, key, by_id=False) is None:
                 raise ValidationError(f"{book}; no voucher is numbered {key!r}")
             return
         if number is None:
             return
-        found = self._lookup(conn, coll, str(fields["id"]))
+        found = self._lookup(txn, coll, str(fields["id"]))
         if found is None:
             return  # _put says the voucher does not exist
         key = encode(coll.fields[coll.key], number, f"{coll.name}.{coll.key}")
-        row = conn.execute(
-            "SELECT key FROM records WHERE collection = ? AND id = ?", (coll.name, found[0])
-        ).fetchone()
-        if row is not None and row[0] != key:
+        row = rec.row_of(txn.conn, coll.name, found[0])
+        if row is not None and row.key != key:
             raise ValidationError(
-                f"{coll.name}: voucher {found[0]} is numbered {row[0]!r} and keeps it "
+                f"{coll.name}: voucher {found[0]} is numbered {row.key!r} and keeps it "
                 "(a number once issued never changes); a clash of numbers is settled with "
                 "'branchline resolve --renumber'"
             )
@@ -308,23 +284,25 @@ class Node:
             raise UserError(f"{collection} is a catalog, not a voucher book; use put")
         if "id" in fields:
             raise ValidationError(f"{collection}: a new voucher cannot name an id; use put to edit")
-        with self._write() as conn:
+        with self._write() as txn:
             if fields.get("number"):
                 # A typed number already in use must not turn the booking
                 # into an edit of the other voucher.
                 number = encode(coll.fields["number"], fields["number"], f"{coll.name}.number")
-                taken = self._lookup(conn, coll, number, by_id=False)
+                taken = self._lookup(txn, coll, number, by_id=False)
                 if taken is not None:
                     raise DuplicateKey(
                         f"{coll.name}: number {number!r} is already used by voucher {taken[0]}"
                     )
                 rid = self._new_id()
-                self._put(conn, coll, fields, new_record_id=rid)
+                self._put(txn, coll, fields, new_record_id=rid)
                 return Posted(rid, str(fields["number"]))
             rid = self._new_id()
             date = self._partition_date(coll, fields)
-            alloc = series_mod.allocate(conn, coll, self.node_id, date, rid, self._clock.wall_ms())
-            self._put(conn, coll, {**fields, "number": alloc.number}, new_record_id=rid)
+            alloc = series_mod.allocate(
+                txn.conn, coll, self.node_id, date, rid, self._clock.wall_ms()
+            )
+            self._put(txn, coll, {**fields, "number": alloc.number}, new_record_id=rid)
             return Posted(rid, alloc.number, alloc.provisional)
 
     def delete(self, collection: str, id_or_key: str) -> str:
@@ -334,20 +312,17 @@ class Node:
         RecordNotFound.
         """
         coll = self.collection(collection)
-        with self._write() as conn:
-            rid, docname = self._find_live(conn, coll, id_or_key)
+        with self._write() as txn:
+            rid, docname = self._find_live(txn, coll, id_or_key)
             loaded = self._doc(docname)
-            self._write_entry(conn, coll, loaded, rid, {DELETED: True})
+            self._write_entry(txn, coll, loaded, rid, {DELETED: True})
             if coll.is_voucher and coll.series is not None:
-                row = conn.execute(
-                    "SELECT json_extract(data, '$.number'), json_extract(data, '$.date') "
-                    "FROM records WHERE collection = ? AND id = ?",
-                    (coll.name, rid),
-                ).fetchone()
-                if row and row[0]:
-                    date = dt.date.fromisoformat(row[1]) if row[1] else None
+                number = rec.stored_value(txn.conn, coll.name, rid, "number")
+                if number:
+                    raw = rec.stored_value(txn.conn, coll.name, rid, "date")
+                    date = dt.date.fromisoformat(raw) if raw else None
                     key = series_mod.series_key(coll, date)
-                    series_mod.void(conn, key, row[0], coll.name, rid, self._clock.wall_ms())
+                    series_mod.void(txn.conn, key, number, coll.name, rid, self._clock.wall_ms())
             return rid
 
     def batch(self, calls: Iterable[Callable[[Node], Any]]) -> list[tuple[bool, Any]]:
@@ -369,22 +344,20 @@ class Node:
     def restore(self, collection: str, record_id: str) -> None:
         """Undo a delete (wins over the delete it has seen). Raises RecordNotFound."""
         coll = self.collection(collection)
-        with self._write() as conn:
-            row = conn.execute(
-                "SELECT doc FROM records WHERE collection = ? AND id = ?", (coll.name, record_id)
-            ).fetchone()
+        with self._write() as txn:
+            row = rec.row_of(txn.conn, coll.name, record_id)
             if row is None:
                 raise RecordNotFound(f"{coll.name}: no record {record_id}")
-            self._write_entry(conn, coll, self._doc(row[0]), record_id, {DELETED: False})
+            self._write_entry(txn, coll, self._doc(row.doc), record_id, {DELETED: False})
 
     def add_block(self, collection: str, first: int, last: int, year: int | None = None) -> None:
         """Take a block of a ``blocks`` series leased by the relay, then give
         final numbers to provisionally numbered vouchers. Raises SeriesError."""
         coll = self.collection(collection)
         key = self._blocks_key(coll, year)
-        with self._write() as conn:
-            series_mod.add_block(conn, key, first, last, self._clock.wall_ms())
-            self._finalize_provisional(conn, coll)
+        with self._write() as txn:
+            series_mod.add_block(txn.conn, key, first, last, self._clock.wall_ms())
+            self._finalize_provisional(txn, coll)
 
     def refill_blocks(self, source: series_mod.BlockSource) -> int:
         """Lease blocks so every ``blocks`` series of this year holds its reserve,
@@ -423,19 +396,19 @@ class Node:
             raise UserError(f"relay {relay!r}: expected a ws:// or wss:// URL")
         if token is not None and not token.strip():
             raise UserError("the token is empty; give the one 'branchline relay enroll' printed")
-        with self._write() as conn:
+        with self._write() as txn:
             meta = self.store.meta()
             if relay is not None:
                 self.store.set_meta("relay", relay)
                 if "last_sync" not in meta and not meta.get("relay"):
-                    series_mod.set_numbering(conn, False)
+                    series_mod.set_numbering(txn.conn, False)
             if token is not None:
                 self.store.set_meta("token", token)
-                conn.execute("DELETE FROM meta WHERE key = ?", (META_TOKEN_REFUSED,))
+                self.store.delete_meta(META_TOKEN_REFUSED)
             if ca_path is not None:
                 self.store.set_meta(META_RELAY_CA, ca_path)
             elif ca is not None:
-                conn.execute("DELETE FROM meta WHERE key = ?", (META_RELAY_CA,))
+                self.store.delete_meta(META_RELAY_CA)
 
     def numbering_known(self) -> bool:
         """False while this home cannot know how far its node's series went
@@ -453,13 +426,13 @@ class Node:
         ]
         if self.numbering_known() and not any(self._has_provisional(c) for c in node_series):
             return 0
-        with self._write() as conn:
-            series_mod.set_numbering(conn, True)
-            return sum(self._finalize_provisional(conn, c) for c in node_series)
+        with self._write() as txn:
+            series_mod.set_numbering(txn.conn, True)
+            return sum(self._finalize_provisional(txn, c) for c in node_series)
 
     def series_state(self) -> dict[str, Any]:
         """This home's series state for an export file (``series.dump_state``)."""
-        with self._reading() as conn:
+        with self.store.reading() as conn:
             return series_mod.dump_state(conn)
 
     def reserve_left(self, collection: str, year: int | None = None) -> int:
@@ -481,15 +454,11 @@ class Node:
         """A live record by id or unique key, typed (Decimal, date, ...), or None.
         With ``codes``, references show the target's code instead of its id."""
         coll = self.collection(collection)
-        found = self._lookup(self.store.conn, coll, id_or_key)
+        found = self._lookup(None, coll, id_or_key)
         if found is None:
             return None
-        row = self.store.conn.execute(
-            "SELECT id, data, alias_of FROM records "
-            "WHERE collection = ? AND id = ? AND deleted = 0",
-            (coll.name, found[0]),
-        ).fetchone()
-        return self._rows_to_records(coll, [row], codes)[0] if row else None
+        row = rec.live_row(self.store.conn, coll.name, found[0])
+        return rec.to_dicts(self.store.conn, coll, [row], codes)[0] if row else None
 
     def list(
         self, collection: str, *, codes: bool = False, limit: int | None = None, offset: int = 0
@@ -497,12 +466,8 @@ class Node:
         """The live records of a collection in id (creation time) order: all
         of them, or ``limit`` of them after the first ``offset``."""
         coll = self.collection(collection)
-        rows = self.store.conn.execute(
-            "SELECT id, data, alias_of FROM records "
-            "WHERE collection = ? AND deleted = 0 ORDER BY id LIMIT ? OFFSET ?",
-            (coll.name, -1 if limit is None else max(limit, 0), max(offset, 0)),
-        ).fetchall()
-        return self._rows_to_records(coll, rows, codes)
+        rows = rec.live_rows(self.store.conn, coll.name, limit, offset)
+        return rec.to_dicts(self.store.conn, coll, rows, codes)
 
     def find(self, collection: str, **equals: Any) -> Records:
         """Live records whose fields equal the given values."""
@@ -513,11 +478,7 @@ class Node:
         return [r for r in self.list(collection) if all(r.get(k) == v for k, v in equals.items())]
 
     def count(self, collection: str) -> int:
-        coll = self.collection(collection)
-        row = self.store.conn.execute(
-            "SELECT COUNT(*) FROM records WHERE collection = ? AND deleted = 0", (coll.name,)
-        ).fetchone()
-        return int(row[0])
+        return rec.count(self.store.conn, self.collection(collection).name)
 
     def conflicts(self, *, resolved: bool = False) -> Records:
         """Every open conflict, derived from replicated state, sorted by id
@@ -562,10 +523,7 @@ class Node:
 
     def waiting(self) -> int:
         """Received records held back until a record they refer to arrives."""
-        row = self.store.conn.execute(
-            "SELECT COUNT(*) FROM (SELECT DISTINCT collection, id FROM waiting)"
-        ).fetchone()
-        return int(row[0])
+        return rec.waiting_count(self.store.conn)
 
     def waiting_records(self, limit: int = 1000) -> Records:
         """The records ``waiting`` counts (at most ``limit``), by collection
@@ -573,12 +531,8 @@ class Node:
         as received, or None), ``doc`` and ``missing`` (``[{collection,
         id}]`` of the records they wait for)."""
         self.refresh()
-        rows = self.store.conn.execute(
-            "SELECT collection, id, doc, target_collection, target_id FROM waiting "
-            "ORDER BY collection, id, target_collection, target_id"
-        ).fetchall()
         out: Records = []
-        for cname, rid, docname, tcoll, tid in rows:
+        for cname, rid, docname, tcoll, tid in rec.waiting_rows(self.store.conn):
             if not out or (out[-1]["collection"], out[-1]["id"]) != (cname, rid):
                 if len(out) >= limit:
                     break
@@ -594,20 +548,16 @@ class Node:
     def settle_waiting(self) -> int:
         """After a full sync: show the records still waiting for a reference
         (each then lists as a ``dangling_reference`` conflict). Returns how many."""
-        if self.store.conn.execute("SELECT 1 FROM waiting LIMIT 1").fetchone() is None:
+        if not rec.has_waiting(self.store.conn):
             return 0  # the usual case: no write transaction at all
-        with self._write() as conn:
-            found = set(conn.execute("SELECT DISTINCT collection, id, doc FROM waiting"))
-            return self._rematerialize(conn, found, hold=False) if found else 0
+        with self._write() as txn:
+            return self._deliver(txn, self._records.settle(txn))
 
     # -- replication -------------------------------------------------------
 
     def documents(self) -> Strings:
         """Names of the CRDT documents this node holds."""
-        rows = self.store.conn.execute(
-            "SELECT doc FROM updates UNION SELECT doc FROM snapshots ORDER BY 1"
-        ).fetchall()
-        return [r[0] for r in rows]
+        return self._log.documents()
 
     def state(self) -> dict[str, bytes]:
         """Per document, the Yjs state vector (what this node holds)."""
@@ -663,16 +613,9 @@ class Node:
         Raises UpdateError for an invalid state vector, or (``own_only``)
         when the diff cannot be split safely; nothing is exported then.
         """
-        with self._reading() as conn:
-            rows = [
-                (int(seq), bytes(data), str(origin))
-                for seq, data, origin in conn.execute(
-                    "SELECT seq, data, origin FROM updates WHERE pending = 1 AND doc = ? "
-                    "ORDER BY seq",
-                    (doc,),
-                )
-            ]
-            mine = {int(c) for (c,) in conn.execute("SELECT client FROM clients")}
+        with self.store.reading() as conn:
+            rows = outbox.of_doc(conn, doc)
+            mine = self._log.clients()
         # Only now catch up with other processes' commits: the diff below then
         # holds every row just read. (Refreshing before the read let a row
         # committed in between be claimed by a diff without it; its ack then
@@ -707,7 +650,7 @@ class Node:
             parts.append(([s for s, _ in group], merge([d for _, d in group])))
         return parts
 
-    def _own_diff(self, loaded: _Loaded, since: bytes | None, mine: set[int]) -> bytes:
+    def _own_diff(self, loaded: Loaded, since: bytes | None, mine: set[int]) -> bytes:
         """``loaded``'s diff against ``since`` holding only the items of
         clients ``mine`` and their deletions. Raises UpdateError for an
         invalid state vector, or when the diff does not end with the
@@ -739,13 +682,8 @@ class Node:
     def unsynced_updates(self) -> dict[str, bytes]:
         """Per document, one update holding every local change the relay has
         not acknowledged (the outbox), for ``export --unsynced``."""
-        with self._reading() as conn:
-            rows = conn.execute(
-                "SELECT doc, data FROM updates WHERE pending = 1 ORDER BY doc, seq"
-            ).fetchall()
-        by_doc: dict[str, list[bytes]] = {}
-        for doc, data in rows:
-            by_doc.setdefault(str(doc), []).append(bytes(data))
+        with self.store.reading() as conn:
+            by_doc = outbox.by_doc(conn)
         return {doc: _merged(blobs) for doc, blobs in by_doc.items()}
 
     def import_updates(
@@ -769,9 +707,9 @@ class Node:
         documents = records = stored = restored = 0
         touched: set[str] = set()
         changed_records: set[tuple[str, str]] = set()
-        with self._write() as conn:
+        with self._write() as txn:
             if series is not None:
-                restored = series_mod.restore_state(conn, series)
+                restored = series_mod.restore_state(txn.conn, series)
             for name, data in updates.items():
                 coll = self._collection_of(name)
                 loaded = self._doc(name)
@@ -779,36 +717,29 @@ class Node:
                 changed, integrated, pending = loaded.doc.apply(bytes(data))
                 if not integrated and not pending:
                     continue  # nothing new: importing twice stores nothing
-                self._adopt_clients(conn, loaded.doc, before)
+                self._adopt_clients(txn, loaded.doc, before)
                 # The raw bytes, not just what integrated: a part waiting for
                 # missing updates would otherwise be lost on restart.
                 blob = bytes(data)
                 documents += 1
                 stored += 1
-                self._log(conn, loaded, blob, "remote", pending=unsynced)
+                seq = self._log.append(txn, loaded, blob, "remote", pending=unsynced)
                 changed_records |= {(coll.name, rid) for rid in changed}
                 if unsynced:
-                    conn.executemany(
-                        "INSERT OR IGNORE INTO outbox_records VALUES (?, ?)",
-                        [(loaded.applied, rid) for rid in sorted(changed)],
-                    )
-                self._materialize(conn, coll, loaded.doc, changed, hold=True)
+                    outbox.carries(txn, seq, sorted(changed))
+                self._materialize(txn, coll, loaded.doc, changed, hold=True)
                 loaded.doc.release()
                 if changed and coll.on_duplicate == "renumber":
                     touched.add(coll.name)
             if touched:
-                resolution.renumber_own_duplicates(self, conn, touched)
+                resolution.renumber_own_duplicates(self, txn, touched)
             records = len(changed_records)
-            held = (
-                {tuple(r) for r in conn.execute("SELECT DISTINCT collection, id FROM waiting")}
-                if changed_records
-                else set()
-            )
+            held = rec.waiting_ids(txn.conn) if changed_records else set()
         if sum(len(data) for data in updates.values()) > TRIM_AFTER_BYTES:
             trim_heap()
         return ImportReport(documents, records, stored, restored, len(held & changed_records))
 
-    def _adopt_clients(self, conn: sqlite3.Connection, doc: RecordDoc, before: bytes) -> None:
+    def _adopt_clients(self, txn: WriteTxn, doc: RecordDoc, before: bytes) -> None:
         """An import that set only this node's own entries brought this
         node's work written elsewhere (an earlier life of the node, records
         built for it): note the clients it advanced as this node's, so
@@ -819,72 +750,53 @@ class Node:
             return
         old = decode_state_vector(before)
         new = decode_state_vector(doc.state_vector())
-        conn.executemany(
-            "INSERT OR IGNORE INTO clients (client, first_at) VALUES (?, ?)",
-            [
-                (client, self._clock.wall_ms())
-                for client, clock in new.items()
-                if clock > old.get(client, 0)
-            ],
+        self._log.note_clients(
+            txn, [client for client, clock in new.items() if clock > old.get(client, 0)]
         )
 
     def outbox(self, limit: int = 1000) -> Outbox:
         """Local updates the relay has not acknowledged: (seq, document, update)."""
-        rows = self.store.conn.execute(
-            "SELECT seq, doc, data FROM updates WHERE pending = 1 ORDER BY seq LIMIT ?", (limit,)
-        ).fetchall()
-        return [(int(s), str(d), bytes(b)) for s, d, b in rows]
+        return outbox.rows(self.store.conn, limit=limit)
+
+    def outbox_rows_per_doc(self) -> dict[str, int]:
+        """Per document with any, its outbox rows (changes the relay lacks)."""
+        return outbox.rows_per_doc(self.store.conn)
 
     def pending(self) -> dict[str, int]:
         """Per collection (every one of the schema), the records with local
         changes the relay has not acknowledged yet."""
         out = dict.fromkeys(self.schema.collections, 0)
-        for doc, count in self.store.conn.execute(
-            "SELECT doc, COUNT(DISTINCT record) FROM pending_records GROUP BY doc"
-        ):
-            name = str(doc).partition("/")[0]
+        for doc, count in outbox.records_per_doc(self.store.conn).items():
+            name = doc.partition("/")[0]
             if name in out:
-                out[name] += int(count)
+                out[name] += count
         return out
 
     def pending_records(self, limit: int = 1000) -> Records:
         """Records with local changes the relay has not acknowledged, oldest
         change first (at most ``limit``): ``collection``, ``id``, ``key``
         (its code or number) and ``doc``."""
-        rows = self.store.conn.execute(
-            "SELECT u.doc, u.record, r.collection, r.key FROM updates u "
-            # The primary key is (collection, id): joining on the id alone
-            # would scan every record for every outbox row.
-            "LEFT JOIN records r ON r.collection = "
-            "substr(u.doc, 1, instr(u.doc || '/', '/') - 1) AND r.id = u.record "
-            "WHERE u.pending = 1 AND u.record IS NOT NULL "
-            "GROUP BY u.doc, u.record ORDER BY MIN(u.seq) LIMIT ?",
-            (max(limit, 0),),
-        ).fetchall()
         return [
             {
-                "collection": str(coll) if coll else str(doc).partition("/")[0],
-                "id": str(rid),
+                "collection": coll if coll else doc.partition("/")[0],
+                "id": rid,
                 "key": key,
-                "doc": str(doc),
+                "doc": doc,
             }
-            for doc, rid, coll, key in rows
+            for doc, rid, coll, key in outbox.pending_records(self.store.conn, limit)
         ]
 
     def ack(self, seqs: Iterable[int]) -> None:
         """Mark outbox entries acknowledged by the relay (durably)."""
-        rows = [(s,) for s in seqs]
-        with self.store.transaction() as conn:
-            conn.executemany("UPDATE updates SET pending = 0 WHERE seq = ?", rows)
-            conn.executemany("DELETE FROM outbox_records WHERE seq = ?", rows)
+        with self.store.transaction() as txn:
+            outbox.ack(txn, seqs)
 
     def refresh(self) -> bool:
         """Bring loaded documents up to date with other processes' commits.
         Returns True when something had changed."""
         if not self.store.changed_elsewhere():
             return False
-        for loaded in list(self._docs.values()):
-            self._catch_up(loaded)
+        self._log.catch_up()
         self._adapters_changed(self.store.meta())
         return True
 
@@ -892,7 +804,7 @@ class Node:
         # Another process enabled or disabled an adapter (and rebuilt its
         # tables): from now on this instance's writes feed the new set.
         if meta.get(plugins.META_KEY) != self._adapters_meta:
-            self._adapters = plugins.AdapterSet.from_meta(meta, self.schema)
+            self._set_adapters(plugins.AdapterSet.from_meta(meta, self.schema))
             self._adapters_meta = meta.get(plugins.META_KEY)
 
     def compact(self, docname: str | None = None) -> int:
@@ -901,27 +813,26 @@ class Node:
         removed = 0
         names = [docname] if docname else self.documents()
         for name in names:
-            with self._write() as conn:
-                removed += self._compact(conn, self._doc(name))
+            with self._write() as txn:
+                removed += self._log.compact(txn, self._doc(name))
         return removed
 
     # -- internals ---------------------------------------------------------
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> Iterator[WriteTxn]:
         noted = self._client_noted
         try:
-            with self.store.transaction() as conn:
+            with self.store.transaction() as txn:
                 self.refresh()
-                row = conn.execute("SELECT value FROM meta WHERE key = 'hlc'").fetchone()
-                self._hlc.observe(int(row[0]))
-                yield conn
+                self._hlc.observe(int(self.store.get_meta("hlc") or 0))
+                yield txn
                 self.store.set_meta("hlc", str(self._hlc.last))
         except BaseException:
             # In-memory documents may hold changes that did not commit (the
             # commit itself can fail), and the ``clients`` row this write
             # added, if any, rolled back with it.
-            self._docs.clear()
+            self._log.clear()
             self._client_noted = noted
             raise
 
@@ -930,7 +841,7 @@ class Node:
 
     def _put(
         self,
-        conn: sqlite3.Connection,
+        txn: WriteTxn,
         coll: Collection,
         fields: dict[str, Any],
         new_record_id: str | None = None,
@@ -945,12 +856,12 @@ class Node:
             )
         existing: tuple[str, str] | None = None
         if new_record_id is None and "id" in fields:
-            existing = self._find_live(conn, coll, str(fields["id"]))
+            existing = self._find_live(txn, coll, str(fields["id"]))
         elif new_record_id is None and fields.get(coll.key) is not None:
             # Validate the key first: SQLite cannot even look up a malformed one.
             key = encode(coll.fields[coll.key], fields[coll.key], f"{coll.name}.{coll.key}")
-            existing = self._lookup(conn, coll, key, by_id=False)
-        values = self._encode(conn, coll, fields, creating=existing is None)
+            existing = self._lookup(txn, coll, key, by_id=False)
+        values = self._encode(txn, coll, fields, creating=existing is None)
         if existing is not None and "id" not in fields:
             # Found by its key: re-writing the same key would only show up as
             # an edit in conflicts.
@@ -969,14 +880,14 @@ class Node:
                         f"period {docname.partition('/')[2]} to {moved.partition('/')[2]}; "
                         "void it and book a new one"
                     )
-        self._write_entry(conn, coll, self._doc(docname), rid, values)
+        self._write_entry(txn, coll, self._doc(docname), rid, values)
         return rid
 
     def _write_entry(
         self,
-        conn: sqlite3.Connection,
+        txn: WriteTxn,
         coll: Collection,
-        loaded: _Loaded,
+        loaded: Loaded,
         rid: str,
         values: dict[str, Any],
     ) -> None:
@@ -991,16 +902,13 @@ class Node:
             # Every local write comes through here: the first one of this
             # instance notes its client id, in the same transaction, so an
             # own-only diff (``export_parts``) never misses an item it wrote.
-            conn.execute(
-                "INSERT OR IGNORE INTO clients (client, first_at) VALUES (?, ?)",
-                (self._client_id, self._clock.wall_ms()),
-            )
+            self._log.note_clients(txn, [self._client_id])
             self._client_noted = True
-        self._log(conn, loaded, update, "local", rid)
-        self._materialize(conn, coll, loaded.doc, {rid})
+        self._log.append(txn, loaded, update, "local", rid)
+        self._materialize(txn, coll, loaded.doc, {rid})
 
     def _encode(
-        self, conn: sqlite3.Connection, coll: Collection, fields: dict[str, Any], creating: bool
+        self, txn: WriteTxn, coll: Collection, fields: dict[str, Any], creating: bool
     ) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for name, value in fields.items():
@@ -1013,14 +921,14 @@ class Node:
                 raise ValidationError(f"{where}: required, cannot be empty")
             if fld.type == "ref" and stored is not None:
                 assert fld.to is not None
-                stored = self._resolve_ref(conn, fld.to, stored, where)
+                stored = self._resolve_ref(txn, fld.to, stored, where)
             elif fld.type == "lines" and stored is not None:
                 for i, line in enumerate(stored, 1):
                     for sub in fld.fields:
                         if sub.type == "ref" and sub.name in line:
                             assert sub.to is not None
                             line[sub.name] = self._resolve_ref(
-                                conn, sub.to, line[sub.name], f"{where} line {i}, {sub.name}"
+                                txn, sub.to, line[sub.name], f"{where} line {i}, {sub.name}"
                             )
             values[name] = stored
         if creating:
@@ -1031,38 +939,23 @@ class Node:
                 )
         return values
 
-    def _resolve_ref(self, conn: sqlite3.Connection, target: str, value: str, where: str) -> str:
-        found = self._lookup(conn, self.schema.collections[target], value)
+    def _resolve_ref(self, txn: WriteTxn, target: str, value: str, where: str) -> str:
+        found = self._lookup(txn, self.schema.collections[target], value)
         if found is None:
             raise UnknownReference(f"{where}: no {target} record with code or id {value!r}")
         return found[0]
 
     def _lookup(
-        self, conn: sqlite3.Connection, coll: Collection, id_or_key: str, by_id: bool = True
+        self, txn: WriteTxn | None, coll: Collection, id_or_key: str, by_id: bool = True
     ) -> tuple[str, str] | None:
         """(id, document) of the live record with that id or key. With several
         live records on one key (a duplicate_key conflict), the earliest created."""
         if not id_or_key.isascii() and not _encodable(id_or_key):
             return None  # no stored key holds unpaired surrogates; SQLite cannot bind it
-        if by_id and is_id(id_or_key):
-            row = conn.execute(
-                "SELECT id, doc FROM records WHERE collection = ? AND id = ? AND deleted = 0",
-                (coll.name, id_or_key),
-            ).fetchone()
-            if row:
-                return str(row[0]), str(row[1])
-        row = conn.execute(
-            "SELECT id, doc FROM records INDEXED BY records_key "
-            "WHERE collection = ? AND key = ? AND deleted = 0 AND alias_of IS NULL "
-            "ORDER BY created_hlc, created_node LIMIT 1",
-            (coll.name, id_or_key),
-        ).fetchone()
-        return (str(row[0]), str(row[1])) if row else None
+        return rec.lookup(self.store.conn, coll, id_or_key, by_id and is_id(id_or_key))
 
-    def _find_live(
-        self, conn: sqlite3.Connection, coll: Collection, id_or_key: str
-    ) -> tuple[str, str]:
-        found = self._lookup(conn, coll, id_or_key)
+    def _find_live(self, txn: WriteTxn, coll: Collection, id_or_key: str) -> tuple[str, str]:
+        found = self._lookup(txn, coll, id_or_key)
         if found is None:
             raise RecordNotFound(f"{coll.name}: no live record with id or {coll.key} {id_or_key!r}")
         return found
@@ -1095,358 +988,28 @@ class Node:
             )
         return self.schema.collections[name]
 
-    def _doc(self, name: str) -> _Loaded:
-        loaded = self._docs.get(name)
-        if loaded is not None:
-            self._docs.move_to_end(name)
-            return loaded
-        with self._reading() as conn:
-            snap = conn.execute(
-                "SELECT upto, data FROM snapshots WHERE doc = ?", (name,)
-            ).fetchone()
-            upto = int(snap[0]) if snap else 0
-            rows = conn.execute(
-                "SELECT seq, data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq", (name, upto)
-            ).fetchall()
-        updates = ([snap[1]] if snap else []) + [data for _, data in rows]
-        size = sum(len(u) for u in updates)
-        applied = int(rows[-1][0]) if rows else upto
-        loaded = _Loaded(
-            RecordDoc(name, self._client_id, updates),
-            applied,
-            upto,
-            len(rows),
-            tail_bytes=sum(len(data) for _, data in rows),
-            base_bytes=len(snap[1]) if snap else 0,
-        )
-        del updates, snap, rows
-        if size > TRIM_AFTER_BYTES:
-            trim_heap()
-        self._docs[name] = loaded
-        while len(self._docs) > MAX_LOADED_DOCS:
-            self._docs.popitem(last=False)
-        return loaded
+    def _doc(self, name: str) -> Loaded:
+        return self._log.get(name)
 
-    @contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
-        """One read snapshot of the store (or the write transaction under way):
-        another process compacting between two queries would otherwise delete
-        log rows this process has not applied yet."""
-        conn = self.store.conn
-        if conn.in_transaction:
-            yield conn
-            return
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
-
-    def _catch_up(self, loaded: _Loaded) -> None:
-        with self._reading() as conn:
-            snap = conn.execute(
-                "SELECT upto, data FROM snapshots WHERE doc = ?", (loaded.doc.name,)
-            ).fetchone()
-            if snap is not None and snap[0] > loaded.applied:
-                loaded.doc.apply(bytes(snap[1]))
-                loaded.snapshot = loaded.applied = int(snap[0])
-                loaded.tail = loaded.tail_bytes = 0
-                loaded.base_bytes = len(snap[1])
-            for seq, data in conn.execute(
-                "SELECT seq, data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq",
-                (loaded.doc.name, loaded.applied),
-            ):
-                loaded.doc.apply(bytes(data))
-                loaded.applied = int(seq)
-                loaded.tail += 1
-                loaded.tail_bytes += len(data)
-        loaded.doc.release()
-
-    def _log(
-        self,
-        conn: sqlite3.Connection,
-        loaded: _Loaded,
-        data: bytes,
-        origin: str,
-        record: str | None = None,
-        pending: bool = False,
-    ) -> None:
-        cur = conn.execute(
-            "INSERT INTO updates (doc, data, origin, pending, record, at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                loaded.doc.name,
-                data,
-                origin,
-                int(pending or origin == "local"),
-                record,
-                self._clock.wall_ms(),
-            ),
-        )
-        assert cur.lastrowid is not None
-        loaded.applied = cur.lastrowid
-        loaded.tail += 1
-        loaded.tail_bytes += len(data)
-        if loaded.due_for_compaction():
-            self._compact(conn, loaded)
-
-    def _compact(self, conn: sqlite3.Connection, loaded: _Loaded) -> int:
-        upto = loaded.applied
-        if upto <= loaded.snapshot:
-            return 0
-        snapshot = loaded.doc.diff()
-        conn.execute(
-            "INSERT INTO snapshots (doc, upto, data, at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (doc) DO UPDATE SET upto = excluded.upto, data = excluded.data, "
-            "at = excluded.at",
-            (loaded.doc.name, upto, snapshot, self._clock.wall_ms()),
-        )
-        cur = conn.execute(
-            "DELETE FROM updates WHERE doc = ? AND seq <= ? AND pending = 0",
-            (loaded.doc.name, upto),
-        )
-        loaded.snapshot = upto
-        loaded.tail = loaded.tail_bytes = 0
-        loaded.base_bytes = len(snapshot)
-        return cur.rowcount
+    def _document(self, name: str) -> RecordDoc:
+        return self._log.get(name).doc
 
     def _materialize(
-        self,
-        conn: sqlite3.Connection,
-        coll: Collection,
-        doc: RecordDoc,
-        rids: set[str],
-        hold: bool = False,
+        self, txn: WriteTxn, coll: Collection, doc: RecordDoc, rids: set[str], hold: bool = False
     ) -> int:
-        """Re-resolve records into ``records``, ``record_conflicts`` and
-        ``resolutions``. With ``hold`` (received updates), a new record that
-        refers to a record not here yet waits in ``waiting`` instead."""
-        watch = self._adapters.watch(conn, coll, self._states, rids) if self._adapters else None
-        rows, incomplete, conflicts, journal = [], [], [], []
-        newest = 0
-        resolved: Held = []
-        # In key order: SQLite inserts several times faster.
-        for rid in sorted(rids):
-            r = resolve(doc.states(rid))
-            newest = max(newest, r.newest)
-            if r.created is None:
-                incomplete.append((coll.name, rid))
-            else:
-                resolved.append((rid, r, _valid_values(coll, r.values)))
-        if hold and resolved and coll.series is not None:
-            # Received vouchers: this node's own numbers among them (an
-            # earlier life's, back from the relay) are never issued again.
-            found = [(rid, v.get(coll.key), v.get(coll.partition_field)) for rid, _, v in resolved]
-            series_mod.learn(conn, coll, self.node_id, found, self._clock.wall_ms())
-        if hold and resolved and self._refs[coll.name]:
-            resolved, waiting = self._hold_back(conn, coll, doc.name, resolved)
-            incomplete += waiting
-        for rid, r, values in resolved:
-            assert r.created is not None
-            data = orjson.dumps(values, option=orjson.OPT_SORT_KEYS).decode()
-            alias = r.values.get(ALIAS)
-            rows.append(
-                (
-                    coll.name,
-                    rid,
-                    doc.name,
-                    values.get(coll.key),
-                    int(r.deleted),
-                    *r.created,
-                    r.newest,
-                    data,
-                    alias if type(alias) is str and alias != rid else None,
-                )
-            )
-            for entry in r.journal:
-                at = entry.get("at")
-                journal.append(
-                    (
-                        entry["id"],
-                        coll.name,
-                        rid,
-                        at if type(at) is int else 0,
-                        orjson.dumps(entry, option=orjson.OPT_SORT_KEYS).decode(),
-                    )
-                )
-            for c in r.conflicts:
-                competitors = [
-                    {"node": p.node, "hlc": p.hlc, "value": p.value} for p in c.competitors
-                ]
-                conflicts.append(
-                    (
-                        c.conflict_id(coll.name, rid),
-                        coll.name,
-                        rid,
-                        c.kind,
-                        c.field,
-                        orjson.dumps(competitors).decode(),
-                    )
-                )
-        self._hlc.observe(newest)
-        # Only records that had conflicts can have stale rows there; on a bulk
-        # import that is a handful, not one DELETE per record.
-        had = {
-            rid
-            for (rid,) in conn.execute(
-                "SELECT record_id FROM record_conflicts WHERE collection = ?", (coll.name,)
-            )
-        }
-        conn.executemany(
-            "DELETE FROM record_conflicts WHERE collection = ? AND record_id = ?",
-            [(coll.name, rid) for rid in rids if rid in had],
-        )
-        written = [
-            Written(rid, row[3], not r.deleted, row[9] is not None, values)
-            for (rid, r, values), row in zip(resolved, rows, strict=True)
-        ]
-        removed = [rid for _, rid in incomplete]
-        old = self._index.before(conn, coll.name, written, removed)
-        conn.executemany("DELETE FROM records WHERE collection = ? AND id = ?", incomplete)
-        conn.executemany(
-            "INSERT OR REPLACE INTO records (collection, id, doc, key, deleted, created_hlc, "
-            "created_node, updated_hlc, data, alias_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        self._index.after(conn, coll.name, written, removed, old)
-        conn.executemany(
-            "INSERT OR REPLACE INTO record_conflicts VALUES (?, ?, ?, ?, ?, ?)", conflicts
-        )
-        conn.executemany("INSERT OR IGNORE INTO resolutions VALUES (?, ?, ?, ?, ?)", journal)
-        if rows and conn.execute("SELECT 1 FROM waiting LIMIT 1").fetchone():
-            self._release(conn, coll, [row[1] for row in rows])
-        if watch is not None:
-            watch.deliver(conn)
-        return len(rows)
+        """Re-resolve records into the record tables and feed adapters the
+        changes (``Materializer.materialize``). Returns the rows written."""
+        return self._deliver(txn, self._records.materialize(txn, coll, doc, rids, hold))
 
-    def _hold_back(
-        self,
-        conn: sqlite3.Connection,
-        coll: Collection,
-        docname: str,
-        resolved: Held,
-    ) -> tuple[Held, Pairs]:
-        """Split received records into those to materialize and those that
-        must wait for a referenced record that has not arrived (a record
-        already shown is never hidden again). Records the waits."""
-        wanted: dict[tuple[str, str], list[str]] = {}
-        for rid, _, values in resolved:
-            for target, tid in _references(self._refs[coll.name], values):
-                wanted.setdefault((target, tid), []).append(rid)
-        if not wanted:
-            return resolved, []
-        here = {(coll.name, rid) for rid, _, _ in resolved}
-        by_target: dict[str, list[str]] = {}
-        for target, tid in wanted:
-            if (target, tid) not in here:
-                by_target.setdefault(target, []).append(tid)
-        found = {(t, i) for t, ids in by_target.items() for i in _present(conn, t, ids)}
-        missing = {k: v for k, v in wanted.items() if k not in here and k not in found}
-        if not missing:
-            return resolved, []
-        referring = sorted({rid for rids in missing.values() for rid in rids})
-        hold = set(referring) - set(_present(conn, coll.name, referring))
-        if not hold:
-            return resolved, []
-        conn.executemany(
-            "INSERT OR IGNORE INTO waiting VALUES (?, ?, ?, ?, ?)",
-            [
-                (coll.name, rid, docname, target, tid)
-                for (target, tid), rids in missing.items()
-                for rid in rids
-                if rid in hold
-            ],
-        )
-        return (
-            [item for item in resolved if item[0] not in hold],
-            [(coll.name, rid) for rid in sorted(hold)],
-        )
+    def _deliver(self, txn: WriteTxn, done: Materialized) -> int:
+        if self._adapters is not None:
+            for coll, changes in done.changes:
+                self._adapters.apply(txn.conn, coll, changes)
+        return done.rows
 
-    def _release(self, conn: sqlite3.Connection, coll: Collection, rids: Strings) -> None:
-        """Materialize the records that were waiting for any of ``rids``."""
-        found: set[tuple[str, str, str]] = set()
-        for chunk in _chunks(rids):
-            found.update(
-                conn.execute(
-                    "SELECT collection, id, doc FROM waiting INDEXED BY waiting_target "
-                    f"WHERE target_collection = ? AND target_id IN ({_marks(chunk)})",
-                    (coll.name, *chunk),
-                )
-            )
-        if found:
-            self._rematerialize(conn, found, hold=True)
-
-    def _rematerialize(
-        self, conn: sqlite3.Connection, found: set[tuple[str, str, str]], hold: bool
-    ) -> int:
-        conn.executemany(
-            "DELETE FROM waiting WHERE collection = ? AND id = ?", [(c, i) for c, i, _ in found]
-        )
-        groups: dict[tuple[str, str], set[str]] = {}
-        for cname, rid, docname in found:
-            groups.setdefault((cname, docname), set()).add(rid)
-        done = 0
-        for (cname, docname), ids in sorted(groups.items()):
-            loaded = self._doc(docname)
-            done += self._materialize(conn, self.collection(cname), loaded.doc, ids, hold=hold)
-        return done
-
-    def _rows_to_records(self, coll: Collection, rows: Iterable[Any], codes: bool) -> Records:
-        # What a reference reads as: the target's code with ``codes``, and a
-        # record merged into another (an alias) reads as the survivor.
-        shown: dict[str, dict[str, str]] = {}
-        targets = {f.to for f in coll.fields.values() if f.type == "ref" and f.to}
-        targets |= {
-            s.to for f in coll.fields.values() for s in f.fields if s.type == "ref" and s.to
-        }
-        conn = self.store.conn
-        for target in targets:
-            if codes:
-                shown[target] = dict(
-                    conn.execute(
-                        "SELECT r.id, COALESCE(s.key, r.key) FROM records r LEFT JOIN records s "
-                        "ON s.collection = r.collection AND s.id = r.alias_of "
-                        "WHERE r.collection = ?",
-                        (target,),
-                    ).fetchall()
-                )
-            else:
-                shown[target] = dict(
-                    conn.execute(
-                        "SELECT id, alias_of FROM records INDEXED BY records_alias "
-                        "WHERE collection = ? AND alias_of IS NOT NULL",
-                        (target,),
-                    ).fetchall()
-                )
-        remap = {
-            f.name
-            for f in coll.fields.values()
-            if f.type == "lines" and any(shown[s.to] for s in f.fields if s.type == "ref" and s.to)
-        }
-        out = []
-        for rid, data, *alias in rows:
-            stored = orjson.loads(data)
-            rec: dict[str, Any] = {"id": rid}
-            if alias and alias[0]:
-                rec["alias_of"] = alias[0]
-            for name, fld in coll.fields.items():
-                if name not in stored or stored[name] is None:
-                    continue
-                value = stored[name]
-                if fld.type == "ref" and fld.to:
-                    rec[name] = shown[fld.to].get(value, value)
-                    continue
-                if name in remap:
-                    value = [
-                        {
-                            k: (shown[s.to].get(v, v) if (s := fld.line_field(k)) and s.to else v)
-                            for k, v in line.items()
-                        }
-                        for line in value
-                    ]
-                rec[name] = decode(fld, value)
-            out.append(rec)
-        return out
+    def _set_adapters(self, adapters: plugins.AdapterSet | None) -> None:
+        self._adapters = adapters
+        self._records.consumes = adapters.consumes if adapters is not None else _nobody
 
     def _blocks_key(self, coll: Collection, year: int | None) -> str:
         if coll.series is None or coll.series.strategy != "blocks":
@@ -1457,32 +1020,21 @@ class Node:
         return series_mod.series_key(coll, None)
 
     def _has_provisional(self, coll: Collection) -> bool:
-        row = self.store.conn.execute(
-            "SELECT 1 FROM provisional WHERE collection = ? AND final IS NULL LIMIT 1",
-            (coll.name,),
-        ).fetchone()
-        return row is not None
+        return rec.has_unnumbered(self.store.conn, coll.name)
 
-    def _finalize_provisional(self, conn: sqlite3.Connection, coll: Collection) -> int:
-        pending = conn.execute(
-            "SELECT p.record_id, json_extract(r.data, '$.date') FROM provisional p "
-            "JOIN records r ON r.collection = p.collection AND r.id = p.record_id "
-            "WHERE p.collection = ? AND p.final IS NULL ORDER BY p.rowid",
-            (coll.name,),
-        ).fetchall()
+    def _finalize_provisional(self, txn: WriteTxn, coll: Collection) -> int:
         done = 0
-        for rid, date in pending:
+        for rid, date in rec.unnumbered(txn.conn, coll.name):
             day = dt.date.fromisoformat(date) if date else None
-            number = series_mod.finalize(conn, coll, self.node_id, rid, day, self._clock.wall_ms())
+            number = series_mod.finalize(
+                txn.conn, coll, self.node_id, rid, day, self._clock.wall_ms()
+            )
             if number is None:
                 break
             done += 1
-            row = conn.execute(
-                "SELECT doc, deleted FROM records WHERE collection = ? AND id = ?",
-                (coll.name, rid),
-            ).fetchone()
-            if not row[1]:
-                self._write_entry(conn, coll, self._doc(row[0]), rid, {"number": number})
+            row = rec.row_of(txn.conn, coll.name, rid)
+            if row is not None and not row.deleted:
+                self._write_entry(txn, coll, self._doc(row.doc), rid, {"number": number})
         return done
 
     # -- adapters (issue 5) ------------------------------------------------
@@ -1500,12 +1052,12 @@ class Node:
         their next read or write.
         """
         adapter = plugins.load(name, self.schema, options)
-        with self._write() as conn:
+        with self._write() as txn:
             wanted = plugins.enabled(self.store.meta())
             wanted[name] = dict(options or {})
-            plugins.ensure_conflicts_table(conn)
-            adapter.setup(conn)
-            plugins.rebuild(conn, adapter, self._live_records(adapter), compare=False)
+            plugins.ensure_conflicts_table(txn.conn)
+            adapter.setup(txn.conn)
+            plugins.rebuild(txn.conn, adapter, self._live_records(adapter), compare=False)
             self.store.set_meta(plugins.META_KEY, orjson.dumps(wanted).decode())
         self._adapters_changed(self.store.meta())
 
@@ -1522,11 +1074,11 @@ class Node:
             adapter: plugins.Adapter | None = plugins.load(name, self.schema, wanted[name])
         except AdapterError:
             adapter = None  # not installed any more: forget it, its tables stay
-        with self._write() as conn:
+        with self._write() as txn:
             if adapter is not None:
-                adapter.drop(conn)
-            plugins.ensure_conflicts_table(conn)
-            conn.execute("DELETE FROM adapter_conflicts WHERE adapter = ?", (name,))
+                adapter.drop(txn.conn)
+            plugins.ensure_conflicts_table(txn.conn)
+            txn.execute("DELETE FROM adapter_conflicts WHERE adapter = ?", (name,))
             del wanted[name]
             self.store.set_meta(plugins.META_KEY, orjson.dumps(wanted).decode())
         self._adapters_changed(self.store.meta())
@@ -1548,9 +1100,9 @@ class Node:
                 f"adapter(s) {', '.join(sorted(missing))} not enabled on this node "
                 f"(enabled: {', '.join(a.name for a in active) or 'none'})"
             )
-        with self._write() as conn:
+        with self._write() as txn:
             return [
-                plugins.rebuild(conn, a, self._live_records(a), compare=compare) for a in chosen
+                plugins.rebuild(txn.conn, a, self._live_records(a), compare=compare) for a in chosen
             ]
 
     def invariant_conflicts(self) -> Records:
@@ -1568,33 +1120,6 @@ class Node:
 
     def _live_records(self, adapter: plugins.Adapter) -> Iterator[plugins.RecordChange]:
         return plugins.live_records(self.store.conn, self.schema, adapter.collections, self._states)
-
-
-RefPath = tuple[str, str | None, str]  # (field, line sub-field or None, target collection)
-
-
-def _ref_paths(coll: Collection) -> list[RefPath]:
-    out: list[RefPath] = []
-    for f in coll.fields.values():
-        if f.type == "ref" and f.to:
-            out.append((f.name, None, f.to))
-        out.extend((f.name, sub.name, sub.to) for sub in f.fields if sub.type == "ref" and sub.to)
-    return out
-
-
-def _references(paths: list[RefPath], values: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(target collection, id) of every reference in a record's valid values."""
-    for name, sub, target in paths:
-        value = values.get(name)
-        if value is None:
-            continue
-        if sub is None:
-            yield target, value
-        else:
-            for line in value:
-                ref = line.get(sub)
-                if type(ref) is str:
-                    yield target, ref
 
 
 def _merged(blobs: list[bytes]) -> bytes:
@@ -1619,39 +1144,8 @@ def _writer(update: bytes) -> int | None:
     return client
 
 
-def _chunks(items: list[str], size: int = 500) -> Iterator[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def _marks(chunk: list[str]) -> str:
-    return ", ".join("?" * len(chunk))
-
-
-def _present(conn: sqlite3.Connection, collection: str, ids: list[str]) -> list[str]:
-    """Which of ``ids`` have a row in ``records`` (live, deleted or alias)."""
-    out: list[str] = []
-    for chunk in _chunks(sorted(set(ids))):
-        out += [
-            r[0]
-            for r in conn.execute(
-                f"SELECT id FROM records WHERE collection = ? AND id IN ({_marks(chunk)})",
-                (collection, *chunk),
-            )
-        ]
-    return out
-
-
-def _valid_values(coll: Collection, values: dict[str, Any]) -> dict[str, Any]:
-    """Schema fields whose replicated value is well-formed; a malformed value
-    from a faulty peer is dropped the same way on every node."""
-    fields = coll.fields
-    out = {}
-    for name, value in values.items():
-        fld = fields.get(name)
-        if fld is not None and value is not None and is_stored(fld, value):
-            out[name] = value
-    return out
+def _nobody(coll: Collection) -> bool:
+    return False
 
 
 def _encodable(text: str) -> bool:

@@ -207,26 +207,15 @@ class AdapterSet:
     def __bool__(self) -> bool:
         return bool(self.adapters)
 
-    def watch(
-        self, conn: Any, coll: Collection, states_of: StatesOf, rids: set[str]
-    ) -> _Watch | None:
-        """Start of a materialization: note which of ``rids`` are live now.
-        None when no adapter consumes ``coll``."""
-        consumers = self._by_collection.get(coll.name)
-        if not consumers or not rids:
-            return None
-        ids = sorted(rids)
-        before: set[str] = set()
-        for chunk in _chunks(ids):
-            before.update(
-                r[0]
-                for r in conn.execute(
-                    f"SELECT id FROM records WHERE collection = ? AND deleted = 0 "
-                    f"AND id IN ({_marks(chunk)})",
-                    (coll.name, *chunk),
-                )
-            )
-        return _Watch(consumers, coll, states_of, ids, before)
+    def consumes(self, coll: Collection) -> bool:
+        """Whether an enabled adapter wants the changes of ``coll``'s records."""
+        return coll.name in self._by_collection
+
+    def apply(self, conn: Any, coll: Collection, changes: Sequence[RecordChange]) -> None:
+        """Inside the write transaction that made them: pass ``changes`` (of
+        records of ``coll``) to each adapter consuming ``coll``."""
+        for adapter in self._by_collection.get(coll.name, ()):
+            adapter.apply(conn, changes)
 
 
 class BrokenAdapterSet(AdapterSet):
@@ -239,77 +228,11 @@ class BrokenAdapterSet(AdapterSet):
     def __bool__(self) -> bool:
         return True
 
-    def watch(
-        self, conn: Any, coll: Collection, states_of: StatesOf, rids: set[str]
-    ) -> _Watch | None:
+    def consumes(self, coll: Collection) -> bool:
         raise type(self.error)(
             f"{self.error}; this node enables it, so writes are refused until it is "
             "installed or disabled ('branchline adapters disable')"
         )
-
-
-class _Watch:
-    """One materialization under way; ``deliver`` hands its changes over."""
-
-    def __init__(
-        self,
-        consumers: list[Adapter],
-        coll: Collection,
-        states_of: StatesOf,
-        ids: list[str],
-        before: set[str],
-    ) -> None:
-        self.consumers = consumers
-        self.coll = coll
-        self.states_of = states_of
-        self.ids = ids
-        self.before = before
-
-    def deliver(self, conn: Any) -> None:
-        """End of a materialization (same transaction): pass the records'
-        changes to each consuming adapter."""
-        coll = self.coll
-        changes: list[RecordChange] = []
-        after: set[str] = set()
-        for chunk in _chunks(self.ids):
-            rows = conn.execute(
-                "SELECT id, doc, deleted, created_hlc, created_node, updated_hlc, data, alias_of "
-                f"FROM records WHERE collection = ? AND id IN ({_marks(chunk)}) ORDER BY id",
-                (coll.name, *chunk),
-            ).fetchall()
-            for rid, doc, deleted, c_hlc, c_node, u_hlc, data, alias in rows:
-                live = not deleted
-                was = rid in self.before
-                if not live and not was:
-                    continue
-                after.add(rid)
-                kind: ChangeKind = "deleted" if not live else "updated" if was else "inserted"
-                edited = (
-                    edited_fields(coll, self.states_of(doc, rid), c_hlc)
-                    if live and coll.is_voucher and u_hlc != c_hlc
-                    else ()
-                )
-                changes.append(
-                    RecordChange(
-                        kind,
-                        coll.name,
-                        rid,
-                        doc,
-                        orjson.loads(data),
-                        c_hlc,
-                        c_node,
-                        u_hlc,
-                        edited,
-                        alias,
-                    )
-                )
-        # A record that was live and has no row any more (held back again or
-        # incomplete) is gone for the adapters too.
-        for rid in sorted(self.before - after):
-            changes.append(RecordChange("deleted", coll.name, rid, "", {}, 0, "", 0))
-        if changes:
-            for adapter in self.consumers:
-                adapter.apply(conn, changes)
 
 
 def edited_fields(coll: Collection, states: dict[str, Any], created_hlc: int) -> tuple[str, ...]:

@@ -27,7 +27,6 @@ nodes never renumber the same voucher.
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -43,6 +42,7 @@ from .conflicts import (
 from .errors import ConflictNotFound, UserError, ValidationError
 from .merge import ALIAS, DELETED, JOURNAL
 from .schema import Collection
+from .store import WriteTxn
 from .values import encode
 
 if TYPE_CHECKING:
@@ -67,9 +67,9 @@ def resolve(
     choices = [keep is not None, rename is not None, merge_into is not None, renumber]
     if sum(choices) != 1:
         raise UserError("choose exactly one of keep, rename, merge_into, renumber")
-    with node._write() as conn:
+    with node._write() as txn:
         found = [
-            c for c in list_conflicts(conn, node.schema, node.node_id) if c["id"] == conflict_id
+            c for c in list_conflicts(txn.conn, node.schema, node.node_id) if c["id"] == conflict_id
         ]
         if not found:
             raise ConflictNotFound(
@@ -86,19 +86,19 @@ def resolve(
             if keep is not None:
                 raise UserError("a duplicate_key conflict needs rename, merge_into or renumber")
             if rename is not None:
-                return _rename(node, conn, coll, conflict, rename, record)
+                return _rename(node, txn, coll, conflict, rename, record)
             if merge_into is not None:
-                return _merge_into(node, conn, coll, conflict, merge_into)
-            return _renumber_losers(node, conn, coll, conflict, record, auto=False)[0]
+                return _merge_into(node, txn, coll, conflict, merge_into)
+            return _renumber_losers(node, txn, coll, conflict, record, auto=False)[0]
         if keep is None:
             raise UserError(f"a {kind} conflict is resolved with keep (a node name or a value)")
         if kind == "concurrent_edit":
-            return _keep_value(node, conn, coll, conflict, keep)
-        return _keep_side(node, conn, coll, conflict, keep)
+            return _keep_value(node, txn, coll, conflict, keep)
+        return _keep_side(node, txn, coll, conflict, keep)
 
 
 def renumber_own_duplicates(
-    node: Node, conn: sqlite3.Connection, collections: set[str]
+    node: Node, txn: WriteTxn, collections: set[str]
 ) -> list[dict[str, Any]]:
     """Apply ``on_duplicate = "renumber"``: give fresh numbers to the losing
     vouchers this node created, in ``collections``. Inside the caller's
@@ -108,8 +108,8 @@ def renumber_own_duplicates(
         coll = node.schema.collections[name]
         if coll.on_duplicate != "renumber":
             continue
-        for key in duplicate_keys(conn, coll):
-            group = duplicate_group(conn, coll, key)
+        for key in duplicate_keys(txn.conn, coll):
+            group = duplicate_group(txn.conn, coll, key)
             if any(n == node.node_id for _, n, _ in group[1:]):
                 conflict = {
                     "id": _group_id(coll, key, group),
@@ -117,7 +117,7 @@ def renumber_own_duplicates(
                     "records": [g[0] for g in group],
                     "key": key,
                 }
-                done += _renumber_losers(node, conn, coll, conflict, None, auto=True)
+                done += _renumber_losers(node, txn, coll, conflict, None, auto=True)
     return done
 
 
@@ -126,7 +126,7 @@ def _group_id(coll: Collection, key: str, group: list[tuple[str, str, int]]) -> 
 
 
 def _keep_value(
-    node: Node, conn: sqlite3.Connection, coll: Collection, conflict: Conflict, keep: Any
+    node: Node, txn: WriteTxn, coll: Collection, conflict: Conflict, keep: Any
 ) -> dict[str, Any]:
     field = conflict["field"]
     values = conflict["values"]
@@ -150,14 +150,14 @@ def _keep_value(
                 ) from None
         value = encode(fld, raw, f"{coll.name}.{field}")
         if fld.type == "ref" and value is not None:
-            value = node._resolve_ref(conn, fld.to or "", value, f"{coll.name}.{field}")
+            value = node._resolve_ref(txn, fld.to or "", value, f"{coll.name}.{field}")
     rid = conflict["records"][0]
     old = values[0]["value"]
-    return _write(node, conn, coll, rid, {field: value}, conflict, "keep", old, value, False)
+    return _write(node, txn, coll, rid, {field: value}, conflict, "keep", old, value, False)
 
 
 def _keep_side(
-    node: Node, conn: sqlite3.Connection, coll: Collection, conflict: Conflict, keep: Any
+    node: Node, txn: WriteTxn, coll: Collection, conflict: Conflict, keep: Any
 ) -> dict[str, Any]:
     deleter = conflict["values"][0]["node"]
     editors = {v["node"] for v in conflict["values"][1:]}
@@ -172,12 +172,12 @@ def _keep_side(
         )
     rid = conflict["records"][0]
     action = "keep_delete" if deleted else "keep_edit"
-    return _write(node, conn, coll, rid, {DELETED: deleted}, conflict, action, True, deleted, False)
+    return _write(node, txn, coll, rid, {DELETED: deleted}, conflict, action, True, deleted, False)
 
 
 def _rename(
     node: Node,
-    conn: sqlite3.Connection,
+    txn: WriteTxn,
     coll: Collection,
     conflict: Conflict,
     new_key: str,
@@ -186,11 +186,11 @@ def _rename(
     ids = conflict["records"]
     rid = _loser(ids, record)
     stored = encode(coll.fields[coll.key], new_key, f"{coll.name}.{coll.key}")
-    if node._lookup(conn, coll, stored, by_id=False) is not None:
+    if node._lookup(txn, coll, stored, by_id=False) is not None:
         raise UserError(f"{coll.name}: {coll.key} {new_key!r} is taken by a live record")
     return _write(
         node,
-        conn,
+        txn,
         coll,
         rid,
         {coll.key: stored},
@@ -203,7 +203,7 @@ def _rename(
 
 
 def _merge_into(
-    node: Node, conn: sqlite3.Connection, coll: Collection, conflict: Conflict, winner: str
+    node: Node, txn: WriteTxn, coll: Collection, conflict: Conflict, winner: str
 ) -> dict[str, Any]:
     ids = conflict["records"]
     if winner not in ids:
@@ -212,14 +212,14 @@ def _merge_into(
     for rid in ids:
         if rid != winner:
             entry = _write(
-                node, conn, coll, rid, {ALIAS: winner}, conflict, "merge_into", rid, winner, False
+                node, txn, coll, rid, {ALIAS: winner}, conflict, "merge_into", rid, winner, False
             )
     return entry
 
 
 def _renumber_losers(
     node: Node,
-    conn: sqlite3.Connection,
+    txn: WriteTxn,
     coll: Collection,
     conflict: Conflict,
     record: str | None,
@@ -230,19 +230,19 @@ def _renumber_losers(
     ids = conflict["records"]
     losers = [_loser(ids, record)] if record is not None else ids[1:]
     if auto:
-        losers = [rid for rid in losers if _created_by(conn, coll, rid) == node.node_id]
+        losers = [rid for rid in losers if _created_by(txn, coll, rid) == node.node_id]
     entries = []
     for rid in losers:
-        row = conn.execute(
+        row = txn.execute(
             "SELECT json_extract(data, '$.' || ?) FROM records WHERE collection = ? AND id = ?",
             (coll.partition_field, coll.name, rid),
         ).fetchone()
         date = dt.date.fromisoformat(row[0]) if row and row[0] else None
-        alloc = series_mod.allocate(conn, coll, node.node_id, date, rid, node._clock.wall_ms())
+        alloc = series_mod.allocate(txn.conn, coll, node.node_id, date, rid, node._clock.wall_ms())
         entries.append(
             _write(
                 node,
-                conn,
+                txn,
                 coll,
                 rid,
                 {"number": alloc.number},
@@ -267,8 +267,8 @@ def _loser(ids: list[str], record: str | None) -> str:
     return record
 
 
-def _created_by(conn: sqlite3.Connection, coll: Collection, rid: str) -> str | None:
-    row = conn.execute(
+def _created_by(txn: WriteTxn, coll: Collection, rid: str) -> str | None:
+    row = txn.execute(
         "SELECT created_node FROM records WHERE collection = ? AND id = ?", (coll.name, rid)
     ).fetchone()
     return str(row[0]) if row else None
@@ -276,7 +276,7 @@ def _created_by(conn: sqlite3.Connection, coll: Collection, rid: str) -> str | N
 
 def _write(
     node: Node,
-    conn: sqlite3.Connection,
+    txn: WriteTxn,
     coll: Collection,
     rid: str,
     values: dict[str, Any],
@@ -287,7 +287,7 @@ def _write(
     auto: bool,
 ) -> dict[str, Any]:
     """One replicated write of ``values`` plus a journal entry on record ``rid``."""
-    row = conn.execute(
+    row = txn.execute(
         "SELECT doc FROM records WHERE collection = ? AND id = ?", (coll.name, rid)
     ).fetchone()
     if row is None:
@@ -309,5 +309,5 @@ def _write(
     mine = loaded.doc.states(rid).get(node.node_id)
     earlier = mine["f"].get(JOURNAL, [0, []])[1] if isinstance(mine, dict) else []
     journal = [*(earlier if isinstance(earlier, list) else []), entry][-JOURNAL_CAP:]
-    node._write_entry(conn, coll, loaded, rid, {**values, JOURNAL: journal})
+    node._write_entry(txn, coll, loaded, rid, {**values, JOURNAL: journal})
     return entry

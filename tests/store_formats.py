@@ -10,7 +10,8 @@ from engine.store.node_store import FORMAT_VERSION, STORE_FILE
 
 # format -> SQL removing what it added over the format before
 UNDO = {
-    5: "DROP TABLE shared_keys; DROP TABLE dangling_refs;",
+    6: "DROP TABLE shared_keys; DROP TABLE dangling_refs;",
+    5: "ALTER TABLE sync_failures DROP COLUMN code;",
     4: "DROP VIEW pending_records; DROP TABLE outbox_records;",
     3: "DROP TABLE clients;",
     2: "DROP TABLE resolutions; DROP TABLE waiting; DROP INDEX records_alias; "

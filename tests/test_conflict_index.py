@@ -2,7 +2,7 @@
 records table after any history: edits, deletes and restores of referenced
 records, vouchers whose customer has not arrived, duplicate codes from
 several nodes and their resolutions, partial and full deliveries. A store of
-format 4 is upgraded and its index built when first opened."""
+format 5 is upgraded and its index built when first opened."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_the_index_equals_a_rebuild_after_any_history(
             n.close()
 
 
-def test_a_format_4_store_gets_its_index_when_first_opened(tmp_path: Path) -> None:
+def test_a_format_5_store_gets_its_index_when_first_opened(tmp_path: Path) -> None:
     a, b = make(tmp_path, "A"), make(tmp_path, "B")
     setup_catalogs(a)
     send(a, b)
@@ -123,7 +123,7 @@ def test_a_format_4_store_gets_its_index_when_first_opened(tmp_path: Path) -> No
     assert sorted(c["kind"] for c in before) == ["dangling_reference", "duplicate_key"]
     a.close()
     b.close()
-    downgrade(tmp_path / "A", 4)
+    downgrade(tmp_path / "A", 5)
     a = Node.open(tmp_path / "A")
     try:
         assert a.conflicts() == before

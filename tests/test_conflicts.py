@@ -397,7 +397,8 @@ def test_a_locked_period_refusal_is_listed_as_a_conflict_of_this_node(trio: list
         a,
         "upload",
         "sales_invoice/2026-03",
-        "locked_period: sales_invoice/2026-03 is in period 2026-03, which the relay has locked",
+        "locked_period",
+        "sales_invoice/2026-03 is in period 2026-03, which the relay has locked",
         1_790_000_000_000,
         [inv],
     )

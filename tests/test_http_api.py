@@ -264,8 +264,8 @@ def test_error_table_covers_every_error_in_order() -> None:
 
 def test_failures_listed_retried_one_and_all(home: Path, api: Api) -> None:
     with Node.open(home) as n:
-        up = record_failure(n, "upload", "sales_invoice/2026-11", "locked_period: closed", 5)
-        down = record_failure(n, "download", "customers", "bad_update: not an update", 6)
+        up = record_failure(n, "upload", "sales_invoice/2026-11", "locked_period", "closed", 5)
+        down = record_failure(n, "download", "customers", "bad_update", "not an update", 6)
     api("POST", "/offline")  # a status change: the next read computes it again
     assert api("GET", "/status").json()["failures"] == {"upload": 1, "download": 1}
     listed = api("GET", "/failures").json()

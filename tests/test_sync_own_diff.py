@@ -148,7 +148,7 @@ def test_a_retried_not_author_failure_with_nothing_left_to_send_is_resolved(
     head = relay.store.enroll("acme", "HO", carrier=True)
     relay.store.append_updates("acme", [UpdateIn(DOC, b.export_updates()[DOC], "HO")])
     b.ack([seq for seq, _, _ in b.outbox()])
-    failures.record_failure(b, failures.UPLOAD, DOC, f"{codes.NOT_AUTHOR}: waits", START_MS)
+    failures.record_failure(b, failures.UPLOAD, DOC, codes.NOT_AUTHOR, "waits", START_MS)
     assert head.carrier
     link = relay.connect(b, relay.store.enroll("acme", "B").token)
     relay.pump()
@@ -159,7 +159,7 @@ def test_other_failures_are_not_retried_by_themselves(tmp_path: Path, relay: Mem
     b = make_node(tmp_path, "B")
     b.put(DOC, {"code": "KB", "name": "b1"})
     failures.record_failure(
-        b, failures.UPLOAD, DOC, f"{codes.LOCKED_PERIOD}: locked (test)", START_MS
+        b, failures.UPLOAD, DOC, codes.LOCKED_PERIOD, "locked (test)", START_MS
     )
     link = relay.connect(b, relay.store.enroll("acme", "B").token)
     relay.pump()
@@ -190,7 +190,7 @@ def test_a_retried_failure_is_resolved_by_an_answer_that_carried_no_outbox_row(
     b = make_node(tmp_path, "B")
     b.put(DOC, {"code": "KB", "name": "b1"})
     b.ack([seq for seq, _, _ in b.outbox()])
-    failures.record_failure(b, failures.UPLOAD, DOC, f"{codes.NOT_AUTHOR}: waits", START_MS)
+    failures.record_failure(b, failures.UPLOAD, DOC, codes.NOT_AUTHOR, "waits", START_MS)
     link = relay.connect(b, relay.store.enroll("acme", "B").token)
     relay.pump()
     assert link.driver.synced and failures.list_failures(b) == []

@@ -1,4 +1,7 @@
-"""SQLite node store: update log, snapshots, outbox, records, series, metadata.
+"""The node store's file: its tables, format versions and migrations, the
+connection, and the write transaction (``WriteTxn``) every writer uses. What
+the tables hold is read and written by one module per concept (``doclog``,
+``outbox``, ``records``, ``failures``, ``meta``).
 
 Durability: WAL with ``synchronous=FULL``, so a commit is on disk when
 ``transaction()`` returns. Several processes may open one store; writers are
@@ -14,12 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import FormatVersionError, HomeExists, HomeNotFound, StoreError
+from . import meta as meta_table
 from .conflict_index import INDEX_SQL, STALE_META
 from .health import check_store, problem, recovery_hint
 from .private import create_file, make_home
+from .txn import WriteTxn
 
 STORE_FILE = "branchline.db"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 BUSY_TIMEOUT_MS = 30_000
 CACHE_KIB = 16_384
 
@@ -119,6 +124,7 @@ CREATE TABLE sync_failures (
     first_at INTEGER NOT NULL,
     last_at INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 1,
+    code TEXT NOT NULL DEFAULT 'local',  -- format 5: the reason's code, as a column
     UNIQUE (direction, doc, reason)
 );
 """
@@ -180,7 +186,17 @@ CREATE VIEW pending_records AS
 """
 SCHEMA_SQL += OUTBOX_RECORDS_SQL
 
-# Added in format 5: the conflict index (engine.store.conflict_index).
+# Added in format 5: sync failures carry their code in a column (before, only
+# in the reason text, ``code: message``; a reason without one counts as local).
+FAILURE_CODE_SQL = """
+ALTER TABLE sync_failures ADD COLUMN code TEXT NOT NULL DEFAULT 'local';
+UPDATE sync_failures SET code = substr(reason, 1, instr(reason, ': ') - 1)
+WHERE instr(reason, ': ') > 1
+    AND substr(reason, 1, instr(reason, ': ') - 1) NOT GLOB '*[^a-z0-9_]*'
+    AND substr(reason, 1, instr(reason, ': ') - 1) GLOB '*[a-z]*';
+"""
+
+# Added in format 6: the conflict index (engine.store.conflict_index).
 SCHEMA_SQL += INDEX_SQL
 
 # Format n -> n + 1. Each step only adds, so older rows stay exactly right.
@@ -188,8 +204,9 @@ MIGRATIONS = {
     1: "ALTER TABLE records ADD COLUMN alias_of TEXT;\n" + RESOLUTION_SQL,
     2: CLIENTS_SQL,
     3: OUTBOX_RECORDS_SQL,
+    4: FAILURE_CODE_SQL,
     # Derived from records by code, not SQL: rebuilt when the node first opens.
-    4: INDEX_SQL + f"\nINSERT INTO meta (key, value) VALUES ('{STALE_META}', '1');",
+    5: INDEX_SQL + f"\nINSERT INTO meta (key, value) VALUES ('{STALE_META}', '1');",
 }
 
 
@@ -221,14 +238,12 @@ class NodeStore:
         make_home(home)
         create_file(path)  # 0600 before SQLite writes the token into it
         store = cls(path, _connect(path))
-        with store.transaction():
+        with store.transaction() as txn:
             # executescript() would commit; statement by statement keeps it atomic.
             for statement in _statements(SCHEMA_SQL):
-                store.conn.execute(statement)
-            store.conn.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?)", sorted(meta.items())
-            )
-            store.conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+                txn.execute(statement)
+            meta_table.insert_many(txn, meta)
+            txn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
         return store
 
     @classmethod
@@ -257,24 +272,25 @@ class NodeStore:
     def _migrate(self) -> None:
         """Upgrade an older format in one transaction (another process may
         have done it first: the version is read again under the write lock)."""
-        with self.transaction() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        with self.transaction() as txn:
+            version = txn.execute("PRAGMA user_version").fetchone()[0]
             while version != FORMAT_VERSION:
                 for statement in _statements(MIGRATIONS[version]):
-                    conn.execute(statement)
+                    txn.execute(statement)
                 version += 1
-            conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
+            txn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
 
     def close(self) -> None:
         self.conn.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[WriteTxn]:
         """A write transaction holding the store's write lock; durable on exit.
         Inside another one it is a savepoint of it: undone alone on an
         exception, durable when the outermost one commits (group commit).
 
-        Rolls back (to the savepoint) and re-raises on any exception.
+        Rolls back (to the savepoint) and re-raises on any exception. Raises
+        StoreError when the lock cannot be had or the commit fails.
         """
         if self._depth:
             yield from self._savepoint()
@@ -285,7 +301,7 @@ class NodeStore:
             raise StoreError(f"{self.path}: cannot start a write ({exc})") from None
         self._depth = 1
         try:
-            yield self.conn
+            yield WriteTxn(self.conn)
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
@@ -297,12 +313,12 @@ class NodeStore:
             self.conn.execute("ROLLBACK")
             raise StoreError(f"{self.path}: commit failed ({exc})") from None
 
-    def _savepoint(self) -> Iterator[sqlite3.Connection]:
+    def _savepoint(self) -> Iterator[WriteTxn]:
         name = f"nested_{self._depth}"
         self.conn.execute(f"SAVEPOINT {name}")
         self._depth += 1
         try:
-            yield self.conn
+            yield WriteTxn(self.conn)
         except BaseException:
             self.conn.execute(f"ROLLBACK TO {name}")
             self.conn.execute(f"RELEASE {name}")
@@ -323,15 +339,34 @@ class NodeStore:
         self._data_version = version
         return changed
 
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """One read snapshot of the store (or the write transaction under
+        way): another process compacting between two queries would otherwise
+        delete log rows this process has not applied yet."""
+        conn = self.conn
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
     def meta(self) -> dict[str, str]:
-        return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        return meta_table.read_all(self.conn)
+
+    def get_meta(self, key: str) -> str | None:
+        return meta_table.get(self.conn, key)
 
     def set_meta(self, key: str, value: str) -> None:
-        self.conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
+        """Inside ``transaction()``: set one meta key."""
+        meta_table.put(WriteTxn(self.conn), key, value)
+
+    def delete_meta(self, key: str) -> bool:
+        """Inside ``transaction()``: remove one meta key; True when it was there."""
+        return meta_table.delete(WriteTxn(self.conn), key)
 
     def integrity_check(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])

@@ -54,6 +54,7 @@ time: the transport runs every call on the thread that owns the ``Node``.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ from ..protocol import (
     UpdateRefused,
     codes,
 )
+from ..store import outbox
 from . import failures as fl
 
 #: Refs of state-diff answers and lease requests start here; outbox seqs (the
@@ -109,13 +111,14 @@ LEASE_RETRY_BASE_MS = 1_000
 LEASE_RETRY_CAP_MS = 60_000
 
 ProgressCallback = Callable[[str, int, int], None]
+_QUOTED = re.compile(r"'([^']*)'")
 
 # Codes after which reconnecting cannot help: a person must act.
 _FATAL_CODES = frozenset(
     {codes.AUTH_FAILED, codes.WRONG_DATASET, codes.UNSUPPORTED_VERSION, codes.READ_ONLY}
 )
-# Codes by which the relay refuses an update it received (the message names
-# the document, see engine.relay.server._rejection). A code this version does
+# Codes by which the relay refuses an update it received (``refused_docs``
+# finds the document). A code this version does
 # not know (say a future period lock) is taken as such a refusal too.
 _REFUSAL_CODES = frozenset(
     {codes.BAD_UPDATE, codes.FRAME_TOO_LARGE, codes.UNKNOWN_DOCUMENT, codes.READ_ONLY}
@@ -166,6 +169,16 @@ class DriverStats:
     passes_completed: int = 0
     first_update_ms: int | None = None  # wall ms of the first update received
     extra: dict[str, int] = field(default_factory=dict)
+
+
+def refused_docs(ev: ErrorReceived) -> list[str]:
+    """The documents an error frame refusing an update may be about, most
+    certain first: its ``doc`` field when the frame has one (the protocol's
+    error frame has none yet), then the names quoted in the message (the relay
+    writes ``update of 'DOC' not stored: ...``)."""
+    doc = getattr(ev, "doc", None)
+    named = [doc] if isinstance(doc, str) and DOC_RE.match(doc) else []
+    return named + [n for n in _QUOTED.findall(ev.message) if DOC_RE.match(n)]
 
 
 def upload_order(node: Node, docs: Iterable[str], today: dt.date) -> list[str]:
@@ -438,7 +451,8 @@ class SyncDriver:
             self.node,
             fl.UPLOAD,
             ev.doc,
-            f"{ev.code}: {ev.message}",
+            ev.code,
+            ev.message,
             self._wall_ms(),
             self._records_of(seqs),
         )
@@ -452,19 +466,24 @@ class SyncDriver:
 
     def _quarantine(self, ev: ErrorReceived) -> list[str]:
         """Record an upload failure for the documents the refusal is about and
-        hold them. The relay names the document of the refused update in its
-        message; failing that, only a single document in flight is certain.
-        Returns the documents held (none when it cannot tell)."""
+        hold them: the document the error names (``refused_doc``); failing
+        that, only a single document in flight is certain. Returns the
+        documents held (none when it cannot tell)."""
         inflight: dict[str, list[int]] = {}
         for ref, doc in self.session.unacked.items():
             inflight.setdefault(doc, []).append(ref)
-        named = [d for d in inflight if repr(d) in ev.message]
+        named = [d for d in refused_docs(ev) if d in inflight][:1]
         docs = named or (list(inflight) if len(inflight) == 1 else [])
-        reason = f"{ev.code}: {ev.message}"
         for doc in sorted(docs):
             seqs = [s for ref in inflight[doc] for s in self._inflight.get(ref, [])]
             fl.record_failure(
-                self.node, fl.UPLOAD, doc, reason, self._wall_ms(), self._records_of(seqs)
+                self.node,
+                fl.UPLOAD,
+                doc,
+                ev.code,
+                ev.message,
+                self._wall_ms(),
+                self._records_of(seqs),
             )
             self.quarantined.append(doc)
         if docs:
@@ -474,20 +493,7 @@ class SyncDriver:
 
     def _records_of(self, seqs: list[int]) -> list[str]:
         """Record ids written by outbox rows ``seqs`` (at most ``fl.MAX_RECORDS``)."""
-        out: set[str] = set()
-        for i in range(0, len(seqs), 500):
-            chunk = seqs[i : i + 500]
-            out.update(
-                str(r[0])
-                for r in self.node.store.conn.execute(
-                    "SELECT DISTINCT record FROM pending_records "
-                    f"WHERE seq IN ({', '.join('?' * len(chunk))})",
-                    chunk,
-                )
-            )
-            if len(out) >= fl.MAX_RECORDS:
-                break
-        return sorted(out)[: fl.MAX_RECORDS]
+        return outbox.records_of(self.node.store.conn, seqs, fl.MAX_RECORDS)
 
     def _pending_retry(self) -> bool:
         """A retried download not asked again yet, or a document refused
@@ -529,29 +535,29 @@ class SyncDriver:
     def _refuse_pending_uploads(self) -> None:
         """A read-only node with local changes: record one upload failure per
         document holding them (the rows stay in the outbox, nothing is sent)."""
-        pending = self.node.store.conn.execute(
-            "SELECT doc, COUNT(*) FROM updates WHERE pending = 1 GROUP BY doc ORDER BY doc"
-        ).fetchall()
+        pending = outbox.rows_per_doc(self.node.store.conn)
         if not pending:
             return
-        reason = (
-            f"{codes.READ_ONLY}: node {self.node.node_id!r} is enrolled read-only on the "
+        message = (
+            f"node {self.node.node_id!r} is enrolled read-only on the "
             "relay: its local changes are not uploaded; enroll it again without --read-only "
             "to upload them"
         )
-        for doc, _count in pending:
-            seqs = [
-                int(r[0])
-                for r in self.node.store.conn.execute(
-                    "SELECT seq FROM updates WHERE pending = 1 AND doc = ? LIMIT ?",
-                    (doc, fl.MAX_RECORDS),
-                )
-            ]
+        for doc in pending:
+            seqs = outbox.seqs_of(self.node.store.conn, doc, fl.MAX_RECORDS)
             fl.record_failure(
-                self.node, fl.UPLOAD, str(doc), reason, self._wall_ms(), self._records_of(seqs)
+                self.node,
+                fl.UPLOAD,
+                doc,
+                codes.READ_ONLY,
+                message,
+                self._wall_ms(),
+                self._records_of(seqs),
             )
-        total = sum(int(c) for _, c in pending)
-        self.upload_refused = f"{reason} ({total} pending in {len(pending)} documents)"
+        total = sum(pending.values())
+        self.upload_refused = (
+            f"{codes.READ_ONLY}: {message} ({total} pending in {len(pending)} documents)"
+        )
 
     # -- internals -----------------------------------------------------------
 
@@ -562,9 +568,9 @@ class SyncDriver:
                 f"{self.node.dataset!r}"
             )
         self.opened = ev
-        if META_TOKEN_REFUSED in self.node.store.meta():
-            with self.node.store.transaction() as conn:
-                conn.execute("DELETE FROM meta WHERE key = ?", (META_TOKEN_REFUSED,))
+        if self.node.store.get_meta(META_TOKEN_REFUSED) is not None:
+            with self.node.store.transaction():
+                self.node.store.delete_meta(META_TOKEN_REFUSED)
         if not ev.read_only:
             # The relay takes this node's writes again: read-only refusals are moot.
             docs = [f.doc for f in fl.list_failures(self.node) if f.code == codes.READ_ONLY]
@@ -587,12 +593,10 @@ class SyncDriver:
         for entry in self._docs.values():
             self.progress.setdefault(entry.collection, Progress()).docs_total += 1
         if not ev.read_only:
-            for doc, count in self.node.store.conn.execute(
-                "SELECT doc, COUNT(DISTINCT record) FROM pending_records GROUP BY doc"
-            ):
-                found = self._docs.get(str(doc))
+            for doc, count in outbox.records_per_doc(self.node.store.conn).items():
+                found = self._docs.get(doc)
                 if found is not None and doc not in self.held:
-                    self.progress[found.collection].total += int(count)
+                    self.progress[found.collection].total += count
         for coll, prog in self.progress.items():
             self._report(coll, prog)
         self.session.start_sync([(d, states.get(d, EMPTY_STATE_VECTOR)) for d in order])
@@ -621,7 +625,7 @@ class SyncDriver:
                     self.node.schema.collections
                 )
                 code = fl.INVALID if whole else fl.SCHEMA
-                fl.record_failure(self.node, fl.DOWNLOAD, doc, f"{code}: {exc}", self._wall_ms())
+                fl.record_failure(self.node, fl.DOWNLOAD, doc, code, str(exc), self._wall_ms())
                 self._failed_down = self._failed_down | {doc}
                 if code == fl.SCHEMA:
                     self._held_down = self._held_down | {doc}
@@ -658,7 +662,7 @@ class SyncDriver:
             except UpdateError as exc:
                 # Nothing of it can go up in updates the relay accepts: say so
                 # where the user looks, hold it, and let the pass go on.
-                fl.record_failure(self.node, fl.UPLOAD, doc, f"{fl.LOCAL}: {exc}", self._wall_ms())
+                fl.record_failure(self.node, fl.UPLOAD, doc, fl.LOCAL, str(exc), self._wall_ms())
                 self.held = self.held | {doc}
                 parts = []
             else:
@@ -693,12 +697,7 @@ class SyncDriver:
 
     def _owners(self, doc: str) -> dict[int, list[str]]:
         """Outbox seq -> records of ``doc``'s pending rows (progress counts records)."""
-        out: dict[int, list[str]] = {}
-        for seq, record in self.node.store.conn.execute(
-            "SELECT seq, record FROM pending_records WHERE doc = ?", (doc,)
-        ):
-            out.setdefault(int(seq), []).append(str(record))
-        return out
+        return outbox.owners(self.node.store.conn, doc)
 
     def _parts(self, doc: str, sv: bytes) -> list[tuple[list[int], bytes]]:
         # An empty diff with pending rows is still sent: the relay holds them
@@ -735,20 +734,16 @@ class SyncDriver:
         batch: list[tuple[str, bytes, int]] = []  # (doc, data, ref = seq), in seq order
         cursor = self._cursor
         while room > 0:
-            rows = self.node.store.conn.execute(
-                "SELECT seq, doc, data FROM updates WHERE pending = 1 AND seq > ? "
-                "ORDER BY seq LIMIT ?",
-                (cursor, MAX_LIVE_BATCH),
-            ).fetchall()
+            rows = outbox.rows(self.node.store.conn, after=cursor, limit=MAX_LIVE_BATCH)
             if not rows:
                 break
             for seq, doc, data in rows:
                 if room <= 0:
                     break
-                cursor = int(seq)
+                cursor = seq
                 if cursor in self._sent or doc in self.held:
                     continue
-                batch.append((str(doc), bytes(data), cursor))
+                batch.append((doc, data, cursor))
                 room -= 1
         # One call: several updates per frame (docs/protocol.md §6.3).
         self.session.send_updates(batch)
@@ -793,11 +788,7 @@ class SyncDriver:
         for doc, upto in touched.items():
             if doc not in self._retry_up:
                 continue
-            left = self.node.store.conn.execute(
-                "SELECT 1 FROM updates WHERE pending = 1 AND doc = ? AND seq <= ? LIMIT 1",
-                (doc, upto),
-            ).fetchone()
-            if left is None:
+            if not outbox.pending_upto(self.node.store.conn, doc, upto):
                 done.append(doc)
         if done:
             fl.resolve(self.node, fl.UPLOAD, done, only_retrying=True)
@@ -825,13 +816,7 @@ class SyncDriver:
 
     def _has_pending(self) -> bool:
         """Outbox rows of documents that are not held."""
-        held = sorted(self.held)
-        row = self.node.store.conn.execute(
-            "SELECT 1 FROM updates WHERE pending = 1 "
-            f"AND doc NOT IN ({', '.join('?' * len(held))}) LIMIT 1",
-            held,
-        ).fetchone()
-        return row is not None
+        return outbox.any_pending(self.node.store.conn, except_docs=self.held)
 
     def _new_ref(self) -> int:
         ref = self._next_ref

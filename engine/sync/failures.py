@@ -29,8 +29,9 @@ their documents again. An upload failure is resolved (its row deleted) when
 the relay acknowledges the document's updates; if it is refused again, the
 row counts one more attempt and the document is held again.
 
-Every function here runs plain SQLite on the node's store (sans-I/O, no
-clock: times are passed in). Each write is one transaction.
+The rows are kept by ``engine.store.failures`` (the failure's code is a
+column there); this module is the policy over them (sans-I/O, no clock:
+times are passed in). Each write is one transaction.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ import orjson
 from ..errors import FailureNotFound
 from ..node import Node
 from ..protocol import codes
+from ..store import WriteTxn, meta
+from ..store import failures as rows
+from ..store.failures import FailureRow
 
 UPLOAD = "upload"
 DOWNLOAD = "download"
@@ -66,7 +70,7 @@ AUTO_RETRY: frozenset[str] = frozenset({codes.NOT_AUTHOR})
 
 
 @dataclass(frozen=True)
-class Failure:
+class Failure(FailureRow):
     """One sync failure that needs a person.
 
     ``direction``: ``upload`` (failed to go up) or ``download`` (failed to
@@ -76,16 +80,7 @@ class Failure:
     has not happened yet. ``held``: local changes of the document that stay
     in the outbox while it is held (uploads only)."""
 
-    id: int
-    direction: str
-    doc: str
     collection: str
-    records: list[str]
-    code: str
-    reason: str
-    first_at: int
-    last_at: int
-    attempts: int
     retrying: bool
     held: int
 
@@ -106,50 +101,30 @@ class Failure:
         }
 
 
-def code_of(reason: str) -> str:
-    """The code a stored reason starts with (``code: message``); reasons of
-    older stores without one count as ``local``."""
-    head, sep, _ = reason.partition(": ")
-    if sep and head and head.replace("_", "").isalnum() and head.islower():
-        return head
-    return LOCAL
-
-
 def record_failure(
     node: Node,
     direction: str,
     doc: str,
-    reason: str,
+    code: str,
+    message: str,
     at_ms: int,
     records: Iterable[str] | None = None,
 ) -> int:
-    """Record a failure, or count one more attempt of the same (direction,
-    document, reason); returns its id. A retry the user asked for is
-    consumed: the failure is held again. Earlier failures of the same
-    document and direction that were being retried are superseded by this
-    one (their cause changed). ``reason`` should read ``code: message``."""
+    """Record a failure with ``code`` (the relay's code, ``schema``,
+    ``invalid`` or ``local``), or count one more attempt of the same
+    (direction, document, reason); returns its id. The reason shown is
+    ``code: message``. A retry the user asked for is consumed: the failure
+    is held again. Earlier failures of the same document and direction that
+    were being retried are superseded by this one (their cause changed)."""
     names = sorted(set(records or ()))[:MAX_RECORDS]
-    stored = orjson.dumps(names).decode() if names else None
-    with node.store.transaction() as conn:
+    reason = f"{code}: {message}"[:MAX_REASON_CHARS]
+    with node.store.transaction() as txn:
         retrying = _retry_ids(node)
-        row = conn.execute(
-            "INSERT INTO sync_failures (direction, doc, record, reason, first_at, last_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (direction, doc, reason) DO UPDATE SET "
-            "attempts = attempts + 1, last_at = excluded.last_at, "
-            "record = COALESCE(excluded.record, record) RETURNING id",
-            (direction, doc, stored, reason[:MAX_REASON_CHARS], at_ms, at_ms),
-        ).fetchone()
-        fid = int(row[0])
-        stale = [
-            int(r[0])
-            for r in conn.execute(
-                "SELECT id FROM sync_failures WHERE direction = ? AND doc = ? AND id != ?",
-                (direction, doc, fid),
-            )
-            if int(r[0]) in retrying
-        ]
-        conn.executemany("DELETE FROM sync_failures WHERE id = ?", [(i,) for i in stale])
-        _set_retry_ids(node, retrying - {fid} - set(stale))
+        fid = rows.record(txn, direction, doc, code, reason, at_ms, names)
+        others = rows.ids_of(txn.conn, direction, [doc])
+        stale = [i for i in others if i != fid and i in retrying]
+        rows.delete(txn, stale)
+        _set_retry_ids(node, txn, retrying - {fid} - set(stale))
         return fid
 
 
@@ -161,62 +136,35 @@ def resolve(node: Node, direction: str, docs: Iterable[str], *, only_retrying: b
     wanted = sorted(set(docs))
     if not wanted:
         return 0
-    with node.store.transaction() as conn:
+    with node.store.transaction() as txn:
         retrying = _retry_ids(node)
-        ids = [
-            int(r[0])
-            for r in conn.execute(
-                f"SELECT id FROM sync_failures WHERE direction = ? AND doc IN ({_marks(wanted)})",
-                (direction, *wanted),
-            )
-        ]
+        ids = rows.ids_of(txn.conn, direction, wanted)
         if only_retrying:
             ids = [i for i in ids if i in retrying]
-        conn.executemany("DELETE FROM sync_failures WHERE id = ?", [(i,) for i in ids])
+        rows.delete(txn, ids)
         if retrying & set(ids):
-            _set_retry_ids(node, retrying - set(ids))
+            _set_retry_ids(node, txn, retrying - set(ids))
         return len(ids)
 
 
 def list_failures(node: Node) -> list[Failure]:
     """Every recorded failure, uploads first, then by document and id."""
-    conn = node.store.conn
     retrying = _retry_ids(node)
-    held = dict(
-        conn.execute("SELECT doc, COUNT(*) FROM updates WHERE pending = 1 GROUP BY doc").fetchall()
-    )
-    out = []
-    for fid, direction, doc, record, reason, first_at, last_at, attempts in conn.execute(
-        "SELECT id, direction, doc, record, reason, first_at, last_at, attempts "
-        "FROM sync_failures ORDER BY direction DESC, doc, id"
-    ):
-        out.append(
-            Failure(
-                id=int(fid),
-                direction=str(direction),
-                doc=str(doc),
-                collection=str(doc).partition("/")[0],
-                records=_records(record),
-                code=code_of(str(reason)),
-                reason=str(reason),
-                first_at=int(first_at),
-                last_at=int(last_at),
-                attempts=int(attempts),
-                retrying=int(fid) in retrying,
-                held=int(held.get(doc, 0)) if direction == UPLOAD else 0,
-            )
+    held = node.outbox_rows_per_doc()
+    return [
+        Failure(
+            **vars(r),
+            collection=r.doc.partition("/")[0],
+            retrying=r.id in retrying,
+            held=held.get(r.doc, 0) if r.direction == UPLOAD else 0,
         )
-    return out
+        for r in rows.rows(node.store.conn)
+    ]
 
 
 def failure_counts(node: Node) -> dict[str, int]:
     """``{"upload": n, "download": n}``: recorded failures per direction."""
-    out = {UPLOAD: 0, DOWNLOAD: 0}
-    for direction, count in node.store.conn.execute(
-        "SELECT direction, COUNT(*) FROM sync_failures GROUP BY direction"
-    ):
-        out[str(direction)] = int(count)
-    return out
+    return {UPLOAD: 0, DOWNLOAD: 0, **rows.counts(node.store.conn)}
 
 
 def retry(node: Node, ids: Iterable[int] | None = None) -> list[Failure]:
@@ -224,8 +172,8 @@ def retry(node: Node, ids: Iterable[int] | None = None) -> list[Failure]:
     sync picks them up within a poll, otherwise the next sync does. Returns
     the failures marked. Raises FailureNotFound (nothing is marked) for an
     unknown id."""
-    with node.store.transaction() as conn:
-        known = {int(r[0]) for r in conn.execute("SELECT id FROM sync_failures")}
+    with node.store.transaction() as txn:
+        known = rows.all_ids(txn.conn)
         wanted = known if ids is None else set(ids)
         missing = sorted(wanted - known)
         if missing:
@@ -233,7 +181,7 @@ def retry(node: Node, ids: Iterable[int] | None = None) -> list[Failure]:
             raise FailureNotFound(
                 f"no sync failure with id {listed}; 'branchline failures' lists them"
             )
-        _set_retry_ids(node, _retry_ids(node) | wanted)
+        _set_retry_ids(node, txn, _retry_ids(node) | wanted)
     return [f for f in list_failures(node) if f.id in wanted]
 
 
@@ -244,21 +192,15 @@ def retry_codes(node: Node, direction: str, wanted: Iterable[str]) -> list[int]:
     want = frozenset(wanted)
 
     def matching() -> set[int]:
-        return {
-            int(fid)
-            for fid, reason in node.store.conn.execute(
-                "SELECT id, reason FROM sync_failures WHERE direction = ?", (direction,)
-            )
-            if code_of(str(reason)) in want
-        }
+        return {fid for fid, _, code in rows.keys(node.store.conn, direction) if code in want}
 
     if not matching():
         return []  # the usual case: no write transaction at all
-    with node.store.transaction():
+    with node.store.transaction() as txn:
         ids = matching()
         retrying = _retry_ids(node)
         if ids - retrying:
-            _set_retry_ids(node, retrying | ids)
+            _set_retry_ids(node, txn, retrying | ids)
     return sorted(ids)
 
 
@@ -267,11 +209,7 @@ def held_uploads(node: Node) -> frozenset[str]:
     user has not asked to retry)."""
     retrying = _retry_ids(node)
     return frozenset(
-        str(doc)
-        for fid, doc in node.store.conn.execute(
-            "SELECT id, doc FROM sync_failures WHERE direction = ?", (UPLOAD,)
-        )
-        if int(fid) not in retrying
+        doc for fid, doc, _ in rows.keys(node.store.conn, UPLOAD) if fid not in retrying
     )
 
 
@@ -280,33 +218,22 @@ def held_downloads(node: Node) -> frozenset[str]:
     them (failure code ``schema``) and no retry was asked for."""
     retrying = _retry_ids(node)
     return frozenset(
-        str(doc)
-        for fid, doc, reason in node.store.conn.execute(
-            "SELECT id, doc, reason FROM sync_failures WHERE direction = ?", (DOWNLOAD,)
-        )
-        if int(fid) not in retrying and code_of(str(reason)) == SCHEMA
+        doc
+        for fid, doc, code in rows.keys(node.store.conn, DOWNLOAD)
+        if fid not in retrying and code == SCHEMA
     )
 
 
 def failed_docs(node: Node, direction: str) -> frozenset[str]:
     """Documents with a recorded failure in ``direction``."""
-    return frozenset(
-        str(doc)
-        for (doc,) in node.store.conn.execute(
-            "SELECT DISTINCT doc FROM sync_failures WHERE direction = ?", (direction,)
-        )
-    )
+    return frozenset(doc for _, doc, _ in rows.keys(node.store.conn, direction))
 
 
 def retrying_docs(node: Node, direction: str) -> frozenset[str]:
     """Documents with a failure in ``direction`` that the user asked to retry."""
     retrying = _retry_ids(node)
     return frozenset(
-        str(doc)
-        for fid, doc in node.store.conn.execute(
-            "SELECT id, doc FROM sync_failures WHERE direction = ?", (direction,)
-        )
-        if int(fid) in retrying
+        doc for fid, doc, _ in rows.keys(node.store.conn, direction) if fid in retrying
     )
 
 
@@ -314,36 +241,19 @@ def retrying_docs(node: Node, direction: str) -> frozenset[str]:
 
 
 def _retry_ids(node: Node) -> set[int]:
-    row = node.store.conn.execute("SELECT value FROM meta WHERE key = ?", (META_RETRY,)).fetchone()
-    if row is None:
+    raw = meta.get(node.store.conn, META_RETRY)
+    if raw is None:
         return set()
     try:
-        value = orjson.loads(row[0])
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return set()  # a damaged marker only loses retry requests, never failures
     return {int(i) for i in value if isinstance(i, int)} if isinstance(value, list) else set()
 
 
-def _set_retry_ids(node: Node, ids: set[int]) -> None:
-    """Inside a transaction: store the retry marks (deleting the key when empty)."""
+def _set_retry_ids(node: Node, txn: WriteTxn, ids: set[int]) -> None:
+    """Store the retry marks (deleting the key when empty)."""
     if ids:
-        node.store.set_meta(META_RETRY, orjson.dumps(sorted(ids)).decode())
+        meta.put(txn, META_RETRY, orjson.dumps(sorted(ids)).decode())
     else:
-        node.store.conn.execute("DELETE FROM meta WHERE key = ?", (META_RETRY,))
-
-
-def _records(stored: object) -> list[str]:
-    if stored is None:
-        return []
-    text = str(stored)
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return [text]  # a single id, as older rows may hold
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    return [text]
-
-
-def _marks(items: list[str]) -> str:
-    return ", ".join("?" * len(items))
+        meta.delete(txn, META_RETRY)

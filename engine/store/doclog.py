@@ -1,0 +1,217 @@
+"""The document log: per CRDT document a snapshot plus the update rows after
+it (``updates``, ``snapshots``), the documents loaded from them, compaction,
+and the Yjs client ids this home writes with (``clients``).
+
+One ``DocLog`` per open store keeps at most ``MAX_LOADED_DOCS`` documents in
+memory (least recently used are dropped and reloaded on demand). The relay's
+log (``engine.relay.sqlite_store``) differs (documents per dataset, raw
+waiting rows, a memory budget); what both share is the compaction rule,
+``compaction_due``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from ..crdt import RecordDoc, trim_heap
+from .txn import WriteTxn
+
+MAX_LOADED_DOCS = 64
+# A document's log is folded into a new snapshot once it holds COMPACT_MIN_ROWS
+# rows and a quarter of the snapshot's size (re-encoding a large document costs
+# about a second, so it must be rare), or COMPACT_MAX_ROWS rows in any case.
+COMPACT_MIN_ROWS = 1000
+COMPACT_MAX_ROWS = 20_000
+COMPACT_RATIO = 0.25
+TRIM_AFTER_BYTES = 4 << 20  # after loading this much, hand freed memory back
+
+Reading = Callable[[], AbstractContextManager[sqlite3.Connection]]
+
+
+def compaction_due(
+    tail: int,
+    tail_bytes: int,
+    base_bytes: int,
+    *,
+    min_rows: int = COMPACT_MIN_ROWS,
+    ratio: float = COMPACT_RATIO,
+    max_rows: int = COMPACT_MAX_ROWS,
+) -> bool:
+    """Whether a log of ``tail`` rows (``tail_bytes``) over a snapshot of
+    ``base_bytes`` should be folded into a new snapshot."""
+    return tail >= max_rows or (tail >= min_rows and tail_bytes >= ratio * base_bytes)
+
+
+@dataclass
+class Loaded:
+    """A document in memory and where it stands in the log."""
+
+    doc: RecordDoc
+    applied: int  # highest update-log seq integrated into ``doc``
+    snapshot: int  # ``upto`` of the snapshot it was loaded from
+    tail: int  # log rows after the snapshot
+    tail_bytes: int = 0
+    base_bytes: int = 0  # size of the snapshot
+
+
+class DocLog:
+    """The log of one open store and the documents loaded from it.
+
+    ``reading`` opens a consistent read snapshot (``NodeStore.reading``);
+    ``wall_ms`` dates the rows written.
+    """
+
+    def __init__(
+        self,
+        reading: Reading,
+        client_id: int,
+        wall_ms: Callable[[], int],
+    ) -> None:
+        self._reading = reading
+        self.client_id = client_id
+        self._wall_ms = wall_ms
+        self._docs: OrderedDict[str, Loaded] = OrderedDict()
+
+    def clear(self) -> None:
+        """Drop every loaded document (after a rollback: they may hold
+        changes that did not commit)."""
+        self._docs.clear()
+
+    def documents(self) -> list[str]:
+        """Names of the documents the log holds, sorted."""
+        with self._reading() as conn:
+            rows = conn.execute(
+                "SELECT doc FROM updates UNION SELECT doc FROM snapshots ORDER BY 1"
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def get(self, name: str) -> Loaded:
+        """Document ``name``, loaded from its snapshot and log if needed (an
+        unknown name is an empty document)."""
+        loaded = self._docs.get(name)
+        if loaded is not None:
+            self._docs.move_to_end(name)
+            return loaded
+        with self._reading() as conn:
+            snap = conn.execute(
+                "SELECT upto, data FROM snapshots WHERE doc = ?", (name,)
+            ).fetchone()
+            upto = int(snap[0]) if snap else 0
+            rows = conn.execute(
+                "SELECT seq, data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq", (name, upto)
+            ).fetchall()
+        updates = ([snap[1]] if snap else []) + [data for _, data in rows]
+        size = sum(len(u) for u in updates)
+        applied = int(rows[-1][0]) if rows else upto
+        loaded = Loaded(
+            RecordDoc(name, self.client_id, updates),
+            applied,
+            upto,
+            len(rows),
+            tail_bytes=sum(len(data) for _, data in rows),
+            base_bytes=len(snap[1]) if snap else 0,
+        )
+        del updates, snap, rows
+        if size > TRIM_AFTER_BYTES:
+            trim_heap()
+        self._docs[name] = loaded
+        while len(self._docs) > MAX_LOADED_DOCS:
+            self._docs.popitem(last=False)
+        return loaded
+
+    def catch_up(self) -> None:
+        """Apply to every loaded document what other processes logged."""
+        for loaded in list(self._docs.values()):
+            self._catch_up(loaded)
+
+    def _catch_up(self, loaded: Loaded) -> None:
+        with self._reading() as conn:
+            snap = conn.execute(
+                "SELECT upto, data FROM snapshots WHERE doc = ?", (loaded.doc.name,)
+            ).fetchone()
+            if snap is not None and snap[0] > loaded.applied:
+                loaded.doc.apply(bytes(snap[1]))
+                loaded.snapshot = loaded.applied = int(snap[0])
+                loaded.tail = loaded.tail_bytes = 0
+                loaded.base_bytes = len(snap[1])
+            for seq, data in conn.execute(
+                "SELECT seq, data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq",
+                (loaded.doc.name, loaded.applied),
+            ):
+                loaded.doc.apply(bytes(data))
+                loaded.applied = int(seq)
+                loaded.tail += 1
+                loaded.tail_bytes += len(data)
+        loaded.doc.release()
+
+    def append(
+        self,
+        txn: WriteTxn,
+        loaded: Loaded,
+        data: bytes,
+        origin: str,
+        record: str | None = None,
+        pending: bool = False,
+    ) -> int:
+        """Log an update ``loaded`` has integrated (a local one goes into the
+        outbox, a remote one with ``pending``); compacts when due. Returns its seq."""
+        cur = txn.execute(
+            "INSERT INTO updates (doc, data, origin, pending, record, at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                loaded.doc.name,
+                data,
+                origin,
+                int(pending or origin == "local"),
+                record,
+                self._wall_ms(),
+            ),
+        )
+        assert cur.lastrowid is not None
+        loaded.applied = cur.lastrowid
+        loaded.tail += 1
+        loaded.tail_bytes += len(data)
+        if compaction_due(loaded.tail, loaded.tail_bytes, loaded.base_bytes):
+            self.compact(txn, loaded)
+        return loaded.applied
+
+    def compact(self, txn: WriteTxn, loaded: Loaded) -> int:
+        """Fold ``loaded``'s log into a new snapshot and delete the rows not
+        in the outbox. Returns the rows deleted."""
+        upto = loaded.applied
+        if upto <= loaded.snapshot:
+            return 0
+        snapshot = loaded.doc.diff()
+        txn.execute(
+            "INSERT INTO snapshots (doc, upto, data, at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (doc) DO UPDATE SET upto = excluded.upto, data = excluded.data, "
+            "at = excluded.at",
+            (loaded.doc.name, upto, snapshot, self._wall_ms()),
+        )
+        cur = txn.execute(
+            "DELETE FROM updates WHERE doc = ? AND seq <= ? AND pending = 0",
+            (loaded.doc.name, upto),
+        )
+        loaded.snapshot = upto
+        loaded.tail = loaded.tail_bytes = 0
+        loaded.base_bytes = len(snapshot)
+        return int(cur.rowcount)
+
+    # -- clients --------------------------------------------------------------
+
+    def clients(self) -> set[int]:
+        """The Yjs client ids this home's local updates were written with."""
+        with self._reading() as conn:
+            return {int(c) for (c,) in conn.execute("SELECT client FROM clients")}
+
+    def note_clients(self, txn: WriteTxn, clients: list[int]) -> None:
+        """Add ``clients`` to this home's writers (known ones are kept)."""
+        at = self._wall_ms()
+        txn.executemany(
+            "INSERT OR IGNORE INTO clients (client, first_at) VALUES (?, ?)",
+            [(c, at) for c in clients],
+        )
