@@ -256,6 +256,13 @@ def node() -> None:
     default=None,
     help="PEM file of the CA that signed a private wss:// relay's certificate",
 )
+@click.option(
+    "--adapter",
+    "adapter_names",
+    multiple=True,
+    metavar="NAME",
+    help="enable this installed adapter (repeatable; 'branchline adapters list')",
+)
 @json_option
 def node_init(
     home: Path,
@@ -265,6 +272,7 @@ def node_init(
     relay: str | None,
     token: str | None,
     ca: Path | None,
+    adapter_names: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Create a node home of DATASET with node id NODE."""
@@ -275,7 +283,14 @@ def node_init(
     if ca is not None and relay is None:
         raise UserError("--ca goes with --relay: it names the CA of that relay's certificate")
     created = Node.create(
-        home, dataset=dataset, node=node_name, schema=schema, relay=relay, token=token, relay_ca=ca
+        home,
+        dataset=dataset,
+        node=node_name,
+        schema=schema,
+        relay=relay,
+        token=token,
+        relay_ca=ca,
+        adapters=list(adapter_names),
     )
     with contextlib.closing(created):
         info = {
@@ -285,6 +300,7 @@ def node_init(
             "schema": created.schema.name,
             "schema_version": created.schema.version,
             "relay": relay,
+            "adapters": sorted(created.adapters()),
         }
     if as_json:
         _emit(info)
@@ -946,24 +962,31 @@ def node_users_remove(home: Path, name: str) -> None:
 
 @node.command("offline")
 @home_option
-def node_offline(home: Path) -> None:
+@json_option
+def node_offline(home: Path, as_json: bool) -> None:
     """Explicit offline mode: a running 'node run' stops connecting."""
-    from .transport import set_offline
-
-    with _opened(home) as n:
-        set_offline(n, True)
-    click.echo(f"node is in offline mode; 'branchline node online --home {home}' to reconnect")
+    _offline_mode(home, True, as_json)
 
 
 @node.command("online")
 @home_option
-def node_online(home: Path) -> None:
+@json_option
+def node_online(home: Path, as_json: bool) -> None:
     """Leave offline mode: a running 'node run' connects again."""
+    _offline_mode(home, False, as_json)
+
+
+def _offline_mode(home: Path, offline: bool, as_json: bool) -> None:
     from .transport import set_offline
 
     with _opened(home) as n:
-        set_offline(n, False)
-    click.echo("node may connect again")
+        set_offline(n, offline)
+    if as_json:
+        _emit({"home": str(home), "offline_mode": offline})
+    elif offline:
+        click.echo(f"node is in offline mode; 'branchline node online --home {home}' to reconnect")
+    else:
+        click.echo("node may connect again")
 
 
 @cli.command("sync")
@@ -1334,21 +1357,29 @@ def adapters_list(home: Path, as_json: bool) -> None:
     metavar="JSON",
     help='adapter options as a JSON object, e.g. \'{"collections": ["tasks"]}\'',
 )
-def adapters_enable(home: Path, name: str, options_json: str | None) -> None:
+@json_option
+def adapters_enable(home: Path, name: str, options_json: str | None, as_json: bool) -> None:
     """Enable adapter NAME and fill its tables from the current records."""
     options = parse_fields(options_json) if options_json else {}
     with _opened(home) as n:
         n.enable_adapter(name, options)
+    if as_json:
+        _emit({"adapter": name, "enabled": True, "options": options})
+        return
     click.echo(f"adapter '{name}' enabled; its tables are filled from the current records")
 
 
 @adapters_group.command("disable")
 @home_option
 @click.argument("name")
-def adapters_disable(home: Path, name: str) -> None:
+@json_option
+def adapters_disable(home: Path, name: str, as_json: bool) -> None:
     """Disable adapter NAME and drop its tables."""
     with _opened(home) as n:
         n.disable_adapter(name)
+    if as_json:
+        _emit({"adapter": name, "enabled": False})
+        return
     click.echo(f"adapter '{name}' disabled; its tables are dropped")
 
 

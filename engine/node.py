@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .errors import (
     AdapterNotFound,
     DatasetMismatch,
     DuplicateKey,
+    QueryError,
     RecordDeleted,
     RecordNotFound,
     SeriesError,
@@ -48,7 +50,7 @@ from .errors import (
 from .ids import is_id, new_id, node_salt
 from .merge import CREATED, DELETED, new_state, resolve, seen_by
 from .names import DATASET_RE, DOC_RE, META_RELAY_CA, META_TOKEN_REFUSED, NODE_RE, relay_url_ok
-from .query import QueryResult, run_query
+from .query import QueryResult, adapter_owning, run_query
 from .schema import Collection, Schema, load_schema, parse_schema
 from .store import NodeStore, WriteTxn, doclog, outbox
 from .store import records as rec
@@ -1112,8 +1114,19 @@ class Node:
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> QueryResult:
         """Run one read-only SQL statement on the store (adapter tables,
-        views, records). Raises QueryError for writes or bad SQL."""
-        return run_query(self.store.path, sql, params)
+        views, records). Raises QueryError for writes or bad SQL (naming the
+        adapter to enable for a table of one this node has not enabled)."""
+        try:
+            return run_query(self.store.path, sql, params)
+        except QueryError as exc:
+            missing = re.search(r"no such table: (\w+)", str(exc))
+            owner = missing and adapter_owning(missing[1], self.schema, skip=self.adapters())
+            if not owner:
+                raise
+            raise QueryError(
+                f"{exc} (a table of the '{owner}' adapter, which this node has not enabled: "
+                f"'branchline adapters enable --home {self.home} {owner}')"
+            ) from None
 
     def _states(self, docname: str, rid: str) -> dict[str, Any]:
         return self._doc(docname).doc.states(rid)
