@@ -30,6 +30,7 @@ from .errors import BranchlineError, RecordNotFound, UserError
 from .exchange import export_to_file, import_from_file, save_state
 from .names import META_RELAY_CA, relay_url_ok
 from .node import Node
+from .prefix import match_prefix, short_ids
 from .query import json_cell
 from .relay.cli import relay_group
 from .stopping import SIGINT_EXIT, STOP_GRACE_S, exit_soon
@@ -177,6 +178,38 @@ def _private_home(home: Path, allow: bool) -> None:
 
     if not allow:
         require_private(home, STORE_FILE)
+
+
+def _full_record_id(n: Node, collection: str, given: str) -> str:
+    """``given`` as the node takes it: itself when it names a record (id or
+    unique key), else the one record id it is a prefix of (as git takes
+    commit ids). Raises AmbiguousId; an unknown ``given`` is returned as is,
+    for the command's own not-found error."""
+    n.collection(collection)  # UnknownCollection first
+    if n.get(collection, given) is not None:
+        return given
+    found = match_prefix(given, n.record_ids_starting(collection, given), f"{collection} id")
+    return found or given
+
+
+def _record_labels(n: Node, collection: str, ids: Sequence[str]) -> list[str]:
+    """Records as people know them: code or voucher number, with a short id
+    (that every command takes) where the key does not tell them apart."""
+    keys = n.record_keys(collection, ids)
+    short = short_ids(ids)
+    counts: dict[str | None, int] = {}
+    for rid in ids:
+        counts[keys[rid]] = counts.get(keys[rid], 0) + 1
+    out = []
+    for rid in ids:
+        key = keys[rid]
+        if key is None:
+            out.append(short[rid])
+        elif counts[key] > 1:
+            out.append(f"{key} ({short[rid]})")
+        else:
+            out.append(key)
+    return out
 
 
 @contextlib.contextmanager
@@ -465,7 +498,7 @@ def voucher(home: Path, voucher_type: str, fields_json: str, as_json: bool) -> N
 def delete(home: Path, collection: str, id_or_key: str, as_json: bool) -> None:
     """Delete a live record by id (or unique key). Prints {"id": ...}."""
     with _opened(home) as n:
-        rid = n.delete(collection, id_or_key)
+        rid = n.delete(collection, _full_record_id(n, collection, id_or_key))
     _emit({"id": rid})
 
 
@@ -478,7 +511,7 @@ def get_cmd(home: Path, collection: str, id_or_key: str, as_json: bool) -> None:
     """Show one live record by id or unique key (references as codes)."""
     with _opened(home) as n:
         coll = n.collection(collection)
-        record = n.get(collection, id_or_key, codes=True)
+        record = n.get(collection, _full_record_id(n, collection, id_or_key), codes=True)
     if record is None:
         raise RecordNotFound(f"{collection}: no live record with id or {coll.key} {id_or_key!r}")
     if as_json:
@@ -533,24 +566,31 @@ def conflicts(home: Path, resolved: bool, as_json: bool) -> None:
         _console().print("no conflicts")
         return
     table = Table(title=_count(len(found), "conflict"))
-    for name in ("id", "kind", "collection", "records", "field", "values (in force first)"):
+    for name in ("id", "kind", "records", "field", "values (in force first)"):
         table.add_column(name, overflow="fold")
-    for c in found:
+    with _opened(home) as n:
+        labels = [_record_labels(n, c["collection"], c["records"]) for c in found]
+    short = short_ids(c["id"] for c in found)
+    for c, shown in zip(found, labels, strict=True):
+        # A duplicate key's competitors are its records: shown as above.
+        label = dict(zip(c["records"], shown, strict=True))
         values = "\n".join(
-            f"{'*' if v['in_force'] else ' '} {v['node']}: {_show(v['value'])}" for v in c["values"]
-        )
+            f"{'*' if v['in_force'] else ' '} {v['node']}: "
+            + (label[v["value"]] if isinstance(v["value"], str) and v["value"] in label
+               else _show(v["value"]))
+            for v in c["values"]
+        )  # fmt: skip
         table.add_row(
-            Text(c["id"]),
+            Text(short[c["id"]]),
             Text(c["kind"]),
-            Text(c["collection"]),
-            Text("\n".join(c["records"])),
+            Text(f"{c['collection']} " + ", ".join(shown)),
             Text(c["field"]),
             Text(values),
         )
     console = _console()
     console.print(table)
     for c in found:
-        console.print(Text(f"- {c['explanation']}"))
+        console.print(Text(f"- {short[c['id']]}: {c['explanation']}"))
 
 
 def _print_resolutions(entries: list[dict[str, Any]]) -> None:
@@ -617,8 +657,17 @@ def resolve_cmd(
     record: str | None,
     as_json: bool,
 ) -> None:
-    """Resolve conflict CONFLICT_ID (from 'branchline conflicts') on every node."""
+    """Resolve conflict CONFLICT_ID (from 'branchline conflicts'; a unique
+    prefix will do, as for every id) on every node."""
     with _opened(home) as n:
+        open_ = {c["id"]: c for c in n.conflicts()}
+        conflict_id = match_prefix(conflict_id, open_, "conflict id") or conflict_id
+        if conflict_id in open_:
+            coll = open_[conflict_id]["collection"]
+            if record is not None:
+                record = _full_record_id(n, coll, record)
+            if merge_into is not None:
+                merge_into = _full_record_id(n, coll, merge_into)
         entry = n.resolve(
             conflict_id,
             keep=keep,
@@ -1069,6 +1118,11 @@ def _when(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
 
 
+def _short_when(ms: int) -> str:
+    """``2026-12-03 12:05`` (UTC), for table cells."""
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
+
+
 @cli.command("failures")
 @home_option
 @json_option
@@ -1092,15 +1146,21 @@ def failures_cmd(home: Path, as_json: bool) -> None:
         console.print(Text("no sync failures"))
         return
     table = Table(title=_count(len(items), "sync failure"))
-    for name in ("id", "failed to", "document", "records", "attempts", "first", "last", "reason"):
-        table.add_column(name, overflow="fold")
-    for f in items:
+    # The reasons, long sentences, follow the table at full width.
+    for name in ("id", "failed to", "document", "records", "attempts", "last"):
+        table.add_column(name, overflow="fold", no_wrap=name in ("id", "attempts", "last"))
+    with _opened(home) as n:
+        labels = [
+            _record_labels(n, f.collection, f.records[:3]) if f.collection else f.records[:3]
+            for f in items
+        ]
+    for f, first in zip(items, labels, strict=True):
         what = "go up" if f.direction == "upload" else "come down"
         if f.held:
             what += f" ({f.held} held)"
         if f.retrying:
             what += ", retry asked"
-        shown = ", ".join(f.records[:3]) + (f" +{len(f.records) - 3}" if len(f.records) > 3 else "")
+        shown = ", ".join(first) + (f" +{len(f.records) - 3}" if len(f.records) > 3 else "")
         table.add_row(
             *(
                 Text(cell)
@@ -1110,13 +1170,13 @@ def failures_cmd(home: Path, as_json: bool) -> None:
                     f.doc,
                     shown,
                     str(f.attempts),
-                    _when(f.first_at),
-                    _when(f.last_at),
-                    f.reason,
+                    _short_when(f.last_at),
                 )
             )
         )
     console.print(table)
+    for f in items:
+        console.print(Text(f"- {f.id}: {f.reason}"))
 
 
 @cli.command("retry")

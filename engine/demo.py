@@ -30,7 +30,9 @@ Everything runs in a temporary directory on loopback, SQLite everywhere:
    and journal included, with no conflict open. Every process is stopped
    cleanly.
 
-Run with ``python -m engine.demo [--keep DIR] [--seed N] [--linger]``.
+Run with ``make demo`` (``make demo KEEP=1`` leaves everything running until
+Ctrl-C), or ``python -m engine.demo [--keep DIR] [--seed N] [--linger]``
+(``--keep DIR`` runs in a new directory DIR and leaves its files there).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .node import Node
+from .prefix import short_ids
 from .transport import run_status
 
 DATASET = "branchline-trading"
@@ -610,7 +613,7 @@ class Day:
         )
         status = self.status_json(DN)
         table = Table(
-            title="branchline status --home DN --json (while cut off)", title_justify="left"
+            title="branchline status --home DN (while cut off)", title_justify="left"
         )
         table.add_column("field")
         table.add_column("value")
@@ -728,11 +731,15 @@ class Day:
             "concurrent_edit": ("--keep", DN),  # the branch knows the new address
             "edit_delete": ("--keep", "edit"),  # DN still serves it: reopen the customer
         }
+        # The ids as 'branchline conflicts' shows them: unique prefixes, which
+        # resolve takes like whole ids.
+        shown = short_ids(c["id"] for c in conflicts)
         for c in conflicts:
             if c["kind"] in choices:
-                self.procs.cli("resolve", "--home", str(hq.home), c["id"], *choices[c["kind"]])
+                short = shown[c["id"]]
+                self.procs.cli("resolve", "--home", str(hq.home), short, *choices[c["kind"]])
                 self.console.print(
-                    f"  [cyan]branchline resolve --home HN {c['id'][:8]}… "
+                    f"  [cyan]branchline resolve --home HN {short} "
                     f"{' '.join(choices[c['kind']])}[/]  ({c['kind']})"
                 )
         settled = _wait_for(

@@ -49,6 +49,10 @@ class RecordDeleted(UserError):
     """The record is deleted; restore it before editing."""
 
 
+class AmbiguousId(UserError):
+    """An id prefix matches more than one id; the message lists candidates."""
+
+
 class ConflictNotFound(UserError):
     """No open conflict has that id (it may be resolved already)."""
 

@@ -523,6 +523,34 @@ class Node:
             record=record,
         )
 
+    def record_keys(self, collection: str, ids: Iterable[str]) -> dict[str, str | None]:
+        """Record id -> its unique key (code or voucher number; None when it
+        has none or the record is not here), for listing records readably."""
+        wanted = list(dict.fromkeys(ids))
+        out: dict[str, str | None] = dict.fromkeys(wanted)
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            out.update(
+                self.store.conn.execute(
+                    f"SELECT id, key FROM records WHERE collection = ? AND id IN "
+                    f"({','.join('?' * len(chunk))})",
+                    (collection, *chunk),
+                ).fetchall()
+            )
+        return out
+
+    def record_ids_starting(self, collection: str, prefix: str, limit: int = 50) -> tuple[str, ...]:
+        """Ids of ``collection``'s records (deleted ones too) that start with
+        ``prefix`` (case-insensitive), at most ``limit``."""
+        if not prefix or not prefix.isalnum():
+            return ()
+        rows = self.store.conn.execute(
+            "SELECT id FROM records WHERE collection = ? AND id >= ? AND id < ? "
+            "ORDER BY id LIMIT ?",
+            (collection, prefix.upper(), prefix.upper() + "\x7f", limit),
+        ).fetchall()
+        return tuple(str(r[0]) for r in rows)
+
     def waiting(self) -> int:
         """Received records held back until a record they refer to arrives."""
         return rec.waiting_count(self.store.conn)
