@@ -36,7 +36,7 @@ browser:
 
 # KEEP=1 leaves the relay, the nodes and DN's branch server running until Ctrl-C.
 demo: $(STAMP)
-	$(PY) -m engine.demo $(if $(KEEP),--linger)
+	$(PY) -m harness.demo $(if $(KEEP),--linger)
 
 # pytest exits 5 when it collects no tests: say so loudly, but do not fail on it.
 test: $(STAMP) browser
@@ -48,16 +48,16 @@ screenshots: $(STAMP) browser
 	BRANCHLINE_DOC_SCREENSHOTS=1 $(PY) -m pytest tests/test_browser.py -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check engine adapters tests bench
-	$(VENV)/bin/ruff format --check engine adapters tests bench
-	$(VENV)/bin/mypy --strict engine adapters
+	$(VENV)/bin/ruff check engine adapters harness tests bench
+	$(VENV)/bin/ruff format --check engine adapters harness tests bench
+	$(VENV)/bin/mypy --strict engine adapters harness
 
 check: test lint
 
 # Deterministic simulation: SEEDS seeds with swarm faults; a failure prints
 # its seed and replay command and exits 3 (crash), 4 (liveness) or 5 (correctness).
 sim: $(STAMP)
-	$(PY) -m engine.sim --seeds $(SEEDS) --jobs $(JOBS)
+	$(PY) -m harness.sim --seeds $(SEEDS) --jobs $(JOBS)
 
 # bench.peers installs its peers itself into bench/.peers (gitignored).
 BENCH_STAMP := $(VENV)/.bench-stamp
@@ -80,7 +80,7 @@ bench: $(BENCH_STAMP)
 # Real relay and node processes under faults for DURATION seconds, then heal,
 # converge and check (docs/reliability.md). SEED=N replays a run's schedule.
 soak: $(STAMP)
-	$(PY) -m engine.soak --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out $(SOAK_OUT)
+	$(PY) -m harness.soak --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out $(SOAK_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

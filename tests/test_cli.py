@@ -505,7 +505,7 @@ def test_real_process(tmp_path: Path) -> None:
 
 def test_demo_runs_and_converges() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "engine.demo"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "harness.demo"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "HN, HCM and DN are identical" in result.stdout

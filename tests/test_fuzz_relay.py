@@ -34,7 +34,7 @@ from engine.node import Node
 from engine.protocol import ClientSession, ErrorReceived, Opened, encode_message
 from engine.protocol.messages import Ping, Sync1, Update
 from engine.relay import SqliteRelayStore
-from engine.soak.checks import records_digest
+from harness.soak.checks import records_digest
 
 # The suite sends 10,000 hostile frames (about a minute here); the issue's
 # 100,000 take several minutes on 2 cores: BRANCHLINE_FUZZ_FRAMES=100000

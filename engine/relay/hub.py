@@ -12,7 +12,7 @@ manner of h11 and the python-websockets protocol objects.
 Store calls are data (``calls.py``); ``StoreRunner`` (``runner.py``) runs
 them against a ``RelayStore`` at the edge. Drivers of this one core: the
 asyncio server (``server.py``: sockets, timers, TLS, metrics endpoint, the
-store thread), the simulator's relay (``engine.sim.world.SimRelay``) and the
+store thread), the simulator's relay (``harness.sim.world.SimRelay``) and the
 test relays. A driver's loop::
 
     cid = hub.connect(now_ms, peer)              # a connection opened

@@ -31,7 +31,7 @@ Everything runs in a temporary directory on loopback, SQLite everywhere:
    cleanly.
 
 Run with ``make demo`` (``make demo KEEP=1`` leaves everything running until
-Ctrl-C), or ``python -m engine.demo [--keep DIR] [--seed N] [--linger]``
+Ctrl-C), or ``python -m harness.demo [--keep DIR] [--seed N] [--linger]``
 (``--keep DIR`` runs in a new directory DIR and leaves its files there).
 """
 
@@ -63,9 +63,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from .node import Node
-from .prefix import short_ids
-from .transport import run_status
+from engine.node import Node
+from engine.prefix import short_ids
+from engine.transport import run_status
 
 DATASET = "branchline-trading"
 DAY = "2024-05-06"
@@ -612,9 +612,7 @@ class Day:
             f"plus its own work: {on_hand}"
         )
         status = self.status_json(DN)
-        table = Table(
-            title="branchline status --home DN (while cut off)", title_justify="left"
-        )
+        table = Table(title="branchline status --home DN (while cut off)", title_justify="left")
         table.add_column("field")
         table.add_column("value")
         table.add_row("online / state", f"{status['online']} / {status['state']}")
@@ -970,7 +968,7 @@ def run(workdir: Path, console: Console, seed: int = 2024, linger: bool = False)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo in a temporary directory (or ``--keep DIR``); 0 when the day held."""
-    parser = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m harness.demo", description=__doc__)
     parser.add_argument("--keep", type=Path, help="run in this new directory and keep it")
     parser.add_argument("--seed", type=int, default=2024, help="seed of the day's bookings")
     parser.add_argument(

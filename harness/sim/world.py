@@ -33,16 +33,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..clock import ManualClock
-from ..errors import (
+from engine.clock import ManualClock
+from engine.errors import (
     BranchlineError,
     LocalProtocolError,
     RemoteProtocolError,
     UserError,
 )
-from ..exchange import export_to_file, import_from_file
-from ..node import Node
-from ..protocol import (
+from engine.exchange import export_to_file, import_from_file
+from engine.node import Node
+from engine.protocol import (
     ClientSession,
     HelloReceived,
     LeaseRequested,
@@ -52,10 +52,10 @@ from ..protocol import (
     UpdateReceived,
     codes,
 )
-from ..relay.sqlite_store import SqliteRelayStore
-from ..relay.store import UpdateIn, refusal_code
-from ..schema import parse_schema
-from ..sync import SyncDriver
+from engine.relay.sqlite_store import SqliteRelayStore
+from engine.relay.store import UpdateIn, refusal_code
+from engine.schema import parse_schema
+from engine.sync import SyncDriver
 
 TICK_MS = 20
 START_MS = 1_790_000_000_000  # 2026-09-21, a fixed day: periods do not depend on today
