@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from ..clock import system_random
 from ..errors import AuthError, BranchlineError, DatasetMismatch, UpdatesRefused, UserError
@@ -116,15 +116,23 @@ def _wall_ms() -> int:
 @dataclass
 class Backoff:
     """Capped exponential backoff with "equal jitter": attempt n waits a
-    uniform delay in [d/2, d] with d = min(cap_s, base_s * 2**n), so a
-    relay restart does not see every node come back at the same instant."""
+    uniform delay in [d/2, d] with d = min(cap, base_s * 2**n), so a relay
+    restart does not see every node come back at the same instant.
+
+    The cap is ``cap_s`` after the relay answered and failed (it is up and
+    busy or refusing: waiting longer spares it), and the smaller
+    ``link_cap_s`` when nothing answered (connection refused, reset or
+    timed out: such an attempt costs the relay nothing, and retrying soon is
+    what makes a restored link carry the first change within a second)."""
 
     base_s: float = 0.2
     cap_s: float = 3.0
+    link_cap_s: float = 0.5
     rng: random.Random = field(default_factory=system_random)
 
-    def delay(self, attempt: int) -> float:
-        ceiling = min(self.cap_s, self.base_s * (2 ** min(attempt, 30)))
+    def delay(self, attempt: int, *, link: bool = False) -> float:
+        cap = min(self.cap_s, self.link_cap_s) if link else self.cap_s
+        ceiling = min(cap, self.base_s * (2 ** min(attempt, 30)))
         return self.rng.uniform(ceiling / 2, ceiling)
 
 
@@ -374,6 +382,20 @@ class _Connection:
 def relay_tls(node: Node) -> ssl.SSLContext | None:
     """The TLS context for the node's relay (engine.transport.tls)."""
     return client_context(node.store.meta())
+
+
+def _nothing_answered(exc: BaseException) -> bool:
+    """Whether a failed attempt got no answer from the relay: refused,
+    reset or timed out, also when websockets wraps it (a handshake cut
+    short); an HTTP status or a closing handshake is an answer."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # a short chain of causes
+        if seen is None or isinstance(seen, InvalidStatus | ConnectionClosed):
+            return False
+        if isinstance(seen, OSError | TimeoutError | EOFError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _classify(exc: BaseException, url: str) -> BranchlineError:
@@ -700,6 +722,8 @@ class LiveSync:
                     break
                 continue
             await self._set_state("connecting", safe_url(self.url))
+            began = self._monotonic_ms()
+            link = False  # the attempt failed with nothing answering
             try:
                 await self._connection(nt)
                 attempt = 0  # a session that ended cleanly (offline mode, stop)
@@ -724,6 +748,7 @@ class LiveSync:
                     await self._failed(nt, error, logging.ERROR)
                     attempt = 30
                 else:
+                    link = _nothing_answered(exc)
                     await self._failed(nt, error)
             if self._stop.is_set():
                 break
@@ -731,7 +756,10 @@ class LiveSync:
                 self.reach.summary(await nt.run(Node.pending))
             if self.state == "online":
                 attempt = 0  # it was up: start the backoff over
-            delay = self.backoff.delay(attempt)
+            # The time the failed attempt took (a stalled handshake, a session
+            # that lived for hours) counts as waiting already done.
+            spent = (self._monotonic_ms() - began) / 1000
+            delay = max(0.0, self.backoff.delay(attempt, link=link) - spent)
             attempt = min(attempt + 1, 30)
             await self._set_state("backing off", f"{delay:.1f}s")
             if await self._sleep(delay):
