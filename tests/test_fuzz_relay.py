@@ -267,7 +267,8 @@ def test_relay_fed_100k_hostile_frames_keeps_serving_nodes(tmp_path: Path) -> No
                 break
             for proc in runs:  # a crashed node cannot converge: say so at once
                 assert proc.poll() is None, f"node run exited {proc.returncode}"
-            assert time.monotonic() - start < 60, f"no convergence: {digests}"
+            # A liveness bound, not a timing target: generous for a loaded machine.
+            assert time.monotonic() - start < 180, f"no convergence: {digests}"
             time.sleep(0.2)
         converge_s = time.monotonic() - start
         print(
