@@ -26,7 +26,7 @@ from .calls import (
     Lease,
     LeaseAnswer,
 )
-from .store import Appended, RelayStore
+from .store import Appended, RelayStore, UpdateIn
 
 log = logging.getLogger("branchline.relay")
 
@@ -142,7 +142,9 @@ class StoreRunner:
     def _append(self, append: Append, seconds: list[float]) -> list[Appended] | BaseException:
         started = self._timer()
         try:
-            out = self.store.append_updates(append.dataset, append.updates)
+            out = self.store.append_updates(
+                append.dataset, [UpdateIn(u.doc, u.data, u.node) for u in append.updates]
+            )
         except Exception as exc:  # reported per dataset; others go on
             return exc
         seconds.append(self._timer() - started)
