@@ -115,7 +115,7 @@ _FATAL_CODES = frozenset(
     {codes.AUTH_FAILED, codes.WRONG_DATASET, codes.UNSUPPORTED_VERSION, codes.READ_ONLY}
 )
 # Codes by which the relay refuses an update it received (the message names
-# the document, see engine.relay.server._rejection). A code this version does
+# the document, see engine.relay.hub.rejection). A code this version does
 # not know (say a future period lock) is taken as such a refusal too.
 _REFUSAL_CODES = frozenset(
     {codes.BAD_UPDATE, codes.FRAME_TOO_LARGE, codes.UNKNOWN_DOCUMENT, codes.READ_ONLY}
