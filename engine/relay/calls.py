@@ -10,8 +10,9 @@ the same core sees the same thing whoever ran the call.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from .store import Appended, NodeGrant, UpdateIn
+from .store import Appended, NodeGrant
 
 
 @dataclass(frozen=True)
@@ -77,12 +78,25 @@ class LeaseAnswer:
     denied: str = ""
 
 
+class QueuedUpdate(Protocol):
+    """An update the core holds for a commit: what ``UpdateIn`` carries."""
+
+    @property
+    def doc(self) -> str: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def node(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Append:
-    """One group commit of ``dataset``: ``append_updates(dataset, updates)``."""
+    """One group commit of ``dataset``: ``append_updates`` of ``updates``
+    (document, bytes and sending node of each, in arrival order). The
+    runner makes the store's ``UpdateIn``s of them, off the event loop."""
 
     dataset: str
-    updates: tuple[UpdateIn, ...]
+    updates: tuple[QueuedUpdate, ...]
 
 
 @dataclass(frozen=True)

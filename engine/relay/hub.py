@@ -77,7 +77,7 @@ from .calls import (
     LeaseAnswer,
 )
 from .metrics import RelayMetrics
-from .store import Appended, NodeGrant, UpdateIn, refusal_code
+from .store import Appended, NodeGrant, refusal_code
 
 log = logging.getLogger("branchline.relay")
 
@@ -540,9 +540,9 @@ class RelayHub:
                 items.append(p)
         if not items:
             return None
-        by_dataset: dict[str, list[UpdateIn]] = {}
+        by_dataset: dict[str, list[_Pending]] = {}
         for p in items:
-            by_dataset.setdefault(p.dataset, []).append(UpdateIn(p.doc, p.data, p.node))
+            by_dataset.setdefault(p.dataset, []).append(p)
         batch = Batch(
             next(self._batch_ids), tuple(Append(ds, tuple(u)) for ds, u in by_dataset.items())
         )

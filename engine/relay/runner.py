@@ -33,7 +33,7 @@ from .calls import (
     Lease,
     LeaseAnswer,
 )
-from .store import Appended, NodeGrant, RelayStore
+from .store import Appended, NodeGrant, RelayStore, UpdateIn
 
 log = logging.getLogger("branchline.relay")
 
@@ -161,7 +161,9 @@ class StoreRunner:
     def _append(self, append: Append, seconds: list[float]) -> list[Appended] | BaseException:
         started = self._timer()
         try:
-            out = self.store.append_updates(append.dataset, append.updates)
+            out = self.store.append_updates(
+                append.dataset, [UpdateIn(u.doc, u.data, u.node) for u in append.updates]
+            )
         except Exception as exc:  # reported per dataset; others go on
             return exc
         seconds.append(self._timer() - started)
