@@ -1,10 +1,12 @@
 """The embedding API: one ``Node`` per node home.
 
-A node holds its dataset's collections as CRDT documents in its SQLite store,
-resolves records with ``engine.merge``, numbers vouchers with
-``engine.series`` and exchanges raw CRDT updates with other replicas. Every
-write is one SQLite transaction (update log + outbox + resolved records +
-series state) and is durable when the method returns.
+``Node`` is a facade. A node holds its dataset's collections as CRDT
+documents in its SQLite store (``engine.store``), resolves records with
+``engine.merge``, numbers vouchers with ``engine.series`` and exchanges raw
+CRDT updates with other replicas (``engine.diffs``). Every write goes
+through one ``engine.writes.Writer`` in one SQLite transaction (update log +
+outbox + resolved records + adapters + series state) and is durable when the
+method returns.
 
 Several processes may open the same home; each write first catches up with
 what the others committed, under the store's write lock, so no write is lost.
@@ -17,67 +19,48 @@ import datetime as dt
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from . import plugins, resolution
+from . import diffs, plugins, resolution
 from . import series as series_mod
-from .clock import Clock, HybridClock, SystemClock, system_random
+from .clock import Clock, SystemClock, system_random
 from .conflicts import list_conflicts, list_resolutions
-from .crdt import MAX_MERGE, RecordDoc, merge, trim_heap
-from .crdt.deleteset import delete_set_only, encode_delete_set, keep_clients
-from .crdt.document import SEP
-from .crdt.statevec import decode_state_vector, encode_state_vector, read_uint
+from .crdt import trim_heap
 from .errors import (
     AdapterError,
     AdapterNotFound,
     DatasetMismatch,
-    DuplicateKey,
     QueryError,
-    RecordDeleted,
-    RecordNotFound,
     SeriesError,
-    UnknownCollection,
-    UnknownReference,
     UpdateError,
     UserError,
     ValidationError,
 )
-from .ids import is_id, new_id, node_salt
-from .merge import CREATED, DELETED, new_state, resolve, seen_by
+from .merge import resolve
 from .names import DATASET_RE, DOC_RE, META_RELAY_CA, META_TOKEN_REFUSED, NODE_RE, relay_url_ok
 from .query import QueryResult, adapter_owning, run_query
 from .schema import Collection, Schema, load_schema, parse_schema
-from .store import NodeStore, WriteTxn, doclog, outbox
+from .store import NodeStore, doclog, outbox
 from .store import records as rec
 from .store.conflict_index import is_stale
-from .store.doclog import DocLog, Loaded
-from .store.records import Materialized, Materializer
+from .store.doclog import Loaded
 from .tls import load_ca
-from .values import encode
+from .writes import Posted, Replica, check_new_voucher, collection_of
 
-EMPTY_UPDATE = b"\x00\x00"
+__all__ = ["EMPTY_UPDATE", "ImportReport", "Node", "Posted"]
+
+EMPTY_UPDATE = diffs.EMPTY_UPDATE
 TRIM_AFTER_BYTES = doclog.TRIM_AFTER_BYTES  # after importing this much, hand freed memory back
 
 # Aliases: inside ``Node`` the name ``list`` is the method, not the type.
 Records = list[dict[str, Any]]
 Strings = list[str]
 Outbox = list[tuple[int, str, bytes]]
-Parts = list[tuple[list[int], bytes]]  # (outbox seqs carried, update)
-Rows = list[tuple[int, bytes]]
-
-
-@dataclass(frozen=True)
-class Posted:
-    """A voucher that was booked: its record id and its number."""
-
-    id: str
-    number: str
-    provisional: bool = False
+Parts = diffs.Parts
 
 
 @dataclass(frozen=True)
@@ -107,29 +90,18 @@ class Node:
         self.dataset = meta["dataset"]
         self.node_id = meta["node"]
         self._clock = clock
-        self._rng = rng
-        self._hlc = HybridClock(clock, int(meta.get("hlc", "0")))
-        # One Yjs client id per process: two live Doc instances of one document
-        # must never share a client id, or the replicas diverge.
-        self._client_id = rng.getrandbits(52) + 1
-        # True once this instance's row is in ``clients`` (or in the write
-        # transaction under way; reset if it rolls back). Checked on every
-        # local write, so it must cost no query.
-        self._client_noted = False
-        self._salt = node_salt(self.node_id)
-        self._log = DocLog(store.reading, self._client_id, clock.wall_ms)
-        self._records = Materializer(
-            schema, self.node_id, clock.wall_ms, self._document, self._hlc.observe
-        )
-        # None unless the node enables adapters: then writes skip them at no cost.
-        self._adapters: plugins.AdapterSet | None = None
-        self._set_adapters(plugins.AdapterSet.from_meta(meta, schema))
-        self._adapters_meta = meta.get(plugins.META_KEY)
+        self._replica = Replica(store, schema, self.node_id, clock, rng, int(meta.get("hlc", "0")))
+        self._client_id = self._replica.client_id
+        self._replica.adopt_adapters(meta)
         store.changed_elsewhere()
         if is_stale(store.conn):
             with store.transaction() as txn:
                 if is_stale(txn.conn):  # another process may have rebuilt it first
-                    self._records.index.rebuild(txn.conn)
+                    self._replica.records.index.rebuild(txn.conn)
+
+    @property
+    def _adapters(self) -> plugins.AdapterSet | None:
+        return self._replica.adapters
 
     # -- opening -----------------------------------------------------------
 
@@ -216,7 +188,7 @@ class Node:
         return cls(Path(home), store, sch, clock or SystemClock(), rng or system_random())
 
     def close(self) -> None:
-        self._log.clear()
+        self._replica.log.clear()
         self.store.close()
 
     def __enter__(self) -> Node:
@@ -239,40 +211,8 @@ class Node:
         RecordNotFound, RecordDeleted; nothing is written then.
         """
         coll = self.collection(collection)
-        with self._write() as txn:
-            if coll.is_voucher and isinstance(fields, dict):
-                self._check_voucher_edit(txn, coll, fields)
-            return self._put(txn, coll, fields)
-
-    def _check_voucher_edit(self, txn: WriteTxn, coll: Collection, fields: dict[str, Any]) -> None:
-        """Refuse a ``put`` that would create a voucher or change a voucher's
-        number (a printed number never changes; clashes are renumbered by
-        ``resolve``). Raises ValidationError."""
-        book = (
-            f"{coll.name} is a voucher book: book a new voucher with "
-            f"'branchline voucher {coll.name} JSON' (Node.post_voucher), which numbers it"
-        )
-        number = fields.get(coll.key)
-        if "id" not in fields:
-            if number is None:
-                raise ValidationError(f"{book}; put only edits a voucher named by id or number")
-            key = encode(coll.fields[coll.key], number, f"{coll.name}.{coll.key}")
-            if self._lookup(txn, coll, key, by_id=False) is None:
-                raise ValidationError(f"{book}; no voucher is numbered {key!r}")
-            return
-        if number is None:
-            return
-        found = self._lookup(txn, coll, str(fields["id"]))
-        if found is None:
-            return  # _put says the voucher does not exist
-        key = encode(coll.fields[coll.key], number, f"{coll.name}.{coll.key}")
-        row = rec.row_of(txn.conn, coll.name, found[0])
-        if row is not None and row.key != key:
-            raise ValidationError(
-                f"{coll.name}: voucher {found[0]} is numbered {row.key!r} and keeps it "
-                "(a number once issued never changes); a clash of numbers is settled with "
-                "'branchline resolve --renumber'"
-            )
+        with self._replica.write() as w:
+            return w.put(coll, fields)
 
     def post_voucher(self, collection: str, fields: dict[str, Any]) -> Posted:
         """Book a new voucher and give it the next number of its series
@@ -282,30 +222,9 @@ class Node:
         uses no number. Raises as ``put``, and SeriesError.
         """
         coll = self.collection(collection)
-        if not coll.is_voucher:
-            raise UserError(f"{collection} is a catalog, not a voucher book; use put")
-        if "id" in fields:
-            raise ValidationError(f"{collection}: a new voucher cannot name an id; use put to edit")
-        with self._write() as txn:
-            if fields.get("number"):
-                # A typed number already in use must not turn the booking
-                # into an edit of the other voucher.
-                number = encode(coll.fields["number"], fields["number"], f"{coll.name}.number")
-                taken = self._lookup(txn, coll, number, by_id=False)
-                if taken is not None:
-                    raise DuplicateKey(
-                        f"{coll.name}: number {number!r} is already used by voucher {taken[0]}"
-                    )
-                rid = self._new_id()
-                self._put(txn, coll, fields, new_record_id=rid)
-                return Posted(rid, str(fields["number"]))
-            rid = self._new_id()
-            date = self._partition_date(coll, fields)
-            alloc = series_mod.allocate(
-                txn.conn, coll, self.node_id, date, rid, self._clock.wall_ms()
-            )
-            self._put(txn, coll, {**fields, "number": alloc.number}, new_record_id=rid)
-            return Posted(rid, alloc.number, alloc.provisional)
+        check_new_voucher(coll, fields)  # before taking the write lock
+        with self._replica.write() as w:
+            return w.post_voucher(coll, fields)
 
     def delete(self, collection: str, id_or_key: str) -> str:
         """Delete a live record (a ``_deleted`` write that replicates). Returns its id.
@@ -314,18 +233,8 @@ class Node:
         RecordNotFound.
         """
         coll = self.collection(collection)
-        with self._write() as txn:
-            rid, docname = self._find_live(txn, coll, id_or_key)
-            loaded = self._doc(docname)
-            self._write_entry(txn, coll, loaded, rid, {DELETED: True})
-            if coll.is_voucher and coll.series is not None:
-                number = rec.stored_value(txn.conn, coll.name, rid, "number")
-                if number:
-                    raw = rec.stored_value(txn.conn, coll.name, rid, "date")
-                    date = dt.date.fromisoformat(raw) if raw else None
-                    key = series_mod.series_key(coll, date)
-                    series_mod.void(txn.conn, key, number, coll.name, rid, self._clock.wall_ms())
-            return rid
+        with self._replica.write() as w:
+            return w.delete(coll, id_or_key)
 
     def batch(self, calls: Iterable[Callable[[Node], Any]]) -> list[tuple[bool, Any]]:
         """Run each ``call(node)`` in one write transaction, each in a
@@ -334,7 +243,7 @@ class Node:
         raised is undone alone. Raises StoreError when the commit fails (then
         none of them is durable)."""
         out: list[tuple[bool, Any]] = []
-        with self._write():
+        with self._replica.write():
             for call in calls:
                 try:
                     with self.store.transaction():
@@ -346,20 +255,17 @@ class Node:
     def restore(self, collection: str, record_id: str) -> None:
         """Undo a delete (wins over the delete it has seen). Raises RecordNotFound."""
         coll = self.collection(collection)
-        with self._write() as txn:
-            row = rec.row_of(txn.conn, coll.name, record_id)
-            if row is None:
-                raise RecordNotFound(f"{coll.name}: no record {record_id}")
-            self._write_entry(txn, coll, self._doc(row.doc), record_id, {DELETED: False})
+        with self._replica.write() as w:
+            w.restore(coll, record_id)
 
     def add_block(self, collection: str, first: int, last: int, year: int | None = None) -> None:
         """Take a block of a ``blocks`` series leased by the relay, then give
         final numbers to provisionally numbered vouchers. Raises SeriesError."""
         coll = self.collection(collection)
         key = self._blocks_key(coll, year)
-        with self._write() as txn:
-            series_mod.add_block(txn.conn, key, first, last, self._clock.wall_ms())
-            self._finalize_provisional(txn, coll)
+        with self._replica.write() as w:
+            series_mod.add_block(w.txn.conn, key, first, last, w.now_ms())
+            w.finalize_provisional(coll)
 
     def refill_blocks(self, source: series_mod.BlockSource) -> int:
         """Lease blocks so every ``blocks`` series of this year holds its reserve,
@@ -398,12 +304,12 @@ class Node:
             raise UserError(f"relay {relay!r}: expected a ws:// or wss:// URL")
         if token is not None and not token.strip():
             raise UserError("the token is empty; give the one 'branchline relay enroll' printed")
-        with self._write() as txn:
+        with self._replica.write() as w:
             meta = self.store.meta()
             if relay is not None:
                 self.store.set_meta("relay", relay)
                 if "last_sync" not in meta and not meta.get("relay"):
-                    series_mod.set_numbering(txn.conn, False)
+                    series_mod.set_numbering(w.txn.conn, False)
             if token is not None:
                 self.store.set_meta("token", token)
                 self.store.delete_meta(META_TOKEN_REFUSED)
@@ -428,9 +334,9 @@ class Node:
         ]
         if self.numbering_known() and not any(self._has_provisional(c) for c in node_series):
             return 0
-        with self._write() as txn:
-            series_mod.set_numbering(txn.conn, True)
-            return sum(self._finalize_provisional(txn, c) for c in node_series)
+        with self._replica.write() as w:
+            series_mod.set_numbering(w.txn.conn, True)
+            return sum(w.finalize_provisional(c) for c in node_series)
 
     def series_state(self) -> dict[str, Any]:
         """This home's series state for an export file (``series.dump_state``)."""
@@ -446,17 +352,13 @@ class Node:
 
     def collection(self, name: str) -> Collection:
         """The schema's collection. Raises UnknownCollection."""
-        coll = self.schema.collections.get(name)
-        if coll is None:
-            known = ", ".join(sorted(self.schema.collections))
-            raise UnknownCollection(f"unknown collection '{name}' (known: {known})")
-        return coll
+        return collection_of(self.schema, name)
 
     def get(self, collection: str, id_or_key: str, *, codes: bool = False) -> dict[str, Any] | None:
         """A live record by id or unique key, typed (Decimal, date, ...), or None.
         With ``codes``, references show the target's code instead of its id."""
         coll = self.collection(collection)
-        found = self._lookup(None, coll, id_or_key)
+        found = rec.lookup(self.store.conn, coll, id_or_key)
         if found is None:
             return None
         row = rec.live_row(self.store.conn, coll.name, found[0])
@@ -513,15 +415,9 @@ class Node:
         Returns the journal entry. Raises ConflictNotFound, UserError for a
         choice that does not fit the conflict, and as ``put``.
         """
-        return resolution.resolve(
-            self,
-            conflict_id,
-            keep=keep,
-            rename=rename,
-            merge_into=merge_into,
-            renumber=renumber,
-            record=record,
-        )
+        choice = resolution.Choice(keep, rename, merge_into, renumber, record)
+        with self._replica.write() as w:
+            return resolution.resolve(w, conflict_id, choice)
 
     def record_keys(self, collection: str, ids: Iterable[str]) -> dict[str, str | None]:
         """Record id -> its unique key (code or voucher number; None when it
@@ -580,14 +476,14 @@ class Node:
         (each then lists as a ``dangling_reference`` conflict). Returns how many."""
         if not rec.has_waiting(self.store.conn):
             return 0  # the usual case: no write transaction at all
-        with self._write() as txn:
-            return self._deliver(txn, self._records.settle(txn))
+        with self._replica.write() as w:
+            return w.settle_waiting()
 
     # -- replication -------------------------------------------------------
 
     def documents(self) -> Strings:
         """Names of the CRDT documents this node holds."""
-        return self._log.documents()
+        return self._replica.log.documents()
 
     def state(self) -> dict[str, bytes]:
         """Per document, the Yjs state vector (what this node holds)."""
@@ -645,76 +541,22 @@ class Node:
         """
         with self.store.reading() as conn:
             rows = outbox.of_doc(conn, doc)
-            mine = self._log.clients()
+            mine = self._replica.log.clients()
         # Only now catch up with other processes' commits: the diff below then
         # holds every row just read. (Refreshing before the read let a row
         # committed in between be claimed by a diff without it; its ack then
         # cleared a row that never reached the relay.)
         self.refresh()
-        seqs = [seq for seq, _, _ in rows]
-        if doc not in self.documents():
-            return [(seqs, EMPTY_UPDATE)] if rows else []
-        loaded = self._doc(doc)
-        whole: bytes | None
-        if own_only:
-            whole = self._own_diff(loaded, since, mine)
-            extra = [d for _, d, origin in rows if origin != "local" or _writer(d) not in mine]
-            if extra:
-                fits = len(whole) + sum(map(len, extra)) <= max_bytes
-                whole = _merged([whole, *extra]) if fits else None
-        else:
-            whole = loaded.doc.diff(since)
-        if whole is not None and len(whole) <= max_bytes:
-            return [(seqs, whole)] if whole != EMPTY_UPDATE or rows else []
-        del whole
-        parts: Parts = []
-        group: Rows = []
-        size = 0
-        for seq, data, _ in rows:
-            if group and (size + len(data) > max_bytes // 2 or len(group) >= MAX_MERGE):
-                parts.append(([s for s, _ in group], merge([d for _, d in group])))
-                group, size = [], 0
-            group.append((seq, data))
-            size += len(data)
-        if group:
-            parts.append(([s for s, _ in group], merge([d for _, d in group])))
-        return parts
-
-    def _own_diff(self, loaded: Loaded, since: bytes | None, mine: set[int]) -> bytes:
-        """``loaded``'s diff against ``since`` holding only the items of
-        clients ``mine`` and their deletions. Raises UpdateError for an
-        invalid state vector, or when the diff does not end with the
-        document's delete set as expected."""
-        doc = loaded.doc
-        local = decode_state_vector(doc.state_vector())
-        state = decode_state_vector(since) if since is not None else {}
-        for client, clock in local.items():
-            if client not in mine:
-                state[client] = clock  # the replica "has" them: the diff skips them
-        # An empty state vector would also bring items waiting for missing
-        # updates (pycrdt adds them then); an entry at clock 0 changes nothing else.
-        state.setdefault(self._client_id, 0)
-        local.setdefault(self._client_id, 0)
-        diff = doc.diff(encode_state_vector(state))
-        # A diff is the structs the replica lacks followed by the document's
-        # whole delete set, which is all a diff against the document's own
-        # state holds.
-        tail = doc.diff(encode_state_vector(local))
-        deletions = tail[1:]
-        if not diff.endswith(deletions):
-            raise UpdateError(
-                f"document {doc.name}: cannot leave other nodes' changes out of the "
-                "update (its delete set is not where expected); nothing was sent"
-            )
-        kept = keep_clients(delete_set_only(tail), mine.__contains__)
-        return diff[: len(diff) - len(deletions)] + encode_delete_set(kept)
+        loaded = self._doc(doc).doc if doc in self.documents() else None
+        own = (mine, self._client_id) if own_only else None
+        return diffs.parts(loaded, since, rows, max_bytes, own)
 
     def unsynced_updates(self) -> dict[str, bytes]:
         """Per document, one update holding every local change the relay has
         not acknowledged (the outbox), for ``export --unsynced``."""
         with self.store.reading() as conn:
             by_doc = outbox.by_doc(conn)
-        return {doc: _merged(blobs) for doc, blobs in by_doc.items()}
+        return {doc: diffs.merged(blobs) for doc, blobs in by_doc.items()}
 
     def import_updates(
         self,
@@ -737,52 +579,26 @@ class Node:
         documents = records = stored = restored = 0
         touched: set[str] = set()
         changed_records: set[tuple[str, str]] = set()
-        with self._write() as txn:
+        with self._replica.write() as w:
             if series is not None:
-                restored = series_mod.restore_state(txn.conn, series)
+                restored = series_mod.restore_state(w.txn.conn, series)
             for name, data in updates.items():
                 coll = self._collection_of(name)
-                loaded = self._doc(name)
-                before = loaded.doc.state_vector()
-                changed, integrated, pending = loaded.doc.apply(bytes(data))
-                if not integrated and not pending:
-                    continue  # nothing new: importing twice stores nothing
-                self._adopt_clients(txn, loaded.doc, before)
-                # The raw bytes, not just what integrated: a part waiting for
-                # missing updates would otherwise be lost on restart.
-                blob = bytes(data)
+                changed = w.import_update(coll, name, bytes(data), unsynced)
+                if changed is None:
+                    continue
                 documents += 1
                 stored += 1
-                seq = self._log.append(txn, loaded, blob, "remote", pending=unsynced)
                 changed_records |= {(coll.name, rid) for rid in changed}
-                if unsynced:
-                    outbox.carries(txn, seq, sorted(changed))
-                self._materialize(txn, coll, loaded.doc, changed, hold=True)
-                loaded.doc.release()
                 if changed and coll.on_duplicate == "renumber":
                     touched.add(coll.name)
             if touched:
-                resolution.renumber_own_duplicates(self, txn, touched)
+                resolution.renumber_own_duplicates(w, touched)
             records = len(changed_records)
-            held = rec.waiting_ids(txn.conn) if changed_records else set()
+            held = rec.waiting_ids(w.txn.conn) if changed_records else set()
         if sum(len(data) for data in updates.values()) > TRIM_AFTER_BYTES:
             trim_heap()
         return ImportReport(documents, records, stored, restored, len(held & changed_records))
-
-    def _adopt_clients(self, txn: WriteTxn, doc: RecordDoc, before: bytes) -> None:
-        """An import that set only this node's own entries brought this
-        node's work written elsewhere (an earlier life of the node, records
-        built for it): note the clients it advanced as this node's, so
-        own-only diffs (``export_parts``) publish those items too. Imports
-        that also set other nodes' entries adopt nothing."""
-        keys = doc.set_keys()
-        if not keys or any(k.partition(SEP)[2] != self.node_id for k in keys):
-            return
-        old = decode_state_vector(before)
-        new = decode_state_vector(doc.state_vector())
-        self._log.note_clients(
-            txn, [client for client, clock in new.items() if clock > old.get(client, 0)]
-        )
 
     def outbox(self, limit: int = 1000) -> Outbox:
         """Local updates the relay has not acknowledged: (seq, document, update)."""
@@ -824,18 +640,7 @@ class Node:
     def refresh(self) -> bool:
         """Bring loaded documents up to date with other processes' commits.
         Returns True when something had changed."""
-        if not self.store.changed_elsewhere():
-            return False
-        self._log.catch_up()
-        self._adapters_changed(self.store.meta())
-        return True
-
-    def _adapters_changed(self, meta: dict[str, str]) -> None:
-        # Another process enabled or disabled an adapter (and rebuilt its
-        # tables): from now on this instance's writes feed the new set.
-        if meta.get(plugins.META_KEY) != self._adapters_meta:
-            self._set_adapters(plugins.AdapterSet.from_meta(meta, self.schema))
-            self._adapters_meta = meta.get(plugins.META_KEY)
+        return self._replica.refresh()
 
     def compact(self, docname: str | None = None) -> int:
         """Fold log rows into snapshots (acknowledged or remote rows are then
@@ -843,169 +648,11 @@ class Node:
         removed = 0
         names = [docname] if docname else self.documents()
         for name in names:
-            with self._write() as txn:
-                removed += self._log.compact(txn, self._doc(name))
+            with self._replica.write() as w:
+                removed += w.compact(name)
         return removed
 
     # -- internals ---------------------------------------------------------
-
-    @contextmanager
-    def _write(self) -> Iterator[WriteTxn]:
-        noted = self._client_noted
-        try:
-            with self.store.transaction() as txn:
-                self.refresh()
-                self._hlc.observe(int(self.store.get_meta("hlc") or 0))
-                yield txn
-                self.store.set_meta("hlc", str(self._hlc.last))
-        except BaseException:
-            # In-memory documents may hold changes that did not commit (the
-            # commit itself can fail), and the ``clients`` row this write
-            # added, if any, rolled back with it.
-            self._log.clear()
-            self._client_noted = noted
-            raise
-
-    def _new_id(self) -> str:
-        return new_id(self._hlc.tick(), self._salt, self._rng)
-
-    def _put(
-        self,
-        txn: WriteTxn,
-        coll: Collection,
-        fields: dict[str, Any],
-        new_record_id: str | None = None,
-    ) -> str:
-        if not isinstance(fields, dict):
-            raise ValidationError(f"{coll.name}: expected an object of fields")
-        unknown = [k for k in fields if k != "id" and k not in coll.fields]
-        if unknown:
-            raise ValidationError(
-                f"{coll.name}: unknown field(s) {', '.join(map(str, unknown))} "
-                f"(known: {', '.join(coll.fields)})"
-            )
-        existing: tuple[str, str] | None = None
-        if new_record_id is None and "id" in fields:
-            existing = self._find_live(txn, coll, str(fields["id"]))
-        elif new_record_id is None and fields.get(coll.key) is not None:
-            # Validate the key first: SQLite cannot even look up a malformed one.
-            key = encode(coll.fields[coll.key], fields[coll.key], f"{coll.name}.{coll.key}")
-            existing = self._lookup(txn, coll, key, by_id=False)
-        values = self._encode(txn, coll, fields, creating=existing is None)
-        if existing is not None and "id" not in fields:
-            # Found by its key: re-writing the same key would only show up as
-            # an edit in conflicts.
-            values.pop(coll.key, None)
-        if existing is None:
-            rid = new_record_id or self._new_id()
-            docname = self._doc_name(coll, values)
-            values[CREATED] = True
-        else:
-            rid, docname = existing
-            if coll.partition and coll.partition_field in values:
-                moved = self._doc_name(coll, values)
-                if moved != docname:
-                    raise ValidationError(
-                        f"{coll.name}.{coll.partition_field}: cannot move a voucher from "
-                        f"period {docname.partition('/')[2]} to {moved.partition('/')[2]}; "
-                        "void it and book a new one"
-                    )
-        self._write_entry(txn, coll, self._doc(docname), rid, values)
-        return rid
-
-    def _write_entry(
-        self,
-        txn: WriteTxn,
-        coll: Collection,
-        loaded: Loaded,
-        rid: str,
-        values: dict[str, Any],
-    ) -> None:
-        states = loaded.doc.states(rid)
-        current = resolve(states)
-        if current.complete and current.deleted and DELETED not in values:
-            raise RecordDeleted(f"{coll.name} {rid} is deleted; restore it before editing")
-        hlc = self._hlc.tick(at_least=current.newest)
-        state = new_state(states.get(self.node_id), values, hlc, seen_by(states, self.node_id))
-        update = loaded.doc.write(rid, self.node_id, state)
-        if not self._client_noted:
-            # Every local write comes through here: the first one of this
-            # instance notes its client id, in the same transaction, so an
-            # own-only diff (``export_parts``) never misses an item it wrote.
-            self._log.note_clients(txn, [self._client_id])
-            self._client_noted = True
-        self._log.append(txn, loaded, update, "local", rid)
-        self._materialize(txn, coll, loaded.doc, {rid})
-
-    def _encode(
-        self, txn: WriteTxn, coll: Collection, fields: dict[str, Any], creating: bool
-    ) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        for name, value in fields.items():
-            if name == "id":
-                continue
-            fld = coll.fields[name]
-            where = f"{coll.name}.{name}"
-            stored = encode(fld, value, where)
-            if stored is None and fld.required:
-                raise ValidationError(f"{where}: required, cannot be empty")
-            if fld.type == "ref" and stored is not None:
-                assert fld.to is not None
-                stored = self._resolve_ref(txn, fld.to, stored, where)
-            elif fld.type == "lines" and stored is not None:
-                for i, line in enumerate(stored, 1):
-                    for sub in fld.fields:
-                        if sub.type == "ref" and sub.name in line:
-                            assert sub.to is not None
-                            line[sub.name] = self._resolve_ref(
-                                txn, sub.to, line[sub.name], f"{where} line {i}, {sub.name}"
-                            )
-            values[name] = stored
-        if creating:
-            missing = [f.name for f in coll.fields.values() if f.required and f.name not in values]
-            if missing:
-                raise ValidationError(
-                    f"{coll.name}: missing required field(s) {', '.join(missing)}"
-                )
-        return values
-
-    def _resolve_ref(self, txn: WriteTxn, target: str, value: str, where: str) -> str:
-        found = self._lookup(txn, self.schema.collections[target], value)
-        if found is None:
-            raise UnknownReference(f"{where}: no {target} record with code or id {value!r}")
-        return found[0]
-
-    def _lookup(
-        self, txn: WriteTxn | None, coll: Collection, id_or_key: str, by_id: bool = True
-    ) -> tuple[str, str] | None:
-        """(id, document) of the live record with that id or key. With several
-        live records on one key (a duplicate_key conflict), the earliest created."""
-        if not id_or_key.isascii() and not _encodable(id_or_key):
-            return None  # no stored key holds unpaired surrogates; SQLite cannot bind it
-        return rec.lookup(self.store.conn, coll, id_or_key, by_id and is_id(id_or_key))
-
-    def _find_live(self, txn: WriteTxn, coll: Collection, id_or_key: str) -> tuple[str, str]:
-        found = self._lookup(txn, coll, id_or_key)
-        if found is None:
-            raise RecordNotFound(f"{coll.name}: no live record with id or {coll.key} {id_or_key!r}")
-        return found
-
-    def _partition_date(self, coll: Collection, fields: dict[str, Any]) -> dt.date | None:
-        if coll.partition_field not in coll.fields:
-            return None
-        raw = fields.get(coll.partition_field)
-        if raw is None:
-            return None
-        stored = encode(
-            coll.fields[coll.partition_field], raw, f"{coll.name}.{coll.partition_field}"
-        )
-        return dt.date.fromisoformat(stored)
-
-    def _doc_name(self, coll: Collection, values: dict[str, Any]) -> str:
-        if coll.partition is None:
-            return coll.name
-        date = values[coll.partition_field]
-        return f"{coll.name}/{date[:7] if coll.partition == 'month' else date[:4]}"
 
     def _collection_of(self, docname: str) -> Collection:
         if not isinstance(docname, str) or not DOC_RE.match(docname):
@@ -1019,27 +666,7 @@ class Node:
         return self.schema.collections[name]
 
     def _doc(self, name: str) -> Loaded:
-        return self._log.get(name)
-
-    def _document(self, name: str) -> RecordDoc:
-        return self._log.get(name).doc
-
-    def _materialize(
-        self, txn: WriteTxn, coll: Collection, doc: RecordDoc, rids: set[str], hold: bool = False
-    ) -> int:
-        """Re-resolve records into the record tables and feed adapters the
-        changes (``Materializer.materialize``). Returns the rows written."""
-        return self._deliver(txn, self._records.materialize(txn, coll, doc, rids, hold))
-
-    def _deliver(self, txn: WriteTxn, done: Materialized) -> int:
-        if self._adapters is not None:
-            for coll, changes in done.changes:
-                self._adapters.apply(txn.conn, coll, changes)
-        return done.rows
-
-    def _set_adapters(self, adapters: plugins.AdapterSet | None) -> None:
-        self._adapters = adapters
-        self._records.consumes = adapters.consumes if adapters is not None else _nobody
+        return self._replica.log.get(name)
 
     def _blocks_key(self, coll: Collection, year: int | None) -> str:
         if coll.series is None or coll.series.strategy != "blocks":
@@ -1051,21 +678,6 @@ class Node:
 
     def _has_provisional(self, coll: Collection) -> bool:
         return rec.has_unnumbered(self.store.conn, coll.name)
-
-    def _finalize_provisional(self, txn: WriteTxn, coll: Collection) -> int:
-        done = 0
-        for rid, date in rec.unnumbered(txn.conn, coll.name):
-            day = dt.date.fromisoformat(date) if date else None
-            number = series_mod.finalize(
-                txn.conn, coll, self.node_id, rid, day, self._clock.wall_ms()
-            )
-            if number is None:
-                break
-            done += 1
-            row = rec.row_of(txn.conn, coll.name, rid)
-            if row is not None and not row.deleted:
-                self._write_entry(txn, coll, self._doc(row.doc), rid, {"number": number})
-        return done
 
     # -- adapters (issue 5) ------------------------------------------------
 
@@ -1082,14 +694,15 @@ class Node:
         their next read or write.
         """
         adapter = plugins.load(name, self.schema, options)
-        with self._write() as txn:
+        with self._replica.write() as w:
+            txn = w.txn
             wanted = plugins.enabled(self.store.meta())
             wanted[name] = dict(options or {})
             plugins.ensure_conflicts_table(txn.conn)
             adapter.setup(txn.conn)
             plugins.rebuild(txn.conn, adapter, self._live_records(adapter), compare=False)
             self.store.set_meta(plugins.META_KEY, orjson.dumps(wanted).decode())
-        self._adapters_changed(self.store.meta())
+        self._replica.adopt_adapters(self.store.meta())
 
     def disable_adapter(self, name: str) -> None:
         """Disable an adapter and drop its tables, views and conflicts.
@@ -1104,14 +717,15 @@ class Node:
             adapter: plugins.Adapter | None = plugins.load(name, self.schema, wanted[name])
         except AdapterError:
             adapter = None  # not installed any more: forget it, its tables stay
-        with self._write() as txn:
+        with self._replica.write() as w:
+            txn = w.txn
             if adapter is not None:
                 adapter.drop(txn.conn)
             plugins.ensure_conflicts_table(txn.conn)
             txn.execute("DELETE FROM adapter_conflicts WHERE adapter = ?", (name,))
             del wanted[name]
             self.store.set_meta(plugins.META_KEY, orjson.dumps(wanted).decode())
-        self._adapters_changed(self.store.meta())
+        self._replica.adopt_adapters(self.store.meta())
 
     def rebuild_adapters(
         self, names: Iterable[str] | None = None, *, compare: bool = True
@@ -1130,9 +744,10 @@ class Node:
                 f"adapter(s) {', '.join(sorted(missing))} not enabled on this node "
                 f"(enabled: {', '.join(a.name for a in active) or 'none'})"
             )
-        with self._write() as txn:
+        with self._replica.write() as w:
             return [
-                plugins.rebuild(txn.conn, a, self._live_records(a), compare=compare) for a in chosen
+                plugins.rebuild(w.txn.conn, a, self._live_records(a), compare=compare)
+                for a in chosen
             ]
 
     def invariant_conflicts(self) -> Records:
@@ -1157,41 +772,7 @@ class Node:
             ) from None
 
     def _states(self, docname: str, rid: str) -> dict[str, Any]:
-        return self._doc(docname).doc.states(rid)
+        return self._replica.states(docname, rid)
 
     def _live_records(self, adapter: plugins.Adapter) -> Iterator[plugins.RecordChange]:
         return plugins.live_records(self.store.conn, self.schema, adapter.collections, self._states)
-
-
-def _merged(blobs: list[bytes]) -> bytes:
-    """One update holding all of ``blobs`` (at least one), merged
-    ``MAX_MERGE`` at a time. Raises UpdateError for bytes that are not updates."""
-    while len(blobs) > 1:
-        blobs = [merge(blobs[i : i + MAX_MERGE]) for i in range(0, len(blobs), MAX_MERGE)]
-    return blobs[0]
-
-
-def _writer(update: bytes) -> int | None:
-    """The client id of an update's structs when they are one client's (a
-    local write always is), else None. Never raises."""
-    try:
-        groups, pos = read_uint(update, 0)
-        if groups != 1:
-            return None
-        _, pos = read_uint(update, pos)  # the group's struct count
-        client, _ = read_uint(update, pos)
-    except UpdateError:
-        return None
-    return client
-
-
-def _nobody(coll: Collection) -> bool:
-    return False
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

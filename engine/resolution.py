@@ -27,11 +27,11 @@ nodes never renumber the same voucher.
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
-from . import series as series_mod
 from .conflicts import (
     Conflict,
     conflict_digest,
@@ -42,82 +42,82 @@ from .conflicts import (
 from .errors import ConflictNotFound, UserError, ValidationError
 from .merge import ALIAS, DELETED, JOURNAL
 from .schema import Collection
-from .store import WriteTxn
 from .values import encode
-
-if TYPE_CHECKING:
-    from .node import Node
+from .writes import Writer
 
 JOURNAL_CAP = 16  # entries one node keeps per record; older ones are dropped
 RESOLVABLE = ("concurrent_edit", "edit_delete", "duplicate_key")
 
 
-def resolve(
-    node: Node,
-    conflict_id: str,
-    *,
-    keep: Any = None,
-    rename: str | None = None,
-    merge_into: str | None = None,
-    renumber: bool = False,
-    record: str | None = None,
-) -> dict[str, Any]:
-    """Resolve one open conflict (see the module docstring); returns the
-    journal entry written. Raises ConflictNotFound, UserError."""
-    choices = [keep is not None, rename is not None, merge_into is not None, renumber]
-    if sum(choices) != 1:
-        raise UserError("choose exactly one of keep, rename, merge_into, renumber")
-    with node._write() as txn:
-        found = [
-            c for c in list_conflicts(txn.conn, node.schema, node.node_id) if c["id"] == conflict_id
-        ]
-        if not found:
-            raise ConflictNotFound(
-                f"no open conflict {conflict_id!r}; list them with 'branchline conflicts'"
-            )
-        conflict = found[0]
-        kind = conflict["kind"]
-        coll = node.collection(conflict["collection"])
-        if kind not in RESOLVABLE:
-            raise UserError(
-                f"a {kind} conflict is resolved by fixing the data: {conflict['explanation']}"
-            )
-        if kind == "duplicate_key":
-            if keep is not None:
-                raise UserError("a duplicate_key conflict needs rename, merge_into or renumber")
-            if rename is not None:
-                return _rename(node, txn, coll, conflict, rename, record)
-            if merge_into is not None:
-                return _merge_into(node, txn, coll, conflict, merge_into)
-            return _renumber_losers(node, txn, coll, conflict, record, auto=False)[0]
-        if keep is None:
-            raise UserError(f"a {kind} conflict is resolved with keep (a node name or a value)")
-        if kind == "concurrent_edit":
-            return _keep_value(node, txn, coll, conflict, keep)
-        return _keep_side(node, txn, coll, conflict, keep)
+@dataclass(frozen=True)
+class Choice:
+    """How to resolve a conflict: exactly one of ``keep``, ``rename``,
+    ``merge_into``, ``renumber`` (``record``: which losing record, for
+    rename and renumber). Raises UserError otherwise."""
+
+    keep: Any = None
+    rename: str | None = None
+    merge_into: str | None = None
+    renumber: bool = False
+    record: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [self.keep is not None, self.rename is not None, self.merge_into is not None]
+        if sum(given) + self.renumber != 1:
+            raise UserError("choose exactly one of keep, rename, merge_into, renumber")
 
 
-def renumber_own_duplicates(
-    node: Node, txn: WriteTxn, collections: set[str]
-) -> list[dict[str, Any]]:
+def resolve(w: Writer, conflict_id: str, choice: Choice) -> dict[str, Any]:
+    """Resolve one open conflict (see the module docstring) in ``w``'s
+    transaction; returns the journal entry written. Raises ConflictNotFound,
+    UserError."""
+    keep, rename, merge_into, record = choice.keep, choice.rename, choice.merge_into, choice.record
+    found = [c for c in list_conflicts(w.txn.conn, w.schema, w.node_id) if c["id"] == conflict_id]
+    if not found:
+        raise ConflictNotFound(
+            f"no open conflict {conflict_id!r}; list them with 'branchline conflicts'"
+        )
+    conflict = found[0]
+    kind = conflict["kind"]
+    coll = w.collection(conflict["collection"])
+    if kind not in RESOLVABLE:
+        raise UserError(
+            f"a {kind} conflict is resolved by fixing the data: {conflict['explanation']}"
+        )
+    if kind == "duplicate_key":
+        if keep is not None:
+            raise UserError("a duplicate_key conflict needs rename, merge_into or renumber")
+        if rename is not None:
+            return _rename(w, coll, conflict, rename, record)
+        if merge_into is not None:
+            return _merge_into(w, coll, conflict, merge_into)
+        return _renumber_losers(w, coll, conflict, record, auto=False)[0]
+    if keep is None:
+        raise UserError(f"a {kind} conflict is resolved with keep (a node name or a value)")
+    if kind == "concurrent_edit":
+        return _keep_value(w, coll, conflict, keep)
+    return _keep_side(w, coll, conflict, keep)
+
+
+def renumber_own_duplicates(w: Writer, collections: set[str]) -> list[dict[str, Any]]:
     """Apply ``on_duplicate = "renumber"``: give fresh numbers to the losing
-    vouchers this node created, in ``collections``. Inside the caller's
-    write transaction; returns the journal entries."""
+    vouchers this node created, in ``collections``. Inside ``w``'s
+    transaction; returns the journal entries."""
     done: list[dict[str, Any]] = []
     for name in sorted(collections):
-        coll = node.schema.collections[name]
+        coll = w.schema.collections[name]
         if coll.on_duplicate != "renumber":
             continue
-        for key in duplicate_keys(txn.conn, coll):
-            group = duplicate_group(txn.conn, coll, key)
-            if any(n == node.node_id for _, n, _ in group[1:]):
+        for key in duplicate_keys(w.txn.conn, coll):
+            group = duplicate_group(w.txn.conn, coll, key)
+            if any(n == w.node_id for _, n, _ in group[1:]):
                 conflict = {
                     "id": _group_id(coll, key, group),
                     "kind": "duplicate_key",
                     "records": [g[0] for g in group],
                     "key": key,
                 }
-                done += _renumber_losers(node, txn, coll, conflict, None, auto=True)
+                done += _renumber_losers(w, coll, conflict, None, auto=True)
     return done
 
 
@@ -125,9 +125,7 @@ def _group_id(coll: Collection, key: str, group: list[tuple[str, str, int]]) -> 
     return conflict_digest("duplicate_key", coll.name, key, *sorted(g[0] for g in group))
 
 
-def _keep_value(
-    node: Node, txn: WriteTxn, coll: Collection, conflict: Conflict, keep: Any
-) -> dict[str, Any]:
+def _keep_value(w: Writer, coll: Collection, conflict: Conflict, keep: Any) -> dict[str, Any]:
     field = conflict["field"]
     values = conflict["values"]
     by_node = {v["node"]: v["value"] for v in values}
@@ -150,15 +148,13 @@ def _keep_value(
                 ) from None
         value = encode(fld, raw, f"{coll.name}.{field}")
         if fld.type == "ref" and value is not None:
-            value = node._resolve_ref(txn, fld.to or "", value, f"{coll.name}.{field}")
+            value = w.resolve_ref(fld.to or "", value, f"{coll.name}.{field}")
     rid = conflict["records"][0]
     old = values[0]["value"]
-    return _write(node, txn, coll, rid, {field: value}, conflict, "keep", old, value, False)
+    return _write(w, coll, rid, {field: value}, conflict, "keep", old, value, False)
 
 
-def _keep_side(
-    node: Node, txn: WriteTxn, coll: Collection, conflict: Conflict, keep: Any
-) -> dict[str, Any]:
+def _keep_side(w: Writer, coll: Collection, conflict: Conflict, keep: Any) -> dict[str, Any]:
     deleter = conflict["values"][0]["node"]
     editors = {v["node"] for v in conflict["values"][1:]}
     if keep in ("delete", deleter):
@@ -172,12 +168,11 @@ def _keep_side(
         )
     rid = conflict["records"][0]
     action = "keep_delete" if deleted else "keep_edit"
-    return _write(node, txn, coll, rid, {DELETED: deleted}, conflict, action, True, deleted, False)
+    return _write(w, coll, rid, {DELETED: deleted}, conflict, action, True, deleted, False)
 
 
 def _rename(
-    node: Node,
-    txn: WriteTxn,
+    w: Writer,
     coll: Collection,
     conflict: Conflict,
     new_key: str,
@@ -186,11 +181,10 @@ def _rename(
     ids = conflict["records"]
     rid = _loser(ids, record)
     stored = encode(coll.fields[coll.key], new_key, f"{coll.name}.{coll.key}")
-    if node._lookup(txn, coll, stored, by_id=False) is not None:
+    if w.lookup(coll, stored, by_id=False) is not None:
         raise UserError(f"{coll.name}: {coll.key} {new_key!r} is taken by a live record")
     return _write(
-        node,
-        txn,
+        w,
         coll,
         rid,
         {coll.key: stored},
@@ -202,9 +196,7 @@ def _rename(
     )
 
 
-def _merge_into(
-    node: Node, txn: WriteTxn, coll: Collection, conflict: Conflict, winner: str
-) -> dict[str, Any]:
+def _merge_into(w: Writer, coll: Collection, conflict: Conflict, winner: str) -> dict[str, Any]:
     ids = conflict["records"]
     if winner not in ids:
         raise UserError(f"merge into one of the conflict's records: {', '.join(ids)}")
@@ -212,14 +204,21 @@ def _merge_into(
     for rid in ids:
         if rid != winner:
             entry = _write(
-                node, txn, coll, rid, {ALIAS: winner}, conflict, "merge_into", rid, winner, False
+                w,
+                coll,
+                rid,
+                {ALIAS: winner},
+                conflict,
+                "merge_into",
+                rid,
+                winner,
+                False,
             )
     return entry
 
 
 def _renumber_losers(
-    node: Node,
-    txn: WriteTxn,
+    w: Writer,
     coll: Collection,
     conflict: Conflict,
     record: str | None,
@@ -230,19 +229,16 @@ def _renumber_losers(
     ids = conflict["records"]
     losers = [_loser(ids, record)] if record is not None else ids[1:]
     if auto:
-        losers = [rid for rid in losers if _created_by(txn, coll, rid) == node.node_id]
+        losers = [
+            rid for rid in losers if (row := w.row(coll, rid)) and row.created_node == w.node_id
+        ]
     entries = []
     for rid in losers:
-        row = txn.execute(
-            "SELECT json_extract(data, '$.' || ?) FROM records WHERE collection = ? AND id = ?",
-            (coll.partition_field, coll.name, rid),
-        ).fetchone()
-        date = dt.date.fromisoformat(row[0]) if row and row[0] else None
-        alloc = series_mod.allocate(txn.conn, coll, node.node_id, date, rid, node._clock.wall_ms())
+        raw = w.stored_value(coll, rid, coll.partition_field)
+        alloc = w.allocate(coll, dt.date.fromisoformat(raw) if raw else None, rid)
         entries.append(
             _write(
-                node,
-                txn,
+                w,
                 coll,
                 rid,
                 {"number": alloc.number},
@@ -267,16 +263,8 @@ def _loser(ids: list[str], record: str | None) -> str:
     return record
 
 
-def _created_by(txn: WriteTxn, coll: Collection, rid: str) -> str | None:
-    row = txn.execute(
-        "SELECT created_node FROM records WHERE collection = ? AND id = ?", (coll.name, rid)
-    ).fetchone()
-    return str(row[0]) if row else None
-
-
 def _write(
-    node: Node,
-    txn: WriteTxn,
+    w: Writer,
     coll: Collection,
     rid: str,
     values: dict[str, Any],
@@ -287,14 +275,11 @@ def _write(
     auto: bool,
 ) -> dict[str, Any]:
     """One replicated write of ``values`` plus a journal entry on record ``rid``."""
-    row = txn.execute(
-        "SELECT doc FROM records WHERE collection = ? AND id = ?", (coll.name, rid)
-    ).fetchone()
+    row = w.row(coll, rid)
     if row is None:
         raise ConflictNotFound(f"{coll.name} {rid} is not here any more")
-    loaded = node._doc(row[0])
     entry = {
-        "id": node._new_id(),
+        "id": w.new_id(),
         "conflict": conflict["id"],
         "kind": conflict["kind"],
         "collection": coll.name,
@@ -302,12 +287,12 @@ def _write(
         "action": action,
         "old": old,
         "new": new,
-        "node": node.node_id,
-        "at": node._clock.wall_ms(),
+        "node": w.node_id,
+        "at": w.now_ms(),
         "auto": auto,
     }
-    mine = loaded.doc.states(rid).get(node.node_id)
+    mine = w.states(row.doc, rid).get(w.node_id)
     earlier = mine["f"].get(JOURNAL, [0, []])[1] if isinstance(mine, dict) else []
     journal = [*(earlier if isinstance(earlier, list) else []), entry][-JOURNAL_CAP:]
-    node._write_entry(txn, coll, loaded, rid, {**values, JOURNAL: journal})
+    w.write_entry(coll, row.doc, rid, {**values, JOURNAL: journal})
     return entry

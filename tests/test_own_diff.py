@@ -35,6 +35,7 @@ from engine.relay import authorship
 from engine.relay.sqlite_store import SqliteRelayStore
 from engine.relay.store import UpdateIn
 from engine.store import FORMAT_VERSION, STORE_FILE
+from engine.writes import Writer
 
 START_MS = 1_767_225_600_000
 BIG = 1 << 30
@@ -327,14 +328,14 @@ def test_client_row_is_part_of_the_write_transaction(
     node = make(tmp_path, "A")
     home = tmp_path / "A"
     seen: list[tuple[list[int], list[int]]] = []
-    original = Node._materialize
+    original = Writer.materialize
 
-    def peek(self: Node, *args: Any, **kwargs: Any) -> int:
-        inside = [int(r[0]) for r in self.store.conn.execute("SELECT client FROM clients")]
+    def peek(self: Writer, *args: Any, **kwargs: Any) -> int:
+        inside = [int(r[0]) for r in self.txn.execute("SELECT client FROM clients")]
         seen.append((inside, clients(home)))  # another connection: only what committed
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Node, "_materialize", peek)
+    monkeypatch.setattr(Writer, "materialize", peek)
     node.put(DOC, {"code": "K1", "name": "n"})
     assert seen == [([node._client_id], [])]
     assert clients(home) == [node._client_id]
@@ -351,7 +352,7 @@ def test_a_failed_write_leaves_no_client_row_and_the_next_one_notes_it(
         raise RuntimeError("disk on fire")
 
     with monkeypatch.context() as patch:
-        patch.setattr(Node, "_materialize", boom)
+        patch.setattr(Writer, "materialize", boom)
         with pytest.raises(RuntimeError):
             node.put(DOC, {"code": "K1", "name": "n"})
     assert clients(home) == [] and node.outbox() == []
@@ -365,9 +366,10 @@ def test_a_failed_write_leaves_no_client_row_and_the_next_one_notes_it(
 CRASH = """
 import os, random, sys
 from engine.node import Node
+from engine.writes import Writer
 def die(*args, **kwargs):
     os._exit(9)  # killed after the entry, its update row and the clients row, before commit
-Node._materialize = die
+Writer.materialize = die
 node = Node.open(sys.argv[1], rng=random.Random(3))
 node.put("customers", {"code": "K9", "name": "never"})
 """

@@ -15,6 +15,7 @@ import orjson
 
 from .. import series as series_mod
 from ..crdt import RecordDoc
+from ..ids import is_id
 from ..merge import ALIAS, Resolved, resolve
 from ..plugins import ChangeKind, RecordChange
 from ..schema import Collection, Schema
@@ -382,12 +383,14 @@ def _live(conn: sqlite3.Connection, collection: str, ids: list[str]) -> set[str]
 
 
 def lookup(
-    conn: sqlite3.Connection, coll: Collection, id_or_key: str, by_id: bool
+    conn: sqlite3.Connection, coll: Collection, id_or_key: str, by_id: bool = True
 ) -> tuple[str, str] | None:
     """(id, document) of the live record with that id (when ``by_id``) or
     key; with several live records on one key (a duplicate_key conflict),
     the earliest created. Neither an alias nor a deleted record is found by key."""
-    if by_id:
+    if not id_or_key.isascii() and not _encodable(id_or_key):
+        return None  # no stored key holds unpaired surrogates; SQLite cannot bind it
+    if by_id and is_id(id_or_key):
         row = conn.execute(
             "SELECT id, doc FROM records WHERE collection = ? AND id = ? AND deleted = 0",
             (coll.name, id_or_key),
@@ -572,6 +575,14 @@ def waiting_rows(conn: sqlite3.Connection) -> list[tuple[str, str, str, str, str
             "ORDER BY collection, id, target_collection, target_id"
         )
     ]
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _chunks(items: list[str]) -> Iterator[list[str]]:
