@@ -43,20 +43,14 @@ def _imports(path: Path, top_level: bool) -> set[str]:
     runs at import time: imports inside functions and ``TYPE_CHECKING``
     blocks are left out."""
     tree = ast.parse(path.read_text())
-    package = (
-        _module(path)
-        if path.name == "__init__.py"
-        else _module(path).rpartition(".")[0]
-    )
+    package = _module(path) if path.name == "__init__.py" else _module(path).rpartition(".")[0]
     if top_level:
         nodes: list[ast.AST] = []
         for stmt in tree.body:
             if isinstance(stmt, ast.If) and "TYPE_CHECKING" in ast.unparse(stmt.test):
                 continue
             if isinstance(stmt, ast.ClassDef):
-                nodes.extend(
-                    n for n in stmt.body if isinstance(n, ast.Import | ast.ImportFrom)
-                )
+                nodes.extend(n for n in stmt.body if isinstance(n, ast.Import | ast.ImportFrom))
             elif not isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
                 nodes.extend(ast.walk(stmt))
     else:
@@ -74,9 +68,7 @@ def _imports(path: Path, top_level: bool) -> set[str]:
             out.add(name)
             for alias in node.names:
                 sub = f"{name}.{alias.name}"
-                if (ENGINE.parent / sub.replace(".", "/")).with_suffix(
-                    ".py"
-                ).is_file() or (
+                if (ENGINE.parent / sub.replace(".", "/")).with_suffix(".py").is_file() or (
                     ENGINE.parent / sub.replace(".", "/") / "__init__.py"
                 ).is_file():
                     out.add(sub)
@@ -93,9 +85,7 @@ def _rel(path: Path) -> str:
 
 def _importers(top: str) -> set[str]:
     return {
-        _rel(p)
-        for p in _engine_files()
-        if any(n.split(".")[0] == top for n in _imports(p, False))
+        _rel(p) for p in _engine_files() if any(n.split(".")[0] == top for n in _imports(p, False))
     }
 
 
@@ -126,9 +116,7 @@ def test_the_node_side_has_no_import_cycle() -> None:
         for p in _engine_files()
     }
     for mod, deps in graph.items():
-        graph[mod] = {
-            d for d in deps if d in graph and d != mod and not mod.startswith(d + ".")
-        }
+        graph[mod] = {d for d in deps if d in graph and d != mod and not mod.startswith(d + ".")}
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -166,9 +154,6 @@ def test_callers_use_node_and_store_public_names_only() -> None:
                 isinstance(node, ast.Attribute)
                 and _private(node.attr)
                 and isinstance(node.value, ast.Name | ast.Attribute)
-                and ast.unparse(node.value).split(".")[-1]
-                in {"node", "n", "store", "w"}
+                and ast.unparse(node.value).split(".")[-1] in {"node", "n", "store", "w"}
             ):
-                raise AssertionError(
-                    f"{_rel(path)}:{node.lineno} uses {ast.unparse(node)}"
-                )
+                raise AssertionError(f"{_rel(path)}:{node.lineno} uses {ast.unparse(node)}")
