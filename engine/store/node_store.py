@@ -12,7 +12,7 @@ serialized by ``BEGIN IMMEDIATE`` and see each other's commits through
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -218,6 +218,10 @@ class NodeStore:
         self.conn = conn
         self._data_version = -1
         self._depth = 0  # transactions open: inner ones are savepoints
+        #: Called with "before_commit" (the statements done, COMMIT not yet
+        #: run) and "after_commit" (durable) for every write transaction: the
+        #: simulator's crash points (harness.sim). None in normal use.
+        self.commit_points: Callable[[str], None] | None = None
 
     @staticmethod
     def file_in(home: Path) -> Path:
@@ -302,6 +306,8 @@ class NodeStore:
         self._depth = 1
         try:
             yield WriteTxn(self.conn)
+            if self.commit_points is not None:
+                self.commit_points("before_commit")
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
@@ -312,6 +318,8 @@ class NodeStore:
         except sqlite3.Error as exc:
             self.conn.execute("ROLLBACK")
             raise StoreError(f"{self.path}: commit failed ({exc})") from None
+        if self.commit_points is not None:
+            self.commit_points("after_commit")
 
     def _savepoint(self) -> Iterator[WriteTxn]:
         name = f"nested_{self._depth}"

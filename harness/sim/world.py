@@ -28,6 +28,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,27 @@ class Network:
         return [frame for _, _, frame in ready]
 
 
+class NodeCrashed(BaseException):
+    """A node's process died at one of its store's commit points. Not an
+    Exception: no handler in the node's own code may take it for an error it
+    can handle and go on."""
+
+    def __init__(self, node: str, point: str) -> None:
+        super().__init__(f"{node} crashed at {point}")
+        self.node, self.point = node, point
+
+
+COMMIT_POINTS = ("before_commit", "after_commit")
+
+
+def _crash_at(node: str, point: str) -> Callable[[str], None]:
+    def hook(at: str) -> None:
+        if at == point:
+            raise NodeCrashed(node, point)
+
+    return hook
+
+
 class SimRelay:
     """The relay: the real core (``RelayHub``) and store runner over a real
     ``SqliteRelayStore``, driven synchronously on the simulator's clock. The
@@ -223,6 +245,9 @@ class SimRelay:
         self.hub = RelayHub(self.limits)
         self.runner = StoreRunner(self.store, now_s=self._now_s)
         self.links: dict[int, tuple[int, Link]] = {}  # link id -> (core connection, link)
+        #: Crash in the next group commit, once the store has committed the
+        #: batch and before any ack or fan-out leaves.
+        self.crash_in_commit = False
 
     @property
     def up(self) -> bool:
@@ -245,12 +270,19 @@ class SimRelay:
         while (diff := hub.next_sync(cid)) is not None:
             hub.answer(diff, runner.diff(diff))
 
-    def commit(self) -> None:
-        """Group commit of everything received this tick, then acks and fan-out."""
+    def commit(self) -> bool:
+        """Group commit of everything received this tick, then acks and
+        fan-out. True when it crashed in it (``crash_in_commit``)."""
         if self.store is None:
-            return
+            return False
         while (batch := self.hub.take_batch()) is not None:
-            self.hub.settle(batch, self.runner.commit(batch))
+            outcome = self.runner.commit(batch)
+            if self.crash_in_commit:
+                self.crash_in_commit = False
+                self.crash()  # stored, never acknowledged: the nodes send it again
+                return True
+            self.hub.settle(batch, outcome)
+        return False
 
     def tick(self, now_ms: int) -> None:
         self.now_ms = now_ms
@@ -372,9 +404,24 @@ class World:
         per_op = max(1, 1500 // self.ops)
         while self.stats.ops < self.ops:
             if self.tick % per_op == 0:
-                self._operate()
-            self._nemesis()
-            self._step()
+                self._guarded(self._operate)
+            self._guarded(self._nemesis)
+            self._guarded(self._step)
+
+    def _guarded(self, part: Callable[[], None]) -> None:
+        """Run ``part``; a node that crashes at a commit point meanwhile is
+        dropped as a killed process is (no close, the rest of the tick
+        skipped): what was committed stays, the rest is gone."""
+        try:
+            part()
+        except NodeCrashed as crash:
+            sim = next(s for s in self.nodes if s.name == crash.node)
+            self._disconnect(sim)
+            if sim.node is not None:
+                sim.node.store.close()
+            sim.node = None
+            sim.down_until = self.tick + self.rng.randint(1, 100)
+            self.stats.faults[f"node crash {crash.point.replace('_', ' ')}"] += 1
 
     def close(self) -> None:
         for sim in self.nodes:
@@ -403,7 +450,9 @@ class World:
                 self.net.send(link, link.down, self.tick, frames)
                 if done:
                     link.closed = True
-            self.relay.commit()
+            if self.relay.commit():
+                self.stats.faults["relay crash in a group commit"] += 1
+                return
             for link, frames, done in self.relay.outgoing():
                 self.net.send(link, link.down, self.tick, frames)
                 if done:
@@ -486,6 +535,12 @@ class World:
             self.stats.faults[f"partition ({shape})"] += 1
         for sim in self.nodes:
             if sim.node is not None and f.node_crashes and self.rng.random() < f.node_crashes:
+                if self.rng.random() < 0.5:
+                    # At the next commit of this node: a local write, an apply
+                    # of received updates (a bulk one too), an ack.
+                    point = self.rng.choice(COMMIT_POINTS)
+                    sim.node.store.commit_points = _crash_at(sim.name, point)
+                    continue
                 self._disconnect(sim)
                 sim.node.close()
                 sim.node = None
@@ -500,9 +555,12 @@ class World:
                 elif self.disk_rng.random() < 0.01:
                     self._backup(sim)
         if self.relay.up and f.relay_crashes and self.rng.random() < f.relay_crashes:
-            self.relay.crash()
-            self.stats.faults["relay crash"] += 1
             self.relay_back = self.tick + self.rng.randint(1, 100)
+            if self.rng.random() < 0.5:
+                self.relay.crash_in_commit = True  # at its next batch
+            else:
+                self.relay.crash()
+                self.stats.faults["relay crash"] += 1
         elif not self.relay.up and self.tick >= self.relay_back:
             self.relay.restart()
 
@@ -630,11 +688,14 @@ class World:
         ``liveness`` when it does not come within HEAL_TICKS)."""
         self.net.active = False
         self.partitioned.clear()
+        self.relay.crash_in_commit = False
         if not self.relay.up:
             self.relay.restart()
         for sim in self.nodes:
             sim.down_until = 0
             sim.retry_at = min(sim.retry_at, self.tick + 1)
+            if sim.node is not None:
+                sim.node.store.commit_points = None  # faults are over
         quiet = 0
         for _ in range(HEAL_TICKS):
             self._step()
