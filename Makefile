@@ -8,7 +8,7 @@ JOBS ?= 2
 DURATION ?= 60
 SOAK_OUT ?= bench/results/soak.json
 
-.PHONY: venv browser demo test lint check sim bench bench-quick soak clean screenshots
+.PHONY: venv browser demo test lint check sim bench bench-quick soak fuzz clean screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,12 @@ bench: $(BENCH_STAMP)
 # converge and check (docs/reliability.md). SEED=N replays a run's schedule.
 soak: $(STAMP)
 	$(PY) -m harness.soak --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out $(SOAK_OUT)
+
+# The hostile-relay fuzz run at full size (the suite runs 10,000 frames): a
+# relay fed FRAMES hostile frames on loopback while two nodes write and sync.
+FRAMES ?= 100000
+fuzz: $(STAMP)
+	BRANCHLINE_FUZZ_FRAMES=$(FRAMES) $(PY) -m pytest -q -s -p no:randomly tests/test_fuzz_relay.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
