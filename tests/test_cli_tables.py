@@ -91,8 +91,9 @@ def test_failures_table_shows_codes_and_fits_100_columns(tmp_path: Path) -> None
     with Node.create(home, dataset="acme", node="HN") as n:
         rids = [n.put("customers", {"code": f"KH{i:02d}", "name": f"C{i}"}) for i in range(5)]
         record_failure(
-            n, "upload", "customers", "locked_period: period 2026-01 of dataset acme is locked "
-            "on the relay; unlock it there or book in an open period", 1_795_000_000_000, rids,
+            n, "upload", "customers", "locked_period", "period 2026-01 of dataset acme is "
+            "locked on the relay; unlock it there or book in an open period", 1_795_000_000_000,
+            rids,
         )  # fmt: skip
     text = run("failures", "--home", home).stdout
     assert all(len(line) <= 100 for line in text.splitlines()), text
