@@ -22,7 +22,7 @@ from engine.errors import HomeExists, RecoverRefused, StoreDamaged
 from engine.exchange import export_to_file
 from engine.node import Node
 from engine.recovery import recover
-from engine.store import NodeStore
+from engine.store import NodeStore, health
 from engine.store.health import problem
 
 
@@ -175,3 +175,26 @@ def test_recover_refuses_a_healthy_store(tmp_path: Path) -> None:
         recover(tmp_path / "h")
     assert digest(NodeStore.file_in(tmp_path / "h")) == before
     assert not [p for p in (tmp_path / "h").iterdir() if "damaged" in p.name]
+
+
+def test_quick_check_is_bounded_by_the_store_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Damage only quick_check sees (a garbled last page) is reported by
+    ``problem`` and ``node recover``, but opening a store above the size
+    bound runs only the cheap checks (quick_check's time grows with the file)."""
+    with Node.create(tmp_path / "h", dataset="acme", node="HN") as n:
+        for i in range(300):
+            n.put("customers", {"code": f"K{i:04d}", "name": "x" * 200})
+    path = NodeStore.file_in(tmp_path / "h")
+    data = bytearray(path.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    data[-page:] = b"\xa5" * page
+    path.write_bytes(bytes(data))
+    found = problem(path)
+    assert found is not None and ("malformed" in found or "quick_check" in found)
+    monkeypatch.setattr(health, "QUICK_CHECK_MAX_BYTES", len(data) - 1)
+    health.check_store(path)  # above the bound: the cheap checks pass
+    monkeypatch.setattr(health, "QUICK_CHECK_MAX_BYTES", len(data))
+    with pytest.raises(StoreDamaged, match=r"malformed|quick_check"):
+        health.check_store(path)
