@@ -167,7 +167,8 @@ class Materializer:
         if rows and has_waiting(conn):
             done.changes = self._release(txn, coll, [row[1] for row in rows]).changes
         if watched:
-            changes = _changes(coll, doc.name, resolved, before)
+            written = [(rid, r, row[8]) for (rid, r, _), row in zip(resolved, rows, strict=True)]
+            changes = _changes(coll, doc.name, written, before)
             if changes:
                 done.changes.append((coll, changes))
         return done
@@ -258,23 +259,16 @@ def _alias(r: Resolved, rid: str) -> str | None:
     return alias if type(alias) is str and alias != rid else None
 
 
-def _in_key_order(value: Any) -> Any:
-    """A fresh copy of stored values with every object's keys sorted: what
-    reading back the JSON stored with sorted keys gives, without the round trip."""
-    if type(value) is dict:
-        return {k: _in_key_order(value[k]) for k in sorted(value)}
-    if type(value) is list:
-        return [_in_key_order(v) for v in value]
-    return value
-
-
-def _changes(coll: Collection, docname: str, written: Held, before: set[str]) -> list[RecordChange]:
-    """The adapters' view of a materialization: each record written that is
-    or was live, then those that were live and have no row any more (held
-    back again or incomplete), as deleted. Values as stored (keys sorted)."""
+def _changes(
+    coll: Collection, docname: str, written: list[tuple[str, Resolved, str]], before: set[str]
+) -> list[RecordChange]:
+    """The adapters' view of a materialization: each record written (id,
+    resolution, the values JSON just stored) that is or was live, then those
+    that were live and have no row any more (held back again or incomplete),
+    as deleted."""
     out: list[RecordChange] = []
     after: set[str] = set()
-    for rid, r, values in written:
+    for rid, r, data in written:
         assert r.created is not None
         live = not r.deleted
         was = rid in before
@@ -298,7 +292,10 @@ def _changes(coll: Collection, docname: str, written: Held, before: set[str]) ->
                 coll.name,
                 rid,
                 docname,
-                _in_key_order(values),
+                # Values as stored (keys sorted at every level), each record's
+                # its own: parsing the JSON just made (about 6 us for a 3-line
+                # voucher) is cheaper than a copy in Python (12 to 25 us).
+                orjson.loads(data),
                 created_hlc,
                 created_node,
                 r.newest,
