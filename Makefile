@@ -8,7 +8,7 @@ JOBS ?= 2
 DURATION ?= 60
 SOAK_OUT ?= bench/results/soak.json
 
-.PHONY: venv browser demo test lint check sim bench bench-quick soak clean screenshots
+.PHONY: venv browser demo test lint check sim bench bench-quick soak fuzz clean screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ browser:
 
 # KEEP=1 leaves the relay, the nodes and DN's branch server running until Ctrl-C.
 demo: $(STAMP)
-	$(PY) -m engine.demo $(if $(KEEP),--linger)
+	$(PY) -m harness.demo $(if $(KEEP),--linger)
 
 # pytest exits 5 when it collects no tests: say so loudly, but do not fail on it.
 test: $(STAMP) browser
@@ -48,15 +48,16 @@ screenshots: $(STAMP) browser
 	BRANCHLINE_DOC_SCREENSHOTS=1 $(PY) -m pytest tests/test_browser.py -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check engine adapters tests bench
-	$(VENV)/bin/mypy --strict engine
+	$(VENV)/bin/ruff check engine adapters harness tests bench
+	$(VENV)/bin/ruff format --check engine adapters harness tests bench
+	$(VENV)/bin/mypy --strict engine adapters harness
 
 check: test lint
 
 # Deterministic simulation: SEEDS seeds with swarm faults; a failure prints
 # its seed and replay command and exits 3 (crash), 4 (liveness) or 5 (correctness).
 sim: $(STAMP)
-	$(PY) -m engine.sim --seeds $(SEEDS) --jobs $(JOBS)
+	$(PY) -m harness.sim --seeds $(SEEDS) --jobs $(JOBS)
 
 # bench.peers installs its peers itself into bench/.peers (gitignored).
 BENCH_STAMP := $(VENV)/.bench-stamp
@@ -79,7 +80,13 @@ bench: $(BENCH_STAMP)
 # Real relay and node processes under faults for DURATION seconds, then heal,
 # converge and check (docs/reliability.md). SEED=N replays a run's schedule.
 soak: $(STAMP)
-	$(PY) -m engine.soak --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out $(SOAK_OUT)
+	$(PY) -m harness.soak --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out $(SOAK_OUT)
+
+# The hostile-relay fuzz run at full size (the suite runs 10,000 frames): a
+# relay fed FRAMES hostile frames on loopback while two nodes write and sync.
+FRAMES ?= 100000
+fuzz: $(STAMP)
+	BRANCHLINE_FUZZ_FRAMES=$(FRAMES) $(PY) -m pytest -q -s -p no:randomly tests/test_fuzz_relay.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -97,8 +97,9 @@ async def main(port: int, db_path: str) -> None:
         path = ws.request.path if ws.request is not None else "/"
         await server.serve(Channel(ws, path))
 
-    async with server, serve(
-        handler, "127.0.0.1", port, max_size=None, compression=None, ping_interval=None
+    async with (
+        server,
+        serve(handler, "127.0.0.1", port, max_size=None, compression=None, ping_interval=None),
     ):
         await stop.wait()
 

@@ -28,10 +28,13 @@ from rich.text import Text
 from . import __version__, jsonio
 from .errors import BranchlineError, RecordNotFound, UserError
 from .exchange import export_to_file, import_from_file, save_state
-from .names import relay_url_ok
+from .names import META_RELAY_CA, relay_url_ok
 from .node import Node
+from .prefix import match_prefix, short_ids
 from .query import json_cell
 from .relay.cli import relay_group
+from .stopping import SIGINT_EXIT, STOP_GRACE_S, exit_soon
+from .wslog import LOG_FORMATS, configure_logging
 
 HOME_HELP = "node home directory (default: $BRANCHLINE_HOME, else the current directory)"
 MAX_INPUT_BYTES = 64 << 20  # fields JSON read from stdin
@@ -81,9 +84,12 @@ class BranchlineGroup(click.Group):
         except click.ClickException as exc:
             _fail(exc.format_message())
             code = exc.exit_code
-        except click.Abort:
-            _fail("aborted")
-            code = 1
+        except click.Abort as exc:
+            if isinstance(exc.__cause__, KeyboardInterrupt):
+                code = SIGINT_EXIT  # Ctrl-C: the shell's code, no error line
+            else:
+                _fail("aborted")
+                code = 1
         except BrokenPipeError:
             # The reader of stdout went away (e.g. `| head`): stop quietly, and
             # keep Python from complaining when it flushes stdout at exit.
@@ -165,6 +171,47 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _private_home(home: Path, allow: bool) -> None:
+    """Raise HomeExposed for a home others can read, unless ``allow``."""
+    from .store.node_store import STORE_FILE
+    from .store.private import require_private
+
+    if not allow:
+        require_private(home, STORE_FILE)
+
+
+def _full_record_id(n: Node, collection: str, given: str) -> str:
+    """``given`` as the node takes it: itself when it names a record (id or
+    unique key), else the one record id it is a prefix of (as git takes
+    commit ids). Raises AmbiguousId; an unknown ``given`` is returned as is,
+    for the command's own not-found error."""
+    n.collection(collection)  # UnknownCollection first
+    if n.get(collection, given) is not None:
+        return given
+    found = match_prefix(given, n.record_ids_starting(collection, given), f"{collection} id")
+    return found or given
+
+
+def _record_labels(n: Node, collection: str, ids: Sequence[str]) -> list[str]:
+    """Records as people know them: code or voucher number, with a short id
+    (that every command takes) where the key does not tell them apart."""
+    keys = n.record_keys(collection, ids)
+    short = short_ids(ids)
+    counts: dict[str | None, int] = {}
+    for rid in ids:
+        counts[keys[rid]] = counts.get(keys[rid], 0) + 1
+    out = []
+    for rid in ids:
+        key = keys[rid]
+        if key is None:
+            out.append(short[rid])
+        elif counts[key] > 1:
+            out.append(f"{key} ({short[rid]})")
+        else:
+            out.append(key)
+    return out
+
+
 @contextlib.contextmanager
 def _opened(home: Path) -> Iterator[Node]:
     node = Node.open(home)
@@ -184,6 +231,20 @@ home_option = click.option(
 )
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="print one JSON document on stdout"
+)
+# The commands that sync refuse a home others can read (it holds the token).
+shared_home_option = click.option(
+    "--allow-shared-home",
+    "allow_shared",
+    is_flag=True,
+    help="sync even though other users can read the node home (it holds the relay token)",
+)
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="log lines on stderr as text, or one JSON object per line (for log shippers)",
 )
 # put, voucher and delete always print their one JSON object (the contract of
 # issue 2 §7); --json is accepted so scripts may pass it to every command.
@@ -221,6 +282,20 @@ def node() -> None:
 )
 @click.option("--relay", default=None, help="relay URL (ws:// or wss://); needs --token")
 @click.option("--token", default=None, help="this node's relay token; needs --relay")
+@click.option(
+    "--ca",
+    "ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="PEM file of the CA that signed a private wss:// relay's certificate",
+)
+@click.option(
+    "--adapter",
+    "adapter_names",
+    multiple=True,
+    metavar="NAME",
+    help="enable this installed adapter (repeatable; 'branchline adapters list')",
+)
 @json_option
 def node_init(
     home: Path,
@@ -229,6 +304,8 @@ def node_init(
     schema: str,
     relay: str | None,
     token: str | None,
+    ca: Path | None,
+    adapter_names: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Create a node home of DATASET with node id NODE."""
@@ -236,8 +313,17 @@ def node_init(
         raise UserError("--relay and --token go together: give both or neither")
     if relay is not None and not relay_url_ok(relay):
         raise UserError(f"--relay {relay!r}: expected a ws:// or wss:// URL")
+    if ca is not None and relay is None:
+        raise UserError("--ca goes with --relay: it names the CA of that relay's certificate")
     created = Node.create(
-        home, dataset=dataset, node=node_name, schema=schema, relay=relay, token=token
+        home,
+        dataset=dataset,
+        node=node_name,
+        schema=schema,
+        relay=relay,
+        token=token,
+        relay_ca=ca,
+        adapters=list(adapter_names),
     )
     with contextlib.closing(created):
         info = {
@@ -247,6 +333,7 @@ def node_init(
             "schema": created.schema.name,
             "schema_version": created.schema.version,
             "relay": relay,
+            "adapters": sorted(created.adapters()),
         }
     if as_json:
         _emit(info)
@@ -263,18 +350,28 @@ def node_init(
 @home_option
 @click.option("--relay", default=None, help="new relay URL (ws:// or wss://)")
 @click.option("--token", default=None, help="new token of this node ('branchline relay enroll')")
+@click.option(
+    "--ca",
+    "ca",
+    default=None,
+    help="PEM file of the CA of a private wss:// relay's certificate ('' for the system's CAs)",
+)
 @json_option
-def node_config(home: Path, relay: str | None, token: str | None, as_json: bool) -> None:
-    """Change the relay URL or the token of an existing node home (a lost or
-    rotated token, a moved relay). A running 'node run' picks them up."""
+def node_config(
+    home: Path, relay: str | None, token: str | None, ca: str | None, as_json: bool
+) -> None:
+    """Change the relay URL, the token or the relay's CA of an existing node
+    home (a lost or rotated token, a moved relay, a private CA). A running
+    'node run' picks them up."""
     with _opened(home) as n:
-        n.configure(relay=relay, token=token)
+        n.configure(relay=relay, token=token, ca=ca)
         meta = n.store.meta()
         known = n.numbering_known()
     info = {
         "home": str(home),
         "relay": meta.get("relay"),
         "token_changed": token is not None,
+        "relay_ca": meta.get(META_RELAY_CA),
         "numbering_known": known,
     }
     if as_json:
@@ -282,9 +379,82 @@ def node_config(home: Path, relay: str | None, token: str | None, as_json: bool)
         return
     done = [f"relay {info['relay']}"] if relay is not None else []
     done += ["token replaced"] if token is not None else []
+    if ca is not None:
+        done += [f"relay CA {info['relay_ca']}" if ca else "relay CA: the system's"]
     _console().print(
         Text(f"{', '.join(done)}; a running 'node run' uses them at its next connection")
     )
+
+
+@node.command("recover")
+@home_option
+@click.option(
+    "--from",
+    "export",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="the node's last export (full or --unsynced) to import into the fresh store",
+)
+@click.option("--dataset", default=None, help="dataset, when the damaged store cannot tell")
+@click.option("--node", "node_name", default=None, help="node id, when the store cannot tell")
+@click.option("--relay", default=None, help="relay URL, when the store cannot tell")
+@click.option("--token", default=None, help="this node's token, when the store cannot tell")
+@json_option
+def node_recover(
+    home: Path,
+    export: Path | None,
+    dataset: str | None,
+    node_name: str | None,
+    relay: str | None,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Replace a damaged node store: keep the damaged file aside under a
+    dated name, create a fresh store for the same node and import the
+    export given with --from (with its voucher series state). Without
+    --from, the fresh store gets everything back from the relay at its
+    first sync. Refuses a healthy store."""
+    from .recovery import recover
+
+    if relay is not None and not relay_url_ok(relay):
+        raise UserError(f"--relay {relay!r}: expected a ws:// or wss:// URL")
+    done = recover(home, export=export, dataset=dataset, node=node_name, relay=relay, token=token)
+    report = done.imported
+    info = {
+        "home": str(home),
+        "damage": done.damage,
+        "damaged_file": str(done.moved_to),
+        "dataset": done.dataset,
+        "node": done.node,
+        "identity_from": done.identity_from,
+        "relay": done.relay,
+        "from": str(export) if export else None,
+        "records_imported": report.records if report else 0,
+        "series_state_restored": report.series if report else 0,
+        "numbering_known": False,
+    }
+    if as_json:
+        _emit(info)
+        return
+    lines = [
+        f"the store {done.damage}: kept aside as {done.moved_to}",
+        f"created a fresh store for node '{done.node}' of dataset '{done.dataset}' in {home}",
+    ]
+    if report is not None:
+        lines.append(
+            f"imported {export} from node '{done.export_node}': "
+            f"{_count(report.records, 'record')}, "
+            f"{_count(report.series, 'series state row')} restored"
+        )
+    nxt = (
+        f"run 'branchline sync --home {home}'"
+        if done.relay
+        else f"give it a relay ('branchline node config --home {home} --relay URL "
+        "--token T') and sync"
+    )
+    lines.append(f"voucher numbers are provisional until the first completed sync: {nxt}")
+    for line in lines:
+        _console().print(Text(line))
 
 
 @cli.command()
@@ -328,7 +498,7 @@ def voucher(home: Path, voucher_type: str, fields_json: str, as_json: bool) -> N
 def delete(home: Path, collection: str, id_or_key: str, as_json: bool) -> None:
     """Delete a live record by id (or unique key). Prints {"id": ...}."""
     with _opened(home) as n:
-        rid = n.delete(collection, id_or_key)
+        rid = n.delete(collection, _full_record_id(n, collection, id_or_key))
     _emit({"id": rid})
 
 
@@ -341,7 +511,7 @@ def get_cmd(home: Path, collection: str, id_or_key: str, as_json: bool) -> None:
     """Show one live record by id or unique key (references as codes)."""
     with _opened(home) as n:
         coll = n.collection(collection)
-        record = n.get(collection, id_or_key, codes=True)
+        record = n.get(collection, _full_record_id(n, collection, id_or_key), codes=True)
     if record is None:
         raise RecordNotFound(f"{collection}: no live record with id or {coll.key} {id_or_key!r}")
     if as_json:
@@ -396,24 +566,31 @@ def conflicts(home: Path, resolved: bool, as_json: bool) -> None:
         _console().print("no conflicts")
         return
     table = Table(title=_count(len(found), "conflict"))
-    for name in ("id", "kind", "collection", "records", "field", "values (in force first)"):
+    for name in ("id", "kind", "records", "field", "values (in force first)"):
         table.add_column(name, overflow="fold")
-    for c in found:
+    with _opened(home) as n:
+        labels = [_record_labels(n, c["collection"], c["records"]) for c in found]
+    short = short_ids(c["id"] for c in found)
+    for c, shown in zip(found, labels, strict=True):
+        # A duplicate key's competitors are its records: shown as above.
+        label = dict(zip(c["records"], shown, strict=True))
         values = "\n".join(
-            f"{'*' if v['in_force'] else ' '} {v['node']}: {_show(v['value'])}" for v in c["values"]
-        )
+            f"{'*' if v['in_force'] else ' '} {v['node']}: "
+            + (label[v["value"]] if isinstance(v["value"], str) and v["value"] in label
+               else _show(v["value"]))
+            for v in c["values"]
+        )  # fmt: skip
         table.add_row(
-            Text(c["id"]),
+            Text(short[c["id"]]),
             Text(c["kind"]),
-            Text(c["collection"]),
-            Text("\n".join(c["records"])),
+            Text(f"{c['collection']} " + ", ".join(shown)),
             Text(c["field"]),
             Text(values),
         )
     console = _console()
     console.print(table)
     for c in found:
-        console.print(Text(f"- {c['explanation']}"))
+        console.print(Text(f"- {short[c['id']]}: {c['explanation']}"))
 
 
 def _print_resolutions(entries: list[dict[str, Any]]) -> None:
@@ -480,8 +657,17 @@ def resolve_cmd(
     record: str | None,
     as_json: bool,
 ) -> None:
-    """Resolve conflict CONFLICT_ID (from 'branchline conflicts') on every node."""
+    """Resolve conflict CONFLICT_ID (from 'branchline conflicts'; a unique
+    prefix will do, as for every id) on every node."""
     with _opened(home) as n:
+        open_ = {c["id"]: c for c in n.conflicts()}
+        conflict_id = match_prefix(conflict_id, open_, "conflict id") or conflict_id
+        if conflict_id in open_:
+            coll = open_[conflict_id]["collection"]
+            if record is not None:
+                record = _full_record_id(n, coll, record)
+            if merge_into is not None:
+                merge_into = _full_record_id(n, coll, merge_into)
         entry = n.resolve(
             conflict_id,
             keep=keep,
@@ -634,35 +820,48 @@ def state_cmd(home: Path, file: Path, as_json: bool) -> None:
     show_default=True,
     help="longest wait between reconnection attempts, in seconds",
 )
-@click.option("-v", "--verbose", is_flag=True, help="also log debug details")
-def node_run(home: Path, backoff_max: float, verbose: bool) -> None:
-    """Keep this node synced with its relay until Ctrl-C or SIGTERM.
+@click.option("-v", "--verbose", is_flag=True, help="also log debug details (never frames)")
+@log_format_option
+@shared_home_option
+def node_run(
+    home: Path, backoff_max: float, verbose: bool, log_format: str, allow_shared: bool
+) -> None:
+    """Keep this node synced with its relay until Ctrl-C (exit 130) or
+    SIGTERM (exit 0).
 
     Connects, syncs, ships local writes (also other processes') live and
-    reconnects with capped exponential backoff; logs state changes on stderr.
+    reconnects with capped exponential backoff; logs state changes on stderr
+    (and, while the relay cannot be reached, a summary every 5 minutes).
     """
+    _private_home(home, allow_shared)
     import asyncio
-    import logging
     import signal
 
     from .transport import Backoff, LiveSync
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(verbose=verbose, log_format=log_format)
+    stopped_by: list[int] = []
 
     async def run(n: Node) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(sig: int) -> None:
+            if sig == signal.SIGINT:
+                # A second Ctrl-C ends the process at once.
+                exit_soon(SIGINT_EXIT, 0 if stopped_by else STOP_GRACE_S)
+            stopped_by.append(sig)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         async with LiveSync(n, backoff=Backoff(cap_s=backoff_max)):
             await stop.wait()
 
     with _opened(home) as n:
         asyncio.run(run(n))
+    if stopped_by and stopped_by[0] == signal.SIGINT:
+        raise click.exceptions.Exit(SIGINT_EXIT)
 
 
 @node.command("serve")
@@ -698,7 +897,9 @@ def node_run(home: Path, backoff_max: float, verbose: bool) -> None:
     show_default=True,
     help="longest wait between reconnection attempts to the relay, in seconds",
 )
-@click.option("-v", "--verbose", is_flag=True, help="also log debug details")
+@click.option("-v", "--verbose", is_flag=True, help="also log debug details (never frames)")
+@log_format_option
+@shared_home_option
 def node_serve(
     home: Path,
     listen: str,
@@ -707,16 +908,22 @@ def node_serve(
     tls_key: Path | None,
     backoff_max: float,
     verbose: bool,
+    log_format: str,
+    allow_shared: bool,
 ) -> None:
     """Serve the branch server (JSON API, web screen, /metrics) for this
     node's workstations, and keep the node synced like 'node run', until
-    Ctrl-C or SIGTERM. Users and their tokens: 'branchline node users'.
+    Ctrl-C (exit 130) or SIGTERM (exit 0). Users and their tokens: 'branchline
+    node users'.
     """
+    import signal
+
     from .server.serve import parse_listen, serve
 
     host, port = parse_listen(listen)
     Node.open(home).close()  # a missing home fails here, in one line
-    serve(
+    _private_home(home, allow_shared)
+    stopped_by = serve(
         home,
         host,
         port,
@@ -725,7 +932,10 @@ def node_serve(
         tls_key=tls_key,
         backoff_max=backoff_max,
         verbose=verbose,
+        log_format=log_format,
     )
+    if stopped_by == signal.SIGINT:
+        raise click.exceptions.Exit(SIGINT_EXIT)
 
 
 @node.group("users")
@@ -801,24 +1011,31 @@ def node_users_remove(home: Path, name: str) -> None:
 
 @node.command("offline")
 @home_option
-def node_offline(home: Path) -> None:
+@json_option
+def node_offline(home: Path, as_json: bool) -> None:
     """Explicit offline mode: a running 'node run' stops connecting."""
-    from .transport import set_offline
-
-    with _opened(home) as n:
-        set_offline(n, True)
-    click.echo(f"node is in offline mode; 'branchline node online --home {home}' to reconnect")
+    _offline_mode(home, True, as_json)
 
 
 @node.command("online")
 @home_option
-def node_online(home: Path) -> None:
+@json_option
+def node_online(home: Path, as_json: bool) -> None:
     """Leave offline mode: a running 'node run' connects again."""
+    _offline_mode(home, False, as_json)
+
+
+def _offline_mode(home: Path, offline: bool, as_json: bool) -> None:
     from .transport import set_offline
 
     with _opened(home) as n:
-        set_offline(n, False)
-    click.echo("node may connect again")
+        set_offline(n, offline)
+    if as_json:
+        _emit({"home": str(home), "offline_mode": offline})
+    elif offline:
+        click.echo(f"node is in offline mode; 'branchline node online --home {home}' to reconnect")
+    else:
+        click.echo("node may connect again")
 
 
 @cli.command("sync")
@@ -831,7 +1048,8 @@ def node_online(home: Path) -> None:
     help="seconds to reach a full sync before giving up",
 )
 @json_option
-def sync_cmd(home: Path, timeout: float, as_json: bool) -> None:
+@shared_home_option
+def sync_cmd(home: Path, timeout: float, as_json: bool, allow_shared: bool) -> None:
     """Sync once: push all, pull all; exit 0 only when fully synced.
 
     Shows a progress bar per collection (records) when stdout is a terminal.
@@ -845,6 +1063,7 @@ def sync_cmd(home: Path, timeout: float, as_json: bool) -> None:
     from .errors import SyncIncomplete
     from .transport import node_sync
 
+    _private_home(home, allow_shared)
     console = _console()
     with _opened(home) as n:
         if console.is_terminal and not as_json:
@@ -899,6 +1118,11 @@ def _when(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
 
 
+def _short_when(ms: int) -> str:
+    """``2026-12-03 12:05`` (UTC), for table cells."""
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
+
+
 @cli.command("failures")
 @home_option
 @json_option
@@ -922,15 +1146,21 @@ def failures_cmd(home: Path, as_json: bool) -> None:
         console.print(Text("no sync failures"))
         return
     table = Table(title=_count(len(items), "sync failure"))
-    for name in ("id", "failed to", "document", "records", "attempts", "first", "last", "reason"):
-        table.add_column(name, overflow="fold")
-    for f in items:
+    # The reasons, long sentences, follow the table at full width.
+    for name in ("id", "failed to", "document", "records", "attempts", "last"):
+        table.add_column(name, overflow="fold", no_wrap=name in ("id", "attempts", "last"))
+    with _opened(home) as n:
+        labels = [
+            _record_labels(n, f.collection, f.records[:3]) if f.collection else f.records[:3]
+            for f in items
+        ]
+    for f, first in zip(items, labels, strict=True):
         what = "go up" if f.direction == "upload" else "come down"
         if f.held:
             what += f" ({f.held} held)"
         if f.retrying:
             what += ", retry asked"
-        shown = ", ".join(f.records[:3]) + (f" +{len(f.records) - 3}" if len(f.records) > 3 else "")
+        shown = ", ".join(first) + (f" +{len(f.records) - 3}" if len(f.records) > 3 else "")
         table.add_row(
             *(
                 Text(cell)
@@ -940,13 +1170,13 @@ def failures_cmd(home: Path, as_json: bool) -> None:
                     f.doc,
                     shown,
                     str(f.attempts),
-                    _when(f.first_at),
-                    _when(f.last_at),
-                    f.reason,
+                    _short_when(f.last_at),
                 )
             )
         )
     console.print(table)
+    for f in items:
+        console.print(Text(f"- {f.id}: {f.reason}"))
 
 
 @cli.command("retry")
@@ -982,7 +1212,8 @@ def retry_cmd(home: Path, ids: tuple[int, ...], all_: bool, as_json: bool) -> No
 @home_option
 @json_option
 def status_cmd(home: Path, as_json: bool) -> None:
-    """Sync status: online, last sync, pending changes, conflicts, failures."""
+    """Sync status: online, last sync, when the relay was last reached and the
+    last sync error, pending changes, conflicts, failures."""
     from .status import node_status
 
     with _opened(home) as n:
@@ -1004,6 +1235,7 @@ def status_cmd(home: Path, as_json: bool) -> None:
         ("offline mode", _show(info["offline_mode"])),
         ("relay", info["relay"] or "none"),
         ("last sync", when),
+        ("relay reached", _when(info["last_reached"]) if info["last_reached"] else "never"),
         ("pending", _show(pending) if pending else "nothing"),
         ("waiting", f"{info['waiting']} (see 'branchline waiting')" if info["waiting"] else "none"),
         ("conflicts", str(info["conflicts"])),
@@ -1012,6 +1244,9 @@ def status_cmd(home: Path, as_json: bool) -> None:
             f"upload {info['failures']['upload']}, download {info['failures']['download']}",
         ),
     ]
+    error = info["last_error"]
+    if error:
+        rows.insert(5, ("last error", f"{error['message']} (since {_when(error['at'])})"))
     refused = info["token_refused"]
     if refused:
         rows.append(
@@ -1182,21 +1417,29 @@ def adapters_list(home: Path, as_json: bool) -> None:
     metavar="JSON",
     help='adapter options as a JSON object, e.g. \'{"collections": ["tasks"]}\'',
 )
-def adapters_enable(home: Path, name: str, options_json: str | None) -> None:
+@json_option
+def adapters_enable(home: Path, name: str, options_json: str | None, as_json: bool) -> None:
     """Enable adapter NAME and fill its tables from the current records."""
     options = parse_fields(options_json) if options_json else {}
     with _opened(home) as n:
         n.enable_adapter(name, options)
+    if as_json:
+        _emit({"adapter": name, "enabled": True, "options": options})
+        return
     click.echo(f"adapter '{name}' enabled; its tables are filled from the current records")
 
 
 @adapters_group.command("disable")
 @home_option
 @click.argument("name")
-def adapters_disable(home: Path, name: str) -> None:
+@json_option
+def adapters_disable(home: Path, name: str, as_json: bool) -> None:
     """Disable adapter NAME and drop its tables."""
     with _opened(home) as n:
         n.disable_adapter(name)
+    if as_json:
+        _emit({"adapter": name, "enabled": False})
+        return
     click.echo(f"adapter '{name}' disabled; its tables are dropped")
 
 

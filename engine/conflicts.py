@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from .schema import Collection, Schema
+from .store.conflict_index import dangling, shared_keys
 
 Conflict = dict[str, Any]
 
@@ -92,13 +93,7 @@ def _record_conflicts(conn: sqlite3.Connection) -> list[Conflict]:
 
 def duplicate_keys(conn: sqlite3.Connection, coll: Collection) -> list[str]:
     """Keys shared by several live records of ``coll`` (aliases left out)."""
-    rows = conn.execute(
-        "SELECT key FROM records INDEXED BY records_key "
-        "WHERE collection = ? AND deleted = 0 AND key IS NOT NULL AND alias_of IS NULL "
-        "GROUP BY key HAVING COUNT(*) > 1",
-        (coll.name,),
-    ).fetchall()
-    return [str(r[0]) for r in rows]
+    return shared_keys(conn, coll.name)
 
 
 def _duplicates(conn: sqlite3.Connection, coll: Collection) -> list[Conflict]:
@@ -149,46 +144,11 @@ def duplicate_group(
 
 
 def _dangling(conn: sqlite3.Connection, coll: Collection) -> list[Conflict]:
-    out = []
-    for f in coll.fields.values():
-        if f.type == "ref" and f.to:
-            query = (
-                "SELECT r.id, r.created_node, json_extract(r.data, ?) AS t FROM records r "
-                "WHERE r.collection = ? AND r.deleted = 0 AND t IS NOT NULL"
-            )
-            args: tuple[Any, ...] = (f"$.{f.name}", coll.name)
-            found = _missing(conn, query, args, f.to)
-            out += [_dangling_conflict(coll, f.name, f.to, *row) for row in found]
-        for sub in f.fields:
-            if sub.type != "ref" or not sub.to:
-                continue
-            query = (
-                "SELECT DISTINCT r.id, r.created_node, json_extract(l.value, ?) AS t "
-                "FROM records r, json_each(r.data, ?) l "
-                "WHERE r.collection = ? AND r.deleted = 0 AND t IS NOT NULL"
-            )
-            args = (f"$.{sub.name}", f"$.{f.name}", coll.name)
-            found = _missing(conn, query, args, sub.to)
-            out += [_dangling_conflict(coll, f"{f.name}.{sub.name}", sub.to, *row) for row in found]
-    return out
-
-
-def _missing(
-    conn: sqlite3.Connection, query: str, args: tuple[Any, ...], target: str
-) -> list[tuple[str, str, str, str]]:
-    """Rows of ``query`` (id, node, target id) whose target is deleted or absent,
-    with ``deleted`` or ``missing``."""
-    rows = conn.execute(
-        f"SELECT q.id, q.created_node, q.t, x.deleted FROM ({query}) q "
-        "LEFT JOIN records x ON x.collection = ? AND x.id = q.t "
-        "WHERE x.id IS NULL OR x.deleted = 1",
-        (*args, target),
-    ).fetchall()
-    return [(r[0], r[1], r[2], "missing" if r[3] is None else "deleted") for r in rows]
+    return [_dangling_conflict(coll, *row) for row in dangling(conn, coll.name)]
 
 
 def _dangling_conflict(
-    coll: Collection, field: str, target: str, rid: str, node: str, tid: str, state: str
+    coll: Collection, rid: str, node: str, field: str, target: str, tid: str, state: str
 ) -> Conflict:
     return {
         "id": conflict_digest("dangling_reference", coll.name, rid, field, tid),

@@ -49,6 +49,10 @@ class RecordDeleted(UserError):
     """The record is deleted; restore it before editing."""
 
 
+class AmbiguousId(UserError):
+    """An id prefix matches more than one id; the message lists candidates."""
+
+
 class ConflictNotFound(UserError):
     """No open conflict has that id (it may be resolved already)."""
 
@@ -71,6 +75,22 @@ class HomeExists(StoreError):
 
 class FormatVersionError(StoreError):
     """The store was written by another, incompatible format version."""
+
+
+class StoreDamaged(StoreError):
+    """The node store file is empty, truncated, overwritten or fails SQLite's
+    check; nothing was written to it. The message says what to do
+    (``branchline node recover``)."""
+
+
+class HomeExposed(UserError):
+    """A node home holding the relay token is readable (or its files
+    replaceable) by other users; sync refuses it unless told otherwise."""
+
+
+class RecoverRefused(UserError):
+    """``node recover`` was asked for a home it must not touch (no store, a
+    healthy store, an export of another dataset or node); nothing changed."""
 
 
 class DatasetMismatch(BranchlineError):
@@ -210,6 +230,11 @@ class RelayRefused(SyncError):
     (unsupported version, read-only...)."""
 
     exit_code = 2
+
+
+class RelayCertificateError(RelayRefused):
+    """The relay's TLS certificate failed this node's check (unknown CA,
+    expired, wrong name): a person must fix it, retrying will not."""
 
 
 class UpdatesRefused(RelayUnreachable):

@@ -15,6 +15,8 @@ DOC_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}(/\d{4}(-\d{2})?)?\Z")
 #: Node meta key: when and why the relay last refused this node's token
 #: (cleared by a session the relay accepts, or a new token).
 META_TOKEN_REFUSED = "token_refused"
+# Node meta: the PEM file of the CA that signed the relay's certificate.
+META_RELAY_CA = "relay_ca"
 
 
 # A relay URL: ws:// or wss://, then a host (this module imports nothing but re).

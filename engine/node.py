@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,18 +34,21 @@ from .errors import (
     AdapterError,
     AdapterNotFound,
     DatasetMismatch,
+    QueryError,
     SeriesError,
     UpdateError,
     UserError,
     ValidationError,
 )
 from .merge import resolve
-from .names import DATASET_RE, DOC_RE, META_TOKEN_REFUSED, NODE_RE, relay_url_ok
-from .query import QueryResult, run_query
+from .names import DATASET_RE, DOC_RE, META_RELAY_CA, META_TOKEN_REFUSED, NODE_RE, relay_url_ok
+from .query import QueryResult, adapter_owning, run_query
 from .schema import Collection, Schema, load_schema, parse_schema
 from .store import NodeStore, doclog, outbox
 from .store import records as rec
+from .store.conflict_index import is_stale
 from .store.doclog import Loaded
+from .tls import load_ca
 from .writes import Posted, Replica, check_new_voucher, collection_of
 
 __all__ = ["EMPTY_UPDATE", "ImportReport", "Node", "Posted"]
@@ -88,8 +92,12 @@ class Node:
         self._clock = clock
         self._replica = Replica(store, schema, self.node_id, clock, rng, int(meta.get("hlc", "0")))
         self._client_id = self._replica.client_id
-        self._replica.set_adapters(plugins.AdapterSet.from_meta(meta, schema))
+        self._replica.adopt_adapters(meta)
         store.changed_elsewhere()
+        if is_stale(store.conn):
+            with store.transaction() as txn:
+                if is_stale(txn.conn):  # another process may have rebuilt it first
+                    self._replica.records.index.rebuild(txn.conn)
 
     @property
     def _adapters(self) -> plugins.AdapterSet | None:
@@ -111,12 +119,15 @@ class Node:
         rng: random.Random | None = None,
         adapters: Iterable[str] | dict[str, dict[str, Any]] | None = None,
         new_node: bool | None = None,
+        relay_ca: str | Path | None = None,
     ) -> Node:
         """Create a node home, with ``adapters`` enabled (names, or names ->
         options). ``new_node`` says whether this node id never issued voucher
         numbers anywhere (default: yes without a relay, no with one); a home
         that is not new issues provisional numbers until its first completed
-        sync (docs/conflicts.md). Raises UserError for bad names, HomeExists,
+        sync (docs/conflicts.md). ``relay_ca``: the PEM file of the CA that
+        signed a private relay's certificate. Raises UserError for bad names
+        or CA file, HomeExists,
         SchemaError, AdapterNotFound, AdapterConfigError."""
         if not DATASET_RE.match(dataset):
             raise UserError(
@@ -139,6 +150,8 @@ class Node:
             meta["relay"] = relay
         if token:
             meta["token"] = token
+        if relay_ca is not None:
+            meta[META_RELAY_CA] = load_ca(relay_ca)
         if not (relay is None if new_node is None else new_node):
             meta[series_mod.NUMBERING_META] = series_mod.UNCONFIRMED
         store = NodeStore.create(Path(home), meta)
@@ -223,6 +236,22 @@ class Node:
         with self._replica.write() as w:
             return w.delete(coll, id_or_key)
 
+    def batch(self, calls: Iterable[Callable[[Node], Any]]) -> list[tuple[bool, Any]]:
+        """Run each ``call(node)`` in one write transaction, each in a
+        savepoint of its own, and commit once (group commit). Returns, in
+        order, ``(True, result)`` or ``(False, exception)``: a call that
+        raised is undone alone. Raises StoreError when the commit fails (then
+        none of them is durable)."""
+        out: list[tuple[bool, Any]] = []
+        with self._replica.write():
+            for call in calls:
+                try:
+                    with self.store.transaction():
+                        out.append((True, call(self)))
+                except Exception as exc:
+                    out.append((False, exc))
+        return out
+
     def restore(self, collection: str, record_id: str) -> None:
         """Undo a delete (wins over the delete it has seen). Raises RecordNotFound."""
         coll = self.collection(collection)
@@ -257,15 +286,20 @@ class Node:
                 leased += last - first + 1
         return leased
 
-    def configure(self, *, relay: str | None = None, token: str | None = None) -> None:
+    def configure(
+        self, *, relay: str | None = None, token: str | None = None, ca: str | Path | None = None
+    ) -> None:
         """Change the relay URL and/or the token this home syncs with (a
         re-enrolled or rotated token, a moved relay). A new token clears a
         refusal of the old one; a relay given to a home that never completed
         a sync makes its numbering unconfirmed until it does (it may be an
         existing node's). A running ``node run`` uses them at its next
-        connection. Raises UserError for a bad URL or an empty token."""
-        if relay is None and token is None:
-            raise UserError("give --relay URL, --token T or both")
+        connection. ``ca``: the PEM file of the CA of a private relay
+        certificate (``""`` goes back to the system's CAs). Raises UserError
+        for a bad URL, an empty token or a CA file that is not one."""
+        if relay is None and token is None and ca is None:
+            raise UserError("give --relay URL, --token T or --ca FILE")
+        ca_path = load_ca(ca) if ca else None
         if relay is not None and not relay_url_ok(relay):
             raise UserError(f"relay {relay!r}: expected a ws:// or wss:// URL")
         if token is not None and not token.strip():
@@ -279,6 +313,10 @@ class Node:
             if token is not None:
                 self.store.set_meta("token", token)
                 self.store.delete_meta(META_TOKEN_REFUSED)
+            if ca_path is not None:
+                self.store.set_meta(META_RELAY_CA, ca_path)
+            elif ca is not None:
+                self.store.delete_meta(META_RELAY_CA)
 
     def numbering_known(self) -> bool:
         """False while this home cannot know how far its node's series went
@@ -380,6 +418,34 @@ class Node:
         choice = resolution.Choice(keep, rename, merge_into, renumber, record)
         with self._replica.write() as w:
             return resolution.resolve(w, conflict_id, choice)
+
+    def record_keys(self, collection: str, ids: Iterable[str]) -> dict[str, str | None]:
+        """Record id -> its unique key (code or voucher number; None when it
+        has none or the record is not here), for listing records readably."""
+        wanted = list(dict.fromkeys(ids))
+        out: dict[str, str | None] = dict.fromkeys(wanted)
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            out.update(
+                self.store.conn.execute(
+                    f"SELECT id, key FROM records WHERE collection = ? AND id IN "
+                    f"({','.join('?' * len(chunk))})",
+                    (collection, *chunk),
+                ).fetchall()
+            )
+        return out
+
+    def record_ids_starting(self, collection: str, prefix: str, limit: int = 50) -> tuple[str, ...]:
+        """Ids of ``collection``'s records (deleted ones too) that start with
+        ``prefix`` (case-insensitive), at most ``limit``."""
+        if not prefix or not prefix.isalnum():
+            return ()
+        rows = self.store.conn.execute(
+            "SELECT id FROM records WHERE collection = ? AND id >= ? AND id < ? "
+            "ORDER BY id LIMIT ?",
+            (collection, prefix.upper(), prefix.upper() + "\x7f", limit),
+        ).fetchall()
+        return tuple(str(r[0]) for r in rows)
 
     def waiting(self) -> int:
         """Received records held back until a record they refer to arrives."""
@@ -624,8 +690,8 @@ class Node:
         the current records, in one transaction. Enabling it again replaces
         its options and rebuilds. Raises AdapterNotFound, AdapterConfigError.
 
-        Other processes that have this home open keep their adapter set until
-        they reopen it: enable adapters while the node is otherwise closed.
+        Other processes that have this home open take up the new set at
+        their next read or write.
         """
         adapter = plugins.load(name, self.schema, options)
         with self._replica.write() as w:
@@ -636,7 +702,7 @@ class Node:
             adapter.setup(txn.conn)
             plugins.rebuild(txn.conn, adapter, self._live_records(adapter), compare=False)
             self.store.set_meta(plugins.META_KEY, orjson.dumps(wanted).decode())
-        self._replica.set_adapters(plugins.AdapterSet.from_meta(self.store.meta(), self.schema))
+        self._replica.adopt_adapters(self.store.meta())
 
     def disable_adapter(self, name: str) -> None:
         """Disable an adapter and drop its tables, views and conflicts.
@@ -659,7 +725,7 @@ class Node:
             txn.execute("DELETE FROM adapter_conflicts WHERE adapter = ?", (name,))
             del wanted[name]
             self.store.set_meta(plugins.META_KEY, orjson.dumps(wanted).decode())
-        self._replica.set_adapters(plugins.AdapterSet.from_meta(self.store.meta(), self.schema))
+        self._replica.adopt_adapters(self.store.meta())
 
     def rebuild_adapters(
         self, names: Iterable[str] | None = None, *, compare: bool = True
@@ -691,8 +757,19 @@ class Node:
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> QueryResult:
         """Run one read-only SQL statement on the store (adapter tables,
-        views, records). Raises QueryError for writes or bad SQL."""
-        return run_query(self.store.path, sql, params)
+        views, records). Raises QueryError for writes or bad SQL (naming the
+        adapter to enable for a table of one this node has not enabled)."""
+        try:
+            return run_query(self.store.path, sql, params)
+        except QueryError as exc:
+            missing = re.search(r"no such table: (\w+)", str(exc))
+            owner = missing and adapter_owning(missing[1], self.schema, skip=self.adapters())
+            if not owner:
+                raise
+            raise QueryError(
+                f"{exc} (a table of the '{owner}' adapter, which this node has not enabled: "
+                f"'branchline adapters enable --home {self.home} {owner}')"
+            ) from None
 
     def _states(self, docname: str, rid: str) -> dict[str, Any]:
         return self._replica.states(docname, rid)

@@ -10,12 +10,15 @@ REAL as float).
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from .errors import QueryError, StoreError
+from . import plugins
+from .errors import BranchlineError, QueryError, StoreError
+from .schema import Schema
 
 MAX_ROWS = 1_000_000
 
@@ -107,3 +110,27 @@ def run_query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> QueryResult
         return QueryResult(columns, [tuple(r) for r in rows])
     finally:
         conn.close()
+
+
+def adapter_owning(name: str, schema: Schema, skip: Iterable[str] = ()) -> str | None:
+    """The installed adapter (other than those in ``skip``) whose tables or
+    views include ``name``, found by setting each up with its default
+    options in a scratch database; None when none does."""
+    for adapter_name in sorted(set(plugins.installed()) - set(skip)):
+        try:
+            adapter = plugins.load(adapter_name, schema)
+        except BranchlineError:
+            continue  # it needs options to say what it would make
+        scratch = sqlite3.connect(":memory:")
+        try:
+            adapter.setup(scratch)
+            found = scratch.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = ? COLLATE NOCASE", (name,)
+            ).fetchone()
+        except (sqlite3.Error, BranchlineError):
+            found = None
+        finally:
+            scratch.close()
+        if found:
+            return adapter_name
+    return None

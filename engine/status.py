@@ -9,6 +9,7 @@ from .names import META_TOKEN_REFUSED
 from .node import Node
 from .sync import failure_counts
 from .transport import run_status, safe_url
+from .transport.client import META_LAST_ERROR, META_LAST_REACHED
 
 
 def node_status(node: Node, now_ms: int, run: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -17,8 +18,11 @@ def node_status(node: Node, now_ms: int, run: dict[str, Any] | None = None) -> d
     completed sync pass (wall ms or None), records waiting to go up per
     collection and in all, received records waiting for a reference,
     open conflicts, sync failures per direction, whether the relay refused
-    the token, and whether this node knows its voucher numbers' high-water
-    mark (else it issues provisional numbers).
+    the token, whether this node knows its voucher numbers' high-water
+    mark (else it issues provisional numbers), when it last had a session
+    with the relay (``last_reached``, wall ms or None) and why its latest
+    attempt to sync failed, since when (``last_error``, or None once a
+    session opened again).
 
     ``run`` is what ``engine.transport.run_status`` returns; by default it
     is read from the store (the heartbeat of a ``node run`` or ``node
@@ -44,12 +48,29 @@ def node_status(node: Node, now_ms: int, run: dict[str, Any] | None = None) -> d
         "failures": failure_counts(node),
         "token_refused": token_refused(meta),
         "numbering_known": node.numbering_known(),
+        "last_reached": last_reached(meta, run),
+        "last_error": _stamped(meta.get(META_LAST_ERROR)),
     }
+
+
+def last_reached(meta: dict[str, str], run: dict[str, Any]) -> int | None:
+    """Wall ms the node last had a session with the relay: the heartbeat of
+    a loop online now, else the time recorded (None: never)."""
+    raw = meta.get(META_LAST_REACHED, "")
+    recorded = int(raw) if raw.isdigit() else None
+    beat = run.get("heartbeat")
+    if run.get("online") and isinstance(beat, int):
+        return max(beat, recorded or 0)
+    return recorded
 
 
 def token_refused(meta: dict[str, str]) -> dict[str, Any] | None:
     """When and why the relay last refused the token (node meta), or None."""
-    raw = meta.get(META_TOKEN_REFUSED)
+    return _stamped(meta.get(META_TOKEN_REFUSED))
+
+
+def _stamped(raw: str | None) -> dict[str, Any] | None:
+    """``{"at": ms, "message": ...}`` of a "<ms> <message>" meta value."""
     if not raw:
         return None
     at, _, why = raw.partition(" ")

@@ -100,6 +100,13 @@ class Replica:
         self.records = Materializer(schema, node_id, clock.wall_ms, self.document, self.hlc.observe)
         # None unless the node enables adapters: then writes skip them at no cost.
         self.adapters: plugins.AdapterSet | None = None
+        self.adapters_meta: str | None = None  # the meta entry they were read from
+
+    def adopt_adapters(self, meta: dict[str, str]) -> None:
+        """Feed writes to the adapters node ``meta`` enables (and remember
+        which, so ``refresh`` notices another process changing them)."""
+        self.adapters_meta = meta.get(plugins.META_KEY)
+        self.set_adapters(plugins.AdapterSet.from_meta(meta, self.schema))
 
     def set_adapters(self, adapters: plugins.AdapterSet | None) -> None:
         self.adapters = adapters
@@ -119,6 +126,11 @@ class Replica:
         if not self.store.changed_elsewhere():
             return False
         self.log.catch_up()
+        meta = self.store.meta()
+        if meta.get(plugins.META_KEY) != self.adapters_meta:
+            # Another process enabled or disabled an adapter (and rebuilt its
+            # tables): from now on this instance's writes feed the new set.
+            self.adopt_adapters(meta)
         return True
 
     def new_id(self) -> str:

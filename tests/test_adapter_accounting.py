@@ -16,6 +16,7 @@ from engine import Node
 from engine.cli import cli
 from engine.errors import AdapterConfigError, AdapterNotFound, QueryError
 from engine.schema import parse_schema
+from engine.series import set_numbering
 
 ACCOUNTS = ("111", "131", "156", "331", "511", "3331", "632")
 
@@ -379,3 +380,54 @@ def test_cli_rebuild_reports_and_repairs_differences(tmp_path: Path) -> None:
     assert "stock_moves: 4 missing, 0 extra rows" in r.output
     r = run("rebuild", "--home", home, "--json")
     assert r.exit_code == 0 and json.loads(r.output)[0]["same"]
+
+
+def test_an_adapter_enabled_by_another_process_is_fed_by_an_open_node(tmp_path: Path) -> None:
+    from adapters.testing import assert_rebuild_identical
+
+    home = tmp_path / "shared"
+    Node.create(home, dataset="acme", node="HN").close()
+    with Node.open(home) as running, Node.open(home) as admin:
+        running.put("customers", {"code": "KH1", "name": "An"})
+        admin.enable_adapter("accounting")
+        running.put("customers", {"code": "KH2", "name": "Bình"})  # after the enable
+        names = running.query("SELECT code FROM customers ORDER BY code").rows
+        assert [r[0] for r in names] == ["KH1", "KH2"]
+        assert_rebuild_identical(running)
+        admin.disable_adapter("accounting")
+        running.put("customers", {"code": "KH3", "name": "Chi"})  # no adapter tables now
+        assert running.adapters() == {}
+
+
+# -- provisional numbers (issue 18) --------------------------------------------
+
+
+def test_vouchers_carry_provisional_until_the_number_is_final(tmp_path: Path) -> None:
+    """A rebuilt home numbers provisionally until its first completed sync;
+    the books say so per voucher, and stop saying it once the number is final."""
+    n = books(tmp_path)
+    with n.store.transaction() as conn:
+        set_numbering(conn, False)  # as in a home rebuilt before its first sync
+    assert not n.numbering_known()
+    a_day(n)
+    rows = n.query("SELECT type, number, provisional FROM vouchers ORDER BY number").rows
+    assert rows and all(p == 1 and "-P0" in number for _, number, p in rows)
+    assert_rebuild_identical(n)
+    assert n.confirm_numbering() == len(rows)
+    rows = n.query("SELECT type, number, provisional FROM vouchers ORDER BY number").rows
+    assert all(p == 0 and "-P0" not in number for _, number, p in rows), rows
+    assert_rebuild_identical(n)
+    n.close()
+
+
+def test_a_vouchers_table_from_before_the_column_gets_it(tmp_path: Path) -> None:
+    n = books(tmp_path)
+    a_day(n)
+    n.close()
+    with Node.open(tmp_path / "n") as old, old.store.transaction() as conn:
+        conn.execute("ALTER TABLE vouchers DROP COLUMN provisional")  # a store from before it
+    with Node.open(tmp_path / "n") as n:
+        n.post_voucher("cash_receipt", {"date": "2026-03-09", "customer": "KH02", "amount": "5"})
+        rows = n.query("SELECT provisional FROM vouchers").rows
+        assert rows and set(rows) == {(0,)}
+        assert_rebuild_identical(n)

@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 
 from bench import browser
-from engine.faults.proxy import FaultProxy, ProxyHost
+from harness.faults.proxy import FaultProxy, ProxyHost
 
 BRANCHLINE = [str(Path(sys.executable).parent / "branchline")]
 DATASET = "acme"

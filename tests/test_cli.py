@@ -107,6 +107,7 @@ def test_node_init_text_and_json(tmp_path: Path) -> None:
         "schema": "accounting",
         "schema_version": 1,
         "relay": "wss://relay.example:8443",
+        "adapters": [],
     }
     with Node.open(tmp_path / "b") as node:
         assert node.store.meta()["relay"] == "wss://relay.example:8443"
@@ -504,10 +505,37 @@ def test_real_process(tmp_path: Path) -> None:
 
 def test_demo_runs_and_converges() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "engine.demo"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "harness.demo"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "HN, HCM and DN are identical" in result.stdout
     assert "every node shows identical books; everything stopped cleanly" in result.stdout
     for shown in ("HDHN-000001", "HDDN-000001", "duplicate_key", "concurrent_edit"):
         assert shown in result.stdout
+
+
+def test_init_with_adapters_json_everywhere_and_a_query_hint(tmp_path: Path) -> None:
+    home = tmp_path / "with"
+    made = ok("node", "init", "--home", home, "--dataset", "acme", "--node", "hn",
+              "--adapter", "accounting", "--json")  # fmt: skip
+    assert made["adapters"] == ["accounting"]
+    seed(home)
+    assert ok("query", "--home", home, "SELECT COUNT(*) AS n FROM receivables", "--json") == [
+        {"n": 0}
+    ]
+    assert ok("adapters", "disable", "--home", home, "accounting", "--json") == {
+        "adapter": "accounting",
+        "enabled": False,
+    }
+    missing = run("query", "--home", home, "SELECT * FROM receivables")
+    assert missing.exit_code == 2
+    assert f"'branchline adapters enable --home {home} accounting'" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    assert ok("adapters", "enable", "--home", home, "accounting", "--json")["enabled"] is True
+    assert ok("node", "offline", "--home", home, "--json") == {
+        "home": str(home),
+        "offline_mode": True,
+    }
+    assert ok("node", "online", "--home", home, "--json")["offline_mode"] is False
+    unknown = run("query", "--home", home, "SELECT * FROM nowhere")
+    assert unknown.exit_code == 2 and "adapters enable" not in unknown.stderr

@@ -42,7 +42,7 @@ def test_resolve_a_duplicate_code_from_the_cli(tmp_path: Path) -> None:
     (conflict,) = ok("conflicts", "--home", a)
     assert conflict["kind"] == "duplicate_key"
     text = run("conflicts", "--home", a)
-    assert conflict["id"] in text.stdout and "--merge-into" in text.stdout
+    assert conflict["id"][:8] in text.stdout and "--merge-into" in text.stdout
 
     bad = run("resolve", "--home", a, conflict["id"], "--keep", "HN")
     assert bad.exit_code == 2 and "rename, merge_into or renumber" in bad.stderr

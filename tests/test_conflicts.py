@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import itertools
 import random
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from store_formats import downgrade
 
 from engine import Node
 from engine.clock import ManualClock
 from engine.errors import ConflictNotFound, UserError
-from engine.store.node_store import STORE_FILE
 
 DAY = "2026-03-10"
 
@@ -371,14 +370,7 @@ def test_a_format_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     node = make(tmp_path, "A")
     node.put("customers", {"code": "KH01", "name": "An"})
     node.close()
-    conn = sqlite3.connect(tmp_path / "A" / STORE_FILE)
-    conn.executescript(
-        "DROP VIEW pending_records; DROP TABLE outbox_records; "
-        "DROP TABLE clients; DROP TABLE resolutions; DROP TABLE waiting; DROP INDEX records_alias; "
-        "ALTER TABLE records DROP COLUMN alias_of; ALTER TABLE sync_failures DROP COLUMN code; "
-        "PRAGMA user_version = 1;"
-    )
-    conn.close()
+    downgrade(tmp_path / "A", 1)
     node = Node.open(tmp_path / "A")
     assert node.get("customers", "KH01")["name"] == "An"
     assert node.conflicts(resolved=True) == [] and node.waiting() == 0

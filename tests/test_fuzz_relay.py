@@ -34,7 +34,7 @@ from engine.node import Node
 from engine.protocol import ClientSession, ErrorReceived, Opened, encode_message
 from engine.protocol.messages import Ping, Sync1, Update
 from engine.relay import SqliteRelayStore
-from engine.soak.checks import records_digest
+from harness.soak.checks import records_digest
 
 # The suite sends 10,000 hostile frames (about a minute here); the issue's
 # 100,000 take several minutes on 2 cores: BRANCHLINE_FUZZ_FRAMES=100000
@@ -267,7 +267,8 @@ def test_relay_fed_100k_hostile_frames_keeps_serving_nodes(tmp_path: Path) -> No
                 break
             for proc in runs:  # a crashed node cannot converge: say so at once
                 assert proc.poll() is None, f"node run exited {proc.returncode}"
-            assert time.monotonic() - start < 60, f"no convergence: {digests}"
+            # A liveness bound, not a timing target: generous for a loaded machine.
+            assert time.monotonic() - start < 180, f"no convergence: {digests}"
             time.sleep(0.2)
         converge_s = time.monotonic() - start
         print(

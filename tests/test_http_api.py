@@ -18,6 +18,7 @@ from engine.node import Node
 from engine.server import create_app
 from engine.server.errors import ERRORS, http_error
 from engine.server.openapi import openapi_spec
+from engine.sync.failures import record_failure
 from engine.users import add_user, remove_user
 
 API = "/api/v1"
@@ -259,3 +260,58 @@ def test_error_table_covers_every_error_in_order() -> None:
         assert any(issubclass(cls, row) for row in listed), cls
     assert http_error(errors.UnknownReference("x")) == (422, "unknown_reference")
     assert http_error(errors.ReadOnlyUser("x")) == (403, "read_only")
+
+
+def test_failures_listed_retried_one_and_all(home: Path, api: Api) -> None:
+    with Node.open(home) as n:
+        up = record_failure(n, "upload", "sales_invoice/2026-11", "locked_period", "closed", 5)
+        down = record_failure(n, "download", "customers", "bad_update", "not an update", 6)
+    api("POST", "/offline")  # a status change: the next read computes it again
+    assert api("GET", "/status").json()["failures"] == {"upload": 1, "download": 1}
+    listed = api("GET", "/failures").json()
+    assert sorted(f["id"] for f in listed) == sorted([up, down])
+    only_up = api("GET", "/failures?direction=upload").json()
+    assert [f["id"] for f in only_up] == [up] and only_up[0]["document"] == "sales_invoice/2026-11"
+    assert api("POST", f"/failures/{up}/retry").json() == {"retrying": [up]}
+    assert sorted(api("POST", "/failures/retry").json()["retrying"]) == sorted([up, down])
+
+
+def test_delete_record_and_reports_with_the_accounting_adapter(home: Path, api: Api) -> None:
+    with Node.open(home) as n:
+        n.enable_adapter("accounting")
+    seed(api)
+    api("PUT", "/records/customers", json={"code": "KH009", "name": "to delete"})
+    gone = api("DELETE", "/records/customers/KH009")
+    assert gone.status_code == 200 and api("GET", "/records/customers/KH009").status_code == 404
+    assert api("DELETE", "/records/customers/KH009").status_code == 404
+    api("POST", "/vouchers/sales_invoice", json=INVOICE)
+    stock = api("GET", "/reports/stock_on_hand").json()
+    assert stock["columns"] and stock["rows"], stock
+    receivables = api("GET", "/reports/receivables").json()
+    assert any("KH001" in map(str, row) for row in receivables["rows"]), receivables
+    assert api("GET", "/reports/ledger").status_code == 200
+
+
+def test_concurrent_edit_kept_and_duplicate_merged(tmp_path: Path, home: Path, api: Api) -> None:
+    api("PUT", "/records/customers", json={"code": "KH001", "name": "An"})
+    other = tmp_path / "hcm"
+    with Node.open(home) as n:
+        shared = n.export_updates()
+    with Node.create(other, dataset="acme", node="HCM") as b:
+        b.import_updates(shared)
+        b.put("customers", {"code": "KH001", "name": "An (HCM)"})
+        b.put("customers", {"code": "KH777", "name": "Bình"})
+        ours = b.export_updates()
+    api("PUT", "/records/customers", json={"code": "KH001", "name": "An (HN)"})
+    api("PUT", "/records/customers", json={"code": "KH777", "name": "Bình HN"})
+    with Node.open(home) as n:
+        n.import_updates(ours)
+    found = {c["kind"]: c for c in api("GET", "/conflicts").json()}
+    assert set(found) == {"concurrent_edit", "duplicate_key"}
+    kept = api("POST", f"/conflicts/{found['concurrent_edit']['id']}/resolve", json={"keep": "HCM"})
+    assert kept.status_code == 200, kept.text
+    assert api("GET", "/records/customers/KH001").json()["name"] == "An (HCM)"
+    dup = found["duplicate_key"]
+    merged = api("POST", f"/conflicts/{dup['id']}/resolve", json={"merge_into": dup["records"][0]})
+    assert merged.status_code == 200, merged.text
+    assert api("GET", "/conflicts").json() == []

@@ -32,7 +32,8 @@ def test_serve_syncs_streams_and_never_logs_tokens(tmp_path: Path) -> None:
     with Node.open(home) as n:
         token = add_user(n, "kt", read_only=False, now_ms=1)
     proc = subprocess.Popen(
-        [*BRANCHLINE, "node", "serve", "--home", str(home), "--listen", f"127.0.0.1:{port}"],
+        # -v: every log line there is (debug, the access log) is checked for tokens.
+        [*BRANCHLINE, "node", "serve", "--home", str(home), "--listen", f"127.0.0.1:{port}", "-v"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -78,7 +79,7 @@ def test_serve_syncs_streams_and_never_logs_tokens(tmp_path: Path) -> None:
         out, err = proc.communicate(timeout=30)
         relay.stop()
     assert proc.returncode == 0, err
-    assert "GET /api/v1/status" in out + err  # the access log is on (stdout)
+    assert "GET /api/v1/status" in out + err  # the access log is on with -v (stdout)
     assert token not in out + err and relay_token not in out + err
 
 

@@ -14,21 +14,18 @@ SQLITE_ELSEWHERE = {
     # Voucher numbering: its functions run SQL inside the caller's write
     # transaction (series tables); moving it into engine/store is a follow-up.
     "engine/series.py",
-    # Conflict listing over the derived tables (the lead is tuning it).
+    # Conflict listing: reads the conflict index and the journal on the
+    # node's connection (engine/store/conflict_index.py keeps the index).
     "engine/conflicts.py",
-    # A user's read-only query on a connection of its own, with an authorizer.
+    # A user's read-only query on a connection of its own, with an authorizer
+    # (and a scratch database to name the adapter owning a missing table).
     "engine/query.py",
-    # Harness: the simulator's and the soak's end checks read the stores.
-    "engine/sim/world.py",
-    "engine/soak/checks.py",
 }
 #: Modules outside engine/crdt that import pycrdt, and why.
 PYCRDT_ELSEWHERE = {
     # The relay's store keeps its documents as pycrdt Docs (being rewritten
     # with the relay core).
     "engine/relay/sqlite_store.py",
-    # Harness: the soak's convergence check decodes documents.
-    "engine/soak/checks.py",
 }
 #: Modules that must use Node's (and the store's) public interface only.
 FACADE_USERS = ["resolution.py", "cli.py", "status.py", "sync/*.py", "server/*.py"]
@@ -46,20 +43,14 @@ def _imports(path: Path, top_level: bool) -> set[str]:
     runs at import time: imports inside functions and ``TYPE_CHECKING``
     blocks are left out."""
     tree = ast.parse(path.read_text())
-    package = (
-        _module(path)
-        if path.name == "__init__.py"
-        else _module(path).rpartition(".")[0]
-    )
+    package = _module(path) if path.name == "__init__.py" else _module(path).rpartition(".")[0]
     if top_level:
         nodes: list[ast.AST] = []
         for stmt in tree.body:
             if isinstance(stmt, ast.If) and "TYPE_CHECKING" in ast.unparse(stmt.test):
                 continue
             if isinstance(stmt, ast.ClassDef):
-                nodes.extend(
-                    n for n in stmt.body if isinstance(n, ast.Import | ast.ImportFrom)
-                )
+                nodes.extend(n for n in stmt.body if isinstance(n, ast.Import | ast.ImportFrom))
             elif not isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
                 nodes.extend(ast.walk(stmt))
     else:
@@ -77,9 +68,7 @@ def _imports(path: Path, top_level: bool) -> set[str]:
             out.add(name)
             for alias in node.names:
                 sub = f"{name}.{alias.name}"
-                if (ENGINE.parent / sub.replace(".", "/")).with_suffix(
-                    ".py"
-                ).is_file() or (
+                if (ENGINE.parent / sub.replace(".", "/")).with_suffix(".py").is_file() or (
                     ENGINE.parent / sub.replace(".", "/") / "__init__.py"
                 ).is_file():
                     out.add(sub)
@@ -96,9 +85,7 @@ def _rel(path: Path) -> str:
 
 def _importers(top: str) -> set[str]:
     return {
-        _rel(p)
-        for p in _engine_files()
-        if any(n.split(".")[0] == top for n in _imports(p, False))
+        _rel(p) for p in _engine_files() if any(n.split(".")[0] == top for n in _imports(p, False))
     }
 
 
@@ -129,9 +116,7 @@ def test_the_node_side_has_no_import_cycle() -> None:
         for p in _engine_files()
     }
     for mod, deps in graph.items():
-        graph[mod] = {
-            d for d in deps if d in graph and d != mod and not mod.startswith(d + ".")
-        }
+        graph[mod] = {d for d in deps if d in graph and d != mod and not mod.startswith(d + ".")}
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -169,9 +154,6 @@ def test_callers_use_node_and_store_public_names_only() -> None:
                 isinstance(node, ast.Attribute)
                 and _private(node.attr)
                 and isinstance(node.value, ast.Name | ast.Attribute)
-                and ast.unparse(node.value).split(".")[-1]
-                in {"node", "n", "store", "w"}
+                and ast.unparse(node.value).split(".")[-1] in {"node", "n", "store", "w"}
             ):
-                raise AssertionError(
-                    f"{_rel(path)}:{node.lineno} uses {ast.unparse(node)}"
-                )
+                raise AssertionError(f"{_rel(path)}:{node.lineno} uses {ast.unparse(node)}")

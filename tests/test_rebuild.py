@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from store_formats import downgrade
 from test_sync_driver import START_MS, MemRelay
 
 from engine.clock import ManualClock
@@ -214,21 +215,14 @@ def test_imported_unsynced_work_counts_as_pending_per_record(tmp_path: Path) -> 
     assert new.store.conn.execute("SELECT COUNT(*) FROM outbox_records").fetchone()[0] == 0
 
 
-def test_a_format_3_store_is_upgraded_to_4(tmp_path: Path) -> None:
-    import sqlite3
-
-    from engine.store import FORMAT_VERSION, STORE_FILE
+def test_a_format_3_store_is_upgraded(tmp_path: Path) -> None:
+    from engine.store import FORMAT_VERSION
 
     n = home_of(tmp_path / "h", "A", "a")
     catalogs(n, "a")
     n.close()
-    conn = sqlite3.connect(tmp_path / "h" / STORE_FILE)
-    conn.executescript(
-        "DROP VIEW pending_records; DROP TABLE outbox_records; "
-        "ALTER TABLE sync_failures DROP COLUMN code; PRAGMA user_version = 3;"
-    )
-    conn.close()
+    downgrade(tmp_path / "h", 3)
     n = Node.open(tmp_path / "h")
-    assert n.store.conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION == 5
+    assert n.store.conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION
     assert n.pending()["customers"] == 1
     n.close()

@@ -159,3 +159,34 @@ def test_lock_refuses_a_bad_period_in_one_line(store: Path, period: str) -> None
     assert "YYYY or YYYY-MM" in fails("relay", "unlock", store, "acme", period)
     assert "no dataset 'beta'" in fails("relay", "lock", store, "beta", "2026")
     assert ok_json("relay", "status", store)["datasets"][0]["locks"] == []
+
+
+def test_serve_json_start_and_stop_lines(store: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "branchline"),
+            "relay",
+            "serve",
+            str(store),
+            "--port",
+            "0",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        start = json.loads(proc.stdout.readline())
+        assert start["serving"] == str(store) and start["url"].startswith("ws://127.0.0.1:")
+        proc.send_signal(signal.SIGTERM)
+        assert json.loads(proc.stdout.readline()) == {"stopped": str(store)}
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -39,7 +39,6 @@ from engine.protocol import (
     LeaseGranted,
     Limits,
     Opened,
-    RelaySession,
     RemoteState,
     SyncComplete,
     UpdateReceived,
@@ -51,8 +50,11 @@ from engine.protocol import (
 from engine.protocol.limits import MIN_FRAME_BYTES
 from engine.protocol.messages import Update, Updates, decode_message
 from engine.relay import EMPTY_UPDATE, SqliteRelayStore, UpdateIn
-from engine.relay import server as server_module
-from engine.relay.server import RelayServer, ServerLimits, _Connection, _Pending
+from engine.relay import hub as hub_module
+from engine.relay.calls import HelloAnswer
+from engine.relay.hub import RelayHub, _Pending
+from engine.relay.server import RelayServer, ServerLimits
+from engine.relay.store import NodeGrant
 
 BRANCHLINE = str(Path(sys.executable).parent / "branchline")
 TIMEOUT = 20.0  # generous: only a hang reaches it
@@ -429,67 +431,67 @@ def test_fan_out_skips_only_an_update_over_a_subscribers_limits(
     assert "cannot fan out 'customers'" in caplog.text
 
 
-def _open_session(limits: Limits) -> tuple[ClientSession, RelaySession]:
-    client = ClientSession(dataset="acme", node="N", token="t", limits=limits)
-    relay = RelaySession(limits=limits)
-    for frame in client.data_to_send():
-        relay.receive_frame(frame)
-    relay.accept(read_only=False)
-    for frame in relay.data_to_send():
+def _open_session(hub: RelayHub, name: str, limits: Limits) -> tuple[ClientSession, int]:
+    """A client admitted by ``hub`` (no store: the hello is answered by hand)."""
+    client = ClientSession(dataset="acme", node=name, token="t", limits=limits)
+    cid = hub.connect(0)
+    calls = [c for frame in client.data_to_send() for c in hub.receive(cid, frame, 0)]
+    (hello,) = calls
+    hub.answer(hello, HelloAnswer(NodeGrant("acme", name, False), ()))
+    for frame in hub.data_to_send(cid):
         client.receive_frame(frame)
-    return client, relay
+    return client, cid
 
 
 @pytest.mark.parametrize("run", [40, 3])  # long runs share frames; short ones are packed per peer
 def test_fan_out_batch_encodes_once_and_gives_each_peer_the_others_updates_in_order(
-    relay_db: tuple[Path, Tokens], run: int, monkeypatch: pytest.MonkeyPatch
+    run: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path, _ = relay_db
     made: list[EncodedUpdates] = []
 
     def encode_counted(updates: list[tuple[str, bytes]], *, max_frame: int) -> EncodedUpdates:
         made.append(encode_updates(updates, max_frame=max_frame))
         return made[-1]
 
-    monkeypatch.setattr(server_module, "encode_updates", encode_counted)
-    server = RelayServer(SqliteRelayStore.open(path), port=0)
-    try:
-        small = Limits(max_frame=MIN_FRAME_BYTES)
-        pairs = [_open_session(limits) for limits in (Limits(), Limits(), Limits(), small)]
-        # No websocket: _fan_out_batch only queues into the sessions.
-        conns = [_Connection(i, None, r, 0, 1.0) for i, (_, r) in enumerate(pairs)]  # type: ignore[arg-type]
-        a, b = conns[:2]  # the senders; conns[2:] only subscribe
-        w = Writer()
-        senders = [a, b, a, b] * 3
-        stored = [
-            _Pending(sender, "acme", f"N{sender.id}", "customers", w.put(f"k{k}-{i}", i), i)
-            for k, sender in enumerate(senders)
-            for i in range(run)
-        ]
-        queued = server._fan_out_batch(stored, conns)
-        frames = [c.session.data_to_send() for c in conns]
-        for (client, _), conn, got in zip(pairs, conns, frames, strict=True):
-            events = [e for f in got for e in client.receive_frame(f)]
-            expected = [p.data for p in stored if p.conn is not conn]
-            assert [e.data for e in events if isinstance(e, UpdateReceived)] == expected
-        assert queued == 2 * len(stored) + 2 * (len(stored) // 2)
-        # Encoded once: with long runs each run once, and every peer gets the
-        # runs of the others as the very same bytes objects; with short runs
-        # the whole batch once for the subscriber that sent nothing, and the
-        # senders get their share packed for them. The peer with a smaller
-        # max_frame always gets frames packed for it.
-        once = {id(f) for encoded in made for f in encoded.frames}
-        assert frames[2] and all(id(f) in once for f in frames[2])
-        assert len(frames[2]) <= len(stored) / 10
-        assert not any(id(f) in once for f in frames[3])
-        if run >= 16:
-            assert len(made) == len(senders)
-            assert all(id(f) in once for f in frames[0] + frames[1])
-        else:
-            assert len(made) == 1 and len(frames[2]) == 1
-            assert not any(id(f) in once for f in frames[0] + frames[1])
-    finally:
-        server.store.close()
+    monkeypatch.setattr(hub_module, "encode_updates", encode_counted)
+    hub = RelayHub()
+    small = Limits(max_frame=MIN_FRAME_BYTES)
+    pairs = [
+        _open_session(hub, f"N{i}", limits)
+        for i, limits in enumerate((Limits(), Limits(), Limits(), small))
+    ]
+    # The core only queues into the sessions: no socket, no store.
+    conns = [hub._conns[cid] for _, cid in pairs]
+    a, b = conns[:2]  # the senders; conns[2:] only subscribe
+    w = Writer()
+    senders = [a, b, a, b] * 3
+    stored = [
+        _Pending(sender, "acme", f"N{sender.id}", "customers", w.put(f"k{k}-{i}", i), i)
+        for k, sender in enumerate(senders)
+        for i in range(run)
+    ]
+    queued = hub.fan_out(stored, conns)
+    frames = [hub.data_to_send(c.id) for c in conns]
+    for (client, _), conn, got in zip(pairs, conns, frames, strict=True):
+        events = [e for f in got for e in client.receive_frame(f)]
+        expected = [p.data for p in stored if p.conn is not conn]
+        assert [e.data for e in events if isinstance(e, UpdateReceived)] == expected
+    assert queued == 2 * len(stored) + 2 * (len(stored) // 2)
+    # Encoded once: with long runs each run once, and every peer gets the
+    # runs of the others as the very same bytes objects; with short runs
+    # the whole batch once for the subscriber that sent nothing, and the
+    # senders get their share packed for them. The peer with a smaller
+    # max_frame always gets frames packed for it.
+    once = {id(f) for encoded in made for f in encoded.frames}
+    assert frames[2] and all(id(f) in once for f in frames[2])
+    assert len(frames[2]) <= len(stored) / 10
+    assert not any(id(f) in once for f in frames[3])
+    if run >= 16:
+        assert len(made) == len(senders)
+        assert all(id(f) in once for f in frames[0] + frames[1])
+    else:
+        assert len(made) == 1 and len(frames[2]) == 1
+        assert not any(id(f) in once for f in frames[0] + frames[1])
 
 
 def test_duplicate_update_is_acked_but_stored_once(relay_db: tuple[Path, Tokens]) -> None:

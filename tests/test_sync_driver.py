@@ -1,5 +1,5 @@
-"""SyncDriver against an in-memory relay (RelaySession + SqliteRelayStore, no
-sockets, no asyncio): convergence after offline work on two nodes, upload
+"""SyncDriver against an in-memory relay (the relay core RelayHub + SqliteRelayStore,
+no sockets, no asyncio): convergence after offline work on two nodes, upload
 order, outbox cleared only on ack, re-send after a cut, dataset mismatch,
 corrupt fan-out recorded as a download failure, blocks leases."""
 
@@ -7,121 +7,125 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from engine.clock import ManualClock
-from engine.errors import AuthError, DatasetMismatch, UpdateError
+from engine.errors import AuthError, DatasetMismatch, NotAuthor, UpdateError
 from engine.node import Node
 from engine.protocol import (
     ClientSession,
-    Event,
-    HelloReceived,
-    LeaseRequested,
     Limits,
     RelaySession,
     SessionState,
-    SyncRequested,
-    UpdateReceived,
     codes,
     decode_message,
     encode_message,
 )
 from engine.protocol import messages as m
+from engine.relay.calls import Authenticate, Batch, BatchOutcome, HelloAnswer, Lease, LeaseAnswer
+from engine.relay.hub import RelayHub
+from engine.relay.runner import StoreRunner
 from engine.relay.sqlite_store import SqliteRelayStore
-from engine.relay.store import UpdateIn, refusal_code
+from engine.relay.store import Appended, UpdateIn, refusal_code
 from engine.sync import SyncDriver, failure_counts, upload_order
 
 START_MS = 1_767_225_600_000 + 40 * 86_400_000  # 2026-02-10
 
 
+class RefusingStore(SqliteRelayStore):
+    """The real relay store, except that ``refuse`` maps documents to how
+    many of their next updates it rejects ``NotAuthor`` whatever they hold
+    (as if it lacked changes they build on); those are not stored."""
+
+    refuse: dict[str, int]
+
+    def append_updates(self, dataset: str, updates: Sequence[UpdateIn]) -> list[Appended]:
+        refuse = getattr(self, "refuse", {})
+        rejected: dict[int, Appended] = {}
+        for i, u in enumerate(updates):
+            if refuse.get(u.doc, 0) > 0:
+                refuse[u.doc] -= 1
+                rejected[i] = Appended(u.doc, "rejected", error=NotAuthor("waits (test)"))
+        kept = iter(
+            super().append_updates(dataset, [u for i, u in enumerate(updates) if i not in rejected])
+        )
+        return [rejected[i] if i in rejected else next(kept) for i in range(len(updates))]
+
+
 class MemRelay:
-    """A relay driver over the real relay store, without sockets. What the
-    store rejects is refused (a ``refused`` frame) or ends the session, as
-    the server does. ``refuse`` maps documents to how many of their next
-    updates are refused ``not_author`` whatever they hold (as if the relay
-    lacked changes they build on)."""
+    """A driver of the relay core (``RelayHub`` + ``StoreRunner`` over the
+    real relay store), without sockets: every frame received is handled at
+    once, and the updates it holds are committed and settled right after it
+    (acks, refusals, fan-out all the core's). ``hold_acks`` keeps committed
+    batches unsettled (stored, not acked, not fanned out) until
+    ``release_acks``; ``serves`` answers a hello for another dataset with
+    ``wrong_dataset`` as a relay serving one dataset would; ``deny_leases``
+    denies leases; ``refuse``: see ``RefusingStore``."""
 
     def __init__(self, path: Path, serves: str | None = None) -> None:
-        self.store = SqliteRelayStore.create(path)
+        self.store = RefusingStore.create(path)
+        self.store.refuse = {}
+        self.hub = RelayHub()
+        self.runner = StoreRunner(self.store)
         self.serves = serves
         self.links: list[Link] = []
         self.hold_acks = False
-        self.held: list[tuple[RelaySession, int]] = []
+        self.held: list[tuple[Batch, BatchOutcome]] = []
         self.received: list[tuple[str, str]] = []  # (node, doc) of updates in arrival order
         self.deny_leases = False
         self.lease_requests: list[str] = []  # series of lease requests in arrival order
-        self.refuse: dict[str, int] = {}
         self.refusals: list[tuple[str, str]] = []  # (node, code) of refused updates
 
-    def handle(self, link: Link, events: list[Event]) -> None:
-        session = link.relay
-        for ev in events:
-            if isinstance(ev, HelloReceived):
-                if self.serves is not None and ev.dataset != self.serves:
-                    session.reject(
+    @property
+    def refuse(self) -> dict[str, int]:
+        return self.store.refuse
+
+    @refuse.setter
+    def refuse(self, value: dict[str, int]) -> None:
+        self.store.refuse = value
+
+    def receive(self, link: Link, frame: bytes) -> None:
+        hub, cid = self.hub, link.cid
+        for call in hub.receive(cid, frame, START_MS):
+            if isinstance(call, Authenticate) and self.serves not in (None, call.dataset):
+                hub.answer(
+                    call,
+                    HelloAnswer(
+                        None,
+                        (),
                         codes.WRONG_DATASET,
-                        f"this relay serves dataset {self.serves!r}, not {ev.dataset!r}",
-                    )
-                    continue
-                try:
-                    grant = self.store.authenticate(ev.dataset, ev.node, ev.token)
-                except AuthError as exc:
-                    session.reject(codes.AUTH_FAILED, str(exc))
-                    continue
-                session.accept(
-                    read_only=grant.read_only,
-                    documents=self.store.documents(ev.dataset),
-                    carrier=grant.carrier,
+                        f"this relay serves dataset {self.serves!r}, not {call.dataset!r}",
+                    ),
                 )
-            elif isinstance(ev, SyncRequested):
-                ds = session.dataset
-                assert ds is not None
-                session.sync_reply(
-                    ev.doc,
-                    self.store.diff(ds, ev.doc, ev.state_vector),
-                    self.store.state_vector(ds, ev.doc),
-                )
-            elif isinstance(ev, UpdateReceived):
-                ds, node = session.dataset, session.node
-                assert ds is not None and node is not None and ev.ref is not None
-                if self.refuse.get(ev.doc, 0) > 0:
-                    self.refuse[ev.doc] -= 1
-                    self.refusals.append((node, codes.NOT_AUTHOR))
-                    session.refuse(ev.doc, [ev.ref], codes.NOT_AUTHOR, "waits (test)")
-                    continue
-                (result,) = self.store.append_updates(ds, [UpdateIn(ev.doc, ev.data, node)])
-                if not result.ok:
-                    code = refusal_code(result.error)
-                    if code is None:
-                        session.fail(codes.BAD_UPDATE, str(result.error))
-                    else:
-                        self.refusals.append((node, code))
-                        session.refuse(ev.doc, [ev.ref], code, str(result.error))
-                    continue
-                self.received.append((node, ev.doc))
-                for other in self.links:
-                    if other is not link and other.relay.state is SessionState.OPEN:
-                        other.relay.send_update(ev.doc, ev.data)
-                if self.hold_acks:
-                    self.held.append((session, ev.ref))
-                else:
-                    session.ack([ev.ref])
-            elif isinstance(ev, LeaseRequested):
-                ds = session.dataset
-                assert ds is not None
-                self.lease_requests.append(ev.series)
-                if self.deny_leases:
-                    session.deny_lease(ev.ref, "no numbers for you")
-                    continue
-                first, last = self.store.lease(ds, ev.series, ev.count)
-                session.grant_lease(ev.ref, first, last)
+            elif isinstance(call, Lease):
+                self.lease_requests.append(call.series)
+                denied = LeaseAnswer(denied="no numbers for you")
+                hub.answer(call, denied if self.deny_leases else self.runner.run(call))
+            else:
+                hub.answer(call, self.runner.run(call))
+        while (diff := hub.next_sync(cid)) is not None:
+            hub.answer(diff, self.runner.diff(diff))
+        while (batch := hub.take_batch()) is not None:
+            outcome = self.runner.commit(batch)
+            for append in batch.appends:
+                results = outcome.results[append.dataset]
+                assert isinstance(results, list)
+                for u, r in zip(append.updates, results, strict=True):
+                    if r.ok:
+                        self.received.append((u.node, u.doc))
+                    elif (code := refusal_code(r.error)) is not None:
+                        self.refusals.append((u.node, code))
+            if self.hold_acks:
+                self.held.append((batch, outcome))
+            else:
+                hub.settle(batch, outcome)
 
     def release_acks(self) -> None:
-        for session, ref in self.held:
-            session.ack([ref])
+        for batch, outcome in self.held:
+            self.hub.settle(batch, outcome)
         self.held.clear()
 
     def connect(self, node: Node, token: str) -> Link:
@@ -141,12 +145,13 @@ class MemRelay:
 
 
 class Link:
-    """One connection: a driver with its client session, and a relay session."""
+    """One connection: a driver with its client session, and the relay core's
+    connection (``relay``: its session)."""
 
     def __init__(self, relay: MemRelay, node: Node, token: str) -> None:
         self.network = relay
         self.node = node
-        self.relay = RelaySession()
+        self.cid = relay.hub.connect(START_MS, f"link of {node.node_id}")
         self.progress: list[tuple[str, int, int]] = []
         self.driver = SyncDriver(
             node,
@@ -156,25 +161,31 @@ class Link:
         )
         self.up_frames: list[bytes] = []  # every frame the node sent
 
+    @property
+    def relay(self) -> RelaySession:
+        return self.network.hub.session(self.cid)
+
     def step(self) -> bool:
-        if self.relay.state is SessionState.CLOSED:
+        hub = self.network.hub
+        if hub.closed(self.cid):
             return False
         moved = False
         for frame in self.driver.data_to_send():
             moved = True
             self.up_frames.append(frame)
-            self.network.handle(self, self.relay.receive_frame(frame))
-        for frame in self.relay.data_to_send():
-            moved = True
-            self.driver.receive(frame)
+            self.network.receive(self, frame)
+        for link in self.network.links:  # a commit may have given any link frames
+            for frame in hub.data_to_send(link.cid):
+                moved = True
+                link.driver.receive(frame)
         return moved
 
     def cut(self) -> None:
         """The link dies: frames in flight are lost, both sessions end."""
         self.driver.data_to_send()
-        self.relay.data_to_send()
+        self.network.hub.data_to_send(self.cid)
         self.driver.session.close()
-        self.relay.close()
+        self.network.hub.disconnect(self.cid)
         self.network.links.remove(self)
 
 

@@ -187,7 +187,8 @@ def test_offline_work_then_relay_then_live_changes(
     for n, proc in runs.items():
         assert proc.returncode == 0, logs[n]
         assert tokens[n] not in logs[n]  # never log the token
-        assert "online" in logs[n] and "backing off" in logs[n]
+        assert "online" in logs[n] and "offline: cannot reach the relay" in logs[n]
+        assert logs[n].count("offline: ") == 1  # once, not once per attempt
 
 
 def test_sync_exit_codes(tmp_path: Path, setup: tuple[Path, int, dict[str, str]]) -> None:

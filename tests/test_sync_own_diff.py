@@ -158,9 +158,7 @@ def test_a_retried_not_author_failure_with_nothing_left_to_send_is_resolved(
 def test_other_failures_are_not_retried_by_themselves(tmp_path: Path, relay: MemRelay) -> None:
     b = make_node(tmp_path, "B")
     b.put(DOC, {"code": "KB", "name": "b1"})
-    failures.record_failure(
-        b, failures.UPLOAD, DOC, codes.LOCKED_PERIOD, "locked (test)", START_MS
-    )
+    failures.record_failure(b, failures.UPLOAD, DOC, codes.LOCKED_PERIOD, "locked (test)", START_MS)
     link = relay.connect(b, relay.store.enroll("acme", "B").token)
     relay.pump()
     (failure,) = failures.list_failures(b)

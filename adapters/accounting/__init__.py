@@ -23,6 +23,7 @@ new version instead).
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,10 @@ VOUCHER_COLUMNS = {
     "amount": int,
     "vat": int,
     "total": int,
+    # 1 while the number is provisional (booked before the node knew its
+    # series' high-water mark, docs/conflicts.md), 0 once it is final. Last,
+    # as ALTER TABLE ADD COLUMN puts it in stores made before it existed.
+    "provisional": int,
 }
 LINE_COLUMNS = {
     "voucher": str,
@@ -245,6 +250,10 @@ class AccountingAdapter:
         self.catalogs: list[Collection] = [c for c in schema.ordered() if c.kind == "catalog"]
         self.collections = frozenset([c.name for c in self.catalogs] + list(VOUCHER_BOOKS))
         self._catalog_columns = {c.name: self._columns_of(c) for c in self.catalogs}
+        self._provisional = {
+            name: _provisional_pattern(schema.collections[name]) for name in VOUCHER_BOOKS
+        }
+        self._columns_checked = False
 
     # -- the Adapter protocol ----------------------------------------------
 
@@ -260,6 +269,8 @@ class AccountingAdapter:
 
     def apply(self, conn: sqlite3.Connection, changes: Sequence[RecordChange]) -> None:
         vouchers = [c for c in changes if c.collection in VOUCHER_BOOKS]
+        if vouchers and not self._columns_checked:
+            self._add_provisional_column(conn)
         for coll in self.catalogs:
             mine = [c for c in changes if c.collection == coll.name]
             if not mine:
@@ -358,8 +369,27 @@ class AccountingAdapter:
             for name, kind in self._catalog_columns[coll.name].items():
                 if name not in have:
                     table.add_column(name, kind)
-        for table, (columns, pk) in TABLES.items():
-            d.table(table).create(columns, pk=pk, if_not_exists=True)
+        for name, (columns, pk) in TABLES.items():
+            d.table(name).create(columns, pk=pk, if_not_exists=True)
+
+    def _add_provisional_column(self, conn: sqlite3.Connection) -> None:
+        """Give a vouchers table made before the ``provisional`` column the
+        column, filled as a rebuild would fill it (once per adapter)."""
+        have = {str(row[1]) for row in conn.execute("PRAGMA table_info(vouchers)")}
+        if "provisional" not in have:
+            conn.execute("ALTER TABLE vouchers ADD COLUMN provisional INTEGER")
+            conn.executemany(
+                "UPDATE vouchers SET provisional = ? WHERE id = ?",
+                [
+                    (self._is_provisional(kind, number), vid)
+                    for vid, kind, number in conn.execute("SELECT id, type, number FROM vouchers")
+                ],
+            )
+        self._columns_checked = True
+
+    def _is_provisional(self, kind: str, number: object) -> int:
+        pattern = self._provisional.get(kind)
+        return int(isinstance(number, str) and pattern is not None and bool(pattern.match(number)))
 
     def _create_indexes_and_views(self, conn: sqlite3.Connection) -> None:
         d = db(conn)
@@ -543,6 +573,7 @@ class AccountingAdapter:
             vid, kind, v.get("number"), date, customer, supplier, v.get("warehouse"),
             v.get("from_warehouse"), v.get("to_warehouse"), contract,
             None if paid is None else int(paid), amount, vat, amount + vat,
+            self._is_provisional(kind, v.get("number")),
         )  # fmt: skip
         entries = [(vid, n, date, kind, *post) for n, post in enumerate(posts, 1)]
         built = _Built(voucher, lines, entries, moves)
@@ -677,6 +708,14 @@ class AccountingAdapter:
             "than came in (a sale recorded before its purchase, or a missing receipt)",
             names={"item": ("items", item), "warehouse": ("warehouses", warehouse or "")},
         )
+
+
+def _provisional_pattern(coll: Collection) -> re.Pattern[str] | None:
+    """What ``engine.series.PROVISIONAL_TEMPLATE`` makes for this book, from
+    any node (a node name is letters, digits, '_' and '-')."""
+    if coll.series is None:
+        return None
+    return re.compile(rf"{re.escape(coll.series.prefix)}-[A-Za-z0-9_-]{{1,32}}-P\d{{6,}}\Z")
 
 
 def factory(schema: Schema, options: dict[str, Any]) -> AccountingAdapter:

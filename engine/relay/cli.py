@@ -9,6 +9,7 @@ other command ever shows one.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import signal
 import ssl
@@ -171,6 +172,7 @@ def status_cmd(store: Path, as_json: bool) -> None:
     and update counts."""
     with _opened(store) as relay:
         info = relay.status()
+        seen = relay.last_seen()
     if as_json:
         _emit(
             {
@@ -187,6 +189,7 @@ def status_cmd(store: Path, as_json: bool) -> None:
                                 "revoked": n.revoked,
                                 "enrolled_at": n.enrolled_at,
                                 "revoked_at": n.revoked_at,
+                                "last_seen": seen.get((ds.name, n.name)),
                             }
                             for n in ds.nodes
                         ],
@@ -218,8 +221,9 @@ def status_cmd(store: Path, as_json: bool) -> None:
             f"dataset {ds.name}: {len(ds.nodes)} node(s), {len(ds.documents)} document(s), "
             f"{updates} update(s)"
         )
-        nodes = Table("node", "access", "state", box=None)
+        nodes = Table("node", "access", "state", "last seen", box=None)
         for n in ds.nodes:
+            at = seen.get((ds.name, n.name))
             nodes.add_row(
                 n.name,
                 "read-only"
@@ -228,6 +232,7 @@ def status_cmd(store: Path, as_json: bool) -> None:
                 if n.carrier
                 else "read-write",
                 "revoked" if n.revoked else "active",
+                _seen_text(at) if at is not None else "never",
             )
         console.print(nodes)
         if ds.locks:
@@ -237,6 +242,11 @@ def status_cmd(store: Path, as_json: bool) -> None:
             for d in ds.documents:
                 docs.add_row(d.name, str(d.updates), str(d.bytes), str(d.log_rows))
             console.print(docs)
+
+
+def _seen_text(at_ms: int) -> str:
+    """``2026-12-03 12:05 UTC`` of a wall-ms time."""
+    return dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 # ``list`` is the same view: operators reach for either name.
@@ -263,12 +273,19 @@ relay_group.add_command(status_cmd, "list")
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="PEM private key of --tls-cert",
 )
+@json_option
 def serve_cmd(
-    store: Path, host: str, port: int, tls_cert: Path | None, tls_key: Path | None
+    store: Path,
+    host: str,
+    port: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    as_json: bool,
 ) -> None:
     """Serve the relay store STORE over websockets (with /healthz and /metrics
     on the same port) until SIGINT or SIGTERM, then shut down cleanly:
-    updates received before the signal are committed and acknowledged."""
+    updates received before the signal are committed and acknowledged.
+    With --json, the start and stop lines are JSON objects."""
     if (tls_cert is None) != (tls_key is None):
         raise UserError("--tls-cert and --tls-key go together: give both or neither")
     context = None
@@ -286,11 +303,11 @@ def serve_cmd(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     with _opened(store) as relay:
-        asyncio.run(_serve(relay, host, port, context))
+        asyncio.run(_serve(relay, host, port, context, as_json))
 
 
 async def _serve(
-    store: SqliteRelayStore, host: str, port: int, context: ssl.SSLContext | None
+    store: SqliteRelayStore, host: str, port: int, context: ssl.SSLContext | None, as_json: bool
 ) -> None:
     from .server import RelayServer
 
@@ -299,16 +316,20 @@ async def _serve(
         await server.start()
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    click.echo(f"relay serving {store.path} on {server.url}", nl=True)
-    sys.stdout.flush()
+    # Handlers first: a supervisor may signal as soon as it reads the line.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if as_json:
+        click.echo(orjson.dumps({"serving": str(store.path), "url": server.url}).decode())
+    else:
+        click.echo(f"relay serving {store.path} on {server.url}", nl=True)
+    sys.stdout.flush()
     try:
         await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await server.stop()
-    click.echo("relay stopped")
+    click.echo(orjson.dumps({"stopped": str(store.path)}).decode() if as_json else "relay stopped")

@@ -376,6 +376,28 @@ class SqliteRelayStore(RelayStore):
             _bump_revocations(conn)
             return True
 
+    # Last seen (issue 18): a table of its own, made on first use, so the
+    # store format does not change for it.
+
+    def note_seen(self, dataset: str, node: str, at_ms: int) -> None:
+        with self._lock, self._write() as conn:
+            conn.execute(_SEEN_SQL)
+            conn.execute(
+                "INSERT INTO node_seen (dataset, node, at) VALUES (?, ?, ?) "
+                "ON CONFLICT (dataset, node) DO UPDATE SET at = max(at, excluded.at)",
+                (dataset, node, at_ms),
+            )
+
+    def last_seen(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"{self.path}: the relay store is closed")
+            try:
+                rows = self._conn.execute("SELECT dataset, node, at FROM node_seen").fetchall()
+            except sqlite3.OperationalError:
+                return {}  # no session since the table was introduced
+        return {(str(d), str(n)): int(at) for d, n, at in rows}
+
     def revocations(self) -> int:
         with self._lock:
             if self._closed:
@@ -1080,6 +1102,11 @@ def _upgrade(conn: sqlite3.Connection, version: int) -> None:
 def _check_doc(doc: str) -> None:
     if not isinstance(doc, str) or not DOC_RE.match(doc):
         raise UpdateError(f"invalid document name {doc!r}")
+
+
+_SEEN_SQL = """CREATE TABLE IF NOT EXISTS node_seen (
+    dataset TEXT NOT NULL, node TEXT NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (dataset, node)
+)"""
 
 
 def _now() -> int:

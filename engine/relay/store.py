@@ -168,6 +168,16 @@ class RelayStore(ABC):
         dataset or node, or wrong token; the message does not say which) or
         NodeRevoked (right token, revoked node). Writes nothing."""
 
+    @abstractmethod
+    def note_seen(self, dataset: str, node: str, at_ms: int) -> None:
+        """Record that ``node`` of ``dataset`` opened a session at ``at_ms``
+        (wall ms); an older time never replaces a newer one. Durable."""
+
+    @abstractmethod
+    def last_seen(self) -> dict[tuple[str, str], int]:
+        """(dataset, node) -> wall ms of the node's latest session; nodes
+        never seen are missing."""
+
     # -- updates -----------------------------------------------------------
 
     @abstractmethod

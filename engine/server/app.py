@@ -52,11 +52,12 @@ from ..schema.model import Collection, Field
 from ..sync import list_failures, retry
 from ..transport import Backoff, LiveSync, relay_of, set_offline
 from ..transport.client import NodeThread
-from ..users import User, check_token
+from ..users import User
 from .errors import HttpError, error_body, http_error
 from .hub import StatusHub
 from .metrics import CONTENT_TYPE, NodeMetrics
 from .openapi import openapi_spec
+from .writes import WriteGroup
 
 log = logging.getLogger("branchline.server")
 
@@ -93,10 +94,19 @@ class ServerState:
     metrics: NodeMetrics
     live: LiveSync | None
     keepalive_s: float
+    writes: WriteGroup
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(node, *args)`` on the API thread."""
         return await self.nt.run(fn, *args)
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(node, *args)`` on the API thread, committed together with the
+        other writes waiting (engine.server.writes); the status is then due."""
+        try:
+            return await self.writes.run(fn, *args)
+        finally:
+            self.hub.touch()
 
 
 # -- responses -------------------------------------------------------------------
@@ -157,7 +167,7 @@ def _authenticate(request: Request, state: ServerState) -> User:
             "this API needs 'Authorization: Bearer <token>'; "
             "a token comes from 'branchline node users add NAME'"
         )
-    user = check_token(state.hub.users, token)
+    user = state.hub.user_for(token)
     if user is None:
         raise AuthError("unknown or removed token; ask for a new one ('branchline node users add')")
     return user
@@ -337,15 +347,13 @@ async def get_record(request: Request, state: ServerState, user: User) -> Respon
 
 async def put_record(request: Request, state: ServerState, user: User) -> Response:
     fields = await _body(request)
-    rid = await state.call(Node.put, request.path_params["collection"], fields)
-    state.hub.touch()
+    rid = await state.write(Node.put, request.path_params["collection"], fields)
     return JSON({"id": rid})
 
 
 async def delete_record(request: Request, state: ServerState, user: User) -> Response:
     p = request.path_params
-    rid = await state.call(Node.delete, p["collection"], p["id"])
-    state.hub.touch()
+    rid = await state.write(Node.delete, p["collection"], p["id"])
     return JSON({"id": rid})
 
 
@@ -357,8 +365,7 @@ def _post_voucher(node: Node, name: str, fields: dict[str, Any]) -> dict[str, An
 
 async def post_voucher(request: Request, state: ServerState, user: User) -> Response:
     fields = await _body(request)
-    posted = await state.call(_post_voucher, request.path_params["type"], fields)
-    state.hub.touch()
+    posted = await state.write(_post_voucher, request.path_params["type"], fields)
     return JSON(posted, status_code=201)
 
 
@@ -377,8 +384,7 @@ def _void(node: Node, name: str, id_or_number: str) -> dict[str, Any]:
 
 async def void_voucher(request: Request, state: ServerState, user: User) -> Response:
     p = request.path_params
-    voided = await state.call(_void, p["type"], p["id"])
-    state.hub.touch()
+    voided = await state.write(_void, p["type"], p["id"])
     return JSON(voided)
 
 
@@ -437,8 +443,7 @@ async def resolve_conflict(request: Request, state: ServerState, user: User) -> 
             f"unknown choice {', '.join(unknown)}: give one of keep, rename (with record), "
             "merge_into, renumber (with record)",
         )
-    entry = await state.call(_resolve, request.path_params["id"], choice)
-    state.hub.touch()
+    entry = await state.write(_resolve, request.path_params["id"], choice)
     return JSON(entry)
 
 
@@ -680,7 +685,9 @@ def create_app(
                         on_synced=server_metrics.sync_seconds.observe,
                     )
             hub.live = live
-            app.state.server = ServerState(home, nt, hub, server_metrics, live, keepalive_s)
+            app.state.server = ServerState(
+                home, nt, hub, server_metrics, live, keepalive_s, WriteGroup(nt)
+            )
             async with contextlib.AsyncExitStack() as stack:
                 if live is not None:
                     await stack.enter_async_context(live)

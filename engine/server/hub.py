@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from ..node import Node
 from ..status import node_status
 from ..transport import LiveSync, run_status
 from ..transport.client import NodeThread
-from ..users import StoredUser, load_users
+from ..users import StoredUser, User, check_token, load_users
 from .errors import HttpError
 
 log = logging.getLogger("branchline.server")
@@ -62,9 +63,18 @@ class StatusHub:
         self.status: dict[str, Any] | None = None
         self.status_json = b""
         self.users: list[StoredUser] = []
+        # Tokens already checked, by their SHA-256: one hash per request
+        # instead of one HMAC per user. Emptied whenever the users change,
+        # so it never holds more entries than there are users.
+        self._known: dict[bytes, User] = {}
         self.progress: dict[str, list[int]] = {}
-        self._dirty = True
-        self._inflight = 0  # refreshes computing now (their result may predate a write)
+        # Changes known (API writes, store commits seen by the watcher) and the
+        # last of them the published status was computed after: a read waits
+        # only while the status is older than what it needs, and concurrent
+        # readers share one computation.
+        self._changes = 1
+        self._published = 0
+        self._job: asyncio.Future[None] | None = None
         self._version = -1
         self._live_seen: tuple[Any, ...] = ()
         self._computed_at = 0.0
@@ -87,7 +97,7 @@ class StatusHub:
 
     def touch(self) -> None:
         """A write went through the API: the next read computes the status."""
-        self._dirty = True
+        self._changes += 1
         self._changed.set()
 
     def on_progress(self, collection: str, done: int, total: int) -> None:
@@ -96,10 +106,8 @@ class StatusHub:
         self._changed.set()
 
     async def current(self) -> dict[str, Any]:
-        """The status, computed again first if the API wrote since (or a
-        refresh is computing: it may have started before the last write)."""
-        if self._dirty or self._inflight or self.status is None:
-            await self.refresh()
+        """The status, computed again first if the API wrote since it was."""
+        await self._fresh(self._changes)
         assert self.status is not None
         return self.status
 
@@ -108,17 +116,35 @@ class StatusHub:
         return self.status_json
 
     async def refresh(self) -> None:
-        """Compute the status (and reload users if the store changed) on the
-        API thread; publish it when it differs."""
-        self._dirty = False
+        """Compute the status again (and reload users if the store changed);
+        publish it when it differs."""
+        self._changes += 1
+        await self._fresh(self._changes)
+
+    async def _fresh(self, needed: int) -> None:
+        """Return once the published status was computed after change
+        ``needed``. One computation runs at a time; every reader waiting
+        shares it, or the next one if it started too early."""
+        while self._published < needed:
+            job = self._job
+            if job is None:
+                job = self._job = asyncio.ensure_future(self._compute_and_publish())
+                job.add_done_callback(self._job_done)
+            await asyncio.shield(job)
+
+    def _job_done(self, job: asyncio.Future[None]) -> None:
+        if self._job is job:
+            self._job = None
+        if not job.cancelled():
+            job.exception()  # retrieved here: every waiter also gets it raised
+
+    async def _compute_and_publish(self) -> None:
+        covers = self._changes
         run = self._run_info()
-        self._inflight += 1
-        try:
-            version, users, status = await self._nt.run(self._compute, run, self._version)
-        finally:
-            self._inflight -= 1
+        version, users, status = await self._nt.run(self._compute, run, self._version)
         if users is not None:
             self.users = users
+            self._known = {}
         self._version = version
         status["sync"] = self._sync_info()
         self._computed_at = time.monotonic()
@@ -127,6 +153,17 @@ class StatusHub:
             self.status, self.status_json = status, data
             for sub in self._subscribers:
                 sub.offer(data)
+        self._published = max(self._published, covers)
+
+    def user_for(self, token: str) -> User | None:
+        """The user whose token this is (engine.users.check_token), or None."""
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        user = self._known.get(digest)
+        if user is None:
+            user = check_token(self.users, token)
+            if user is not None:
+                self._known[digest] = user
+        return user
 
     def subscribe(self) -> Subscriber:
         """A new event stream. Raises HttpError 503 past ``MAX_SUBSCRIBERS``."""
@@ -189,7 +226,7 @@ class StatusHub:
                 key = self._live_key()
                 due = time.monotonic() - self._computed_at >= REFRESH_S
                 if (
-                    self._dirty
+                    self._published < self._changes
                     or version != self._version
                     or key != self._live_seen
                     or self.progress != (self.status or {}).get("sync", {}).get("progress")

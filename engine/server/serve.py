@@ -4,7 +4,6 @@ lifespan runs the node's live sync loop, in one event loop."""
 from __future__ import annotations
 
 import ipaddress
-import logging
 import signal
 from pathlib import Path
 from types import FrameType
@@ -12,7 +11,9 @@ from types import FrameType
 import uvicorn
 
 from ..errors import UserError
+from ..stopping import SIGINT_EXIT, STOP_GRACE_S, exit_soon
 from ..transport import Backoff
+from ..wslog import configure_logging
 from .app import create_app
 
 DEFAULT_LISTEN = "127.0.0.1:8470"
@@ -21,13 +22,21 @@ GRACEFUL_S = 3
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, but SIGINT/SIGTERM end it with exit code 0 (uvicorn
-    raises the signal again after a graceful shutdown, so the process would
-    die of it): a stop asked for is a clean stop, as for 'node run'."""
+    """uvicorn's server, but a signal ends it without being raised again
+    (uvicorn does that after a graceful shutdown, so the process would die
+    of it): the caller picks the exit code from ``stopped_by``. SIGINT ends
+    the process within ``STOP_GRACE_S`` whatever still runs
+    (engine.stopping)."""
+
+    stopped_by: int | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
+        if sig == signal.SIGINT:
+            exit_soon(SIGINT_EXIT, 0 if self.should_exit else STOP_GRACE_S)
+            if self.should_exit:
+                self.force_exit = True
+        if self.stopped_by is None:
+            self.stopped_by = sig
         self.should_exit = True
 
 
@@ -66,10 +75,13 @@ def serve(
     tls_key: Path | None = None,
     backoff_max: float = 3.0,
     verbose: bool = False,
-) -> None:
+    log_format: str = "text",
+) -> int | None:
     """Serve ``home`` on ``host:port`` until SIGINT or SIGTERM (uvicorn's
-    handlers), syncing it with its relay meanwhile. Raises UserError for a
-    non-loopback address without ``public``, or half a TLS pair."""
+    handlers), syncing it with its relay meanwhile; returns the signal that
+    stopped it. Logs as ``engine.wslog.configure_logging`` says. Raises
+    UserError for a non-loopback address without ``public``, or half a TLS
+    pair."""
     if not is_loopback(host) and not public:
         raise UserError(
             f"{host} is reachable from other machines: pass --public to bind it, and put "
@@ -77,10 +89,7 @@ def serve(
         )
     if (tls_cert is None) != (tls_key is None):
         raise UserError("--tls-cert and --tls-key go together: give both or neither")
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    configure_logging(verbose=verbose, log_format=log_format)
     app = create_app(home, sync=True, backoff=Backoff(cap_s=backoff_max))
     config = uvicorn.Config(
         app,
@@ -88,10 +97,14 @@ def serve(
         port=port,
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
-        log_level="debug" if verbose else "info",
+        log_config=None,  # uvicorn's loggers go through ours (text or JSON)
+        # A line per request costs about a tenth of a request's time: -v only.
+        access_log=verbose,
         timeout_graceful_shutdown=GRACEFUL_S,
         lifespan="on",
         proxy_headers=False,
         server_header=False,
     )
-    _Server(config).run()
+    server = _Server(config)
+    server.run()
+    return server.stopped_by

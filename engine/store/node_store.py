@@ -12,16 +12,19 @@ serialized by ``BEGIN IMMEDIATE`` and see each other's commits through
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import FormatVersionError, HomeExists, HomeNotFound, StoreError
 from . import meta as meta_table
+from .conflict_index import INDEX_SQL, STALE_META
+from .health import check_store, problem, recovery_hint
+from .private import create_file, make_home
 from .txn import WriteTxn
 
 STORE_FILE = "branchline.db"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 BUSY_TIMEOUT_MS = 30_000
 CACHE_KIB = 16_384
 
@@ -193,12 +196,17 @@ WHERE instr(reason, ': ') > 1
     AND substr(reason, 1, instr(reason, ': ') - 1) GLOB '*[a-z]*';
 """
 
+# Added in format 6: the conflict index (engine.store.conflict_index).
+SCHEMA_SQL += INDEX_SQL
+
 # Format n -> n + 1. Each step only adds, so older rows stay exactly right.
 MIGRATIONS = {
     1: "ALTER TABLE records ADD COLUMN alias_of TEXT;\n" + RESOLUTION_SQL,
     2: CLIENTS_SQL,
     3: OUTBOX_RECORDS_SQL,
     4: FAILURE_CODE_SQL,
+    # Derived from records by code, not SQL: rebuilt when the node first opens.
+    5: INDEX_SQL + f"\nINSERT INTO meta (key, value) VALUES ('{STALE_META}', '1');",
 }
 
 
@@ -209,6 +217,11 @@ class NodeStore:
         self.path = path
         self.conn = conn
         self._data_version = -1
+        self._depth = 0  # transactions open: inner ones are savepoints
+        #: Called with "before_commit" (the statements done, COMMIT not yet
+        #: run) and "after_commit" (durable) for every write transaction: the
+        #: simulator's crash points (harness.sim). None in normal use.
+        self.commit_points: Callable[[str], None] | None = None
 
     @staticmethod
     def file_in(home: Path) -> Path:
@@ -220,11 +233,14 @@ class NodeStore:
         home = Path(home)
         path = cls.file_in(home)
         if path.exists():
+            damage = problem(path, full=False)
+            if damage is not None:
+                raise HomeExists(
+                    f"{home} already holds a node store file that {damage}; {recovery_hint(home)}"
+                )
             raise HomeExists(f"{home} already holds a node store ({path.name}); open it instead")
-        try:
-            home.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create node home {home}: {exc}") from None
+        make_home(home)
+        create_file(path)  # 0600 before SQLite writes the token into it
         store = cls(path, _connect(path))
         with store.transaction() as txn:
             # executescript() would commit; statement by statement keeps it atomic.
@@ -236,12 +252,14 @@ class NodeStore:
 
     @classmethod
     def open(cls, home: Path) -> NodeStore:
-        """Open an existing store. Raises HomeNotFound or FormatVersionError."""
+        """Open an existing store. Raises HomeNotFound, StoreDamaged (nothing
+        written to a damaged file) or FormatVersionError."""
         path = cls.file_in(Path(home))
         if not path.is_file():
             raise HomeNotFound(
                 f"no node store in {home}; create one with 'branchline node init --home {home} ...'"
             )
+        check_store(path)
         conn = _connect(path)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version not in MIGRATIONS and version != FORMAT_VERSION:
@@ -272,24 +290,50 @@ class NodeStore:
     @contextmanager
     def transaction(self) -> Iterator[WriteTxn]:
         """A write transaction holding the store's write lock; durable on exit.
+        Inside another one it is a savepoint of it: undone alone on an
+        exception, durable when the outermost one commits (group commit).
 
-        Rolls back and re-raises on any exception. Raises StoreError when
-        the lock cannot be had or the commit fails.
+        Rolls back (to the savepoint) and re-raises on any exception. Raises
+        StoreError when the lock cannot be had or the commit fails.
         """
+        if self._depth:
+            yield from self._savepoint()
+            return
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             raise StoreError(f"{self.path}: cannot start a write ({exc})") from None
+        self._depth = 1
         try:
             yield WriteTxn(self.conn)
+            if self.commit_points is not None:
+                self.commit_points("before_commit")
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        finally:
+            self._depth = 0
         try:
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self.conn.execute("ROLLBACK")
             raise StoreError(f"{self.path}: commit failed ({exc})") from None
+        if self.commit_points is not None:
+            self.commit_points("after_commit")
+
+    def _savepoint(self) -> Iterator[WriteTxn]:
+        name = f"nested_{self._depth}"
+        self.conn.execute(f"SAVEPOINT {name}")
+        self._depth += 1
+        try:
+            yield WriteTxn(self.conn)
+        except BaseException:
+            self.conn.execute(f"ROLLBACK TO {name}")
+            self.conn.execute(f"RELEASE {name}")
+            raise
+        finally:
+            self._depth -= 1
+        self.conn.execute(f"RELEASE {name}")
 
     def data_version(self) -> int:
         """SQLite's change counter of this connection: it moves whenever

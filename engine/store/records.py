@@ -20,6 +20,7 @@ from ..merge import ALIAS, Resolved, resolve
 from ..plugins import ChangeKind, RecordChange
 from ..schema import Collection, Schema
 from ..values import decode, is_stored
+from .conflict_index import ConflictIndex, Written
 from .txn import WriteTxn
 
 Held = list[tuple[str, Resolved, dict[str, Any]]]  # (record id, resolved, valid values)
@@ -62,6 +63,7 @@ class Materializer:
         self._observe = observe
         self.consumes: Callable[[Collection], bool] = _nobody
         self.refs = {c.name: ref_paths(c) for c in schema.collections.values()}
+        self.index = ConflictIndex(schema)
 
     def materialize(
         self, txn: WriteTxn, coll: Collection, doc: RecordDoc, rids: set[str], hold: bool = False
@@ -144,12 +146,19 @@ class Materializer:
             "DELETE FROM record_conflicts WHERE collection = ? AND record_id = ?",
             [(coll.name, rid) for rid in rids if rid in had],
         )
+        written = [
+            Written(rid, row[3], not r.deleted, row[9] is not None, values)
+            for (rid, r, values), row in zip(resolved, rows, strict=True)
+        ]
+        removed = [rid for _, rid in incomplete]
+        old = self.index.before(conn, coll.name, written, removed)
         conn.executemany("DELETE FROM records WHERE collection = ? AND id = ?", incomplete)
         conn.executemany(
             "INSERT OR REPLACE INTO records (collection, id, doc, key, deleted, created_hlc, "
             "created_node, updated_hlc, data, alias_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
+        self.index.after(conn, coll.name, written, removed, old)
         conn.executemany(
             "INSERT OR REPLACE INTO record_conflicts VALUES (?, ?, ?, ?, ?, ?)", conflicts
         )

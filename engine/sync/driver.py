@@ -118,7 +118,8 @@ _FATAL_CODES = frozenset(
     {codes.AUTH_FAILED, codes.WRONG_DATASET, codes.UNSUPPORTED_VERSION, codes.READ_ONLY}
 )
 # Codes by which the relay refuses an update it received (``refused_docs``
-# finds the document). A code this version does
+# finds the document the message names, see engine.relay.hub.rejection). A
+# code this version does
 # not know (say a future period lock) is taken as such a refusal too.
 _REFUSAL_CODES = frozenset(
     {codes.BAD_UPDATE, codes.FRAME_TOO_LARGE, codes.UNKNOWN_DOCUMENT, codes.READ_ONLY}

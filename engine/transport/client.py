@@ -31,6 +31,7 @@ import contextlib
 import functools
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from ..clock import system_random
 from ..errors import AuthError, BranchlineError, DatasetMismatch, UpdatesRefused, UserError
@@ -63,7 +64,9 @@ from ..sync import (
     SyncTimeout,
     failure_counts,
 )
+from ..tls import certificate_error, client_context
 from ..wslog import websockets_logger
+from .runlog import ReachLog
 
 log = logging.getLogger("branchline.sync")
 
@@ -84,10 +87,19 @@ MAX_REFUSAL_ROUNDS = 100
 MAX_FRAME_BYTES = Limits().max_frame  # websocket max_size follows the protocol limit
 PING_FRAME = encode_message(Ping(), max_frame=MAX_FRAME_BYTES)
 
+#: States of the loop that ReachLog reports (state changes log the others).
+_REACH_STATES = frozenset({"connecting", "backing off", "online"})
+
 META_OFFLINE = "offline"
 META_RUN_STATE = "run_state"
 META_RUN_HEARTBEAT = "run_heartbeat"
 META_LAST_SYNC = "last_sync"
+#: Wall ms when a session with the relay was last open (status "last reached").
+META_LAST_REACHED = "last_reached"
+#: "<wall ms> <message>": why the latest attempt to sync failed, since when;
+#: cleared when a session opens.
+META_LAST_ERROR = "last_sync_error"
+MAX_ERROR_CHARS = 500
 
 
 T = TypeVar("T")
@@ -104,15 +116,23 @@ def _wall_ms() -> int:
 @dataclass
 class Backoff:
     """Capped exponential backoff with "equal jitter": attempt n waits a
-    uniform delay in [d/2, d] with d = min(cap_s, base_s * 2**n), so a
-    relay restart does not see every node come back at the same instant."""
+    uniform delay in [d/2, d] with d = min(cap, base_s * 2**n), so a relay
+    restart does not see every node come back at the same instant.
+
+    The cap is ``cap_s`` after the relay answered and failed (it is up and
+    busy or refusing: waiting longer spares it), and the smaller
+    ``link_cap_s`` when nothing answered (connection refused, reset or
+    timed out: such an attempt costs the relay nothing, and retrying soon is
+    what makes a restored link carry the first change within a second)."""
 
     base_s: float = 0.2
     cap_s: float = 3.0
+    link_cap_s: float = 0.5
     rng: random.Random = field(default_factory=system_random)
 
-    def delay(self, attempt: int) -> float:
-        ceiling = min(self.cap_s, self.base_s * (2 ** min(attempt, 30)))
+    def delay(self, attempt: int, *, link: bool = False) -> float:
+        cap = min(self.cap_s, self.link_cap_s) if link else self.cap_s
+        ceiling = min(cap, self.base_s * (2 ** min(attempt, 30)))
         return self.rng.uniform(ceiling / 2, ceiling)
 
 
@@ -154,6 +174,32 @@ def _write_run_state(node: Node, state: str, wall_ms: int) -> None:
     with node.store.transaction():
         node.store.set_meta(META_RUN_STATE, state)
         node.store.set_meta(META_RUN_HEARTBEAT, str(wall_ms))
+        if state == "online":
+            _reached(node, wall_ms)
+
+
+def _reached(node: Node, wall_ms: int) -> None:
+    """In a transaction: the relay was reached at ``wall_ms``; no error stands."""
+    node.store.set_meta(META_LAST_REACHED, str(wall_ms))
+    node.store.conn.execute("DELETE FROM meta WHERE key = ?", (META_LAST_ERROR,))
+
+
+def note_reached(node: Node, wall_ms: int) -> None:
+    """Record that a session with the relay was open at ``wall_ms``."""
+    with node.store.transaction():
+        _reached(node, wall_ms)
+
+
+def note_sync_error(node: Node, message: str, wall_ms: int) -> None:
+    """Record why syncing failed; the time stays that of the first failure
+    with the same message (the error stands since then)."""
+    message = " ".join(message.split())[:MAX_ERROR_CHARS]
+    with node.store.transaction():
+        row = node.store.conn.execute(
+            "SELECT value FROM meta WHERE key = ?", (META_LAST_ERROR,)
+        ).fetchone()
+        if row is None or row[0].partition(" ")[2] != message:
+            node.store.set_meta(META_LAST_ERROR, f"{wall_ms} {message}")
 
 
 class _WallClock:
@@ -333,9 +379,30 @@ class _Connection:
         await self.flush(frames)
 
 
+def relay_tls(node: Node) -> ssl.SSLContext | None:
+    """The TLS context for the node's relay (engine.transport.tls)."""
+    return client_context(node.store.meta())
+
+
+def _nothing_answered(exc: BaseException) -> bool:
+    """Whether a failed attempt got no answer from the relay: refused,
+    reset or timed out, also when websockets wraps it (a handshake cut
+    short); an HTTP status or a closing handshake is an answer."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # a short chain of causes
+        if seen is None or isinstance(seen, InvalidStatus | ConnectionClosed):
+            return False
+        if isinstance(seen, OSError | TimeoutError | EOFError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _classify(exc: BaseException, url: str) -> BranchlineError:
     if isinstance(exc, BranchlineError):
         return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return certificate_error(exc, safe_url(url))
     if isinstance(exc, InvalidURI):
         return UserError(f"invalid relay URL {safe_url(url)!r}: {exc}")
     if isinstance(exc, OSError | InvalidHandshake | TimeoutError | ConnectionClosed):
@@ -343,9 +410,11 @@ def _classify(exc: BaseException, url: str) -> BranchlineError:
     raise exc
 
 
-async def _open(url: str) -> ClientConnection:
+async def _open(url: str, tls: ssl.SSLContext | None) -> ClientConnection:
+    extra: dict[str, Any] = {"ssl": tls} if tls is not None and url.startswith("wss:") else {}
     return await connect(
         url,
+        **extra,
         open_timeout=OPEN_TIMEOUT_S,
         ping_interval=None,  # liveness is the protocol's heartbeat
         max_size=MAX_FRAME_BYTES,
@@ -392,6 +461,7 @@ async def node_sync(
     """
     if url is None or token is None:
         url, token = relay_of(node)
+    tls = relay_tls(node)
     progress = _posting(on_progress)
     try:
         async with asyncio.timeout(timeout):
@@ -401,14 +471,20 @@ async def node_sync(
                 while True:
                     try:
                         driver = await _sync_once(
-                            nt, url, token, progress, heartbeat_ms, monotonic_ms, wall_ms, set_aside
-                        )
+                            nt, (url, tls), token, progress, heartbeat_ms, monotonic_ms, wall_ms,
+                            set_aside,
+                        )  # fmt: skip
                     except UpdatesRefused as exc:
                         rounds += 1
                         if rounds >= MAX_REFUSAL_ROUNDS:
                             raise
                         log.info("%s", exc)
                         continue
+                    except BranchlineError as exc:
+                        with contextlib.suppress(BranchlineError):
+                            await nt.run(note_sync_error, str(exc), wall_ms())
+                        raise
+                    await nt.run(note_reached, wall_ms())
                     driver.quarantined = set_aside
                     driver.failures = await nt.run(failure_counts)
                     return driver
@@ -421,7 +497,7 @@ async def node_sync(
 
 async def _sync_once(
     nt: NodeThread,
-    url: str,
+    where: tuple[str, ssl.SSLContext | None],
     token: str,
     on_progress: ProgressCallback | None,
     heartbeat_ms: int,
@@ -431,8 +507,9 @@ async def _sync_once(
 ) -> SyncDriver:
     """One connection of ``node_sync``, until synced; the documents its
     driver set aside are added to ``set_aside`` however it ends."""
+    url, tls = where
     try:
-        ws = await _open(url)
+        ws = await _open(url, tls)
     except Exception as exc:  # classified, or re-raised
         raise _classify(exc, url) from None
     async with ws:
@@ -498,6 +575,7 @@ class LiveSync:
         self._from_meta = url is None or token is None
         if url is None or token is None:
             url, token = relay_of(node)
+        self._tls: ssl.SSLContext | None = None  # read before each connection
         self._on_apply = on_apply
         self._on_synced = on_synced
         self.home = node.home
@@ -524,6 +602,7 @@ class LiveSync:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._status_at = 0
+        self.reach = ReachLog(log, monotonic_ms)
 
     async def __aenter__(self) -> LiveSync:
         self._task = asyncio.create_task(self._run(), name="branchline-live-sync")
@@ -574,7 +653,10 @@ class LiveSync:
 
     async def _set_state(self, state: str, detail: str = "") -> None:
         if state != self.state:
-            log.info("%s%s", state, f" ({detail})" if detail else "")
+            # Reaching the relay or not is ReachLog's: once per change, not
+            # once per attempt.
+            level = logging.DEBUG if state in _REACH_STATES else logging.INFO
+            log.log(level, "%s%s", state, f" ({detail})" if detail else "")
         self.state = state
         self.online = state == "online"
         if state != "online":
@@ -632,40 +714,66 @@ class LiveSync:
             if self._from_meta:
                 with contextlib.suppress(BranchlineError):
                     self.url, self._token = await nt.run(relay_of)
+            try:
+                self._tls = await nt.run(relay_tls)
+            except BranchlineError as exc:  # the CA file went away: say so, wait
+                await self._failed(nt, exc, logging.ERROR)
+                if await self._sleep(self.backoff.cap_s):
+                    break
+                continue
             await self._set_state("connecting", safe_url(self.url))
+            began = self._monotonic_ms()
+            link = False  # the attempt failed with nothing answering
             try:
                 await self._connection(nt)
                 attempt = 0  # a session that ended cleanly (offline mode, stop)
             except AuthError as exc:
-                self.last_error = exc
-                log.error("%s", exc)
+                await self._failed(nt, exc, logging.ERROR)
                 if await self._token_refused(nt):
                     break
                 attempt = 0
                 continue
             except (DatasetMismatch, RelayRefused) as exc:
-                self.last_error = exc
-                log.error("%s", exc)
+                await self._failed(nt, exc, logging.ERROR)
                 attempt = 30  # straight to the cap: a person must act
             except UpdatesRefused as exc:
                 self.last_error = exc
                 log.warning("%s", exc)
                 attempt = 0  # the refused documents are held; the rest goes on at once
             except BranchlineError as exc:
-                self.last_error = exc
-                log.info("offline (%s)", exc)
+                await self._failed(nt, exc)
             except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed) as exc:
-                self.last_error = _classify(exc, self.url)
-                log.info("offline (%s)", self.last_error)
+                error = _classify(exc, self.url)
+                if isinstance(error, RelayRefused):  # a certificate: a person must act
+                    await self._failed(nt, error, logging.ERROR)
+                    attempt = 30
+                else:
+                    link = _nothing_answered(exc)
+                    await self._failed(nt, error)
             if self._stop.is_set():
                 break
+            if self.reach.due():
+                self.reach.summary(await nt.run(Node.pending))
             if self.state == "online":
                 attempt = 0  # it was up: start the backoff over
-            delay = self.backoff.delay(attempt)
+            # The time the failed attempt took (a stalled handshake, a session
+            # that lived for hours) counts as waiting already done.
+            spent = (self._monotonic_ms() - began) / 1000
+            delay = max(0.0, self.backoff.delay(attempt, link=link) - spent)
             attempt = min(attempt + 1, 30)
             await self._set_state("backing off", f"{delay:.1f}s")
             if await self._sleep(delay):
                 break
+
+    async def _failed(
+        self, nt: NodeThread, exc: BranchlineError, level: int = logging.WARNING
+    ) -> None:
+        """An attempt failed: logged as ReachLog says, kept for ``status``."""
+        self.last_error = exc
+        self.reach.failed(str(exc), level)
+        if self._write_status:
+            with contextlib.suppress(BranchlineError):
+                await nt.run(note_sync_error, str(exc), self._wall_ms())
 
     async def _token_refused(self, nt: NodeThread) -> bool:
         """Wait, without connecting, until the node's token changes or
@@ -685,7 +793,7 @@ class LiveSync:
         return False
 
     async def _connection(self, nt: NodeThread) -> None:
-        ws = await _open(self.url)
+        ws = await _open(self.url, self._tls)
         async with ws:
             conn = _Connection(
                 nt,
@@ -707,6 +815,7 @@ class LiveSync:
                     await conn.step(POLL_S)
                     if conn.open and self.state != "online":
                         await self._set_state("online", safe_url(self.url))
+                        self.reach.online(safe_url(self.url))
                         refused = conn.driver.upload_refused
                         if refused is not None:
                             log.error("%s", refused)

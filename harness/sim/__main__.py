@@ -1,4 +1,4 @@
-"""``python -m engine.sim``: run simulator seeds; a failure prints its seed and
+"""``python -m harness.sim``: run simulator seeds; a failure prints its seed and
 the command that replays it.
 
 Exit codes: 0 all passed, 3 a run crashed (an unexpected exception), 4 a
@@ -46,7 +46,7 @@ def run_seed(seed: int, nodes: int, ops: int) -> Outcome:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.sim", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m harness.sim", description=__doc__)
     parser.add_argument("--seeds", type=int, default=100, help="how many seeds to run")
     parser.add_argument("--start", type=int, default=0, help="first seed")
     parser.add_argument("--seed", type=int, default=None, help="run just this seed")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if o.stats is None:
             print(
                 f"seed {o.seed}: {o.kind} failure: {o.message}\n  faults: {o.faults}\n"
-                f"  replay: python -m engine.sim --seed {o.seed} --ops {args.ops} "
+                f"  replay: python -m harness.sim --seed {o.seed} --ops {args.ops} "
                 f"--nodes {args.nodes}",
                 flush=True,
             )

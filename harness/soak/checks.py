@@ -4,7 +4,7 @@ Each check reads the files only (it opens nodes through the public
 ``Node.open`` and SQLite read connections), returns a list of human-readable
 problems (empty: the check holds) and never writes. They are meant for
 quiescent stores (no process writing), after a run converged; the soak
-(``engine.soak``) runs them, and a simulator can run the same ones.
+(``harness.soak``) runs them, and a simulator can run the same ones.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from typing import Any
 import orjson
 from pycrdt import Doc, Map
 
-from ..node import Node
-from ..store.node_store import STORE_FILE
+from engine.node import Node
+from engine.schema import parse_schema
+from engine.store.conflict_index import ConflictIndex
+from engine.store.node_store import STORE_FILE
 
 #: At most this many problems are listed per check (the count is exact).
 MAX_LISTED = 20
@@ -280,7 +282,7 @@ def relay_duplicates(relay_db: Path) -> list[str]:
 
 def relay_holds_everything(relay_db: Path, dataset: str, homes: Mapping[str, Path]) -> list[str]:
     """The relay's state vector of every document equals every home's."""
-    from ..relay.sqlite_store import SqliteRelayStore
+    from engine.relay.sqlite_store import SqliteRelayStore
 
     problems: list[str] = []
     with SqliteRelayStore.open(relay_db) as store:
@@ -333,3 +335,20 @@ def integrity(paths: Iterable[Path]) -> list[str]:
         if rows != ["ok"]:
             problems.append(f"{path}: {'; '.join(rows[:5])}")
     return problems
+
+
+def conflict_indexes_true(homes: Mapping[str, Path]) -> list[str]:
+    """Every home's conflict index (engine.store.conflict_index) holds
+    exactly what a rebuild from its records would."""
+    problems: list[str] = []
+    for name, home in sorted(homes.items()):
+        conn = _ro(home / STORE_FILE)
+        try:
+            source = conn.execute("SELECT value FROM meta WHERE key = 'schema_source'").fetchone()
+            index = ConflictIndex(parse_schema(str(source[0]), origin=f"{home} (stored schema)"))
+            missing, extra = index.compare(conn)
+        finally:
+            conn.close()
+        problems += [f"{name}: the conflict index lacks {row}" for row in sorted(missing)]
+        problems += [f"{name}: the conflict index has a stale {row}" for row in sorted(extra)]
+    return problems[:MAX_LISTED]

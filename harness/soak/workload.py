@@ -31,8 +31,9 @@ from typing import Any
 
 import orjson
 
-from ..errors import BranchlineError
-from ..node import Node
+from engine.errors import BranchlineError
+from engine.node import Node
+
 from .checks import AckedWrite, entry_hlc
 
 SHARED = 6  # customers every node edits

@@ -5,7 +5,7 @@ enrolled node per node home, starts ``branchline relay serve`` and one
 ``branchline node run`` per home (each reaching the relay through its own
 ``FaultProxy``), then for ``duration_s`` seconds:
 
-- the workload (``engine.soak.workload``) writes into the homes;
+- the workload (``harness.soak.workload``) writes into the homes;
 - the nemesis plays a schedule drawn from the seed: SIGKILL and restart of
   node processes and of the relay, per proxy delays, cuts (partitions, also
   of half the nodes at once), connection resets and refused connections, and
@@ -16,7 +16,7 @@ enrolled node per node home, starts ``branchline relay serve`` and one
 Then it heals every fault, restarts whatever is down, stops the workload and
 waits (at most ``converge_timeout_s``) until every home has an empty outbox
 and the same resolved records and conflicts. It stops the processes (SIGTERM)
-and runs the checks of ``engine.soak.checks``.
+and runs the checks of ``harness.soak.checks``.
 
 The schedule and the workload are drawn from ``random.Random(seed)`` (two
 derived generators), so a seed replays the same sequence of operations and
@@ -44,10 +44,11 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
+from engine.node import Node
+from engine.relay.sqlite_store import SqliteRelayStore
+from engine.store.node_store import STORE_FILE
+
 from ..faults import FaultProxy, ProxyHost
-from ..node import Node
-from ..relay.sqlite_store import SqliteRelayStore
-from ..store.node_store import STORE_FILE
 from . import checks
 from .workload import Workload
 
@@ -97,7 +98,7 @@ class SoakConfig:
 
     def replay_command(self) -> str:
         return (
-            f"{sys.executable} -m engine.soak --duration {self.duration_s:g} --seed {self.seed} "
+            f"{sys.executable} -m harness.soak --duration {self.duration_s:g} --seed {self.seed} "
             f"--nodes {self.nodes} --rate {self.rate:g} --fault-every {self.fault_every_s:g}"
         )
 
@@ -584,6 +585,7 @@ class Soak:
                 self.relay_db, DATASET, self.homes
             ),
             "integrity_check": checks.integrity(stores),
+            "conflict_indexes_true": checks.conflict_indexes_true(self.homes),
         }
 
     def _summary(

@@ -1,4 +1,4 @@
-"""``python -m engine.soak``: one soak run (see engine.soak.runner).
+"""``python -m harness.soak``: one soak run (see harness.soak.runner).
 
 Exit codes: 0 pass, 2 usage, 3 crash, 4 liveness (no convergence),
 5 correctness (a check failed). A failed run prints a replay command.
@@ -15,7 +15,7 @@ from .runner import SoakConfig, run_soak
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.soak", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m harness.soak", description=__doc__)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of faults")
     parser.add_argument("--seed", type=int, default=None, help="default: a random seed (printed)")
     parser.add_argument("--nodes", type=int, default=3, help="node processes (>= 2)")

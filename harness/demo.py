@@ -30,7 +30,9 @@ Everything runs in a temporary directory on loopback, SQLite everywhere:
    and journal included, with no conflict open. Every process is stopped
    cleanly.
 
-Run with ``python -m engine.demo [--keep DIR] [--seed N] [--linger]``.
+Run with ``make demo`` (``make demo KEEP=1`` leaves everything running until
+Ctrl-C), or ``python -m harness.demo [--keep DIR] [--seed N] [--linger]``
+(``--keep DIR`` runs in a new directory DIR and leaves its files there).
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from .node import Node
-from .transport import run_status
+from engine.node import Node
+from engine.prefix import short_ids
+from engine.transport import run_status
 
 DATASET = "branchline-trading"
 DAY = "2024-05-06"
@@ -609,9 +612,7 @@ class Day:
             f"plus its own work: {on_hand}"
         )
         status = self.status_json(DN)
-        table = Table(
-            title="branchline status --home DN --json (while cut off)", title_justify="left"
-        )
+        table = Table(title="branchline status --home DN (while cut off)", title_justify="left")
         table.add_column("field")
         table.add_column("value")
         table.add_row("online / state", f"{status['online']} / {status['state']}")
@@ -728,11 +729,15 @@ class Day:
             "concurrent_edit": ("--keep", DN),  # the branch knows the new address
             "edit_delete": ("--keep", "edit"),  # DN still serves it: reopen the customer
         }
+        # The ids as 'branchline conflicts' shows them: unique prefixes, which
+        # resolve takes like whole ids.
+        shown = short_ids(c["id"] for c in conflicts)
         for c in conflicts:
             if c["kind"] in choices:
-                self.procs.cli("resolve", "--home", str(hq.home), c["id"], *choices[c["kind"]])
+                short = shown[c["id"]]
+                self.procs.cli("resolve", "--home", str(hq.home), short, *choices[c["kind"]])
                 self.console.print(
-                    f"  [cyan]branchline resolve --home HN {c['id'][:8]}… "
+                    f"  [cyan]branchline resolve --home HN {short} "
                     f"{' '.join(choices[c['kind']])}[/]  ({c['kind']})"
                 )
         settled = _wait_for(
@@ -963,7 +968,7 @@ def run(workdir: Path, console: Console, seed: int = 2024, linger: bool = False)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo in a temporary directory (or ``--keep DIR``); 0 when the day held."""
-    parser = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m harness.demo", description=__doc__)
     parser.add_argument("--keep", type=Path, help="run in this new directory and keep it")
     parser.add_argument("--seed", type=int, default=2024, help="seed of the day's bookings")
     parser.add_argument(

@@ -1,5 +1,5 @@
 """Fault injection for tests and the soak: a loopback TCP proxy that delays,
-cuts and resets connections (``engine.faults.proxy``)."""
+cuts and resets connections (``harness.faults.proxy``)."""
 
 from __future__ import annotations
 
