@@ -167,8 +167,8 @@ class Materializer:
         if rows and has_waiting(conn):
             done.changes = self._release(txn, coll, [row[1] for row in rows]).changes
         if watched:
-            stored = [(rid, r, row[8]) for (rid, r, _), row in zip(resolved, rows, strict=True)]
-            changes = _changes(coll, doc.name, stored, before)
+            made = [(rid, r, row[8]) for (rid, r, _), row in zip(resolved, rows, strict=True)]
+            changes = _changes(coll, doc.name, made, before)
             if changes:
                 done.changes.append((coll, changes))
         return done
