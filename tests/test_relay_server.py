@@ -9,6 +9,7 @@ same connection that the relay must answer after X would have been queued.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -127,7 +128,10 @@ class Client:
                 assert isinstance(message, bytes)
                 events = self.session.receive_frame(message)
                 self.events.extend(events)
-                await self.flush()
+                # The relay may close right after its last frame (an error):
+                # what we would answer then has nowhere to go.
+                with contextlib.suppress(ConnectionClosed):
+                    await self.flush()
                 for event in events:
                     if isinstance(event, kind) and where(event):
                         return event
