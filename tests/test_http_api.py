@@ -182,6 +182,8 @@ def test_vouchers_post_list_void_and_duplicate_number(api: Api) -> None:
 
 def test_status_pending_collections(api: Api) -> None:
     st = api("GET", "/status").json()
+    described = openapi_spec()["components"]["schemas"]["Status"]["properties"]
+    assert set(st) == set(described)  # the OpenAPI description names every field
     assert st["dataset"] == "acme" and st["node"] == "HN" and st["pending_total"] == 0
     assert st["sync"] == {"running": False, "progress": {}}
     seed(api)

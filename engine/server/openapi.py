@@ -28,6 +28,10 @@ _ERROR: Schema = {
         }
     },
 }
+_STAMPED: Schema = {
+    "type": "object",
+    "properties": {"at": {"type": "integer"}, "message": {"type": "string"}},
+}
 _STATUS: Schema = {
     "type": "object",
     "properties": {
@@ -45,6 +49,22 @@ _STATUS: Schema = {
         "failures": {
             "type": "object",
             "properties": {"upload": {"type": "integer"}, "download": {"type": "integer"}},
+        },
+        "token_refused": {
+            "oneOf": [{"$ref": "#/components/schemas/Stamped"}, {"type": "null"}],
+            "description": "when and why the relay last refused the node's token",
+        },
+        "numbering_known": {
+            "type": "boolean",
+            "description": "false while a rebuilt home numbers vouchers provisionally",
+        },
+        "last_reached": {
+            "type": ["integer", "null"],
+            "description": "wall ms when the node last had a session with the relay",
+        },
+        "last_error": {
+            "oneOf": [{"$ref": "#/components/schemas/Stamped"}, {"type": "null"}],
+            "description": "why the latest attempt to sync failed, since when",
         },
         "sync": {
             "type": "object",
@@ -313,7 +333,7 @@ def openapi_spec() -> Schema:
         },
         "paths": paths,
         "components": {
-            "schemas": {"Error": _ERROR, "Status": _STATUS},
+            "schemas": {"Error": _ERROR, "Status": _STATUS, "Stamped": _STAMPED},
             "securitySchemes": {
                 "bearer": {
                     "type": "http",
