@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,15 +27,10 @@ from pathlib import Path
 
 from engine.node import Node
 from engine.relay.sqlite_store import SqliteRelayStore
+from harness.net import free_port
 
 BRANCHLINE = [str(Path(sys.executable).parent / "branchline")]
 RESULTS = Path(__file__).parent / "results" / "stop.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

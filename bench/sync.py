@@ -55,6 +55,7 @@ from engine.protocol.session import encode_batch, pack_updates
 from engine.relay.sqlite_store import SqliteRelayStore
 from engine.sync import SyncError
 from engine.transport import node_sync, set_offline
+from harness.net import free_port
 
 from .report import fmt
 from .stats import ROOT, latency_summary, load_facts, machine_facts, run_facts
@@ -119,12 +120,6 @@ def show(value: float, unit: str) -> str:
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening(port: int) -> bool:

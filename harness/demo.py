@@ -42,7 +42,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,6 +65,7 @@ from rich.text import Text
 from engine.node import Node
 from engine.prefix import short_ids
 from engine.transport import run_status
+from harness.net import free_port as _free_port
 
 DATASET = "branchline-trading"
 DAY = "2024-05-06"
@@ -120,13 +120,6 @@ def _branchline() -> list[str]:
 def _money(value: Decimal) -> str:
     whole = value.to_integral_value()
     return f"{whole:,}" if value == whole else f"{value:,.2f}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _wait_for(what: str, predicate: Callable[[], bool], timeout: float = TIMEOUT_S) -> float:

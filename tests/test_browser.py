@@ -39,6 +39,7 @@ import pytest
 
 from bench import browser
 from harness.faults.proxy import FaultProxy, ProxyHost
+from harness.net import free_port
 
 BRANCHLINE = [str(Path(sys.executable).parent / "branchline")]
 DATASET = "acme"
@@ -52,12 +53,6 @@ if os.environ.get("BRANCHLINE_SKIP_LIVE"):  # pragma: no cover - opt-out on slow
 
 
 # -- processes -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:

@@ -34,6 +34,7 @@ from engine.node import Node
 from engine.protocol import ClientSession, ErrorReceived, Opened, encode_message
 from engine.protocol.messages import Ping, Sync1, Update
 from engine.relay import SqliteRelayStore
+from harness.net import free_port as _free_port
 from harness.soak.checks import records_digest
 
 # The suite sends 10,000 hostile frames (about a minute here); the issue's
@@ -46,14 +47,6 @@ EXE = str(Path(sys.executable).parent / "branchline")
 
 if os.environ.get("BRANCHLINE_SKIP_LIVE"):  # pragma: no cover - opt-out on slow CI
     pytestmark = pytest.mark.skip("BRANCHLINE_SKIP_LIVE set")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _junk_updates(rng: random.Random, n: int) -> list[bytes]:

@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from engine.relay.calls import HelloAnswer
 from engine.relay.hub import RelayHub, _Pending
 from engine.relay.server import RelayServer, ServerLimits
 from engine.relay.store import NodeGrant
+from harness.net import free_port as _free_port
 
 BRANCHLINE = str(Path(sys.executable).parent / "branchline")
 TIMEOUT = 20.0  # generous: only a hang reaches it
@@ -925,12 +925,6 @@ def test_stop_acks_what_was_received_then_says_unavailable(
 
 
 # -- the CLI, killed mid-stream ---------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start_cli(path: Path, port: int) -> subprocess.Popen[str]:

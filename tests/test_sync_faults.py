@@ -33,6 +33,7 @@ import pytest
 
 from engine.node import Node
 from engine.relay.sqlite_store import SqliteRelayStore
+from harness.net import free_port
 
 BRANCHLINE = [str(Path(sys.executable).parent / "branchline")]
 DATASET = "acme"
@@ -42,12 +43,6 @@ if os.environ.get("BRANCHLINE_SKIP_LIVE"):  # pragma: no cover - opt-out on slow
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening(port: int) -> bool:

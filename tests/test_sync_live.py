@@ -23,14 +23,9 @@ import pytest
 from engine.node import Node
 from engine.relay.server import RelayServer, ServerLimits
 from engine.relay.sqlite_store import RelayLimits, SqliteRelayStore
+from harness.net import free_port
 
 BRANCHLINE = [str(Path(sys.executable).parent / "branchline")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ThreadRelay:

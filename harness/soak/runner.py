@@ -47,6 +47,7 @@ from typing import IO, Any
 from engine.node import Node
 from engine.relay.sqlite_store import SqliteRelayStore
 from engine.store.node_store import STORE_FILE
+from harness.net import free_port as _free_port
 
 from ..faults import FaultProxy, ProxyHost
 from . import checks
@@ -147,12 +148,6 @@ class SoakFailure(Exception):
     def __init__(self, exit_code: int, message: str) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _listening(port: int) -> bool:
