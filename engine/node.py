@@ -327,11 +327,10 @@ class Node:
     def confirm_numbering(self) -> int:
         """After a completed sync (the node's earlier vouchers are here and
         counted, ``series.learn``): mark the numbering known and give final
-        numbers to provisionally numbered vouchers of ``node`` series.
-        Returns how many were finalized; writes nothing when there is nothing to do."""
-        node_series = [
-            c for c in self.schema.ordered() if c.series is not None and c.series.strategy == "node"
-        ]
+        numbers to provisionally numbered vouchers (of ``blocks`` series as
+        far as leased numbers go). Returns how many were finalized; writes
+        nothing when there is nothing to do."""
+        node_series = [c for c in self.schema.ordered() if c.series is not None]
         if self.numbering_known() and not any(self._has_provisional(c) for c in node_series):
             return 0
         with self._replica.write() as w:

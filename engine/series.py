@@ -13,7 +13,8 @@ A number once returned as final is never issued again and never changed.
 A home that cannot know how far its node's sub-series went (a rebuilt home
 of an existing node, before its first completed sync: node meta
 ``numbering`` = ``unconfirmed``) issues provisional numbers from ``node``
-series too, finalized by ``confirm`` once the sync brought the node's earlier
+and ``blocks`` series alike (its restored blocks may be older than numbers
+its earlier life used), finalized once the sync brought the node's earlier
 vouchers back. Every received voucher raises the counters past the numbers
 this node issued (``learn``), and ``dump_state``/``restore_state`` carry
 counters, leased blocks, provisional numbers and the gap journal in export
@@ -99,7 +100,10 @@ def allocate(
         number = _next_free(conn, coll, node, key, year)
         _journal(conn, key, number, "issued", coll.name, record_id, None, at_ms)
         return Allocation(number, key, False)
-    seq_or_none = _take_from_blocks(conn, key) if series.strategy == "blocks" else None
+    # A home that cannot know how far its node went takes no block number
+    # either: its restored blocks may predate numbers its earlier life used.
+    blocks = series.strategy == "blocks" and numbering_known(conn)
+    seq_or_none = _take_from_blocks(conn, key) if blocks else None
     if seq_or_none is not None:
         number = format_number(series, node, year, seq_or_none)
         _journal(conn, key, number, "issued", coll.name, record_id, None, at_ms)
@@ -128,6 +132,8 @@ def finalize(
 ) -> str | None:
     """Final number for a provisionally numbered voucher, or None while no
     leased number is available. The mapping stays in ``provisional``."""
+    if not numbering_known(conn):
+        return None  # finalized by ``confirm`` once the node's history is back
     row = conn.execute(
         "SELECT series, provisional FROM provisional WHERE record_id = ? AND final IS NULL",
         (record_id,),

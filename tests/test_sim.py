@@ -21,7 +21,10 @@ from harness.sim.__main__ import main
 # 18: work imported into a rebuilt home's outbox was not counted per record.
 # 27, 45 also issue node numbers again unless a rebuilt home numbers
 # provisionally until its first sync (test_the_checks_catch_a_reused_number).
-REGRESSIONS = (1, 4, 7, 16, 18, 19, 20, 27, 35, 45, 9023, 9250)
+# 664, 1814, 1901: a home rebuilt from an older backup issued a number of a
+# leased block its earlier life had already used (blocks series now number
+# provisionally too until the first completed sync).
+REGRESSIONS = (1, 4, 7, 16, 18, 19, 20, 27, 35, 45, 664, 1814, 1901, 9023, 9250)
 
 
 @pytest.mark.parametrize("seed", REGRESSIONS)
