@@ -6,7 +6,8 @@ status: a commit by another connection (the sync loop's node thread,
 another process: SQLite's ``data_version`` on the API thread's
 connection), a write through the API (``touch``), a change of the sync
 loop's state or progress, and at least every ``REFRESH_S`` (the heartbeat
-of a sync loop in another process ages). It then computes the status on the
+of a sync loop in another process ages). It then (``COALESCE_S`` after a
+change, so a burst of writes costs one computation) computes the status on the
 API thread and, when it differs from the last, sends it to every event
 subscriber. Reads of the status between changes cost no thread hop.
 
@@ -37,6 +38,10 @@ log = logging.getLogger("branchline.server")
 
 WATCH_S = 0.2
 REFRESH_S = 2.0
+#: After a change, the watcher waits this long before computing the status,
+#: so a burst of writes costs one computation, not one each (a read that
+#: needs the newest status computes it at once; event streams lag by this).
+COALESCE_S = 0.05
 MAX_SUBSCRIBERS = 64
 QUEUE_SIZE = 8
 
@@ -220,6 +225,7 @@ class StatusHub:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=WATCH_S)
+                await asyncio.sleep(COALESCE_S)
             self._changed.clear()
             try:
                 version = await self._nt.run(_data_version)
