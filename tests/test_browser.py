@@ -282,6 +282,8 @@ def test_offline_work_waits_then_goes_up(
         expect(page.locator("#live")).to_have_text("live")
 
         hn.catalogs()  # three catalog records: counted, then gone up
+        # The page shows 0 before the writes too: wait for them to be acknowledged.
+        wait_for(lambda: hn.api("GET", "/status")["pending_total"] == 0, "catalogs gone up")
         expect(page.locator("#pending-catalogs")).to_have_text("0")
         expect(page.locator("#last-sync")).not_to_have_text("never")
 
