@@ -16,9 +16,9 @@ import datetime as dt
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -246,6 +246,32 @@ log_format_option = click.option(
     show_default=True,
     help="log lines on stderr as text, or one JSON object per line (for log shippers)",
 )
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def sync_loop_options(fn: F) -> F:
+    """The options of the commands that run the live sync loop (node run, node serve)."""
+    for option in reversed(
+        (
+            click.option(
+                "--backoff-max",
+                type=click.FloatRange(0.1, 3600),
+                default=3.0,
+                show_default=True,
+                help="longest wait between reconnection attempts to the relay, in seconds",
+            ),
+            click.option(
+                "-v", "--verbose", is_flag=True, help="also log debug details (never frames)"
+            ),
+            log_format_option,
+            shared_home_option,
+        )
+    ):
+        fn = option(fn)
+    return fn
+
+
 # put, voucher and delete always print their one JSON object (the contract of
 # issue 2 §7); --json is accepted so scripts may pass it to every command.
 json_always_option = click.option(
@@ -813,16 +839,7 @@ def state_cmd(home: Path, file: Path, as_json: bool) -> None:
 
 @node.command("run")
 @home_option
-@click.option(
-    "--backoff-max",
-    type=click.FloatRange(0.1, 3600),
-    default=3.0,
-    show_default=True,
-    help="longest wait between reconnection attempts, in seconds",
-)
-@click.option("-v", "--verbose", is_flag=True, help="also log debug details (never frames)")
-@log_format_option
-@shared_home_option
+@sync_loop_options
 def node_run(
     home: Path, backoff_max: float, verbose: bool, log_format: str, allow_shared: bool
 ) -> None:
@@ -890,16 +907,7 @@ def node_run(
     default=None,
     help="PEM private key of --tls-cert",
 )
-@click.option(
-    "--backoff-max",
-    type=click.FloatRange(0.1, 3600),
-    default=3.0,
-    show_default=True,
-    help="longest wait between reconnection attempts to the relay, in seconds",
-)
-@click.option("-v", "--verbose", is_flag=True, help="also log debug details (never frames)")
-@log_format_option
-@shared_home_option
+@sync_loop_options
 def node_serve(
     home: Path,
     listen: str,
