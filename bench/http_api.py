@@ -39,7 +39,7 @@ from typing import Any
 from engine.node import Node
 from engine.users import add_user
 
-from .report import Target, replace_section
+from .report import Target, publish
 from .stats import load_facts, machine_facts, run_facts
 from .sync import free_port
 
@@ -245,13 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         for model in ("workstations", "saturation")
         for kind in ("put", "status")
     ]
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / ("http_api-quick.json" if args.quick else "http_api.json")
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    section = render(doc, targets, out)
-    if not args.quick:
-        replace_section(DOCS, BEGIN, END, section)
-    print(section)
+    publish(doc, out, lambda path: render(doc, targets, path), args.quick, DOCS, BEGIN, END)
     return 0
 
 

@@ -24,7 +24,6 @@ Outages last 5-9 s, longer than the dead-link detection (3 heartbeats of
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ from engine.node import Node
 from engine.relay.sqlite_store import SqliteRelayStore
 from harness.faults import ProxyHost
 
-from .report import Target, replace_section
+from .report import Target, publish
 from .stats import load_facts, machine_facts, run_facts
 from .sync import BRANCHLINE, DATASET, Relay, make_home, records_in, run_state, stop, wait_until
 from .workload import COLLECTION, write_schema
@@ -181,13 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     every = [s for v in samples.values() for s in v]
     target = Target("Reconnect", "link back -> first change on B, p99", _pct(every, 0.99), "s",
                     TARGET_S)  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / ("reconnect-quick.json" if args.quick else "reconnect.json")
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    section = render(doc, target, out)
-    if not args.quick:
-        replace_section(DOCS, BEGIN, END, section)
-    print(section)
+    publish(doc, out, lambda path: render(doc, target, path), args.quick, DOCS, BEGIN, END)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -307,3 +309,15 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def publish(doc: dict[str, Any], out: Path, render: Callable[[Path], str], quick: bool,
+            docs: Path, begin: str, end: str) -> None:  # fmt: skip
+    """Write ``doc`` as JSON to ``out``, print the section ``render(out)``
+    makes and, unless ``quick``, put it between ``begin`` and ``end`` in ``docs``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    section = render(out)
+    if not quick:
+        replace_section(docs, begin, end, section)
+    print(section)
