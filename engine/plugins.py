@@ -26,7 +26,6 @@ from .schema import Collection, Schema
 
 GROUP = "branchline.adapters"
 META_KEY = "adapters"
-CHUNK = 500  # ids per IN (...) list; SQLite's default limit is 32,766 parameters
 
 ChangeKind = Literal["inserted", "updated", "deleted"]
 # (document, record id) -> the record's CRDT entries, for ``resolve``.
@@ -360,15 +359,6 @@ def _exists(conn: Any, table: str) -> bool:
 
 def _quote(text: str) -> str:
     return text.replace("'", "''")
-
-
-def _chunks(items: list[str]) -> Iterator[list[str]]:
-    for i in range(0, len(items), CHUNK):
-        yield items[i : i + CHUNK]
-
-
-def _marks(chunk: list[str]) -> str:
-    return ", ".join("?" * len(chunk))
 
 
 def conflict_dicts(conn: Any) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..schema import Collection, Schema
+from .inlists import chunks, marks
 
 INDEX_SQL = """
 -- Keys that several live, not merged, records of a collection share.
@@ -50,7 +51,6 @@ CREATE INDEX dangling_refs_target ON dangling_refs (target_collection, target_id
 
 # Set in meta by the migration that adds the tables: rebuild before use.
 STALE_META = "conflict_index_stale"
-_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -119,10 +119,10 @@ class ConflictIndex:
         if _any(conn, "SELECT 1 FROM shared_keys WHERE collection = ? LIMIT 1", (coll,)):
             wanted = [w.id for w in written] + removed
         old: dict[str, tuple[str | None, bool]] = {}
-        for chunk in _chunks(sorted(set(wanted))):
+        for chunk in chunks(sorted(set(wanted))):
             for rid, key, deleted in conn.execute(
                 f"SELECT id, key, deleted FROM records WHERE collection = ? "
-                f"AND id IN ({_marks(chunk)})",
+                f"AND id IN ({marks(chunk)})",
                 (coll, *chunk),
             ):
                 old[str(rid)] = (None if key is None else str(key), not deleted)
@@ -206,10 +206,10 @@ class ConflictIndex:
         if back and _any(
             conn, "SELECT 1 FROM dangling_refs WHERE target_collection = ? LIMIT 1", (coll,)
         ):
-            for chunk in _chunks(back):
+            for chunk in chunks(back):
                 conn.execute(
                     "DELETE FROM dangling_refs WHERE target_collection = ? "
-                    f"AND target_id IN ({_marks(chunk)})",
+                    f"AND target_id IN ({marks(chunk)})",
                     (coll, *chunk),
                 )
         gone = sorted(
@@ -218,7 +218,7 @@ class ConflictIndex:
             if old.get(rid, (None, False))[1]
         )
         for p in paths:
-            for chunk in _chunks(gone):
+            for chunk in chunks(gone):
                 conn.executemany(
                     "INSERT OR IGNORE INTO dangling_refs VALUES (?, ?, ?, ?, ?)",
                     [
@@ -316,10 +316,10 @@ def _paths(coll: Collection) -> Iterator[RefPath]:
 
 
 def _shared(conn: sqlite3.Connection, coll: str, keys: list[str]) -> Iterator[str]:
-    for chunk in _chunks(keys):
+    for chunk in chunks(keys):
         for (key,) in conn.execute(
             "SELECT key FROM records INDEXED BY records_key WHERE collection = ? "
-            f"AND key IN ({_marks(chunk)}) AND deleted = 0 AND alias_of IS NULL "
+            f"AND key IN ({marks(chunk)}) AND deleted = 0 AND alias_of IS NULL "
             "GROUP BY key HAVING COUNT(*) > 1",
             (coll, *chunk),
         ):
@@ -327,9 +327,9 @@ def _shared(conn: sqlite3.Connection, coll: str, keys: list[str]) -> Iterator[st
 
 
 def _live(conn: sqlite3.Connection, coll: str, ids: Iterable[str]) -> Iterator[str]:
-    for chunk in _chunks(sorted(ids)):
+    for chunk in chunks(sorted(ids)):
         for (rid,) in conn.execute(
-            f"SELECT id FROM records WHERE collection = ? AND id IN ({_marks(chunk)}) "
+            f"SELECT id FROM records WHERE collection = ? AND id IN ({marks(chunk)}) "
             "AND deleted = 0",
             (coll, *chunk),
         ):
@@ -374,7 +374,7 @@ def _referring_rows(
     return [
         (str(r[0]), str(r[1]))
         for r in conn.execute(
-            f"SELECT q.id, q.t FROM ({query}) q WHERE q.t IN ({_marks(targets)})",
+            f"SELECT q.id, q.t FROM ({query}) q WHERE q.t IN ({marks(targets)})",
             (*args, *targets),
         )
     ]
@@ -388,12 +388,3 @@ def _rows(conn: sqlite3.Connection) -> set[tuple[str, ...]]:
 
 def _any(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> bool:
     return conn.execute(sql, args).fetchone() is not None
-
-
-def _chunks(items: list[str]) -> Iterator[list[str]]:
-    for i in range(0, len(items), _CHUNK):
-        yield items[i : i + _CHUNK]
-
-
-def _marks(chunk: list[str]) -> str:
-    return ", ".join("?" * len(chunk))

@@ -21,12 +21,12 @@ from ..plugins import ChangeKind, RecordChange
 from ..schema import Collection, Schema
 from ..values import decode, is_stored
 from .conflict_index import ConflictIndex, Written
+from .inlists import chunks, marks
 from .txn import WriteTxn
 
 Held = list[tuple[str, Resolved, dict[str, Any]]]  # (record id, resolved, valid values)
 Batches = list[tuple[Collection, list[RecordChange]]]
 RefPath = tuple[str, str | None, str]  # (field, line sub-field or None, target collection)
-CHUNK = 500  # ids per IN (...) list
 
 
 @dataclass
@@ -222,11 +222,11 @@ class Materializer:
     def _release(self, txn: WriteTxn, coll: Collection, rids: list[str]) -> Materialized:
         """Materialize the records that were waiting for any of ``rids``."""
         found: set[tuple[str, str, str]] = set()
-        for chunk in _chunks(rids):
+        for chunk in chunks(rids):
             found.update(
                 txn.execute(
                     "SELECT collection, id, doc FROM waiting INDEXED BY waiting_target "
-                    f"WHERE target_collection = ? AND target_id IN ({_marks(chunk)})",
+                    f"WHERE target_collection = ? AND target_id IN ({marks(chunk)})",
                     (coll.name, *chunk),
                 )
             )
@@ -354,11 +354,11 @@ def valid_values(coll: Collection, values: dict[str, Any]) -> dict[str, Any]:
 def present(conn: sqlite3.Connection, collection: str, ids: list[str]) -> list[str]:
     """Which of ``ids`` have a row in ``records`` (live, deleted or alias)."""
     out: list[str] = []
-    for chunk in _chunks(sorted(set(ids))):
+    for chunk in chunks(sorted(set(ids))):
         out += [
             r[0]
             for r in conn.execute(
-                f"SELECT id FROM records WHERE collection = ? AND id IN ({_marks(chunk)})",
+                f"SELECT id FROM records WHERE collection = ? AND id IN ({marks(chunk)})",
                 (collection, *chunk),
             )
         ]
@@ -367,12 +367,12 @@ def present(conn: sqlite3.Connection, collection: str, ids: list[str]) -> list[s
 
 def _live(conn: sqlite3.Connection, collection: str, ids: list[str]) -> set[str]:
     out: set[str] = set()
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         out.update(
             r[0]
             for r in conn.execute(
                 f"SELECT id FROM records WHERE collection = ? AND deleted = 0 "
-                f"AND id IN ({_marks(chunk)})",
+                f"AND id IN ({marks(chunk)})",
                 (collection, *chunk),
             )
         )
@@ -580,12 +580,3 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _chunks(items: list[str]) -> Iterator[list[str]]:
-    for i in range(0, len(items), CHUNK):
-        yield items[i : i + CHUNK]
-
-
-def _marks(chunk: list[str]) -> str:
-    return ", ".join("?" * len(chunk))
