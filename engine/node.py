@@ -36,6 +36,7 @@ from .errors import (
     DatasetMismatch,
     QueryError,
     SeriesError,
+    UnknownCollection,
     UpdateError,
     UserError,
     ValidationError,
@@ -43,7 +44,7 @@ from .errors import (
 from .merge import resolve
 from .names import DATASET_RE, DOC_RE, META_RELAY_CA, META_TOKEN_REFUSED, NODE_RE, relay_url_ok
 from .query import QueryResult, adapter_owning, run_query
-from .schema import Collection, Schema, load_schema, parse_schema
+from .schema import GAPS, Collection, Schema, load_schema, parse_schema
 from .store import NodeStore, doclog, outbox
 from .store import records as rec
 from .store.conflict_index import is_stale
@@ -61,6 +62,8 @@ Records = list[dict[str, Any]]
 Strings = list[str]
 Outbox = list[tuple[int, str, bytes]]
 Parts = diffs.Parts
+#: What ``Node.gaps`` gives of each entry of the gap journal.
+GAP_FIELDS = ("series", "number", "reason", "voucher", "collection", "node", "at")
 
 
 @dataclass(frozen=True)
@@ -341,6 +344,24 @@ class Node:
         """This home's series state for an export file (``series.dump_state``)."""
         with self.store.reading() as conn:
             return series_mod.dump_state(conn)
+
+    def gaps(self, series: str | None = None) -> Records:
+        """The replicated gap journal (``number_gaps``): every number any
+        node voided (or restored), ordered by series, number and time.
+        ``series`` keeps one voucher book (``sales_invoice``) or one series
+        key (``sales_invoice@2027``). Raises UnknownCollection for a
+        ``series`` that names no voucher book with a series."""
+        if series is not None:
+            book = self.collection(series.partition("@")[0])
+            if book.series is None:
+                raise UnknownCollection(f"{book.name} has no number series")
+        rows = [
+            {k: r.get(k) for k in GAP_FIELDS}
+            for r in self.list(GAPS)
+            if series is None or series in (r.get("series"), r.get("collection"))
+        ]
+        rows.sort(key=lambda r: (r["series"] or "", r["number"] or "", r["at"] or ""))
+        return rows
 
     def reserve_left(self, collection: str, year: int | None = None) -> int:
         """Unused leased numbers of a ``blocks`` series."""
