@@ -60,6 +60,7 @@ TRIM_AFTER_BYTES = doclog.TRIM_AFTER_BYTES  # after importing this much, hand fr
 # Aliases: inside ``Node`` the name ``list`` is the method, not the type.
 Records = list[dict[str, Any]]
 Strings = list[str]
+Ints = list[int]
 Outbox = list[tuple[int, str, bytes]]
 Parts = diffs.Parts
 #: What ``Node.gaps`` gives of each entry of the gap journal.
@@ -695,6 +696,10 @@ class Node:
             year = year or dt.date.fromtimestamp(self._clock.wall_ms() / 1000).year
             return series_mod.series_key(coll, dt.date(year, 1, 1))
         return series_mod.series_key(coll, None)
+
+    def provisional_years(self, collection: str) -> Ints:
+        """Years of a yearly series whose vouchers wait for a final number."""
+        return series_mod.waiting_years(self.store.conn, collection)
 
     def _has_provisional(self, coll: Collection) -> bool:
         return rec.has_unnumbered(self.store.conn, coll.name)

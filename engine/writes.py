@@ -301,11 +301,16 @@ class Writer:
         """Give final numbers to ``coll``'s provisionally numbered vouchers
         while the series has numbers; returns how many."""
         done = 0
+        empty: set[str] = set()  # series keys (years) without a number left
         for rid, date in rec.unnumbered(self.txn.conn, coll.name):
             day = dt.date.fromisoformat(date) if date else None
+            key = series_mod.series_key(coll, day)
+            if key in empty:
+                continue
             number = series_mod.finalize(self.txn.conn, coll, self.node_id, rid, day, self.now_ms())
             if number is None:
-                break
+                empty.add(key)
+                continue
             done += 1
             row = self.row(coll, rid)
             if row is not None and not row.deleted:
