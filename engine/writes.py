@@ -244,7 +244,7 @@ class Writer:
         _check_user_writable(coll)
         rid, docname = self.find_live(coll, id_or_key)
         self.write_entry(coll, docname, rid, {DELETED: True})
-        numbered = self._numbered(coll, rid)
+        numbered = self.numbered(coll, rid)
         if numbered is not None:
             key, number = numbered
             series_mod.void(self.txn.conn, key, number, coll.name, rid, self.now_ms())
@@ -258,7 +258,7 @@ class Writer:
         if row is None:
             raise RecordNotFound(f"{coll.name}: no record {rid}")
         self.write_entry(coll, row.doc, rid, {DELETED: False})
-        numbered = self._numbered(coll, rid) if row.deleted else None
+        numbered = self.numbered(coll, rid) if row.deleted else None
         if numbered is not None:
             self.journal_gap(coll, *numbered, "restored", rid)
 
@@ -283,7 +283,7 @@ class Writer:
         }
         self._put(gaps, values, new_record_id=gid)
 
-    def _numbered(self, coll: Collection, rid: str) -> tuple[str, str] | None:
+    def numbered(self, coll: Collection, rid: str) -> tuple[str, str] | None:
         """(series key, number) of a numbered voucher, else None."""
         if not coll.is_voucher or coll.series is None:
             return None

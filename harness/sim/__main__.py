@@ -16,6 +16,9 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
+from pathlib import Path
+
+from engine.errors import BranchlineError
 
 from .world import TICK_MS, SimFailure, Stats, World
 
@@ -33,11 +36,11 @@ class Outcome:
     stats: Stats | None
 
 
-def run_seed(seed: int, nodes: int, ops: int) -> Outcome:
-    """Run one seed; never raises."""
+def run_seed(seed: int, nodes: int, ops: int, schema: tuple[str, str] | None = None) -> Outcome:
+    """Run one seed (on ``schema``, (TOML text, origin), if given); never raises."""
     world: World | None = None
     try:
-        world = World(seed, nodes=nodes, ops=ops)
+        world = World(seed, nodes=nodes, ops=ops, schema=schema)
         return Outcome(seed, None, "", world.faults.describe(), world.run())
     except Exception as exc:
         failure = exc if isinstance(exc, SimFailure) else SimFailure("crash", repr(exc))
@@ -55,16 +58,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=1, help="worker processes (seeds stay independent)"
     )
+    parser.add_argument(
+        "--schema",
+        type=Path,
+        default=None,
+        help="a schema TOML file: generate the records from its fields instead",
+    )
     args = parser.parse_args(argv)
+    schema = None
+    if args.schema is not None:
+        try:
+            schema = (args.schema.read_text("utf-8"), str(args.schema))
+            World.check_schema(*schema)
+        except (OSError, UnicodeDecodeError, BranchlineError) as exc:
+            parser.error(f"--schema {args.schema}: {exc}")
     seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.seeds)
     started = time.perf_counter()
     if args.jobs > 1 and len(seeds) > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             outcomes = list(
-                pool.map(run_seed, seeds, repeat(args.nodes), repeat(args.ops), chunksize=4)
+                pool.map(
+                    run_seed,
+                    seeds,
+                    repeat(args.nodes),
+                    repeat(args.ops),
+                    repeat(schema),
+                    chunksize=4,
+                )
             )
     else:
-        outcomes = [run_seed(seed, args.nodes, args.ops) for seed in seeds]
+        outcomes = [run_seed(seed, args.nodes, args.ops, schema) for seed in seeds]
     faults: Counter[str] = Counter()
     ticks = ops = acked = 0
     failed = [o for o in outcomes if o.kind is not None]
@@ -73,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"seed {o.seed}: {o.kind} failure: {o.message}\n  faults: {o.faults}\n"
                 f"  replay: python -m harness.sim --seed {o.seed} --ops {args.ops} "
-                f"--nodes {args.nodes}",
+                f"--nodes {args.nodes}" + (f" --schema {args.schema}" if args.schema else ""),
                 flush=True,
             )
             continue

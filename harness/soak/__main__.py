@@ -11,6 +11,9 @@ import random
 import sys
 from pathlib import Path
 
+from engine.errors import BranchlineError
+from engine.schema import load_schema
+
 from .runner import SoakConfig, run_soak
 
 
@@ -28,9 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory on success")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each fault")
     parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
+    parser.add_argument(
+        "--schema", type=Path, default=None, help="a schema TOML file to soak instead of accounting"
+    )
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.duration <= 0 or args.rate <= 0 or args.fault_every <= 0:
         parser.error("--nodes must be >= 2; --duration, --rate and --fault-every positive")
+    if args.schema is not None:
+        try:
+            load_schema(args.schema)
+        except BranchlineError as exc:
+            parser.error(f"--schema: {exc}")
     seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
     config = SoakConfig(
         duration_s=args.duration,
@@ -42,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir=args.workdir,
         keep=args.keep,
         verbose=args.verbose,
+        schema=args.schema,
     )
     return run_soak(config, args.out)
 

@@ -46,6 +46,7 @@ from typing import IO, Any
 
 from engine.node import Node
 from engine.relay.sqlite_store import SqliteRelayStore
+from engine.schema import load_schema
 from engine.store.node_store import STORE_FILE
 from harness.net import free_port as _free_port
 
@@ -96,11 +97,13 @@ class SoakConfig:
     workdir: Path | None = None
     keep: bool = False
     verbose: bool = False
+    schema: Path | None = None  # a user's schema file (default: the built-in accounting)
 
     def replay_command(self) -> str:
         return (
             f"{sys.executable} -m harness.soak --duration {self.duration_s:g} --seed {self.seed} "
             f"--nodes {self.nodes} --rate {self.rate:g} --fault-every {self.fault_every_s:g}"
+            + (f" --schema {self.schema}" if self.schema else "")
         )
 
 
@@ -265,7 +268,8 @@ class Soak:
         self.host: ProxyHost | None = None
         self.relay: Proc | None = None
         self.runs: dict[str, Proc] = {}
-        self.workload = Workload(self.homes, self.work_rng, self.cli)
+        self.schema = load_schema(config.schema) if config.schema else None
+        self.workload = Workload(self.homes, self.work_rng, self.cli, self.schema)
         self._stop_work = threading.Event()
         self._work_error: BaseException | None = None
         self._cut_depth: Counter[str] = Counter()
@@ -288,6 +292,7 @@ class Soak:
                 node=n,
                 relay=f"ws://127.0.0.1:{self.proxies[n].port}/",
                 token=tokens[n],
+                schema=self.schema or "accounting",
             ).close()
         self.relay = Proc(
             "relay",
@@ -575,6 +580,7 @@ class Soak:
             "lost_writes": checks.lost_writes(self.workload.acked, self.homes),
             "voucher_numbers_unique": checks.voucher_numbers_unique(self.homes),
             "voucher_numbers_kept": checks.voucher_numbers_kept(self.workload.issued, self.homes),
+            "gap_journal_complete": checks.gap_journals_complete(self.homes),
             "relay_no_duplicates": checks.relay_duplicates(self.relay_db),
             "relay_holds_everything": checks.relay_holds_everything(
                 self.relay_db, DATASET, self.homes
@@ -592,7 +598,12 @@ class Soak:
         resolutions = 0
         if code in (EXIT_OK, EXIT_CORRECTNESS):
             with Node.open(self.homes[self.names[0]]) as node:
-                counts = {c: node.count(c) for c in ("customers", "sales_invoice", "cash_receipt")}
+                shown = (
+                    sorted(node.schema.collections)
+                    if self.schema
+                    else ("customers", "sales_invoice", "cash_receipt")
+                )
+                counts = {c: node.count(c) for c in shown}
                 for c in node.conflicts():
                     conflicts[str(c["kind"])] = conflicts.get(str(c["kind"]), 0) + 1
                 resolutions = len(node.conflicts(resolved=True))
