@@ -63,6 +63,10 @@ Strings = list[str]
 Ints = list[int]
 Outbox = list[tuple[int, str, bytes]]
 Parts = diffs.Parts
+#: Node meta: ``replicated`` once the home's voids are in ``number_gaps``
+#: (absent in homes made before the gap journal replicated).
+GAP_JOURNAL_META = "gap_journal"
+REPLICATED = "replicated"
 #: What ``Node.gaps`` gives of each entry of the gap journal.
 GAP_FIELDS = ("series", "number", "reason", "voucher", "collection", "node", "at")
 
@@ -149,6 +153,7 @@ class Node:
             "schema_source": sch.source,
             "hlc": "0",
             "created_at": str(clock.wall_ms()),
+            GAP_JOURNAL_META: REPLICATED,
         }
         if relay:
             meta["relay"] = relay
@@ -189,7 +194,29 @@ class Node:
             store.close()
             raise DatasetMismatch(f"{home} belongs to dataset '{meta['dataset']}', not '{dataset}'")
         sch = parse_schema(meta["schema_source"], origin=f"{home} (stored schema)")
-        return cls(Path(home), store, sch, clock or SystemClock(), rng or system_random())
+        opened = cls(Path(home), store, sch, clock or SystemClock(), rng or system_random())
+        if meta.get(GAP_JOURNAL_META) != REPLICATED:
+            try:
+                opened._replicate_old_voids()
+            except BaseException:
+                opened.close()
+                raise
+        return opened
+
+    def _replicate_old_voids(self) -> None:
+        """Once, in a home made before the gap journal replicated: publish
+        the voids its local series journal holds as this node's entries
+        of ``number_gaps`` (with their own times)."""
+        with self._replica.write() as w:
+            rows = w.txn.conn.execute(
+                "SELECT series, number, collection, record_id, at FROM series_journal "
+                "WHERE event = 'void' ORDER BY seq"
+            ).fetchall()
+            for key, number, cname, rid, at in rows:
+                coll = self.schema.collections.get(cname)
+                if coll is not None and rid:
+                    w.journal_gap(coll, key, number, "void", rid, at_ms=at)
+            self.store.set_meta(GAP_JOURNAL_META, REPLICATED)
 
     def close(self) -> None:
         self._replica.log.clear()

@@ -262,15 +262,24 @@ class Writer:
         if numbered is not None:
             self.journal_gap(coll, *numbered, "restored", rid)
 
-    def journal_gap(self, coll: Collection, key: str, number: str, reason: str, rid: str) -> None:
+    def journal_gap(
+        self,
+        coll: Collection,
+        key: str,
+        number: str,
+        reason: str,
+        rid: str,
+        at_ms: int | None = None,
+    ) -> None:
         """Write one entry of the replicated gap journal (``number_gaps``):
         a new record of this node's, never edited afterwards, so every node
-        lists it and the relay's authorship check accepts it."""
+        lists it and the relay's authorship check accepts it. ``at_ms``:
+        when it happened (default now)."""
         gaps = self.schema.collections.get(GAPS)
         if gaps is None:
             return  # a schema built in code without the journal
         gid = self.new_id()
-        at = dt.datetime.fromtimestamp(self.now_ms() / 1000, dt.UTC)
+        at = dt.datetime.fromtimestamp((self.now_ms() if at_ms is None else at_ms) / 1000, dt.UTC)
         values = {
             "code": gid,
             "series": key,

@@ -7,6 +7,7 @@ node) lists the same gaps, and no user write can change one.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import random
 from pathlib import Path
 
@@ -147,3 +148,29 @@ def test_the_books_keep_a_number_gaps_table_rebuilt_as_kept(tmp_path: Path) -> N
         reasons = sorted(b.query("SELECT reason FROM number_gaps").rows)
         assert reasons == [("restored",), ("void",)]
         assert_rebuild_identical(b)
+
+
+def test_a_home_from_before_the_replicated_journal_publishes_its_voids_once(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "old"
+    with make(home, "A") as a:
+        setup_catalogs(a)
+        gone = a.post_voucher("sales_invoice", invoice())
+        a.delete("sales_invoice", gone.id)
+        # As a home of the earlier code: the void only in the local journal.
+        with a.store.transaction() as conn:
+            conn.execute("DELETE FROM records WHERE collection = ?", (GAPS,))
+            conn.execute("DELETE FROM meta WHERE key = 'gap_journal'")
+        at = a.store.conn.execute("SELECT at FROM series_journal WHERE event = 'void'").fetchone()
+    with Node.open(home, clock=ManualClock(), rng=random.Random(3)) as a:
+        gaps = a.gaps()
+        assert [(g["number"], g["reason"], g["voucher"]) for g in gaps] == [
+            (gone.number, "void", gone.id)
+        ]
+        assert gaps[0]["at"].startswith(
+            dt.datetime.fromtimestamp(at[0] / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M")
+        )
+        assert a.outbox()  # it goes up with the next sync
+    with Node.open(home) as a:
+        assert a.gaps() == gaps  # once
