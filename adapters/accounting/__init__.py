@@ -419,7 +419,7 @@ class AccountingAdapter:
             [(c.id,) for c in changes if c.kind == "deleted"],
         )
         conn.executemany(
-            _INSERT_GAP.replace("INSERT", "INSERT OR REPLACE", 1),
+            _UPSERT_GAP,
             [_gap_row(c) for c in changes if c.kind != "deleted"],
         )
 
@@ -747,6 +747,7 @@ class AccountingAdapter:
 
 
 _INSERT_GAP = f"INSERT INTO number_gaps VALUES ({', '.join('?' * len(GAP_COLUMNS))})"
+_UPSERT_GAP = _INSERT_GAP.replace("INSERT", "INSERT OR REPLACE", 1)
 
 
 def _gap_row(change: RecordChange) -> tuple[Any, ...]:

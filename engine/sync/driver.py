@@ -868,9 +868,8 @@ class SyncDriver:
                 key = series_mod.series_key(coll, dt.date(year, 1, 1) if yearly else None)
                 if key in self._leasing or now < self._lease_retry_at.get(key, 0):
                     continue
-                held = self.node.reserve_left(coll.name, year)
                 target = coll.series.reserve if year == this_year else 1
-                missing = target - held if held < target else 0
+                missing = target - self.node.reserve_left(coll.name, year)
                 if missing <= 0:
                     continue
                 count = max(coll.series.block_size, missing)
