@@ -9,6 +9,7 @@ import pytest
 
 from engine.relay import SqliteRelayStore
 from engine.relay.doccache import RelayLimits
+from engine.relay.pg_store import PgRelayStore
 from engine.relay.testing import CHECKS, Check, StoreMaker
 
 
@@ -23,9 +24,22 @@ class SqliteMaker(StoreMaker):
         return SqliteRelayStore.open(self.path, limits)
 
 
-@pytest.fixture(params=["sqlite"])
+class PgMaker(StoreMaker):
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def create(self, limits: RelayLimits | None = None) -> PgRelayStore:
+        return PgRelayStore.create(self.url, limits)
+
+    def open(self, limits: RelayLimits | None = None) -> PgRelayStore:
+        return PgRelayStore.open(self.url, limits)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
 def maker(request: pytest.FixtureRequest, tmp_path: Path) -> StoreMaker:
-    return SqliteMaker(tmp_path / "relay.db")
+    if request.param == "sqlite":
+        return SqliteMaker(tmp_path / "relay.db")
+    return PgMaker(request.getfixturevalue("pg_url"))
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))

@@ -19,7 +19,8 @@ from ..errors import (
     UserError,
 )
 from ..names import DATASET_RE, DOC_RE, NODE_RE
-from .store import UpdateIn
+from ..tokens import token_matches
+from .store import NodeGrant, UpdateIn
 
 SERIES_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@/-]{0,127}\Z")
 
@@ -133,4 +134,44 @@ def room_refusal(dataset: str, count: int, max_documents: int) -> RelayLimitErro
         return RelayLimitError(
             f"dataset {dataset!r} already has {count} documents, the relay's limit"
         )
+    return None
+
+
+def grant_for(
+    dataset: str,
+    node: str,
+    token: str,
+    row: tuple[bytes, bytes, object, object, object] | None,
+) -> NodeGrant:
+    """The grant of ``token`` given the node's row ``(salt, token_hash,
+    read_only, revoked_at, carrier)`` (None when not enrolled). Raises
+    AuthError (unknown or wrong; the message does not say which),
+    NodeRevoked (right token, revoked node)."""
+    # token_matches hashes even for an unknown node, so that timing does
+    # not tell an unknown node from a wrong token.
+    salt, stored = (row[0], row[1]) if row else (None, None)
+    if row is None or not token_matches(salt, stored, token):
+        raise AuthError(
+            f"authentication failed for node {node!r} of dataset {dataset!r}: "
+            "unknown node or dataset, or wrong token"
+        )
+    if row[3] is not None:
+        # Safe to say: the caller proved it holds the node's token.
+        raise NodeRevoked(
+            f"node {node!r} of dataset {dataset!r} has been revoked; "
+            "enroll it again to issue a new token"
+        )
+    return NodeGrant(dataset, node, bool(row[2]), token_id(row[1]), bool(row[4]))
+
+
+def lapse_reason(grant: NodeGrant, row: tuple[bytes, object] | None) -> str | None:
+    """Why ``grant`` no longer holds given the node's row ``(token_hash,
+    revoked_at)`` (None when not enrolled), or None while it holds."""
+    who = f"node {grant.node!r} of dataset {grant.dataset!r}"
+    if row is None:
+        return f"{who} is no longer enrolled"
+    if row[1] is not None:
+        return f"{who} has been revoked; enroll it again to issue a new token"
+    if token_id(row[0]) != grant.token_id:
+        return f"{who} was enrolled again: its previous token no longer works"
     return None

@@ -43,10 +43,8 @@ from pathlib import Path
 
 from ..crdt.statevec import decode_state_vector
 from ..errors import (
-    AuthError,
     BranchlineError,
     FormatVersionError,
-    NodeRevoked,
     NotAuthor,
     RelayLimitError,
     RelayStoreExists,
@@ -55,7 +53,7 @@ from ..errors import (
     UnknownNode,
     UpdateError,
 )
-from ..tokens import new_token, token_hash, token_matches
+from ..tokens import new_token, token_hash
 from .doccache import DocCache, Loaded, integrate, still_waiting
 from .doccache import RelayLimits as RelayLimits  # where callers have imported it from
 from .rules import (
@@ -65,10 +63,11 @@ from .rules import (
     check_lease,
     check_node,
     check_period,
+    grant_for,
+    lapse_reason,
     locked_by,
     precheck,
     room_refusal,
-    token_id,
     unknown_dataset,
     writer_refusal,
 )
@@ -96,7 +95,7 @@ WATCH_PERIOD_S = 0.003  # how often wait_changes polls PRAGMA data_version
 SCHEMA_SQL = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
--- head: the position of the dataset's latest stored update (0 before any);
+-- head: the position of the dataset's latest stored update (0 before any),
 -- folded: the highest position whose log row a compaction deleted.
 CREATE TABLE datasets (
     id INTEGER PRIMARY KEY,
@@ -371,13 +370,9 @@ class SqliteRelayStore(RelayStore):
                     "ON d.id = n.dataset_id WHERE d.name = ? AND n.name = ?",
                     (grant.dataset, grant.node),
                 ).fetchone()
-                who = f"node {grant.node!r} of dataset {grant.dataset!r}"
-                if row is None:
-                    out[grant] = f"{who} is no longer enrolled"
-                elif row[1] is not None:
-                    out[grant] = f"{who} has been revoked; enroll it again to issue a new token"
-                elif token_id(bytes(row[0])) != grant.token_id:
-                    out[grant] = f"{who} was enrolled again: its previous token no longer works"
+                reason = lapse_reason(grant, (bytes(row[0]), row[1]) if row else None)
+                if reason is not None:
+                    out[grant] = reason
         return out
 
     def authenticate(self, dataset: str, node: str, token: str) -> NodeGrant:
@@ -387,21 +382,8 @@ class SqliteRelayStore(RelayStore):
                 "JOIN datasets d ON d.id = n.dataset_id WHERE d.name = ? AND n.name = ?",
                 (dataset, node),
             ).fetchone()
-        # token_matches hashes even for an unknown node, so that timing does
-        # not tell an unknown node from a wrong token.
-        salt, stored = (bytes(row[0]), bytes(row[1])) if row else (None, None)
-        if row is None or not token_matches(salt, stored, token):
-            raise AuthError(
-                f"authentication failed for node {node!r} of dataset {dataset!r}: "
-                "unknown node or dataset, or wrong token"
-            )
-        if row[3] is not None:
-            # Safe to say: the caller proved it holds the node's token.
-            raise NodeRevoked(
-                f"node {node!r} of dataset {dataset!r} has been revoked; "
-                "enroll it again to issue a new token"
-            )
-        return NodeGrant(dataset, node, bool(row[2]), token_id(bytes(row[1])), bool(row[4]))
+        found = (bytes(row[0]), bytes(row[1]), row[2], row[3], row[4]) if row else None
+        return grant_for(dataset, node, token, found)
 
     # -- updates -----------------------------------------------------------
 
