@@ -33,7 +33,7 @@ import hashlib
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -771,6 +771,34 @@ class PgRelayStore(RelayStore):
                 out.append(DatasetInfo(str(name), int(created), nodes, docs, series, locks))
         return out
 
+    # -- migration (engine/relay/migrate.py) --------------------------------
+
+    def import_rows(
+        self,
+        tables: dict[str, tuple[Sequence[str], Iterable[Sequence[Any]]]],
+        revocations: int,
+    ) -> dict[str, int]:
+        """Copy rows into the (empty) store's tables, in one transaction, and
+        return each table's row count after it. ``tables``: table -> (columns,
+        rows), in an order the foreign keys allow."""
+        counts: dict[str, int] = {}
+        with self._lock, self._tx() as cur:
+            for table, (columns, rows) in tables.items():
+                cols = ", ".join(columns)
+                with cur.copy(f"COPY {table} ({cols}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                cur.execute(f"SELECT count(*) FROM {table}")
+                counts[table] = int(_one(cur)[0])
+            for table in ("datasets", "leases"):  # serial ids go on after the copied ones
+                cur.execute(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                    f"coalesce((SELECT max(id) FROM {table}), 0) + 1, false)"
+                )
+            cur.execute("UPDATE meta SET value = %s WHERE key = 'revocations'", (str(revocations),))
+        self._lost()
+        return counts
+
     def loaded_documents(self) -> int:
         """Documents held in memory now (for metrics)."""
         with self._lock:
@@ -789,7 +817,7 @@ class PgRelayStore(RelayStore):
                 options=f"-c search_path={self.where.schema} -c synchronous_commit=on",
             )
         except psycopg.OperationalError as exc:
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            reason = " ".join(str(exc).split()) or type(exc).__name__
             if "does not exist" in reason and "database" in reason:
                 raise RelayStoreNotFound(
                     f"cannot open {self.path}: {reason}; create the database first "

@@ -40,6 +40,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 from ..crdt.statevec import decode_state_vector
 from ..errors import (
@@ -747,6 +748,34 @@ class SqliteRelayStore(RelayStore):
                 out.append(DatasetInfo(str(name), int(created), nodes, docs, series, locks))
         return out
 
+    # -- migration (engine/relay/migrate.py) --------------------------------
+
+    def count_rows(self, table: str) -> int:
+        """Rows of one of the tables ``export_rows`` gives."""
+        sql = _export_sql(table)
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"{self.path}: the relay store is closed")
+            try:
+                return int(self._conn.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0])
+            except sqlite3.OperationalError:
+                return 0  # node_seen: made on first use
+
+    def export_rows(self, table: str) -> Iterator[tuple[Any, ...]]:
+        """The rows of ``table`` in the columns of ``migrate.TABLES``;
+        snapshots' ``upto`` as a position (the PostgreSQL store keys its log
+        by position). Raises StoreError for a table it does not export."""
+        sql = _export_sql(table)
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"{self.path}: the relay store is closed")
+            try:
+                rows = self._conn.execute(sql)
+            except sqlite3.OperationalError:
+                return  # node_seen: made on first use
+            for row in rows:
+                yield tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+
     def loaded_documents(self) -> int:
         """Documents held in memory now (for metrics)."""
         with self._lock:
@@ -948,6 +977,34 @@ def _upgrade(conn: sqlite3.Connection, version: int) -> None:
         raise StoreError(
             f"cannot upgrade the relay store to format {FORMAT_VERSION}: {exc}"
         ) from None
+
+
+_EXPORT_SQL = {
+    "datasets": "SELECT id, name, created_at, head, folded FROM datasets ORDER BY id",
+    "nodes": "SELECT dataset_id, name, salt, token_hash, read_only != 0, enrolled_at, "
+    "revoked_at, carrier != 0 FROM nodes",
+    "updates": "SELECT dataset_id, position, doc, data, node, at, waiting != 0, digest "
+    "FROM updates ORDER BY seq",
+    # upto is a seq here: the position of the last row it covers (or just
+    # before the first it does not), or the head when the log has no row left.
+    "snapshots": "SELECT s.dataset_id, s.doc, coalesce((SELECT max(u.position) FROM updates u "
+    "WHERE u.dataset_id = s.dataset_id AND u.doc = s.doc AND u.seq <= s.upto), "
+    "(SELECT min(u.position) - 1 FROM updates u WHERE u.dataset_id = s.dataset_id "
+    "AND u.doc = s.doc AND u.seq > s.upto), (SELECT head FROM datasets d "
+    "WHERE d.id = s.dataset_id)), s.data, s.at FROM snapshots s",
+    "documents": "SELECT dataset_id, doc, updates, bytes FROM documents",
+    "series": "SELECT dataset_id, series_key, next FROM series",
+    "locks": "SELECT dataset_id, period, at FROM locks",
+    "leases": "SELECT id, dataset_id, series_key, first, last, node, at FROM leases ORDER BY id",
+    "node_seen": "SELECT dataset, node, at FROM node_seen",
+}
+
+
+def _export_sql(table: str) -> str:
+    sql = _EXPORT_SQL.get(table)
+    if sql is None:
+        raise StoreError(f"no table {table!r} to export")
+    return sql
 
 
 _POSITIONS_SQL = (
