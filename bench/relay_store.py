@@ -128,8 +128,8 @@ def render(doc: dict[str, Any], results: Path) -> str:
         f"(load average {load[0]:.1f} at the start, {load[1]:.1f} at the end: figures taken "
         f"under load). Raw figures: `{results.relative_to(ROOT)}`.",
         "",
-        median_run(b["sqlite"])["workload"].replace("(SQLite store, ", "(the store named, "),
-        " The same harness, sizes and pre-encoded frames for both stores; runs alternate "
+        median_run(b["sqlite"])["workload"].replace("(SQLite store, ", "(the store named, ")
+        + " The same harness, sizes and pre-encoded frames for both stores; runs alternate "
         "between them. PostgreSQL 15 on the same machine (loopback, `synchronous_commit = on`).",
         "",
         "| store | runs | median in/s | every run in/s | delivered/s | relay CPU s | "
