@@ -144,6 +144,24 @@ class DocCache:
         loaded.size = 0
         self.grow(loaded, nbytes)
 
+    def logged(self, loaded: Loaded, at: int, nbytes: int) -> None:
+        """Count a log row (seq or position ``at``, ``nbytes``) integrated
+        into ``loaded``."""
+        loaded.applied = at
+        loaded.tail += 1
+        loaded.tail_bytes += nbytes
+        self.grow(loaded, nbytes)
+
+    def compacted(self, loaded: Loaded, snapshot_bytes: int, kept: int, kept_bytes: int) -> int:
+        """Record that ``loaded``'s log was folded into a snapshot of
+        ``snapshot_bytes``, ``kept`` waiting rows (``kept_bytes``) left
+        unfolded; returns the rows folded."""
+        folded = loaded.tail - kept
+        self.resize(loaded, snapshot_bytes)
+        loaded.tail = kept
+        loaded.snapshot_bytes, loaded.tail_bytes = snapshot_bytes, kept_bytes
+        return folded
+
     def drop(self, key: tuple[int, str]) -> None:
         loaded = self.docs.pop(key, None)
         if loaded is not None:
@@ -174,6 +192,17 @@ class DocCache:
             loaded.tail >= limits.compact_after
             and loaded.tail_bytes >= limits.compact_ratio * loaded.snapshot_bytes
         )
+
+
+def diff_of(loaded: Loaded, doc: str, state_vector: bytes | None) -> bytes:
+    """The update a replica in ``state_vector`` lacks of ``loaded`` (all of
+    it when None). Raises UpdateError for an invalid state vector."""
+    try:
+        if state_vector is None:
+            return loaded.doc.get_update()
+        return loaded.doc.get_update(bytes(state_vector))
+    except Exception as exc:  # pycrdt raises bare exceptions for bad input
+        raise UpdateError(f"document {doc!r}: invalid state vector ({exc})") from None
 
 
 def still_waiting(data: bytes, state_vector: bytes) -> bool:

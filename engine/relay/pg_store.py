@@ -46,7 +46,6 @@ from ..errors import (
     BranchlineError,
     FormatVersionError,
     NotAuthor,
-    RelayLimitError,
     RelayStoreExists,
     RelayStoreNotFound,
     StoreError,
@@ -55,7 +54,7 @@ from ..errors import (
     UserError,
 )
 from ..tokens import new_token, token_hash
-from .doccache import DocCache, Loaded, RelayLimits, integrate, still_waiting
+from .doccache import DocCache, Loaded, RelayLimits, diff_of, integrate, still_waiting
 from .rules import (
     check_dataset,
     check_doc,
@@ -66,7 +65,7 @@ from .rules import (
     grant_for,
     lapse_reason,
     locked_by,
-    precheck,
+    prechecked,
     room_refusal,
     unknown_dataset,
     writer_refusal,
@@ -428,16 +427,8 @@ class PgRelayStore(RelayStore):
     # -- updates -----------------------------------------------------------
 
     def append_updates(self, dataset: str, updates: Sequence[UpdateIn]) -> list[Appended]:
-        if len(updates) > self.limits.max_batch:
-            raise RelayLimitError(
-                f"{len(updates)} updates in one batch; the relay takes at most "
-                f"{self.limits.max_batch}"
-            )
-        results: list[Appended | None] = [None] * len(updates)
-        for i, u in enumerate(updates):
-            err = precheck(u, self.limits.max_update_bytes)
-            if err is not None:
-                results[i] = Appended(u.doc, "rejected", error=err)
+        limits = self.limits
+        results = prechecked(updates, limits.max_batch, limits.max_update_bytes)
         with self._lock:
             touched: set[tuple[int, str]] = set()
             ds_id = -1
@@ -533,10 +524,7 @@ class PgRelayStore(RelayStore):
             else:
                 rows.append((ds_id, position + 1, u.doc, data, u.node, now))
             position += 1
-            loaded.applied = position
-            loaded.tail += 1
-            loaded.tail_bytes += len(data)
-            self._cache.grow(loaded, len(data))
+            self._cache.logged(loaded, position, len(data))
             n, b = counts.get(u.doc, (0, 0))
             counts[u.doc] = (n + 1, b + len(data))
             results[i] = Appended(u.doc, "stored", seq=position, position=position)
@@ -652,14 +640,7 @@ class PgRelayStore(RelayStore):
             if key is None:
                 return EMPTY_UPDATE
             loaded = self._load(cur, key)
-            try:
-                out: bytes = (
-                    loaded.doc.get_update()
-                    if state_vector is None
-                    else loaded.doc.get_update(bytes(state_vector))
-                )
-            except Exception as exc:  # pycrdt raises bare exceptions for bad input
-                raise UpdateError(f"document {doc!r}: invalid state vector ({exc})") from None
+            out = diff_of(loaded, doc, state_vector)
         self._cache.evict()
         return out
 
@@ -910,10 +891,7 @@ class PgRelayStore(RelayStore):
         for position, doc, data in cur.fetchall():
             loaded = cached[str(doc)]
             loaded.doc.apply_update(bytes(data))
-            loaded.applied = int(position)
-            loaded.tail += 1
-            loaded.tail_bytes += len(data)
-            self._cache.grow(loaded, len(data))
+            self._cache.logged(cached[str(doc)], int(position), len(data))
 
     def _load(self, cur: psycopg.Cursor[Any], key: tuple[int, str]) -> Loaded:
         loaded = self._cache.get(key)
@@ -969,11 +947,7 @@ class PgRelayStore(RelayStore):
             "WHERE id = %s AND EXISTS (SELECT 1 FROM gone)",
             (*key, upto, head - self.limits.keep_positions, key[0]),
         )
-        removed = loaded.tail - kept
-        self._cache.resize(loaded, len(data))
-        loaded.tail = kept
-        loaded.snapshot_bytes, loaded.tail_bytes = len(data), kept_bytes
-        return removed
+        return self._cache.compacted(loaded, len(data), kept, kept_bytes)
 
 
 def _copy_rows(

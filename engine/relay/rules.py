@@ -5,6 +5,7 @@ Pure functions, no I/O."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from ..errors import (
     AuthError,
@@ -20,7 +21,7 @@ from ..errors import (
 )
 from ..names import DATASET_RE, DOC_RE, NODE_RE
 from ..tokens import token_matches
-from .store import NodeGrant, UpdateIn
+from .store import Appended, NodeGrant, UpdateIn
 
 SERIES_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@/-]{0,127}\Z")
 
@@ -87,6 +88,22 @@ def precheck(u: UpdateIn, max_update_bytes: int) -> BranchlineError | None:
     if not isinstance(u.doc, str) or not DOC_RE.match(u.doc):
         return UpdateError(f"invalid document name {u.doc!r}")
     return None
+
+
+def prechecked(
+    updates: Sequence[UpdateIn], max_batch: int, max_update_bytes: int
+) -> list[Appended | None]:
+    """Per update of a batch, its rejection by ``precheck`` or None (to be
+    decided by the store). Raises RelayLimitError for more than ``max_batch``."""
+    if len(updates) > max_batch:
+        raise RelayLimitError(
+            f"{len(updates)} updates in one batch; the relay takes at most {max_batch}"
+        )
+    results: list[Appended | None] = []
+    for u in updates:
+        err = precheck(u, max_update_bytes)
+        results.append(None if err is None else Appended(u.doc, "rejected", error=err))
+    return results
 
 
 def writer_refusal(

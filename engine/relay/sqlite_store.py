@@ -47,7 +47,6 @@ from ..errors import (
     BranchlineError,
     FormatVersionError,
     NotAuthor,
-    RelayLimitError,
     RelayStoreExists,
     RelayStoreNotFound,
     StoreError,
@@ -55,7 +54,7 @@ from ..errors import (
     UpdateError,
 )
 from ..tokens import new_token, token_hash
-from .doccache import DocCache, Loaded, integrate, still_waiting
+from .doccache import DocCache, Loaded, diff_of, integrate, still_waiting
 from .doccache import RelayLimits as RelayLimits  # where callers have imported it from
 from .rules import (
     check_dataset,
@@ -67,7 +66,7 @@ from .rules import (
     grant_for,
     lapse_reason,
     locked_by,
-    precheck,
+    prechecked,
     room_refusal,
     unknown_dataset,
     writer_refusal,
@@ -389,16 +388,8 @@ class SqliteRelayStore(RelayStore):
     # -- updates -----------------------------------------------------------
 
     def append_updates(self, dataset: str, updates: Sequence[UpdateIn]) -> list[Appended]:
-        if len(updates) > self.limits.max_batch:
-            raise RelayLimitError(
-                f"{len(updates)} updates in one batch; the relay takes at most "
-                f"{self.limits.max_batch}"
-            )
-        results: list[Appended | None] = [None] * len(updates)
-        for i, u in enumerate(updates):
-            err = precheck(u, self.limits.max_update_bytes)
-            if err is not None:
-                results[i] = Appended(u.doc, "rejected", error=err)
+        limits = self.limits
+        results = prechecked(updates, limits.max_batch, limits.max_update_bytes)
         touched: set[tuple[int, str]] = set()
         with self._lock:
             try:
@@ -504,10 +495,7 @@ class SqliteRelayStore(RelayStore):
             else:
                 rows.append((next_seq, ds_id, u.doc, data, u.node, now, position + 1))
             position += 1
-            loaded.applied = next_seq
-            loaded.tail += 1
-            loaded.tail_bytes += len(data)
-            self._cache.grow(loaded, len(data))
+            self._cache.logged(loaded, next_seq, len(data))
             n, b = counts.get(u.doc, (0, 0))
             counts[u.doc] = (n + 1, b + len(data))
             results[i] = Appended(u.doc, "stored", seq=next_seq, position=position)
@@ -619,14 +607,7 @@ class SqliteRelayStore(RelayStore):
             if key not in self._cache.docs and not _has_doc(conn, key):
                 return EMPTY_UPDATE
             loaded = self._load(conn, key)
-            try:
-                out: bytes = (
-                    loaded.doc.get_update()
-                    if state_vector is None
-                    else loaded.doc.get_update(bytes(state_vector))
-                )
-            except Exception as exc:  # pycrdt raises bare exceptions for bad input
-                raise UpdateError(f"document {doc!r}: invalid state vector ({exc})") from None
+            out = diff_of(loaded, doc, state_vector)
         self._cache.evict()
         return out
 
@@ -888,11 +869,7 @@ class SqliteRelayStore(RelayStore):
         if gone is not None:
             conn.execute(f"DELETE FROM updates WHERE {cond}", args)
             conn.execute("UPDATE datasets SET folded = max(folded, ?) WHERE id = ?", (gone, key[0]))
-        removed = loaded.tail - kept
-        self._cache.resize(loaded, len(data))
-        loaded.tail = kept
-        loaded.snapshot_bytes, loaded.tail_bytes = len(data), kept_bytes
-        return int(removed)
+        return self._cache.compacted(loaded, len(data), kept, kept_bytes)
 
 
 #: Log rows per INSERT statement (7 parameters each, far below SQLite's 32766).
