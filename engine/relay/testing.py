@@ -14,13 +14,16 @@ updates: enrollment and hashed tokens, refusals and their error kinds,
 duplicates, waiting updates, compaction, document limits, period locks,
 leases (exact under concurrent callers), revocations seen by another
 handle, last seen, positions (``head``, ``logged_after``, ``wait_changes``),
-and two handles appending to one dataset at once (positions gapless and in
-commit order, no row twice, authorship still checked).
+two handles appending to one dataset at once (positions gapless and in
+commit order, no row twice, authorship still checked), and two processes
+appending and leasing at once. The maker must survive a fork (the last
+check opens stores in child processes).
 """
 
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import random
 import threading
 from abc import ABC, abstractmethod
@@ -641,3 +644,50 @@ def check_two_handles_append_to_one_dataset_at_once(maker: StoreMaker, tmp: Path
         assert isinstance(r.error, NotAuthor), r
     first.close()
     second.close()
+
+
+def _process_writer(maker: StoreMaker, node: str, client_id: int, out: Any) -> None:
+    """In a child process: append ``node``'s updates one by one through a
+    store of its own, leasing numbers between them; report what it got."""
+    try:
+        store = maker.open()
+        rng = random.Random(client_id)
+        positions, leases = [], []
+        for data in map_updates(25, client_id=client_id, author=node):
+            (r,) = store.append_updates("acme", [UpdateIn("customers", data, node)])
+            assert r.status == "stored" and r.position is not None, r
+            positions.append(r.position)
+            leases.append(store.lease("acme", "sales", rng.randint(1, 9)))
+        store.close()
+        out.put((node, positions, leases, None))
+    except BaseException as exc:
+        out.put((node, [], [], repr(exc)))
+
+
+@_check
+def check_two_processes_append_and_lease_at_once(maker: StoreMaker, tmp: Path) -> None:
+    """Two processes with stores of their own: positions gapless in commit
+    order, every update stored once, leases exact."""
+    store = maker.create()
+    for name in ("A", "B"):
+        store.enroll("acme", name)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=_process_writer, args=(maker, n, 70 + i, out))
+        for i, n in enumerate("AB")
+    ]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert [g[3] for g in got] == [None, None], got
+    assert all(p == sorted(p) for _, p, _, _ in got)
+    assert store.head("acme") == 50
+    logged = store.logged_after("acme", 0, 100)
+    assert logged is not None and [r.position for r in logged] == list(range(1, 51))
+    expected = {f"k{i}|{n}": f"v{i}" for n in "AB" for i in range(25)}
+    assert _entries(store.diff("acme", "customers")) == expected
+    check_disjoint([r for _, _, leases, _ in got for r in leases])
+    store.close()
