@@ -11,7 +11,8 @@ a method that returned committed. The format version is in ``meta``
 (``format``); ``open`` upgrades an older one and refuses a newer one.
 
 Several processes: every change of a dataset's log (append, compaction)
-first takes the dataset's row lock (``SELECT ... FOR UPDATE``), so appends
+first takes the dataset's row lock (``SELECT ... FOR NO KEY UPDATE``: an
+enroll's foreign key check does not wait for it), so appends
 of one dataset are serialized across processes and its positions follow
 commit order with no gap. Each process keeps its own pycrdt documents
 (``DocCache``); under the lock, or in a REPEATABLE READ snapshot for reads,
@@ -22,6 +23,9 @@ transaction also sends ``pg_notify('branchline_<schema>', 'dataset:head')``
 connection of its own. Leases are one upsert of the series row, exact across
 processes.
 
+Connections: one for the store's calls, serialized by a lock as the SQLite
+store's one connection is (the relay server calls the store from its one
+store thread, so a pool would add nothing), and one for ``wait_changes``.
 A lost connection (server restarted, backend terminated) makes the call
 raise StoreError (nothing acknowledged) and drops the documents in memory;
 the next call connects again.
@@ -237,7 +241,6 @@ class PgRelayStore(RelayStore):
         self._watch_lock = threading.Lock()
         self._listener: psycopg.Connection[Any] | None = None
         self._heads: dict[str, int] = {}
-        self._listen_failed_at = 0.0
 
     # -- opening -----------------------------------------------------------
 
@@ -847,7 +850,9 @@ class PgRelayStore(RelayStore):
     def _lock_dataset(self, cur: psycopg.Cursor[Any], dataset: str) -> tuple[int, int]:
         """Take the dataset's row lock (held to the commit) and bring the
         documents in memory up to its head: (dataset id, head)."""
-        cur.execute("SELECT id, head, folded FROM datasets WHERE name = %s FOR UPDATE", (dataset,))
+        cur.execute(
+            "SELECT id, head, folded FROM datasets WHERE name = %s FOR NO KEY UPDATE", (dataset,)
+        )
         row = cur.fetchone()
         if row is None:
             raise unknown_dataset(dataset)
