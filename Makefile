@@ -57,7 +57,7 @@ check: test lint
 # Deterministic simulation: SEEDS seeds with swarm faults; a failure prints
 # its seed and replay command and exits 3 (crash), 4 (liveness) or 5 (correctness).
 sim: $(STAMP)
-	$(PY) -m harness.sim --seeds $(SEEDS) --jobs $(JOBS)
+	$(PY) -m harness.sim --seeds $(SEEDS) --jobs $(JOBS) $(if $(RELAYS),--relays $(RELAYS))
 
 # bench.peers installs its peers itself into bench/.peers (gitignored).
 BENCH_STAMP := $(VENV)/.bench-stamp
