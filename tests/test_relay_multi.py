@@ -6,6 +6,7 @@ acknowledged, and those updates still reach the nodes of the survivor."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from engine.node import Node
 from engine.protocol import Acked, UpdateReceived
 from engine.relay import SqliteRelayStore
 from engine.relay.server import RelayServer
+from engine.relay.stores import create_store, open_store
 from harness.net import free_port
 from tests.test_relay_server import (
     TIMEOUT,
@@ -28,7 +30,6 @@ from tests.test_relay_server import (
     keys_of,
     relay_db,
     run,
-    stored_keys,
 )
 from tests.test_sync_live import BRANCHLINE, ThreadRelay, cli, has, init_home, wait_for
 
@@ -93,19 +94,31 @@ def test_updates_acked_by_one_relay_reach_the_other_relays_nodes_live(
     run(main())
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """A relay store (a SQLite file, or a PostgreSQL schema of its own) with
+    nodes A1 and A2 of dataset acme enrolled: (its spec, their tokens)."""
+    spec = str(tmp_path / "relay.db")
+    if request.param == "postgresql":
+        spec = request.getfixturevalue("pg_url")
+    with contextlib.closing(create_store(spec)) as store:
+        tokens = {n: store.enroll("acme", n).token for n in ("A1", "A2")}
+    return spec, tokens
+
+
 def test_a_relay_killed_mid_stream_loses_nothing_acked_and_the_other_delivers_it(
-    relay_db: tuple[Path, Tokens],
+    store_spec: tuple[str, dict[str, str]],
 ) -> None:
-    path, tok = relay_db
+    spec, tok = store_spec
     ports = [free_port(), free_port()]
-    procs = [_start_cli(path, port) for port in ports]
+    procs = [_start_cli(spec, port) for port in ports]
     urls = [f"ws://127.0.0.1:{port}/" for port in ports]
     acked: set[int] = set()
     try:
 
         async def main() -> None:
-            a2, _ = await Client.opened(urls[1], "acme", "A2", tok.a2)
-            a1, _ = await Client.opened(urls[0], "acme", "A1", tok.a1)
+            a2, _ = await Client.opened(urls[1], "acme", "A2", tok["A2"])
+            a1, _ = await Client.opened(urls[0], "acme", "A1", tok["A1"])
             w = Writer()
             sent = 0
             while len(acked) < 300:
@@ -127,7 +140,8 @@ def test_a_relay_killed_mid_stream_loses_nothing_acked_and_the_other_delivers_it
         for proc in procs:
             proc.kill()
             proc.wait(TIMEOUT)
-    keys = stored_keys(path, "acme", "customers")
+    with contextlib.closing(open_store(spec)) as store:
+        keys = keys_of(store.diff("acme", "customers"))
     missing = [r for r in acked if keys.get(f"k{r}") != r]
     assert acked and not missing, f"{len(missing)} acknowledged updates lost"
 
