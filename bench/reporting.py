@@ -343,8 +343,8 @@ def render(doc: dict[str, Any], target: Target, results: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["--writer"]:
-        home, branch, rate, seconds, dest = args_list[1:6]
-        writer(Path(home), branch, float(rate), float(seconds), Path(dest))
+        home, branch, per_s, during, dest = args_list[1:6]
+        writer(Path(home), branch, float(per_s), float(during), Path(dest))
         return 0
     parser = argparse.ArgumentParser(prog="python -m bench.reporting", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="200/s for 10 s; docs untouched")
