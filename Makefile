@@ -58,7 +58,8 @@ check: test lint
 # its seed and replay command and exits 3 (crash), 4 (liveness) or 5 (correctness).
 # SCHEMA=path/to/schema.toml runs on that schema, records generated from its fields.
 sim: $(STAMP)
-	$(PY) -m harness.sim --seeds $(SEEDS) --jobs $(JOBS) $(if $(SCHEMA),--schema $(SCHEMA))
+	$(PY) -m harness.sim --seeds $(SEEDS) --jobs $(JOBS) $(if $(RELAYS),--relays $(RELAYS)) \
+		$(if $(SCHEMA),--schema $(SCHEMA))
 
 # bench.peers installs its peers itself into bench/.peers (gitignored).
 BENCH_STAMP := $(VENV)/.bench-stamp
@@ -82,7 +83,9 @@ bench: $(BENCH_STAMP)
 # converge and check (docs/reliability.md). SEED=N replays a run's schedule;
 # SCHEMA=path/to/schema.toml soaks that schema instead of the built-in accounting.
 soak: $(STAMP)
-	$(PY) -m harness.soak --duration $(DURATION) $(if $(SEED),--seed $(SEED)) $(if $(SCHEMA),--schema $(SCHEMA)) --out $(SOAK_OUT)
+	$(PY) -m harness.soak --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out $(SOAK_OUT) \
+		$(if $(RELAYS),--relays $(RELAYS)) $(if $(STORE),--store $(STORE)) \
+		$(if $(SCHEMA),--schema $(SCHEMA))
 
 # The hostile-relay fuzz run at full size (the suite runs 10,000 frames): a
 # relay fed FRAMES hostile frames on loopback while two nodes write and sync.

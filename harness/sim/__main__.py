@@ -36,11 +36,13 @@ class Outcome:
     stats: Stats | None
 
 
-def run_seed(seed: int, nodes: int, ops: int, schema: tuple[str, str] | None = None) -> Outcome:
+def run_seed(
+    seed: int, nodes: int, ops: int, relays: int = 1, schema: tuple[str, str] | None = None
+) -> Outcome:
     """Run one seed (on ``schema``, (TOML text, origin), if given); never raises."""
     world: World | None = None
     try:
-        world = World(seed, nodes=nodes, ops=ops, schema=schema)
+        world = World(seed, nodes=nodes, ops=ops, relays=relays, schema=schema)
         return Outcome(seed, None, "", world.faults.describe(), world.run())
     except Exception as exc:
         failure = exc if isinstance(exc, SimFailure) else SimFailure("crash", repr(exc))
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="run just this seed")
     parser.add_argument("--ops", type=int, default=120, help="operations per run")
     parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument(
+        "--relays", type=int, default=1, help="relays on one store (nodes move between them)"
+    )
     parser.add_argument(
         "--jobs", type=int, default=1, help="worker processes (seeds stay independent)"
     )
@@ -82,21 +87,24 @@ def main(argv: list[str] | None = None) -> int:
                     seeds,
                     repeat(args.nodes),
                     repeat(args.ops),
+                    repeat(args.relays),
                     repeat(schema),
                     chunksize=4,
                 )
             )
     else:
-        outcomes = [run_seed(seed, args.nodes, args.ops, schema) for seed in seeds]
+        outcomes = [run_seed(seed, args.nodes, args.ops, args.relays, schema) for seed in seeds]
     faults: Counter[str] = Counter()
-    ticks = ops = acked = 0
+    ticks = ops = acked = followed = 0
     failed = [o for o in outcomes if o.kind is not None]
     for o in outcomes:
         if o.stats is None:
             print(
                 f"seed {o.seed}: {o.kind} failure: {o.message}\n  faults: {o.faults}\n"
                 f"  replay: python -m harness.sim --seed {o.seed} --ops {args.ops} "
-                f"--nodes {args.nodes}" + (f" --schema {args.schema}" if args.schema else ""),
+                f"--nodes {args.nodes}"
+                + (f" --relays {args.relays}" if args.relays > 1 else "")
+                + (f" --schema {args.schema}" if args.schema else ""),
                 flush=True,
             )
             continue
@@ -104,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         ticks += o.stats.ticks
         ops += o.stats.ops
         acked += o.stats.acked_writes
+        followed += o.stats.followed
     took = time.perf_counter() - started
     hours = ticks * TICK_MS / 3_600_000
     print(
@@ -111,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(failed)} failed; {hours:.2f} simulated hours, {ops} operations, "
         f"{acked} acknowledged writes, none lost in passing runs"
     )
+    if args.relays > 1:
+        print(f"{followed} updates crossed from one relay to another live")
     if faults:
         print("faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())))
     return EXIT[str(failed[0].kind)] if failed else 0
