@@ -84,8 +84,7 @@ bench: $(BENCH_STAMP)
 # SCHEMA=path/to/schema.toml soaks that schema instead of the built-in accounting.
 soak: $(STAMP)
 	$(PY) -m harness.soak --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out $(SOAK_OUT) \
-		$(if $(RELAYS),--relays $(RELAYS)) $(if $(STORE),--store $(STORE)) \
-		$(if $(SCHEMA),--schema $(SCHEMA))
+		$(if $(RELAYS),--relays $(RELAYS)) $(if $(STORE),--store $(STORE)) $(if $(SCHEMA),--schema $(SCHEMA))
 
 # The hostile-relay fuzz run at full size (the suite runs 10,000 frames): a
 # relay fed FRAMES hostile frames on loopback while two nodes write and sync.

@@ -41,6 +41,7 @@ from .errors import (
     UserError,
     ValidationError,
 )
+from .gcpause import paused_gc
 from .merge import resolve
 from .names import DATASET_RE, DOC_RE, META_RELAY_CA, META_TOKEN_REFUSED, NODE_RE, relay_url_ok
 from .query import QueryResult, adapter_owning, run_query
@@ -627,7 +628,8 @@ class Node:
         documents = records = stored = restored = 0
         touched: set[str] = set()
         changed_records: set[tuple[str, str]] = set()
-        with self._replica.write() as w:
+        # A bulk import makes millions of short-lived containers: see gcpause.
+        with paused_gc(), self._replica.write() as w:
             if series is not None:
                 restored = series_mod.restore_state(w.txn.conn, series)
             for name, data in updates.items():

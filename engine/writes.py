@@ -42,6 +42,10 @@ from .store.doclog import DocLog
 from .store.records import Materialized, Materializer, RecordRow
 from .values import encode
 
+#: Records materialized at once by a received update (a limit on the memory
+#: a bulk import holds: parsed entries, resolved records, rows).
+MATERIALIZE_SLICE = 5_000
+
 
 @dataclass(frozen=True)
 class Posted:
@@ -366,7 +370,14 @@ class Writer:
         seq = self._r.log.append(self.txn, loaded, data, "remote", pending=unsynced)
         if unsynced:
             outbox.carries(self.txn, seq, sorted(changed))
-        self.materialize(coll, loaded.doc, changed, hold=True)
+        # In slices, in key order: what one slice parses and resolves is
+        # dropped before the next, so a bulk import's memory is bounded by
+        # the slice, not the batch. Same transaction: all or nothing.
+        ordered = sorted(changed)
+        for i in range(0, len(ordered), MATERIALIZE_SLICE):
+            part = ordered[i : i + MATERIALIZE_SLICE]
+            self.materialize(coll, loaded.doc, set(part), hold=True)
+            loaded.doc.release(part)
         loaded.doc.release()
         return changed
 

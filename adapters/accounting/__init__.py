@@ -362,8 +362,7 @@ class AccountingAdapter:
                 elif name in VOUCHER_BOOKS:
                     built += [self._build(c) for c in group]
                 elif name == GAPS:
-                    gap_sql = self._insert_sql("number_gaps", list(GAP_COLUMNS), "id", False)
-                    conn.executemany(gap_sql, [_gap_row(c) for c in group])
+                    conn.executemany(_INSERT_GAP, [_gap_row(c) for c in group])
             self._insert_built(conn, built)
         conn.execute(
             "INSERT INTO stock_balances SELECT item, warehouse, COALESCE(SUM(qty), 0), COUNT(*) "
@@ -428,8 +427,9 @@ class AccountingAdapter:
 
     def _apply_gaps(self, conn: SqlConn, changes: Sequence[RecordChange]) -> None:
         if not self._gaps_checked:
-            # Books enabled before the gap journal existed have no table yet.
-            self._create_tables(conn)
+            if isinstance(conn, sqlite3.Connection):
+                # Books enabled before the gap journal existed have no table yet.
+                db(conn).table("number_gaps").create(GAP_COLUMNS, pk="id", if_not_exists=True)
             self._gaps_checked = True
         conn.executemany(
             "DELETE FROM number_gaps WHERE id = ?",
@@ -750,6 +750,9 @@ class AccountingAdapter:
             "than came in (a sale recorded before its purchase, or a missing receipt)",
             names={"item": ("items", item), "warehouse": ("warehouses", warehouse or "")},
         )
+
+
+_INSERT_GAP = f"INSERT INTO number_gaps VALUES ({', '.join('?' * len(GAP_COLUMNS))})"
 
 
 def _gap_row(change: RecordChange) -> tuple[Any, ...]:

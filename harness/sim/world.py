@@ -224,7 +224,8 @@ class NodeCrashed(BaseException):
         self.node, self.point = node, point
 
 
-COMMIT_POINTS = ("before_commit", "after_commit")
+#: "mid_materialize" lands inside the bulk apply of received updates too.
+COMMIT_POINTS = ("before_commit", "mid_materialize", "after_commit")
 
 
 def _crash_at(node: str, point: str) -> Callable[[str], None]:

@@ -31,9 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory on success")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each fault")
     parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
-    parser.add_argument(
-        "--schema", type=Path, default=None, help="a schema TOML file to soak instead of accounting"
-    )
     parser.add_argument("--relays", type=int, default=1, help="relay processes on one store")
     parser.add_argument(
         "--store",
@@ -41,18 +38,21 @@ def main(argv: list[str] | None = None) -> int:
         help="a postgresql:// server URL: the relay store goes in a database of the run's own "
         "(default: a SQLite file in the work directory)",
     )
+    parser.add_argument(
+        "--schema", type=Path, default=None, help="a schema TOML file to soak instead of accounting"
+    )
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.duration <= 0 or args.rate <= 0 or args.fault_every <= 0:
         parser.error("--nodes must be >= 2; --duration, --rate and --fault-every positive")
+    if args.relays < 1:
+        parser.error("--relays must be >= 1")
+    if args.store and not args.store.startswith(("postgresql://", "postgres://")):
+        parser.error("--store takes a postgresql:// URL (the default store is SQLite)")
     if args.schema is not None:
         try:
             load_schema(args.schema)
         except BranchlineError as exc:
             parser.error(f"--schema: {exc}")
-    if args.relays < 1:
-        parser.error("--relays must be >= 1")
-    if args.store and not args.store.startswith(("postgresql://", "postgres://")):
-        parser.error("--store takes a postgresql:// URL (the default store is SQLite)")
     seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
     config = SoakConfig(
         duration_s=args.duration,

@@ -117,11 +117,11 @@ class SoakConfig:
     def replay_command(self) -> str:
         extra = f" --relays {self.relays}" if self.relays > 1 else ""
         extra += f" --store {self.store}" if self.store else ""
-        extra += f" --schema {self.schema}" if self.schema else ""
         return (
             f"{sys.executable} -m harness.soak --duration {self.duration_s:g} --seed {self.seed} "
             f"--nodes {self.nodes} --rate {self.rate:g} --fault-every {self.fault_every_s:g}"
             + extra
+            + (f" --schema {self.schema}" if self.schema else "")
         )
 
 
