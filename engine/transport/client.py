@@ -485,8 +485,11 @@ async def node_sync(
                             nt, (urls[0], tls), token, progress, heartbeat_ms, monotonic_ms,
                             wall_ms, set_aside,
                         )  # fmt: skip
-                    except RelayUnreachable:
+                    except RelayUnreachable as exc:
                         if len(urls) == 1:
+                            # The last relay: the status shows why (as below).
+                            with contextlib.suppress(BranchlineError):
+                                await nt.run(note_sync_error, str(exc), wall_ms())
                             raise
                         urls = urls[1:]  # failover: the next relay of the store
                         continue
