@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import secrets
 import subprocess
 import sys
@@ -124,7 +125,9 @@ def writer(home: Path, branch: str, rate: float, seconds: float, out: Path) -> N
             if not writing and time.monotonic() - start > seconds + 60:
                 break  # the relay stopped acknowledging: report what was
             time.sleep(POLL_S)
-    out.write_text(json.dumps({"committed": committed, "acked": acked}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime
+    out.write_text(json.dumps({"committed": committed, "acked": acked, "cpu_s": cpu}))
 
 
 def _voucher(branch: str, n: int) -> Any:
@@ -244,10 +247,11 @@ def measure(tmp: Path, rate: float, seconds: float, pg_url: str) -> dict[str, An
                     last = n
                     seen.setdefault(vid, time.time())
                 time.sleep(POLL_S)
-            writer_cpu = {f"writer {b}": cpu_of(w.pid) for b, w in writers.items()}
             expected: dict[str, dict[str, float]] = {"committed": {}, "acked": {}}
+            writer_cpu: dict[str, float] = {}
             for b in "AB":
                 got = json.loads(outs[b].read_text())
+                writer_cpu[f"writer {b}"] = got["cpu_s"]
                 for key in expected:
                     expected[key].update(got[key])
             # The rest still on its way.

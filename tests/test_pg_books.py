@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from adapters.accounting import TABLES, VOUCHER_BOOKS
 from adapters.pg_books import pending
 from adapters.pg_books.books import BRANCH_TABLES, PgBooks, PgConn
-from adapters.pg_books.feed import Follower, ReportBooks, ensure_enabled, rebuild
+from adapters.pg_books.feed import Follower, ReportBooks, ensure_enabled, forget, rebuild
 from adapters.testing import make_node, random_writes, run_acceptance, snapshot
 from engine import Node
 from engine.cli import cli
@@ -261,3 +261,31 @@ def test_report_rebuild_command(tmp_path: Path, pg_url: str) -> None:
     bad = runner.invoke(cli, [*args[:-1], "postgresql://postgres@127.0.0.1:1/x"])
     assert bad.exit_code == 1
     assert bad.stderr.startswith("error: PostgreSQL postgresql://postgres@127.0.0.1:1/x")
+
+
+def test_books_older_than_the_queue_are_rebuilt(tmp_path: Path, pg_url: str) -> None:
+    """Books restored from an older dump stand before queue rows already
+    deleted: the follower rebuilds them instead of missing those changes."""
+    hq = make_node(tmp_path / "hq", "HQ", adapters={"accounting": {}})
+    books = ReportBooks(pg_url, "old", hq)
+    rebuild(hq, books)
+    random_writes(hq, random.Random(4), 30, sorted(VOUCHER_BOOKS))
+    feed_all(hq, books, random.Random(4))
+    at = books.position()
+    assert at is not None and at > 0
+    forget(hq, at)
+    books.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # as an older dump would
+        conn.execute("UPDATE old.report_position SET seq = 0")
+        conn.execute("DELETE FROM old.vouchers")
+    follower = Follower(tmp_path / "hq", pg_url, "old")
+    follower.start()
+    try:
+        deadline = time.monotonic() + 30
+        while follower.position != at and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        follower.stop()
+    assert follower.error is None and follower.position == at
+    assert_same_as_sqlite(pg_url, "old", hq)
+    hq.close()

@@ -37,6 +37,7 @@ POLL_S = 0.02  # how often an idle follower looks at the queue
 FORGET_EVERY_S = 1.0  # how often applied rows leave the queue
 PROGRESS_EVERY = 20_000  # records between progress lines of a rebuild
 CONNECT_TIMEOUT_S = 5
+FORGOTTEN_META = "pg_books_forgotten"
 POSITION_DDL = (
     "CREATE TABLE IF NOT EXISTS report_position (one BOOLEAN PRIMARY KEY DEFAULT TRUE "
     "CHECK (one), home TEXT NOT NULL, seq BIGINT NOT NULL, "
@@ -229,9 +230,18 @@ def rebuild(
 
 
 def forget(node: Node, upto: int) -> None:
-    """Delete the queue rows the books hold (numbers up to ``upto``)."""
+    """Delete the queue rows the books hold (numbers up to ``upto``), and
+    remember how far: books standing before that (a restored dump) miss
+    changes the queue no longer has."""
     with node.store.transaction() as txn:
         txn.execute(f"DELETE FROM {QUEUE} WHERE seq <= ?", (upto,))
+        if upto > forgotten(node):
+            node.store.set_meta(FORGOTTEN_META, str(upto))
+
+
+def forgotten(node: Node) -> int:
+    """The queue numbers deleted so far are those up to this."""
+    return int(node.store.get_meta(FORGOTTEN_META) or 0)
 
 
 class Follower:
@@ -284,12 +294,19 @@ class Follower:
     def _follow(self, node: Node, books: ReportBooks) -> None:
         wait = self.retry_s
         down_since: float | None = None
-        forgotten = 0
+        deleted_upto = 0
         last_forget = time.monotonic()
         while not self._stop.is_set():
             try:
                 if self.position is None:
                     self.position = books.position()
+                    if self.position is not None and self.position < forgotten(node):
+                        log.warning(
+                            "the books in schema '%s' stand before changes the queue no longer "
+                            "holds (restored from an older dump?): rebuilding them",
+                            self.pg_schema,
+                        )
+                        self.position = None
                     if self.position is None:
                         log.info("building the head-office books in schema '%s'", self.pg_schema)
                         count, self.position = rebuild(node, books, _progress)
@@ -300,9 +317,9 @@ class Follower:
                 changes, upto = pending(node.store.conn, self.position, BATCH)
                 if not changes:
                     due = time.monotonic() - last_forget > FORGET_EVERY_S
-                    if forgotten < self.position and due:
+                    if deleted_upto < self.position and due:
                         forget(node, self.position)
-                        forgotten, last_forget = self.position, time.monotonic()
+                        deleted_upto, last_forget = self.position, time.monotonic()
                     self._stop.wait(POLL_S)
                     continue
                 if books.apply(changes, self.position, upto):
