@@ -185,7 +185,9 @@ def _writer(home: Path, branch: str, rate: float, seconds: float, out: Path) -> 
     return subprocess.Popen([sys.executable, "-m", "bench.reporting", "--writer", *args], cwd=ROOT)
 
 
-def measure(tmp: Path, rate: float, seconds: float, pg_url: str) -> dict[str, Any]:
+def measure(
+    tmp: Path, rate: float, seconds: float, pg_url: str, profile: Path | None = None
+) -> dict[str, Any]:
     store_path = tmp / "relay.db"
     with SqliteRelayStore.create(store_path) as store:
         tokens = {n: store.enroll(DATASET, n).token for n in ("A", "B")}
@@ -199,11 +201,14 @@ def measure(tmp: Path, rate: float, seconds: float, pg_url: str) -> dict[str, An
         _sync(homes[name])
     procs: dict[str, subprocess.Popen[bytes]] = {}
     log = (tmp / "report.log").open("wb")
-    procs["report serve HQ"] = subprocess.Popen(
-        [BRANCHLINE, "report", "serve", "--home", str(homes["HQ"]), "--pg", pg_url,
-         "--backoff-max", "0.5"],
-        stdout=subprocess.DEVNULL, stderr=log,
-    )  # fmt: skip
+    serve = ["report", "serve", "--home", str(homes["HQ"]), "--pg", pg_url, "--backoff-max", "0.5"]
+    cmd = [BRANCHLINE, *serve]
+    if profile is not None:  # pyinstrument's text report, written on a clean stop
+        script = tmp / "branchline_main.py"
+        script.write_text("from engine.cli import main\nmain()\n", encoding="utf-8")
+        cmd = [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(profile),
+               str(script), *serve]  # fmt: skip
+    procs["report serve HQ"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     for name in ("A", "B"):
         procs[f"node run {name}"] = subprocess.Popen(
             [BRANCHLINE, "node", "run", "--home", str(homes[name]), "--backoff-max", "0.5"],
@@ -354,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="200/s for 10 s; docs untouched")
     parser.add_argument("--rate", type=float, default=None, help="vouchers/s over both branches")
     parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="pyinstrument text report of report serve"
+    )
     args = parser.parse_args(args_list)
     rate = args.rate or (200.0 if args.quick else 1000.0)
     seconds = args.seconds or (10.0 if args.quick else 30.0)
@@ -367,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         with tempfile.TemporaryDirectory(prefix="bl-bench-reporting-") as tmp:
-            doc["result"] = measure(Path(tmp), rate, seconds, pg_url)
+            doc["result"] = measure(Path(tmp), rate, seconds, pg_url, args.profile)
     finally:
         with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
