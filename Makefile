@@ -57,7 +57,7 @@ check: test lint
 # Deterministic simulation: SEEDS seeds with swarm faults; a failure prints
 # its seed and replay command and exits 3 (crash), 4 (liveness) or 5 (correctness).
 sim: $(STAMP)
-	$(PY) -m harness.sim --seeds $(SEEDS) --jobs $(JOBS)
+	$(PY) -m harness.sim --seeds $(SEEDS) --jobs $(JOBS) $(if $(RELAYS),--relays $(RELAYS))
 
 # bench.peers installs its peers itself into bench/.peers (gitignored).
 BENCH_STAMP := $(VENV)/.bench-stamp
@@ -80,7 +80,8 @@ bench: $(BENCH_STAMP)
 # Real relay and node processes under faults for DURATION seconds, then heal,
 # converge and check (docs/reliability.md). SEED=N replays a run's schedule.
 soak: $(STAMP)
-	$(PY) -m harness.soak --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out $(SOAK_OUT)
+	$(PY) -m harness.soak --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out $(SOAK_OUT) \
+		$(if $(RELAYS),--relays $(RELAYS)) $(if $(STORE),--store $(STORE))
 
 # The hostile-relay fuzz run at full size (the suite runs 10,000 frames): a
 # relay fed FRAMES hostile frames on loopback while two nodes write and sync.

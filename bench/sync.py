@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
@@ -53,6 +54,7 @@ from engine.protocol import ClientSession, Limits, Opened, decode_frame, encode_
 from engine.protocol.messages import Ping, Pong, Update
 from engine.protocol.session import encode_batch, pack_updates
 from engine.relay.sqlite_store import SqliteRelayStore
+from engine.relay.stores import create_store
 from engine.sync import SyncError
 from engine.transport import node_sync, set_offline
 from harness.net import free_port
@@ -139,14 +141,14 @@ class Relay:
     """`branchline relay serve` as a child process; under pyinstrument (text
     report written to ``profile`` on a clean SIGINT stop) when ``profile``."""
 
-    def __init__(self, store: Path, profile: Path | None = None) -> None:
+    def __init__(self, store: Path | str, profile: Path | None = None) -> None:
         self.store = store
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}/"
         serve = ["relay", "serve", str(store), "--port", str(self.port)]
         cmd = [BRANCHLINE, *serve]
         if profile is not None:
-            script = store.parent / "branchline_main.py"
+            script = Path(store).parent / "branchline_main.py"
             script.write_text("from engine.cli import main\nmain()\n", encoding="utf-8")
             cmd = [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(profile),
                    str(script), *serve]  # fmt: skip
@@ -369,15 +371,27 @@ def subscribers_process(
 
 
 def bench_relay(
-    tmp: Path, sizes: Sizes, profile: Path | None = None, batched: bool = True
+    tmp: Path,
+    sizes: Sizes,
+    profile: Path | None = None,
+    batched: bool = True,
+    store: str | None = None,
+    before_stop: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
+    """One relay throughput run. ``store``: the relay's store (a new one),
+    by default a SQLite file in ``tmp``; ``before_stop`` is called once the
+    load is done, before the relay stops, and its result kept as "sampled"."""
     tmp.mkdir(parents=True, exist_ok=True)
-    store_path = tmp / "relay-throughput.db"
+    spec: Path | str = store or tmp / "relay-throughput.db"
     load_before = os.getloadavg()
-    with SqliteRelayStore.create(store_path) as store:
-        wtok = [store.enroll(DATASET, f"W{w}").token for w in range(sizes.writers)]
-        stok = [store.enroll(DATASET, f"S{s}").token for s in range(SUBSCRIBERS)]
-    relay = Relay(store_path, profile)
+    made = create_store(spec)
+    try:
+        wtok = [made.enroll(DATASET, f"W{w}").token for w in range(sizes.writers)]
+        stok = [made.enroll(DATASET, f"S{s}").token for s in range(SUBSCRIBERS)]
+    finally:
+        made.close()
+    relay = Relay(spec, profile)
+    sampled = None
     ctx = mp.get_context("fork")
     ready, wq, sq = ctx.Event(), ctx.Queue(), ctx.Queue()
     try:
@@ -392,6 +406,7 @@ def bench_relay(
         relay_cpu = relay.cpu_seconds()  # includes its start-up (imports, about 0.5 s)
         writers.join(60)
         subs.join(60)
+        sampled = before_stop() if before_stop is not None else None
     finally:
         relay.stop()
     total = sizes.writers * sizes.per_writer
@@ -416,7 +431,8 @@ def bench_relay(
             "pre-encoded) "
             "to one document, fanned out to "
             f"{SUBSCRIBERS} subscriber connections; relay = `branchline relay serve` process "
-            "(SQLite store, durable group commit before each ack)."
+            f"({'PostgreSQL' if store else 'SQLite'} store, durable group commit before "
+            "each ack)."
         ),
         "writer_frames": "batched" if batched else "single",
         "updates_in": total,
@@ -432,6 +448,7 @@ def bench_relay(
         "cpu_s": {"relay": relay_cpu, "writers": w["cpu_s"], "subscribers": subs_cpu},
         "load_before": list(load_before),
         "load_after": list(os.getloadavg()),
+        "sampled": sampled,
     }
 
 

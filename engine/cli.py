@@ -306,7 +306,11 @@ def node() -> None:
     show_default=True,
     help="built-in schema name or a schema TOML file",
 )
-@click.option("--relay", default=None, help="relay URL (ws:// or wss://); needs --token")
+@click.option(
+    "--relay",
+    default=None,
+    help="relay URL (ws:// or wss://), or several comma-separated (failover); needs --token",
+)
 @click.option("--token", default=None, help="this node's relay token; needs --relay")
 @click.option(
     "--ca",
@@ -374,7 +378,11 @@ def node_init(
 
 @node.command("config")
 @home_option
-@click.option("--relay", default=None, help="new relay URL (ws:// or wss://)")
+@click.option(
+    "--relay",
+    default=None,
+    help="new relay URL (ws:// or wss://), or several comma-separated (failover)",
+)
 @click.option("--token", default=None, help="new token of this node ('branchline relay enroll')")
 @click.option(
     "--ca",

@@ -24,8 +24,15 @@ RELAY_URL_RE = re.compile(r"^wss?://[^/?#\s]+", re.IGNORECASE)
 
 
 def relay_url_ok(url: str) -> bool:
-    """A ``ws://`` or ``wss://`` URL with a host."""
-    return RELAY_URL_RE.match(url) is not None
+    """A ``ws://`` or ``wss://`` URL with a host, or several, comma-separated
+    (relays of one store, tried in turn: failover)."""
+    parts = url.split(",")
+    return all(RELAY_URL_RE.match(part.strip()) is not None for part in parts)
+
+
+def relay_urls(value: str) -> list[str]:
+    """The URLs of a relay setting (one, or several comma-separated), in order."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 # A workstation user of the branch server (engine.users).

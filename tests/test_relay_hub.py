@@ -11,9 +11,10 @@ from pycrdt import Doc, Map
 
 from engine.errors import RemoteProtocolError, StoreError
 from engine.protocol import ClientSession, Event, SessionState, codes
-from engine.protocol.events import Acked, ErrorReceived, Opened
+from engine.protocol.events import Acked, ErrorReceived, Opened, UpdateReceived
 from engine.relay import SqliteRelayStore
 from engine.relay.calls import BatchOutcome
+from engine.relay.doccache import RelayLimits
 from engine.relay.hub import CLOSE_TRY_AGAIN, HubLimits, RelayHub
 from engine.relay.runner import StoreRunner
 
@@ -148,3 +149,114 @@ def test_shutting_down_refuses_connections_and_stores_no_new_update(
     a.down()
     assert acked(a) == [1]
     assert [e.code for e in a.events if isinstance(e, ErrorReceived)] == [codes.UNAVAILABLE]
+
+
+# -- several relays on one store --------------------------------------------------
+
+
+def received(peer: Peer) -> list[bytes]:
+    return [e.data for e in peer.events if isinstance(e, UpdateReceived)]
+
+
+def follow(hub: RelayHub, runner: StoreRunner) -> list[int]:
+    """What a driver does when the store says heads moved: read each followed dataset."""
+    touched: list[int] = []
+    for dataset in hub.followed():
+        while (call := hub.follow(dataset)) is not None:
+            touched += hub.remote_committed(call, runner.follow(call))
+            if not hub.behind(dataset):
+                break
+    return touched
+
+
+@pytest.fixture
+def two_relays(
+    tmp_path: Path,
+) -> Iterator[tuple[tuple[RelayHub, StoreRunner], tuple[RelayHub, StoreRunner], dict[str, str]]]:
+    path = tmp_path / "relay.db"
+    first = SqliteRelayStore.create(path)
+    tokens = {n: first.enroll(DATASET, n).token for n in ("A", "B", "C")}
+    second = SqliteRelayStore.open(path)
+    yield (RelayHub(), StoreRunner(first)), (RelayHub(), StoreRunner(second)), tokens
+    first.close()
+    second.close()
+
+
+def test_a_commit_of_one_relay_reaches_the_connections_of_another_and_not_its_sender(
+    two_relays: tuple[tuple[RelayHub, StoreRunner], tuple[RelayHub, StoreRunner], dict[str, str]],
+) -> None:
+    (hub1, run1), (hub2, run2), tokens = two_relays
+    a = Peer(hub1, run1, "A", tokens["A"])
+    b, c = Peer(hub2, run2, "B", tokens["B"]), Peer(hub2, run2, "C", tokens["C"])
+    assert hub1.followed() == [DATASET] == hub2.followed()
+    a.write("k1", 1)
+    commit(hub1, run1)
+    a.down()
+    assert acked(a) == [1]
+    assert follow(hub1, run1) == []  # its own commit: not read back to anyone
+    assert sorted(follow(hub2, run2)) == sorted([b.cid, c.cid])
+    for peer in (a, b, c):
+        peer.down()
+    assert received(a) == [] and len(received(b)) == 1 == len(received(c))
+    assert follow(hub2, run2) == []  # read once
+    # And back: B's write on relay 2 reaches A on relay 1 and C beside it.
+    b.write("k2", 1)
+    commit(hub2, run2)
+    assert follow(hub1, run1) == [a.cid]
+    a.down()
+    c.down()
+    assert len(received(a)) == 1 and len(received(c)) == 2
+    assert hub2.metrics.updates_followed == 1 and hub1.metrics.updates_followed == 1
+
+
+def test_a_read_taken_while_own_batch_is_in_flight_is_held_until_it_is_settled(
+    two_relays: tuple[tuple[RelayHub, StoreRunner], tuple[RelayHub, StoreRunner], dict[str, str]],
+) -> None:
+    (hub1, run1), (hub2, run2), tokens = two_relays
+    a, b = Peer(hub1, run1, "A", tokens["A"]), Peer(hub1, run1, "B", tokens["B"])
+    c = Peer(hub2, run2, "C", tokens["C"])
+    c.write("remote", 1)
+    commit(hub2, run2)
+    a.write("mine", 1)
+    batch = hub1.take_batch()
+    assert batch is not None
+    outcome = run1.commit(batch)  # stored, not settled: its position is unknown to the core
+    call = hub1.follow(DATASET)
+    assert call is not None and hub1.follow(DATASET) is None  # one read at a time
+    assert hub1.remote_committed(call, run1.follow(call)) == []  # held
+    b.down()
+    assert received(b) == []
+    touched = hub1.settle(batch, outcome)
+    assert sorted(touched) == sorted([a.cid, b.cid])
+    a.down()
+    b.down()
+    # A gets C's update only; B gets A's (local fan-out) and C's (followed), once each.
+    assert len(received(a)) == 1 and len(received(b)) == 2
+    assert follow(hub1, run1) == []
+
+
+def test_a_follower_that_lost_its_place_closes_the_datasets_connections(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "relay.db"
+    limits = RelayLimits(compact_after=2, compact_ratio=0, keep_positions=1)
+    first = SqliteRelayStore.create(path, limits)
+    tokens = {n: first.enroll(DATASET, n).token for n in ("A", "B")}
+    second = SqliteRelayStore.open(path, limits)
+    hub1, run1, hub2, run2 = RelayHub(), StoreRunner(first), RelayHub(), StoreRunner(second)
+    a, b = Peer(hub1, run1, "A", tokens["A"]), Peer(hub2, run2, "B", tokens["B"])
+    for ref in range(1, 6):
+        a.write(f"k{ref}", ref)
+        commit(hub1, run1)
+    first.compact(DATASET)
+    assert follow(hub2, run2) == [b.cid]
+    b.down()
+    (error,) = [e for e in b.events if isinstance(e, ErrorReceived)]
+    assert error.code == codes.UNAVAILABLE and hub2.close_code(b.cid)[0] == CLOSE_TRY_AGAIN
+    assert hub2.followed() == [] and hub2.metrics.follow_resyncs == 1
+    # Reconnected, it syncs by state vector and follows from the head again.
+    again = Peer(hub2, run2, "B", tokens["B"])
+    assert hub2.followed() == [DATASET] and follow(hub2, run2) == []
+    assert any(isinstance(e, Opened) for e in again.events)
+    first.close()
+    second.close()

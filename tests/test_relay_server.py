@@ -927,7 +927,7 @@ def test_stop_acks_what_was_received_then_says_unavailable(
 # -- the CLI, killed mid-stream ---------------------------------------------------------------
 
 
-def _start_cli(path: Path, port: int) -> subprocess.Popen[str]:
+def _start_cli(path: Path | str, port: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [BRANCHLINE, "relay", "serve", str(path), "--port", str(port)],
         stdout=subprocess.PIPE,

@@ -1,5 +1,7 @@
-"""The relay's SQLite store: node tokens, the deduplicated update log, diffs,
-compaction, ``blocks`` leases, limits, and crash safety under SIGKILL.
+"""The relay's SQLite store beyond the store contract (engine.relay.testing, run
+by test_relay_contract.py): hashed tokens on disk, foreign files, the fold
+point, the memory budget, leases across restarts and processes, format
+upgrades, and crash safety under SIGKILL.
 
 Run as a script (``python test_relay_store.py child STORE ROUND``) it is the
 child process of the crash test.
@@ -15,7 +17,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +27,14 @@ from hypothesis import strategies as st
 from pycrdt import Doc, Map
 
 from engine.errors import (
-    AuthError,
     FormatVersionError,
-    NodeRevoked,
-    PeriodLocked,
-    ReadOnlyNode,
-    RelayLimitError,
     RelayStoreExists,
     RelayStoreNotFound,
     StoreError,
-    UnknownDataset,
-    UnknownNode,
-    UpdateError,
-    UpdateTooLarge,
-    UserError,
 )
 from engine.node import Node
-from engine.relay import EMPTY_UPDATE, RelayLimits, SqliteRelayStore, UpdateIn
+from engine.relay import RelayLimits, SqliteRelayStore, UpdateIn
+from engine.relay.testing import check_disjoint, map_updates, node_updates, push
 
 CRASH_ROUNDS = 24
 
@@ -54,81 +46,7 @@ def store(tmp_path: Path) -> Any:
     s.close()
 
 
-def node_updates(node: Node, author: str) -> list[UpdateIn]:
-    return [UpdateIn(doc, data, author) for _, doc, data in node.outbox(100_000)]
-
-
-def push(store: SqliteRelayStore, node: Node, author: str) -> list[str]:
-    results = store.append_updates("acme", node_updates(node, author))
-    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
-    return [r.status for r in results]
-
-
-def pull(store: SqliteRelayStore, node: Node) -> None:
-    state = node.state()
-    node.import_updates(
-        {doc: store.diff("acme", doc, state.get(doc)) for doc in store.documents("acme")}
-    )
-
-
-def customers(node: Node) -> dict[str, str]:
-    return {r["code"]: r["name"] for r in node.list("customers")}
-
-
 # -- nodes and tokens ---------------------------------------------------------
-
-
-def test_enroll_authenticate_revoke(store: SqliteRelayStore) -> None:
-    first = store.enroll("acme", "HN")
-    assert first.dataset_created and not first.replaced
-    assert first.token not in repr(first)
-    grant = store.authenticate("acme", "HN", first.token)
-    assert (grant.dataset, grant.node, grant.read_only) == ("acme", "HN", False)
-
-    ro = store.enroll("acme", "till1", read_only=True)
-    assert not ro.dataset_created
-    assert store.authenticate("acme", "till1", ro.token).read_only
-
-    # Wrong token, unknown node, unknown dataset, token of another node: one
-    # message shape that does not say which part was wrong.
-    messages = set()
-    # Flip the first character to one it is not (a random token starts with
-    # "x" one time in 64, which made this case flaky).
-    wrong = ("y" if first.token[0] == "x" else "x") + first.token[1:]
-    for dataset, node, token in [
-        ("acme", "HN", wrong),
-        ("acme", "nobody", first.token),
-        ("other", "HN", first.token),
-        ("acme", "HN", ro.token),
-    ]:
-        with pytest.raises(AuthError) as info:
-            store.authenticate(dataset, node, token)
-        assert not isinstance(info.value, NodeRevoked)
-        assert first.token not in str(info.value) and ro.token not in str(info.value)
-        messages.add(str(info.value).split(":", 1)[1])
-    assert len(messages) == 1
-
-    assert store.revoke("acme", "HN") is True
-    assert store.revoke("acme", "HN") is False
-    with pytest.raises(NodeRevoked):
-        store.authenticate("acme", "HN", first.token)
-    with pytest.raises(UnknownNode):
-        store.revoke("acme", "nobody")
-    with pytest.raises(UnknownDataset):
-        store.revoke("other", "HN")
-
-    again = store.enroll("acme", "HN")
-    assert again.replaced and again.token != first.token
-    assert store.authenticate("acme", "HN", again.token).node == "HN"
-    with pytest.raises(AuthError):
-        store.authenticate("acme", "HN", first.token)
-
-
-def test_names_are_validated(store: SqliteRelayStore) -> None:
-    for dataset, node in [("", "HN"), ("a b", "HN"), ("acme", "x" * 33), ("acme", "a.b")]:
-        with pytest.raises(UserError):
-            store.enroll(dataset, node)
-    assert store.status() == []
 
 
 def test_tokens_are_stored_hashed(tmp_path: Path) -> None:
@@ -166,124 +84,6 @@ def test_open_refuses_missing_foreign_and_newer_files(tmp_path: Path) -> None:
 # -- updates --------------------------------------------------------------------
 
 
-def test_append_dedupes_and_diff_gives_what_a_client_lacks(
-    tmp_path: Path, store: SqliteRelayStore
-) -> None:
-    store.enroll("acme", "A")
-    store.enroll("acme", "B")
-    a = Node.create(tmp_path / "a", dataset="acme", node="A")
-    b = Node.create(tmp_path / "b", dataset="acme", node="B")
-    for i in range(30):
-        a.put("customers", {"code": f"K{i}", "name": f"a{i}"})
-    assert set(push(store, a, "A")) == {"stored"}
-    # Re-sent (the ack was lost): nothing is stored twice.
-    assert set(push(store, a, "A")) == {"duplicate"}
-    rows = store.status()[0].documents[0]
-    assert rows.updates == 30
-
-    pull(store, b)
-    assert customers(b) == customers(a)
-    # B now holds everything: the diff for its state is empty, and a full
-    # export of B offered back to the relay is all duplicate.
-    state = b.state()
-    for doc in store.documents("acme"):
-        assert store.diff("acme", doc, state[doc]) == EMPTY_UPDATE
-    whole = [UpdateIn(d, u, "B") for d, u in b.export_updates().items()]
-    assert {r.status for r in store.append_updates("acme", whole)} == {"duplicate"}
-
-    # B edits, A edits concurrently; each gets exactly the other's change.
-    a.ack([s for s, _, _ in a.outbox()])
-    b.put("customers", {"code": "K1", "name": "from B"})
-    a.put("customers", {"code": "K2", "name": "from A"})
-    push(store, b, "B")
-    push(store, a, "A")
-    pull(store, a)
-    pull(store, b)
-    assert customers(a) == customers(b)
-    assert customers(a)["K1"] == "from B" and customers(a)["K2"] == "from A"
-
-    # A fresh node converges from the full diffs.
-    c = Node.create(tmp_path / "c", dataset="acme", node="C")
-    pull(store, c)
-    assert customers(c) == customers(a)
-
-
-def test_rejections_leave_the_rest_of_the_batch(tmp_path: Path) -> None:
-    store = SqliteRelayStore.create(tmp_path / "r.db", RelayLimits(max_update_bytes=4096))
-    store.enroll("acme", "A")
-    store.enroll("acme", "RO", read_only=True)
-    store.enroll("acme", "GONE")
-    store.revoke("acme", "GONE")
-    a = Node.create(tmp_path / "a", dataset="acme", node="A")
-    a.put("customers", {"code": "K1", "name": "x"})
-    good = node_updates(a, "A")[0]
-    batch = [
-        UpdateIn(good.doc, b"\x01\x02garbage", "A"),
-        UpdateIn(good.doc, good.data, "RO"),
-        UpdateIn(good.doc, good.data, "GONE"),
-        UpdateIn(good.doc, good.data, "stranger"),
-        UpdateIn("Bad Doc!", good.data, "A"),
-        UpdateIn(good.doc, b"\x00" * 5000, "A"),
-        good,
-    ]
-    results = store.append_updates("acme", batch)
-    errors = [type(r.error) for r in results]
-    assert errors == [
-        UpdateError,
-        ReadOnlyNode,
-        NodeRevoked,
-        AuthError,
-        UpdateError,
-        UpdateTooLarge,
-        type(None),
-    ]
-    assert [r.status for r in results][-1] == "stored"
-    assert store.status()[0].documents[0].updates == 1
-    with pytest.raises(UnknownDataset):
-        store.append_updates("other", [good])
-    with pytest.raises(RelayLimitError):
-        store.append_updates("acme", [good] * (store.limits.max_batch + 1))
-    with pytest.raises(UpdateError):
-        store.diff("acme", good.doc, b"\xff\xff\xff")
-    assert store.diff("acme", "vendors", None) == EMPTY_UPDATE
-    store.close()
-
-
-def test_durable_across_reopen_and_compaction(tmp_path: Path) -> None:
-    path = tmp_path / "r.db"
-    limits = RelayLimits(compact_after=7, compact_ratio=0)  # every 7 rows, whatever the bytes
-    store = SqliteRelayStore.create(path, limits)
-    store.enroll("acme", "A")
-    a = Node.create(tmp_path / "a", dataset="acme", node="A")
-    for i in range(50):
-        a.put("customers", {"code": f"K{i}", "name": f"n{i}"})
-        push(store, a, "A")
-        a.ack([s for s, _, _ in a.outbox()])
-    before = store.diff("acme", "customers")
-    info = store.status()[0].documents[0]
-    assert info.updates == 50 and info.log_rows < 7  # folded by automatic compaction
-    store.close()
-
-    store = SqliteRelayStore.open(path, limits)
-    assert store.integrity_check() == "ok"
-    b = Node.create(tmp_path / "b", dataset="acme", node="B")
-    pull(store, b)
-    assert customers(b) == customers(a)
-    store.compact("acme")
-    assert store.status()[0].documents[0].log_rows == 0
-    store.close()
-    store = SqliteRelayStore.open(path)
-    c = Node.create(tmp_path / "c", dataset="acme", node="C")
-    pull(store, c)
-    assert customers(c) == customers(a)
-    d = Doc()
-    d.apply_update(before)
-    e = Doc()
-    e.apply_update(store.diff("acme", "customers"))
-    assert d.get_state() == e.get_state()
-    store.close()
-
-
 def _fold_point(limits: RelayLimits, path: Path) -> tuple[int, int, int]:
     """Log a 300-key document, compact it, then append small updates one by
     one until the store folds its log: (snapshot bytes, updates appended,
@@ -299,7 +99,7 @@ def _fold_point(limits: RelayLimits, path: Path) -> tuple[int, int, int]:
     snapshot = len(store.diff("acme", "customers"))
     logged = 0
     try:
-        for n, update in enumerate(_map_updates(2000, client_id=6), 1):
+        for n, update in enumerate(map_updates(2000, client_id=6), 1):
             store.append_updates("acme", [UpdateIn("customers", update, "X")])
             logged += len(update)
             if store.status()[0].documents[0].log_rows < n:
@@ -321,47 +121,6 @@ def test_compaction_waits_for_log_bytes_relative_to_the_snapshot(tmp_path: Path)
     assert _fold_point(limits, tmp_path / "max.db")[1] == 50
 
 
-def _map_updates(n: int, client_id: int) -> list[bytes]:
-    doc: Doc[Any] = Doc(client_id=client_id)
-    m = doc.get("r", type=Map)
-    out = []
-    for i in range(n):
-        sv = doc.get_state()
-        m[f"k{i}|X"] = f"v{i}"
-        out.append(doc.get_update(sv))
-    return out
-
-
-def test_out_of_order_updates_wait_and_survive_compaction(tmp_path: Path) -> None:
-    path = tmp_path / "r.db"
-    store = SqliteRelayStore.create(path)
-    store.enroll("acme", "X")
-    u = _map_updates(4, client_id=77)
-    late = [UpdateIn("customers", u[2], "X"), UpdateIn("customers", u[3], "X")]
-    # From a node that is not a carrier, a waiting update is refused: what it
-    # will change cannot be checked (engine.relay.authorship).
-    refused = store.append_updates("acme", late)
-    assert [type(r.error).__name__ for r in refused] == ["NotAuthor", "NotAuthor"]
-    assert "waits for changes" in str(refused[0].error)
-    # A carrier's: 2 and 3 arrive before 0 and 1 and wait, stored once even if re-sent.
-    store.enroll("acme", "X", carrier=True)
-    assert [r.status for r in store.append_updates("acme", late)] == ["stored", "stored"]
-    assert [r.status for r in store.append_updates("acme", late)] == ["duplicate", "duplicate"]
-    store.compact("acme")
-    store.close()
-    store = SqliteRelayStore.open(path)
-    early = [UpdateIn("customers", u[0], "X"), UpdateIn("customers", u[1], "X")]
-    assert [r.status for r in store.append_updates("acme", early)] == ["stored", "stored"]
-    store.compact("acme")
-    assert store.status()[0].documents[0].log_rows == 0  # the waiting rows are covered now
-    store.close()
-    store = SqliteRelayStore.open(path)
-    doc: Doc[Any] = Doc()
-    doc.apply_update(store.diff("acme", "customers"))
-    assert dict(doc.get("r", type=Map)) == {f"k{i}|X": f"v{i}" for i in range(4)}
-    store.close()
-
-
 def test_documents_in_memory_stay_under_the_budget(tmp_path: Path) -> None:
     limits = RelayLimits(max_loaded_docs=3, memory_budget_bytes=1 << 20)
     store = SqliteRelayStore.create(tmp_path / "r.db", limits)
@@ -369,7 +128,7 @@ def test_documents_in_memory_stay_under_the_budget(tmp_path: Path) -> None:
     names = [f"doc{i}" for i in range(10)]
     expected = {}
     for i, name in enumerate(names):
-        (data,) = _map_updates(1, client_id=1000 + i)
+        (data,) = map_updates(1, client_id=1000 + i)
         expected[name] = data
         store.append_updates("acme", [UpdateIn(name, data, "X")])
         assert store.loaded_documents() <= 3
@@ -388,41 +147,7 @@ def test_documents_in_memory_stay_under_the_budget(tmp_path: Path) -> None:
     store.close()
 
 
-def test_document_count_limit(tmp_path: Path) -> None:
-    store = SqliteRelayStore.create(tmp_path / "r.db", RelayLimits(max_documents_per_dataset=2))
-    store.enroll("acme", "X")
-    (data,) = _map_updates(1, client_id=5)
-    results = store.append_updates(
-        "acme", [UpdateIn(n, data, "X") for n in ("customers", "vendors", "items")]
-    )
-    assert [r.status for r in results] == ["stored", "stored", "rejected"]
-    assert isinstance(results[2].error, RelayLimitError)
-    assert store.documents("acme") == ["customers", "vendors"]
-    store.close()
-
-
-def test_revoke_by_another_process_takes_effect_on_next_write(tmp_path: Path) -> None:
-    path = tmp_path / "r.db"
-    server = SqliteRelayStore.create(path)
-    server.enroll("acme", "X")
-    u = _map_updates(2, client_id=9)
-    assert server.append_updates("acme", [UpdateIn("customers", u[0], "X")])[0].ok
-    admin = SqliteRelayStore.open(path)
-    admin.revoke("acme", "X")
-    admin.close()
-    result = server.append_updates("acme", [UpdateIn("customers", u[1], "X")])[0]
-    assert isinstance(result.error, NodeRevoked)
-    server.close()
-
-
 # -- series leases ----------------------------------------------------------------
-
-
-def _check_disjoint(ranges: list[tuple[int, int]]) -> None:
-    ranges = sorted(ranges)
-    for (_, last), (first, _) in itertools.pairwise(ranges):
-        assert first == last + 1, f"gap or overlap: {ranges}"
-    assert ranges[0][0] == 1
 
 
 @settings(
@@ -451,48 +176,7 @@ def test_leases_never_repeat_across_restarts(tmp_path_factory: Any, plan: Any) -
             store = SqliteRelayStore.open(path)
     store.close()
     for ranges in got.values():
-        _check_disjoint(ranges)
-
-
-def test_lease_arguments(store: SqliteRelayStore) -> None:
-    store.enroll("acme", "A")
-    for bad in (0, -1, True):
-        with pytest.raises(UserError):
-            store.lease("acme", "s", bad)
-    with pytest.raises(UserError):
-        store.lease("acme", "bad key!", 1)
-    with pytest.raises(RelayLimitError):
-        store.lease("acme", "s", store.limits.max_lease + 1)
-    with pytest.raises(UnknownDataset):
-        store.lease("other", "s", 1)
-    assert store.lease("acme", "s", 1) == (1, 1)
-
-
-def test_concurrent_leases_from_threads(tmp_path: Path) -> None:
-    path = tmp_path / "r.db"
-    shared = SqliteRelayStore.create(path)
-    shared.enroll("acme", "A")
-    ranges: list[tuple[int, int]] = []
-    lock = threading.Lock()
-
-    def worker(own: bool, seed: int) -> None:
-        rng = random.Random(seed)
-        store = SqliteRelayStore.open(path) if own else shared
-        for _ in range(40):
-            r = store.lease("acme", "sales", rng.randint(1, 20))
-            with lock:
-                ranges.append(r)
-        if own:
-            store.close()
-
-    threads = [threading.Thread(target=worker, args=(i % 2 == 0, i)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    shared.close()
-    assert len(ranges) == 240
-    _check_disjoint(ranges)
+        check_disjoint(ranges)
 
 
 def _lease_in_process(path: str, seed: int, out: Any) -> None:
@@ -518,7 +202,7 @@ def test_concurrent_leases_from_processes(tmp_path: Path) -> None:
         p.join(timeout=60)
         assert p.exitcode == 0
     assert len(ranges) == 120
-    _check_disjoint(ranges)
+    check_disjoint(ranges)
 
 
 # -- crash safety -----------------------------------------------------------------
@@ -637,82 +321,33 @@ def test_an_update_that_waits_for_an_earlier_one_is_kept_across_reopen(tmp_path:
     s.close()
 
 
-def test_revocations_counter_and_lapsed_grants_across_processes(tmp_path: Path) -> None:
-    path = tmp_path / "r.db"
-    serving = SqliteRelayStore.create(path)
-    a, b = serving.enroll("acme", "A"), serving.enroll("acme", "B")
-    grants = [serving.authenticate("acme", n, e.token) for n, e in (("A", a), ("B", b))]
-    assert a.token not in repr(grants[0])  # nor its hash: token_id is left out of repr
-    start = serving.revocations()
-    assert serving.lapsed(grants) == {}
-    # An admin process revokes A and enrolls B again: the serving store sees
-    # the counter move and both grants lapse, each with its reason.
-    with SqliteRelayStore.open(path) as admin:
-        admin.revoke("acme", "A")
-        assert admin.revoke("acme", "A") is False  # already revoked: no change
-        admin.enroll("acme", "B")
-        admin.enroll("acme", "C")  # a new node replaces no token
-    assert serving.revocations() == start + 2
-    lapsed = serving.lapsed(grants)
-    assert "revoked" in lapsed[grants[0]] and "enrolled again" in lapsed[grants[1]]
-    assert a.token not in str(lapsed) and b.token not in str(lapsed)
-    serving.close()
-
-
 # -- period locks --------------------------------------------------------------------
 
 
-def test_period_locks_refuse_updates_of_their_documents_only(tmp_path: Path) -> None:
-    store = SqliteRelayStore.create(tmp_path / "r.db")
-    store.enroll("acme", "X")
-    docs = ["customers", "journal/2025", "journal/2026", "journal/2026-11", "journal/2026-12"]
-    docs += ["sales_invoice/2026-11"]
-    # One client per document: an update of each stands alone (none waits).
-    updates = {d: _map_updates(1, client_id=100 + i)[0] for i, d in enumerate(docs)}
-
-    def refused(names: list[str]) -> set[str]:
-        results = store.append_updates("acme", [UpdateIn(d, updates[d], "X") for d in names])
-        out = set()
-        for name, r in zip(names, results, strict=True):
-            if r.status == "rejected":
-                assert isinstance(r.error, PeriodLocked)
-                assert repr(name) in str(r.error) and "locked" in str(r.error)
-                out.add(name)
-        return out
-
-    assert store.lock_period("acme", "2026-11") is True
-    assert store.lock_period("acme", "2026-11") is False  # already
-    # A month lock covers that month's documents only, not the yearly one.
-    assert refused(docs) == {"journal/2026-11", "sales_invoice/2026-11"}
-    assert store.status()[0].locks == ["2026-11"]
-    # A year lock covers the year's document and every month of it.
-    assert store.unlock_period("acme", "2026-11") is True
-    assert store.unlock_period("acme", "2026-11") is False
-    assert store.lock_period("acme", "2026")
-    updates = {d: _map_updates(1, client_id=200 + i)[0] for i, d in enumerate(docs)}
-    assert refused(docs) == {"journal/2026", "journal/2026-12"} | {
-        "journal/2026-11",
-        "sales_invoice/2026-11",
-    }
-    # Reading a locked document goes on; nothing refused was stored.
-    assert store.diff("acme", "journal/2026") != EMPTY_UPDATE  # stored before the year lock
-    assert store.diff("acme", "journal/2026-11") == EMPTY_UPDATE  # refused both times
-    with pytest.raises(UserError, match="YYYY or YYYY-MM"):
-        store.lock_period("acme", "2026-13")
-    with pytest.raises(UnknownDataset):
-        store.lock_period("nope", "2026")
-    store.close()
-
-
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_an_older_store_is_upgraded_when_opened(tmp_path: Path, version: int) -> None:
-    """Format 1 lacks period locks, 2 the carrier flag: both open as 3, and
-    the nodes enrolled before are not carriers."""
+    """Format 1 lacks period locks, 2 the carrier flag, 3 the positions: all
+    open as 4, the nodes enrolled before are not carriers, and the log rows
+    get positions in their order (after one standing for the snapshots)."""
     path = tmp_path / "r.db"
+    node = Node.create(tmp_path / "n", dataset="acme", node="X")
     with SqliteRelayStore.create(path) as store:
         store.enroll("acme", "X")
+        store.enroll("beta", "X")
+        node.put("customers", {"code": "C1", "name": "One"})
+        push(store, node, "X")
+        node.ack([s for s, _, _ in node.outbox()])
+        store.compact("acme")
+        node.put("customers", {"code": "C2", "name": "Two"})
+        push(store, node, "X")
+        node.ack([s for s, _, _ in node.outbox()])
     conn = sqlite3.connect(path)
-    conn.execute("ALTER TABLE nodes DROP COLUMN carrier")
+    conn.execute("DROP INDEX updates_position")
+    conn.execute("DELETE FROM updates WHERE position = 1")  # folded rows of format 3 are gone
+    for table, column in [("updates", "position"), ("datasets", "head"), ("datasets", "folded")]:
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    if version < 3:
+        conn.execute("ALTER TABLE nodes DROP COLUMN carrier")
     if version == 1:
         conn.execute("DROP TABLE locks")
     conn.execute(f"PRAGMA user_version = {version}")
@@ -723,6 +358,12 @@ def test_an_older_store_is_upgraded_when_opened(tmp_path: Path, version: int) ->
         assert store.status()[0].locks == ["2026"]
         assert [n.carrier for n in store.status()[0].nodes] == [False]
         assert store.enroll("acme", "HO", carrier=True).carrier
+        assert store.head("acme") == 2 and store.head("beta") == 0
+        assert store.logged_after("acme", 0, 10) is None  # C1 is in the snapshot only
+        logged = store.logged_after("acme", 1, 10)
+        assert logged is not None and [r.position for r in logged] == [2]
+        node.put("customers", {"code": "C3", "name": "Three"})
+        assert [r.position for r in store.append_updates("acme", node_updates(node, "X"))] == [3]
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
     conn.close()

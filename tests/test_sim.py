@@ -36,6 +36,16 @@ def test_a_few_more_seeds() -> None:
     assert main(["--seeds", "6", "--start", "1000"]) == 0
 
 
+def test_several_relays_on_one_store_converge_and_pass_updates_live() -> None:
+    """Two relays over one store file: nodes move between them, each relay
+    crashes on its own; what one relay stores reaches the other's nodes by
+    its follower, not only when they reconnect."""
+    assert main(["--seeds", "3", "--start", "2000", "--relays", "2"]) == 0
+    world = World(2001, relays=2)
+    stats = world.run()
+    assert stats.followed > 0 and stats.faults["node moved to another relay"] > 0
+
+
 def test_a_seed_replays_exactly() -> None:
     first, second = World(12), World(12)
     assert first.faults == second.faults

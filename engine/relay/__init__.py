@@ -1,6 +1,7 @@
 """The relay: durable store (``store``, ``sqlite_store``) and admin CLI (``cli``)."""
 
-from .sqlite_store import RelayLimits, SqliteRelayStore
+from .doccache import RelayLimits
+from .sqlite_store import SqliteRelayStore
 from .store import (
     EMPTY_STATE_VECTOR,
     EMPTY_UPDATE,
@@ -8,6 +9,7 @@ from .store import (
     DatasetInfo,
     DocumentInfo,
     Enrollment,
+    Logged,
     NodeGrant,
     NodeInfo,
     RelayStore,
@@ -21,6 +23,7 @@ __all__ = [
     "DatasetInfo",
     "DocumentInfo",
     "Enrollment",
+    "Logged",
     "NodeGrant",
     "NodeInfo",
     "RelayLimits",

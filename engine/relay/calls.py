@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .store import Appended, NodeGrant
+from .store import Appended, Logged, NodeGrant
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class HelloAnswer:
     documents: tuple[str, ...] = ()
     code: str = ""
     message: str = ""
+    #: The dataset's position, read before the documents (and so before any
+    #: diff of the connection): where following other relays' commits starts.
+    head: int | None = None
 
 
 @dataclass(frozen=True)
@@ -118,4 +121,20 @@ class BatchOutcome:
     seconds: tuple[float, ...] = ()
 
 
-StoreCall = Authenticate | Diff | Lease | Batch
+@dataclass(frozen=True)
+class Follow:
+    """Read what ``dataset`` logged after ``after`` (``logged_after``, at most
+    ``limit``): commits of other relays on the same store to fan out.
+    ``barrier`` is the id of the last batch taken when it was asked: the core
+    holds the answer until that batch is settled (its own rows are then known)."""
+
+    dataset: str
+    after: int
+    limit: int
+    barrier: int
+
+
+#: The answer of a ``Follow``: the rows, or None when compaction folded some away.
+FollowAnswer = list[Logged] | None
+
+StoreCall = Authenticate | Diff | Lease | Batch | Follow

@@ -25,9 +25,44 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import UserError
-from .sqlite_store import SqliteRelayStore
+from .store import RelayStore
+from .stores import create_store, describe, open_store
 
-store_argument = click.argument("store", type=click.Path(dir_okay=False, path_type=Path))
+
+class StoreCommand(click.Command):
+    """A command whose STORE (first argument) may also be given as
+    ``--store PATH|URL`` anywhere on the line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        args = list(args)
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            if arg == "--store" and i + 1 < len(args):
+                value = args[i + 1]
+                del args[i : i + 2]
+                args.insert(0, value)
+                break
+            if arg.startswith("--store="):
+                del args[i]
+                args.insert(0, arg.split("=", 1)[1])
+                break
+        return super().parse_args(ctx, args)
+
+
+def store_argument(fn: Any) -> Any:
+    """STORE: a SQLite relay store file or a ``postgresql://host/db[?schema=S]``
+    URL, as the first argument or as ``--store``."""
+    fn = click.option(
+        "--store",
+        "store_flag",
+        metavar="PATH|URL",
+        expose_value=False,
+        help="the relay store, instead of STORE: a SQLite file or postgresql://host/db[?schema=S]",
+    )(fn)
+    return click.argument("store", metavar="STORE")(fn)
+
+
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="print one JSON document on stdout"
 )
@@ -38,8 +73,8 @@ def _emit(value: Any) -> None:
 
 
 @contextmanager
-def _opened(path: Path) -> Iterator[SqliteRelayStore]:
-    store = SqliteRelayStore.open(path)
+def _opened(spec: str) -> Iterator[RelayStore]:
+    store = open_store(spec)
     try:
         yield store
     finally:
@@ -51,19 +86,20 @@ def relay_group() -> None:
     """Relay store administration and the relay server ('relay serve')."""
 
 
-@relay_group.command("init")
+@relay_group.command("init", cls=StoreCommand)
 @store_argument
 @json_option
-def init_cmd(store: Path, as_json: bool) -> None:
-    """Create an empty relay store file STORE."""
-    SqliteRelayStore.create(store).close()
+def init_cmd(store: str, as_json: bool) -> None:
+    """Create an empty relay store STORE (a SQLite file, or a schema in an
+    existing PostgreSQL database)."""
+    create_store(store).close()
     if as_json:
-        _emit({"store": str(store), "created": True})
+        _emit({"store": describe(store), "created": True})
     else:
-        click.echo(f"created relay store {store}")
+        click.echo(f"created relay store {describe(store)}")
 
 
-@relay_group.command("enroll")
+@relay_group.command("enroll", cls=StoreCommand)
 @store_argument
 @click.argument("dataset")
 @click.argument("node")
@@ -76,7 +112,7 @@ def init_cmd(store: Path, as_json: bool) -> None:
 )
 @json_option
 def enroll_cmd(
-    store: Path, dataset: str, node: str, read_only: bool, carrier: bool, as_json: bool
+    store: str, dataset: str, node: str, read_only: bool, carrier: bool, as_json: bool
 ) -> None:
     """Issue a token for NODE of DATASET (the dataset is created on first
     enroll). Re-enrolling a node replaces its token and its flags."""
@@ -110,12 +146,12 @@ def enroll_cmd(
     click.echo("This token will not be shown again; the relay keeps only a hash of it.")
 
 
-@relay_group.command("revoke")
+@relay_group.command("revoke", cls=StoreCommand)
 @store_argument
 @click.argument("dataset")
 @click.argument("node")
 @json_option
-def revoke_cmd(store: Path, dataset: str, node: str, as_json: bool) -> None:
+def revoke_cmd(store: str, dataset: str, node: str, as_json: bool) -> None:
     """Revoke NODE of DATASET: its token stops working and its writes are refused."""
     with _opened(store) as relay:
         newly = relay.revoke(dataset, node)
@@ -127,12 +163,12 @@ def revoke_cmd(store: Path, dataset: str, node: str, as_json: bool) -> None:
         click.echo(f"node '{node}' of dataset '{dataset}' was already revoked")
 
 
-@relay_group.command("lock")
+@relay_group.command("lock", cls=StoreCommand)
 @store_argument
 @click.argument("dataset")
 @click.argument("period")
 @json_option
-def lock_cmd(store: Path, dataset: str, period: str, as_json: bool) -> None:
+def lock_cmd(store: str, dataset: str, period: str, as_json: bool) -> None:
     """Lock PERIOD (YYYY or YYYY-MM) of DATASET: the relay refuses every
     change to its documents (a year covers its months; a month does not cover
     the yearly document). Downloads go on. Applies to a serving relay at once."""
@@ -141,12 +177,12 @@ def lock_cmd(store: Path, dataset: str, period: str, as_json: bool) -> None:
     _said(dataset, period, newly, "locked", as_json)
 
 
-@relay_group.command("unlock")
+@relay_group.command("unlock", cls=StoreCommand)
 @store_argument
 @click.argument("dataset")
 @click.argument("period")
 @json_option
-def unlock_cmd(store: Path, dataset: str, period: str, as_json: bool) -> None:
+def unlock_cmd(store: str, dataset: str, period: str, as_json: bool) -> None:
     """Lift the lock on PERIOD (YYYY or YYYY-MM) of DATASET; nodes send their
     held changes again when they next sync (after 'branchline retry')."""
     with _opened(store) as relay:
@@ -164,10 +200,10 @@ def _said(dataset: str, period: str, changed: bool, done: str, as_json: bool) ->
         click.echo(f"period {period} of dataset '{dataset}' was {was}")
 
 
-@relay_group.command("status")
+@relay_group.command("status", cls=StoreCommand)
 @store_argument
 @json_option
-def status_cmd(store: Path, as_json: bool) -> None:
+def status_cmd(store: str, as_json: bool) -> None:
     """Datasets, their nodes (read-only, carrier, revoked), locked periods, documents
     and update counts."""
     with _opened(store) as relay:
@@ -176,7 +212,7 @@ def status_cmd(store: Path, as_json: bool) -> None:
     if as_json:
         _emit(
             {
-                "store": str(store),
+                "store": describe(store),
                 "datasets": [
                     {
                         "name": ds.name,
@@ -213,7 +249,7 @@ def status_cmd(store: Path, as_json: bool) -> None:
         return
     console = Console(highlight=False)
     if not info:
-        console.print(f"{store}: no datasets yet (enroll a node to create one)")
+        console.print(f"{describe(store)}: no datasets yet (enroll a node to create one)")
         return
     for ds in info:
         updates = sum(d.updates for d in ds.documents)
@@ -249,11 +285,40 @@ def _seen_text(at_ms: int) -> str:
     return dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+@relay_group.command("migrate")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="the SQLite relay store file to copy",
+)
+@click.option(
+    "--to", "target", required=True, metavar="URL", help="postgresql://host/db[?schema=S]"
+)
+@json_option
+def migrate_cmd(source: Path, target: str, as_json: bool) -> None:
+    """Copy the SQLite relay store --from into a new PostgreSQL store --to
+    (datasets, nodes with their token hashes, logs, snapshots, series,
+    leases, locks, last seen), then compare row counts. Stop the relay first."""
+    from .migrate import migrate
+    from .pg_store import is_pg_url
+
+    if not is_pg_url(target):
+        raise UserError(f"--to takes a postgresql:// URL, not {target!r}")
+    done = migrate(source, target)
+    if as_json:
+        _emit({"from": done.source, "to": done.target, "rows": done.rows})
+        return
+    rows = ", ".join(f"{n} {t}" for t, n in done.rows.items())
+    click.echo(f"copied {done.source} into {done.target}: {rows}; counts match")
+
+
 # ``list`` is the same view: operators reach for either name.
 relay_group.add_command(status_cmd, "list")
 
 
-@relay_group.command("serve")
+@relay_group.command("serve", cls=StoreCommand)
 @store_argument
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option(
@@ -275,7 +340,7 @@ relay_group.add_command(status_cmd, "list")
 )
 @json_option
 def serve_cmd(
-    store: Path,
+    store: str,
     host: str,
     port: int,
     tls_cert: Path | None,
@@ -303,11 +368,16 @@ def serve_cmd(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     with _opened(store) as relay:
-        asyncio.run(_serve(relay, host, port, context, as_json))
+        asyncio.run(_serve(relay, describe(store), host, port, context, as_json))
 
 
 async def _serve(
-    store: SqliteRelayStore, host: str, port: int, context: ssl.SSLContext | None, as_json: bool
+    store: RelayStore,
+    name: str,
+    host: str,
+    port: int,
+    context: ssl.SSLContext | None,
+    as_json: bool,
 ) -> None:
     from .server import RelayServer
 
@@ -322,9 +392,9 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if as_json:
-        click.echo(orjson.dumps({"serving": str(store.path), "url": server.url}).decode())
+        click.echo(orjson.dumps({"serving": name, "url": server.url}).decode())
     else:
-        click.echo(f"relay serving {store.path} on {server.url}", nl=True)
+        click.echo(f"relay serving {name} on {server.url}", nl=True)
     sys.stdout.flush()
     try:
         await stop.wait()
@@ -332,4 +402,4 @@ async def _serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await server.stop()
-    click.echo(orjson.dumps({"stopped": str(store.path)}).decode() if as_json else "relay stopped")
+    click.echo(orjson.dumps({"stopped": name}).decode() if as_json else "relay stopped")

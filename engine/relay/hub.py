@@ -25,6 +25,14 @@ test relays. A driver's loop::
     hub.data_to_send(cid) -> frames              # after any of the above
     hub.disconnect(cid)                          # the connection is gone
 
+Several relays on one store: each relay follows, for the datasets it has
+connections of (``followed``), the positions other relays commit. A driver
+asks ``follow(dataset)`` when the store says the dataset's head may have
+moved and hands the rows back (``remote_committed``); the core fans out the
+rows it did not commit itself (it knows its own from ``Appended.position``)
+and keeps the dataset's position. Follow calls and batches must run on the
+store in the order they were taken.
+
 Guarantees: an update is acknowledged only once the commit of the batch
 holding it was settled with its result; an update is committed only while
 its connection is open (a connection gone before its batch was taken has
@@ -72,6 +80,8 @@ from .calls import (
     BatchOutcome,
     Diff,
     DiffAnswer,
+    Follow,
+    FollowAnswer,
     HelloAnswer,
     Lease,
     LeaseAnswer,
@@ -118,6 +128,10 @@ class HubLimits:
     sends before dropping what is left. ``revocation_poll_s``: how often the
     store's revocation counter is read; connections of a node revoked (or
     enrolled again) by an admin command are closed within about that long.
+    ``follow_batch``: rows read per ``Follow`` (other relays' commits).
+    ``follow_lag``: own commits of a dataset not yet passed by its follower
+    beyond which the follower has lost its place: the dataset's connections
+    are closed (``unavailable``) and resync by state vector on reconnect.
     """
 
     protocol: Limits = field(default_factory=Limits)
@@ -135,6 +149,8 @@ class HubLimits:
     close_timeout_s: float = 3.0
     shutdown_timeout_s: float = 10.0
     revocation_poll_s: float = 0.5
+    follow_batch: int = 1024
+    follow_lag: int = 262_144
 
     def __post_init__(self) -> None:
         positive = {
@@ -150,6 +166,8 @@ class HubLimits:
             "close_timeout_s": self.close_timeout_s,
             "shutdown_timeout_s": self.shutdown_timeout_s,
             "revocation_poll_s": self.revocation_poll_s,
+            "follow_batch": self.follow_batch,
+            "follow_lag": self.follow_lag,
         }
         for name, value in positive.items():
             if not value > 0:
@@ -198,6 +216,25 @@ class _Conn:
         return f"connection {self.id} ({self.peer}, {who})"
 
 
+class _Followed:
+    """A dataset whose commits by other relays the core follows."""
+
+    __slots__ = ("asked", "behind", "held", "own", "position")
+
+    def __init__(self, position: int) -> None:
+        self.position = position  # every row up to here was fanned out or is ours
+        self.own: deque[int] = deque()  # positions of our commits above it, increasing
+        self.asked: Follow | None = None  # the read out now (one at a time)
+        self.held: FollowAnswer = None  # its answer, waiting for its barrier batch
+        self.behind = False  # the last read was a full page: read again
+
+    def skip_own(self) -> None:
+        """Pass our own commits right after the position: nothing to read there."""
+        own = self.own
+        while own and own[0] <= self.position + 1:
+            self.position = max(self.position, own.popleft())
+
+
 @dataclass(slots=True)
 class _Pending:
     """An update waiting for its group commit."""
@@ -223,6 +260,8 @@ class RelayHub:
         self._inflight: dict[int, list[_Pending]] = {}  # batch id -> its updates
         self._ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
+        self._taken = 0  # id of the last batch taken
+        self._followed: dict[str, _Followed] = {}
         self.stopping = False
 
     # -- introspection ----------------------------------------------------------
@@ -300,6 +339,7 @@ class RelayHub:
                 peers.pop(cid, None)
                 if not peers:
                     del self._datasets[conn.dataset]
+                    self._followed.pop(conn.dataset, None)
         if conn.session.state is not SessionState.CLOSED:
             conn.session.close()
         ended = conn.session.error
@@ -468,6 +508,10 @@ class RelayHub:
         # every later commit is either in its diff or fanned out to it.
         conn.dataset, conn.node, conn.grant = grant.dataset, grant.node, grant
         self._datasets.setdefault(grant.dataset, {})[conn.id] = conn
+        if answer.head is not None and grant.dataset not in self._followed:
+            # The head was read before the documents, so before any diff of
+            # this connection: every later commit of another relay is read.
+            self._followed[grant.dataset] = _Followed(answer.head)
         log.info(
             "%s accepted (%s, %d documents)",
             conn.label(),
@@ -547,6 +591,7 @@ class RelayHub:
             next(self._batch_ids), tuple(Append(ds, tuple(u)) for ds, u in by_dataset.items())
         )
         self._inflight[batch.id] = items
+        self._taken = batch.id
         return batch
 
     def settle(self, batch: Batch, outcome: BatchOutcome) -> list[int]:
@@ -579,6 +624,10 @@ class RelayHub:
                 continue
             for cid in self._settle(dataset, pending, result):
                 touched[cid] = None
+        for f_dataset, followed in list(self._followed.items()):
+            if followed.asked is not None and followed.held is not None:
+                for cid in self._follow_answered(f_dataset, followed.asked, followed.held):
+                    touched[cid] = None
         return list(touched)
 
     def _settle(
@@ -629,6 +678,16 @@ class RelayHub:
         if stored and peers:
             self.metrics.updates_fanned_out += self.fan_out(stored, peers)
             touched |= {c.id: None for c in peers}
+        followed = self._followed.get(dataset)
+        if followed is not None:
+            followed.own.extend(
+                r.position
+                for r in results
+                if r.position is not None and r.position > followed.position
+            )
+            followed.skip_own()
+            if len(followed.own) > self.limits.follow_lag:
+                touched |= dict.fromkeys(self._resync(dataset, "fell behind the store"))
         return list(touched)
 
     def fan_out(self, stored: Sequence[_Pending], peers: Sequence[_Conn]) -> int:
@@ -688,6 +747,103 @@ class RelayHub:
             else:
                 queued += _send_each(peer, everything)
         return queued
+
+    # -- other relays on the same store ------------------------------------------------
+
+    def followed(self) -> list[str]:
+        """Datasets whose commits by other relays this relay must read:
+        those it has accepted connections of."""
+        return list(self._followed)
+
+    def follow(self, dataset: str) -> Follow | None:
+        """The read of ``dataset``'s rows past the core's position, or None
+        (not followed, or a read is out: one at a time per dataset). Run it
+        on the store after every batch taken before it, before any taken after."""
+        followed = self._followed.get(dataset)
+        if followed is None or followed.asked is not None:
+            return None
+        followed.asked = Follow(dataset, followed.position, self.limits.follow_batch, self._taken)
+        return followed.asked
+
+    def behind(self, dataset: str) -> bool:
+        """True when the last read of ``dataset`` was a full page: follow again."""
+        followed = self._followed.get(dataset)
+        return followed is not None and followed.behind and followed.asked is None
+
+    def remote_committed(self, call: Follow, answer: FollowAnswer) -> list[int]:
+        """Feed back the rows of ``call``: those committed by other relays are
+        fanned out to every open connection of the dataset (same framing and
+        slow-consumer rules as local fan-out), our own are skipped. When a
+        batch taken before the call is not settled yet, the answer is held
+        and acted on when it is (by ``settle``). None (rows compacted away)
+        resyncs: the dataset's connections are closed with ``unavailable``
+        and catch up by state vector when they reconnect. Returns the
+        connections given frames (send them)."""
+        followed = self._followed.get(call.dataset)
+        if followed is None or followed.asked is not call:
+            return []  # no longer followed (or followed again since): dropped
+        if any(batch_id <= call.barrier for batch_id in self._inflight):
+            followed.held = answer
+            return []
+        return self._follow_answered(call.dataset, call, answer)
+
+    def _follow_answered(self, dataset: str, call: Follow, answer: FollowAnswer) -> list[int]:
+        if any(batch_id <= call.barrier for batch_id in self._inflight):
+            return []
+        followed = self._followed[dataset]
+        followed.asked, followed.held = None, None
+        if answer is None:
+            return self._resync(dataset, "its updates were compacted before this relay read them")
+        fresh: list[tuple[str, bytes]] = []
+        own = followed.own
+        for row in answer:
+            if row.position <= followed.position:
+                continue
+            while own and own[0] < row.position:
+                own.popleft()  # not read back (cannot happen with gapless positions)
+            if own and own[0] == row.position:
+                own.popleft()
+            else:
+                fresh.append((row.doc, row.data))
+            followed.position = row.position
+        followed.skip_own()
+        followed.behind = len(answer) >= call.limit
+        peers = [
+            c
+            for c in self._datasets.get(dataset, {}).values()
+            if c.session.state is SessionState.OPEN
+        ]
+        if not fresh or not peers:
+            return []
+        self.metrics.updates_followed += len(fresh)
+        max_frame = self.limits.protocol.max_frame
+        shared: EncodedUpdates | None = None
+        for peer in peers:
+            if peer.session.limits.max_frame >= max_frame:
+                shared = shared or _encode(fresh, max_frame)
+                if shared is not None:
+                    peer.session.send_encoded(shared)
+                    self.metrics.updates_fanned_out += shared.count
+                    continue
+            self.metrics.updates_fanned_out += _send_each(peer, fresh)
+        return [c.id for c in peers]
+
+    def _resync(self, dataset: str, why: str) -> list[int]:
+        """The core lost its place in ``dataset``'s log: end its connections
+        (``unavailable``, close code 1013) and stop following it; reconnected
+        nodes sync by state vector and follow again from the head."""
+        self._followed.pop(dataset, None)
+        self.metrics.follow_resyncs += 1
+        log.warning("dataset %r: %s; closing its connections to resync", dataset, why)
+        out = []
+        for conn in self._datasets.get(dataset, {}).values():
+            if conn.session.state is SessionState.OPEN:
+                conn.close_code, conn.close_reason = CLOSE_TRY_AGAIN, "resync"
+                self._fail(
+                    conn, codes.UNAVAILABLE, "the relay lost its place in the log; reconnect"
+                )
+                out.append(conn.id)
+        return out
 
     # -- revocations and shutdown ----------------------------------------------------
 

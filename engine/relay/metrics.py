@@ -89,6 +89,8 @@ class RelayMetrics:
     updates_in: Counter[str] = field(default_factory=Counter)  # stored/duplicate/rejected
     updates_refused: Counter[str] = field(default_factory=Counter)  # refused frames, by code
     updates_fanned_out: int = 0
+    updates_followed: int = 0  # committed by other relays on the store, read back
+    follow_resyncs: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
     frames_in: int = 0
@@ -157,6 +159,16 @@ class RelayMetrics:
             "updates_fanned_out_total",
             "Stored updates sent to other connections of their dataset.",
             self.updates_fanned_out,
+        )
+        counter(
+            "updates_followed_total",
+            "Updates committed by other relays on the same store, read back to fan out.",
+            self.updates_followed,
+        )
+        counter(
+            "follow_resyncs_total",
+            "Datasets whose connections were closed to resync (the follower lost its place).",
+            self.follow_resyncs,
         )
         counter("bytes_in_total", "Websocket message bytes received.", self.bytes_in)
         counter("bytes_out_total", "Websocket message bytes sent.", self.bytes_out)

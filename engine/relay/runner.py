@@ -29,6 +29,8 @@ from .calls import (
     BatchOutcome,
     Diff,
     DiffAnswer,
+    Follow,
+    FollowAnswer,
     HelloAnswer,
     Lease,
     LeaseAnswer,
@@ -78,7 +80,8 @@ class StoreRunner:
         try:
             grant = self.store.authenticate(call.dataset, call.node, call.token)
             self.note_seen(grant)
-            return HelloAnswer(grant, tuple(self.store.documents(call.dataset)))
+            head = self.store.head(call.dataset)  # before the documents: see HelloAnswer
+            return HelloAnswer(grant, tuple(self.store.documents(call.dataset)), head=head)
         except NodeRevoked as exc:
             return HelloAnswer(None, (), codes.AUTH_FAILED, str(exc))
         except AuthError as exc:
@@ -137,6 +140,11 @@ class StoreRunner:
             return DiffAnswer(
                 code=codes.INTERNAL, message="the relay store failed; reconnect later"
             )
+
+    def follow(self, call: Follow) -> FollowAnswer:
+        """The rows ``call`` asks for. Raises what ``logged_after`` raises
+        (StoreError while the store is unreachable: the driver retries)."""
+        return self.store.logged_after(call.dataset, call.after, call.limit)
 
     def lease(self, call: Lease) -> LeaseAnswer:
         """The leased range, or why it was denied."""

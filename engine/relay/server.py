@@ -25,6 +25,10 @@ Guarantees:
   sizes, in-flight updates, sync requests and leases are all bounded. A
   client too slow to take its fan-out is disconnected (it catches up by
   state-vector sync when it reconnects) instead of growing a queue.
+- **Several relays, one store.** A follower thread waits on the store
+  (``wait_changes``) and the event loop reads what other relays committed to
+  the datasets this relay has connections of (``logged_after``, bounded
+  pages, in the store thread), fanning it out like local commits.
 - **Faults stay local.** A garbage, oversized or text frame, a rate
   violation, a dead link or an abrupt disconnect ends that connection only.
 
@@ -38,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -65,6 +70,15 @@ T = TypeVar("T")
 #: The server's limits are the core's (one object for frames, queues and
 #: subscribers); the old name stays for callers.
 ServerLimits = HubLimits
+
+
+#: How long one ``wait_changes`` blocks: also how soon ``stop`` ends the follower thread.
+FOLLOW_WAIT_S = 0.25
+#: Every this many empty waits, every followed dataset is read anyway (a
+#: missed notification costs at most that long).
+FOLLOW_SWEEP_WAITS = 8
+#: Pause after the store failed a follower call, before trying again.
+FOLLOW_RETRY_S = 0.5
 
 
 def _monotonic_ms() -> int:
@@ -127,6 +141,11 @@ class RelayServer:
         self._stopped = asyncio.Event()
         self._port: int | None = None
         self._docs_in_memory: int | None = None
+        self._changed: set[str] = set()  # datasets whose head may have moved (follower)
+        self._changes = asyncio.Event()
+        self._sweep = False  # read every followed dataset, changed or not
+        self._watching = threading.Event()  # cleared to stop the follower thread
+        self._watcher: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -181,7 +200,16 @@ class RelayServer:
             asyncio.create_task(self._committer(), name="relay-committer"),
             asyncio.create_task(self._ticker(), name="relay-ticker"),
             asyncio.create_task(self._revocation_watch(), name="relay-revocations"),
+            asyncio.create_task(self._follower(), name="relay-follower"),
         ]
+        self._watching.set()
+        self._watcher = threading.Thread(
+            target=self._watch_store,
+            args=(asyncio.get_running_loop(),),
+            name="relay-follower",
+            daemon=True,
+        )
+        self._watcher.start()
         log.info("relay listening on %s", self.url)
 
     async def stop(self) -> None:
@@ -214,6 +242,9 @@ class RelayServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._watching.clear()
+        if self._watcher is not None:
+            await asyncio.to_thread(self._watcher.join, FOLLOW_WAIT_S * 4)
         if self._executor is not None:
             # Waits for a store call still running (its result is dropped).
             await asyncio.to_thread(self._executor.shutdown, wait=True)
@@ -417,6 +448,77 @@ class RelayServer:
                 log.exception("group commit of batch %d failed", batch.id)
             finally:
                 self._settled.set()
+
+    # -- other relays on the same store --------------------------------------------------
+
+    def _watch_store(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The follower thread: blocks in ``wait_changes`` and hands the
+        datasets whose head moved to the loop; a sweep now and then, and
+        after the store failed (it may have missed notifications meanwhile)."""
+        empty = 0
+        while self._watching.is_set():
+            try:
+                changed = self.store.wait_changes(FOLLOW_WAIT_S)
+            except Exception as exc:
+                log.warning("cannot wait for other relays' commits (%s); retrying", exc)
+                time.sleep(FOLLOW_RETRY_S)
+                changed, empty = set(), FOLLOW_SWEEP_WAITS
+            sweep = False
+            if not changed:
+                empty += 1
+                if empty < FOLLOW_SWEEP_WAITS:
+                    continue
+                sweep, empty = True, 0
+            try:
+                loop.call_soon_threadsafe(self._on_changes, changed, sweep)
+            except RuntimeError:  # the loop is closed: the server is gone
+                return
+
+    def _on_changes(self, changed: set[str], sweep: bool) -> None:
+        self._changed |= changed
+        self._sweep = self._sweep or sweep
+        self._changes.set()
+
+    async def _follower(self) -> None:
+        """Reads what other relays committed to the followed datasets and
+        fans it out (``RelayHub.remote_committed``). Each read is taken and
+        handed to the store thread in one step, so it runs after every batch
+        taken before it (the core's rule)."""
+        hub = self.hub
+        pending: set[str] = set()
+        while True:
+            if not pending:
+                await self._changes.wait()
+            self._changes.clear()
+            followed = set(hub.followed())
+            if self._sweep:
+                pending |= followed
+                self._sweep = False
+            pending = (pending | self._changed) & followed
+            self._changed = set()
+            again: set[str] = set()
+            pause = 0.0
+            for dataset in sorted(pending):
+                call = hub.follow(dataset)
+                if call is None:
+                    again.add(dataset)  # its answer waits for an own batch
+                    pause = max(pause, 0.001)
+                    continue
+                try:
+                    answer = await self._run(self.runner.follow, call)
+                except Exception as exc:
+                    log.warning("cannot read dataset %r's new updates (%s); retrying", dataset, exc)
+                    hub.remote_committed(call, [])  # nothing read; the position stays
+                    again.add(dataset)
+                    pause = FOLLOW_RETRY_S
+                    continue
+                for cid in hub.remote_committed(call, answer):
+                    self._flush(cid)
+                if hub.behind(dataset):
+                    again.add(dataset)
+            pending = again
+            if pause:
+                await asyncio.sleep(pause)
 
     # -- heartbeats -------------------------------------------------------------------
 

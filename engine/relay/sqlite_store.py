@@ -21,7 +21,14 @@ deletions refer to) is treated as a duplicate.
 Compaction replays instead of merging (``pycrdt.merge_updates`` over many
 updates is quadratic): the loaded document already is snapshot + tail, so its
 ``get_update()`` becomes the new snapshot, written in the same transaction that
-deletes the folded rows. Interrupting it leaves the old snapshot and log.
+deletes the folded rows that are ``keep_positions`` behind the dataset's head
+(the others stay for ``logged_after``, skipped when a document is loaded).
+Interrupting it leaves the old snapshot and log.
+
+Positions: ``datasets.head`` is bumped in the append's write transaction
+(``BEGIN IMMEDIATE`` serializes writers, so positions follow commit order);
+``wait_changes`` polls ``PRAGMA data_version`` on a connection of its own and
+compares heads.
 
 Concurrency: methods are thread-safe (one lock around one connection). Several
 processes may open the store: writes are serialized by SQLite, ``lease`` is
@@ -34,44 +41,43 @@ revoke) may run beside it.
 from __future__ import annotations
 
 import hashlib
-import random
-import re
-import secrets
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pycrdt import Doc, Map, TransactionEvent, get_update
-
-from ..crdt.document import ROOT
 from ..crdt.statevec import decode_state_vector
 from ..errors import (
-    AuthError,
     BranchlineError,
     FormatVersionError,
-    NodeRevoked,
     NotAuthor,
-    PeriodLocked,
-    ReadOnlyNode,
-    RelayLimitError,
     RelayStoreExists,
     RelayStoreNotFound,
     StoreError,
-    UnknownDataset,
     UnknownNode,
     UpdateError,
-    UpdateTooLarge,
-    UserError,
 )
-from ..names import DATASET_RE, DOC_RE, NODE_RE
-from ..tokens import new_token, token_hash, token_matches
-from . import authorship
+from ..tokens import new_token, token_hash
+from .doccache import DocCache, Loaded, diff_of, integrate, still_waiting
+from .doccache import RelayLimits as RelayLimits  # where callers have imported it from
+from .rules import (
+    check_dataset,
+    check_doc,
+    check_follow,
+    check_lease,
+    check_node,
+    check_period,
+    grant_for,
+    lapse_reason,
+    locked_by,
+    prechecked,
+    room_refusal,
+    unknown_dataset,
+    writer_refusal,
+)
 from .store import (
     EMPTY_STATE_VECTOR,
     EMPTY_UPDATE,
@@ -79,25 +85,31 @@ from .store import (
     DatasetInfo,
     DocumentInfo,
     Enrollment,
+    Logged,
     NodeGrant,
     NodeInfo,
     RelayStore,
     UpdateIn,
 )
 
-# 2: period locks; 3: carrier nodes (older files are upgraded when opened)
-FORMAT_VERSION = 3
+# 2: period locks; 3: carrier nodes; 4: dataset positions (older files are
+# upgraded when opened)
+FORMAT_VERSION = 4
 APPLICATION_ID = 0x424C5259  # "BLRY": a Branchline relay store
 BUSY_TIMEOUT_MS = 30_000
-SERIES_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@/-]{0,127}\Z")
+WATCH_PERIOD_S = 0.003  # how often wait_changes polls PRAGMA data_version
 
 SCHEMA_SQL = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
+-- head: the position of the dataset's latest stored update (0 before any),
+-- folded: the highest position whose log row a compaction deleted.
 CREATE TABLE datasets (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    head INTEGER NOT NULL DEFAULT 0,
+    folded INTEGER NOT NULL DEFAULT 0
 );
 
 -- token_hash = HMAC-SHA256(key=salt, token): the token itself is never stored.
@@ -115,7 +127,9 @@ CREATE TABLE nodes (
 
 -- Update log: updates not yet folded into their document's snapshot, plus
 -- waiting updates (part of them waits for updates not seen yet) that a
--- compaction keeps until the document covers them.
+-- compaction keeps until the document covers them, plus folded rows kept
+-- for ``logged_after`` (RelayLimits.keep_positions). position: 1, 2, ... per
+-- dataset in commit order.
 CREATE TABLE updates (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     dataset_id INTEGER NOT NULL,
@@ -124,9 +138,11 @@ CREATE TABLE updates (
     node TEXT NOT NULL,
     at INTEGER NOT NULL,
     waiting INTEGER NOT NULL DEFAULT 0,
-    digest BLOB
+    digest BLOB,
+    position INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX updates_doc ON updates (dataset_id, doc, seq);
+CREATE INDEX updates_position ON updates (dataset_id, position);
 CREATE UNIQUE INDEX updates_waiting ON updates (dataset_id, doc, digest) WHERE waiting = 1;
 
 -- A document's full state after every log row with seq <= upto.
@@ -174,70 +190,6 @@ CREATE TABLE leases (
 """
 
 
-@dataclass(frozen=True)
-class RelayLimits:
-    """Bounds on everything that grows with input."""
-
-    max_update_bytes: int = 128 << 20  # a 100k-record catalog is ~42 MB as one update
-    max_batch: int = 10_000  # updates per append_updates call
-    memory_budget_bytes: int = 256 << 20  # documents in memory (estimated)
-    max_loaded_docs: int = 4096
-    max_documents_per_dataset: int = 100_000
-    max_lease: int = 1_000_000  # numbers per lease
-    # A document's log is folded into its snapshot once it has ``compact_after``
-    # rows and its bytes reach ``compact_ratio`` of the snapshot's, or once it
-    # has ``compact_max`` rows whatever their bytes. Rewriting a big snapshot
-    # every 1000 small updates cost more than storing them; with the ratio the
-    # bytes rewritten stay proportional to the bytes logged, and
-    # ``compact_max`` bounds how many rows a reload replays.
-    compact_after: int = 1000
-    compact_ratio: float = 0.25
-    compact_max: int = 50_000
-
-
-@dataclass
-class _Loaded:
-    doc: Doc[Any]
-    applied: int  # highest log seq integrated
-    tail: int  # log rows of the document (after the snapshot, or waiting)
-    size: int  # bytes of the snapshot and rows it was built from: a memory estimate
-    changes: int = 0  # transactions that changed the document, counted by its observer
-    snapshot_bytes: int = 0  # bytes of its snapshot row
-    tail_bytes: int = 0  # bytes of its log rows
-    # Entries changed by the transaction being integrated (key -> yrs action),
-    # read only while ``watching``: the authorship check of a non-carrier.
-    watching: bool = False
-    entries_changed: dict[str, str] = field(default_factory=dict)
-    # The root Map and the subscription of ``on_entries`` to it: both must stay
-    # referenced, or the observer goes.
-    entries: Map[Any] | None = None
-    subscription: Any = None
-    failed: str = ""  # why reading the entries' event failed (yrs panics)
-
-    def on_change(self, _event: TransactionEvent) -> None:
-        # yrs calls the observer once per transaction that changed the
-        # document (new items or new deletions), and not for a duplicate.
-        self.changes += 1
-
-    def on_entries(self, event: Any) -> None:
-        # Subscribed to the Map's integrated (Rust) type, not through
-        # ``Map.observe``: pycrdt's wrapper converts every field of every
-        # event, a third of the relay's integration time; only ``keys`` is
-        # needed, and only for a non-carrier.
-        if not self.watching:
-            return
-        try:
-            keys: dict[str, dict[str, Any]] = event.keys
-            for key, change in keys.items():
-                self.entries_changed[key] = str(change["action"])
-        except BaseException as exc:
-            # yrs 0.28 panics on some valid update sequences while building
-            # the keys (pyo3 raises a BaseException); see RecordDoc.apply.
-            if type(exc).__name__ != "PanicException":
-                raise
-            self.failed = str(exc).splitlines()[0] if str(exc) else "panic"
-
-
 class SqliteRelayStore(RelayStore):
     """The embedded relay store. Open with ``create`` or ``open``."""
 
@@ -246,11 +198,16 @@ class SqliteRelayStore(RelayStore):
         self.limits = limits
         self._conn = conn
         self._lock = threading.RLock()
-        self._docs: OrderedDict[tuple[int, str], _Loaded] = OrderedDict()
-        self._memory = 0
-        self._rng = random.Random(secrets.randbits(64))
+        self._cache = DocCache(limits)
         self._data_version = int(conn.execute("PRAGMA data_version").fetchone()[0])
         self._closed = False
+        # wait_changes: its own connection (PRAGMA data_version moves for
+        # commits of every other connection, this store's included) and the
+        # heads it reported last, from the moment the store opened.
+        self._watch_lock = threading.Lock()
+        self._watch: sqlite3.Connection | None = None
+        self._watch_version: int | None = None
+        self._heads: dict[str, int] = {}  # a new store has no dataset
 
     # -- opening -----------------------------------------------------------
 
@@ -292,7 +249,7 @@ class SqliteRelayStore(RelayStore):
         if app_id != APPLICATION_ID:
             conn.close()
             raise StoreError(f"{path} is not a Branchline relay store")
-        if version in (1, 2):
+        if version in (1, 2, 3):
             _upgrade(conn, version)
             version = FORMAT_VERSION
         if version != FORMAT_VERSION:
@@ -301,14 +258,20 @@ class SqliteRelayStore(RelayStore):
                 f"{path} has relay store format {version}, this Branchline reads format "
                 f"{FORMAT_VERSION}; use the Branchline version that wrote it"
             )
-        return cls(path, conn, limits or RelayLimits())
+        store = cls(path, conn, limits or RelayLimits())
+        store._heads = _heads(conn)
+        return store
 
     def close(self) -> None:
         with self._lock:
             if not self._closed:
                 self._closed = True
-                self._docs.clear()
+                self._cache.clear()
                 self._conn.close()
+        with self._watch_lock:
+            if self._watch is not None:
+                self._watch.close()
+                self._watch = None
 
     def __enter__(self) -> SqliteRelayStore:
         return self
@@ -326,8 +289,8 @@ class SqliteRelayStore(RelayStore):
     def enroll(
         self, dataset: str, node: str, *, read_only: bool = False, carrier: bool = False
     ) -> Enrollment:
-        _check_dataset(dataset)
-        _check_node(node)
+        check_dataset(dataset)
+        check_node(node)
         token, salt = new_token()
         now = _now()
         with self._lock, self._write() as conn:
@@ -358,8 +321,8 @@ class SqliteRelayStore(RelayStore):
         return Enrollment(dataset, node, token, read_only, replaced, created, carrier)
 
     def revoke(self, dataset: str, node: str) -> bool:
-        _check_dataset(dataset)
-        _check_node(node)
+        check_dataset(dataset)
+        check_node(node)
         with self._lock, self._write() as conn:
             ds_id = self._dataset_id(conn, dataset)
             row = conn.execute(
@@ -414,13 +377,9 @@ class SqliteRelayStore(RelayStore):
                     "ON d.id = n.dataset_id WHERE d.name = ? AND n.name = ?",
                     (grant.dataset, grant.node),
                 ).fetchone()
-                who = f"node {grant.node!r} of dataset {grant.dataset!r}"
-                if row is None:
-                    out[grant] = f"{who} is no longer enrolled"
-                elif row[1] is not None:
-                    out[grant] = f"{who} has been revoked; enroll it again to issue a new token"
-                elif _token_id(bytes(row[0])) != grant.token_id:
-                    out[grant] = f"{who} was enrolled again: its previous token no longer works"
+                reason = lapse_reason(grant, (bytes(row[0]), row[1]) if row else None)
+                if reason is not None:
+                    out[grant] = reason
         return out
 
     def authenticate(self, dataset: str, node: str, token: str) -> NodeGrant:
@@ -430,35 +389,14 @@ class SqliteRelayStore(RelayStore):
                 "JOIN datasets d ON d.id = n.dataset_id WHERE d.name = ? AND n.name = ?",
                 (dataset, node),
             ).fetchone()
-        # token_matches hashes even for an unknown node, so that timing does
-        # not tell an unknown node from a wrong token.
-        salt, stored = (bytes(row[0]), bytes(row[1])) if row else (None, None)
-        if row is None or not token_matches(salt, stored, token):
-            raise AuthError(
-                f"authentication failed for node {node!r} of dataset {dataset!r}: "
-                "unknown node or dataset, or wrong token"
-            )
-        if row[3] is not None:
-            # Safe to say: the caller proved it holds the node's token.
-            raise NodeRevoked(
-                f"node {node!r} of dataset {dataset!r} has been revoked; "
-                "enroll it again to issue a new token"
-            )
-        return NodeGrant(dataset, node, bool(row[2]), _token_id(bytes(row[1])), bool(row[4]))
+        found = (bytes(row[0]), bytes(row[1]), row[2], row[3], row[4]) if row else None
+        return grant_for(dataset, node, token, found)
 
     # -- updates -----------------------------------------------------------
 
     def append_updates(self, dataset: str, updates: Sequence[UpdateIn]) -> list[Appended]:
-        if len(updates) > self.limits.max_batch:
-            raise RelayLimitError(
-                f"{len(updates)} updates in one batch; the relay takes at most "
-                f"{self.limits.max_batch}"
-            )
-        results: list[Appended | None] = [None] * len(updates)
-        for i, u in enumerate(updates):
-            err = self._precheck(u)
-            if err is not None:
-                results[i] = Appended(u.doc, "rejected", error=err)
+        limits = self.limits
+        results = prechecked(updates, limits.max_batch, limits.max_update_bytes)
         touched: set[tuple[int, str]] = set()
         with self._lock:
             try:
@@ -469,22 +407,10 @@ class SqliteRelayStore(RelayStore):
                 # The documents hold what the rolled-back transaction had
                 # integrated: reload them from disk when next needed.
                 for key in touched:
-                    self._drop(key)
+                    self._cache.drop(key)
                 raise
-            self._evict()
+            self._cache.evict()
         return [r for r in results if r is not None]
-
-    def _precheck(self, u: UpdateIn) -> BranchlineError | None:
-        if not isinstance(u.data, bytes | bytearray | memoryview):
-            return UpdateError(f"document {u.doc!r}: update is not bytes")
-        if len(u.data) > self.limits.max_update_bytes:
-            return UpdateTooLarge(
-                f"document {u.doc!r}: update of {len(u.data)} bytes is larger than the "
-                f"relay accepts ({self.limits.max_update_bytes})"
-            )
-        if not isinstance(u.doc, str) or not DOC_RE.match(u.doc):
-            return UpdateError(f"invalid document name {u.doc!r}")
-        return None
 
     def _append(
         self,
@@ -503,8 +429,11 @@ class SqliteRelayStore(RelayStore):
         # Plain log rows go in with one executemany at the end, under seqs
         # assigned here (the write lock is held, so nobody else takes them);
         # ``applied`` and the results need the seqs as the updates integrate.
-        rows: list[tuple[int, int, str, bytes, str, int]] = []
+        rows: list[tuple[int, int, str, bytes, str, int, int]] = []
         next_seq = _next_seq(conn)
+        # BEGIN IMMEDIATE serializes writers: positions follow commit order.
+        (head,) = conn.execute("SELECT head FROM datasets WHERE id = ?", (ds_id,)).fetchone()
+        position = int(head)
         # Read in the write transaction: a lock committed by the admin command
         # applies from the next batch on.
         locked = {
@@ -520,7 +449,7 @@ class SqliteRelayStore(RelayStore):
             if err is None and u.doc not in room:
                 room[u.doc] = self._room_for(conn, ds_id, dataset, u.doc, new_docs)
             if err is None and locked:
-                err = _locked(dataset, u.doc, locked)
+                err = locked_by(dataset, u.doc, locked)
             if err is None:
                 err = room[u.doc]
             if err is not None:
@@ -531,12 +460,15 @@ class SqliteRelayStore(RelayStore):
             loaded = self._load(conn, key)
             data = bytes(u.data)
             try:
-                integrated, waiting = _integrate(loaded, data, None if carrier else u.node, u.doc)
+                integrated, waiting = integrate(loaded, data, None if carrier else u.node, u.doc)
             except (UpdateError, NotAuthor) as exc:
                 # The document holds what it integrated (part of it, or all of
                 # a refused update): rebuild it from what this transaction has
-                # written so far.
-                self._drop(key)
+                # written so far, the rows held back for one INSERT included
+                # (else a later update of the batch looked waiting).
+                _insert_rows(conn, rows)
+                rows.clear()
+                self._cache.drop(key)
                 if isinstance(exc, UpdateError):
                     exc = UpdateError(f"document {u.doc!r}: {exc}")
                 results[i] = Appended(u.doc, "rejected", error=exc)
@@ -557,8 +489,8 @@ class SqliteRelayStore(RelayStore):
                 if (
                     conn.execute(
                         "INSERT OR IGNORE INTO updates (seq, dataset_id, doc, data, node, at, "
-                        "waiting, digest) VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
-                        (next_seq, ds_id, u.doc, data, u.node, now, digest),
+                        "waiting, digest, position) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                        (next_seq, ds_id, u.doc, data, u.node, now, digest, position + 1),
                     ).rowcount
                     == 0
                 ):  # the same waiting bytes, partly integrated again
@@ -568,16 +500,16 @@ class SqliteRelayStore(RelayStore):
                 results[i] = Appended(u.doc, "duplicate")
                 continue
             else:
-                rows.append((next_seq, ds_id, u.doc, data, u.node, now))
-            loaded.applied = next_seq
-            loaded.tail += 1
-            loaded.tail_bytes += len(data)
-            self._grow(loaded, len(data))
+                rows.append((next_seq, ds_id, u.doc, data, u.node, now, position + 1))
+            position += 1
+            self._cache.logged(loaded, next_seq, len(data))
             n, b = counts.get(u.doc, (0, 0))
             counts[u.doc] = (n + 1, b + len(data))
-            results[i] = Appended(u.doc, "stored", seq=next_seq)
+            results[i] = Appended(u.doc, "stored", seq=next_seq, position=position)
             next_seq += 1
         _insert_rows(conn, rows)
+        if position != head:
+            conn.execute("UPDATE datasets SET head = ? WHERE id = ?", (position, ds_id))
         conn.executemany(
             "INSERT INTO documents (dataset_id, doc, updates, bytes) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (dataset_id, doc) DO UPDATE SET updates = updates + excluded.updates, "
@@ -585,17 +517,9 @@ class SqliteRelayStore(RelayStore):
             [(ds_id, doc, n, b) for doc, (n, b) in counts.items()],
         )
         for doc in counts:
-            cached = self._docs.get((ds_id, doc))
-            if cached is not None and self._compaction_due(cached):
+            cached = self._cache.docs.get((ds_id, doc))
+            if cached is not None and self._cache.compaction_due(cached):
                 self._compact(conn, (ds_id, doc), cached)
-
-    def _compaction_due(self, loaded: _Loaded) -> bool:
-        """The log of ``loaded`` should be folded now (see RelayLimits)."""
-        limits = self.limits
-        return loaded.tail >= limits.compact_max or (
-            loaded.tail >= limits.compact_after
-            and loaded.tail_bytes >= limits.compact_ratio * loaded.snapshot_bytes
-        )
 
     def _writer(
         self, conn: sqlite3.Connection, ds_id: int, dataset: str, node: str
@@ -607,13 +531,7 @@ class SqliteRelayStore(RelayStore):
             "SELECT read_only, revoked_at, carrier FROM nodes WHERE dataset_id = ? AND name = ?",
             (ds_id, node),
         ).fetchone()
-        if row is None:
-            return AuthError(f"node {node!r} is not enrolled in dataset {dataset!r}"), False
-        if row[1] is not None:
-            return NodeRevoked(f"node {node!r} of dataset {dataset!r} has been revoked"), False
-        if row[0]:
-            return ReadOnlyNode(f"node {node!r} of dataset {dataset!r} is read-only"), False
-        return None, bool(row[2])
+        return writer_refusal(dataset, node, row)
 
     def _room_for(
         self, conn: sqlite3.Connection, ds_id: int, dataset: str, doc: str, new_docs: set[str]
@@ -627,44 +545,77 @@ class SqliteRelayStore(RelayStore):
         (count,) = conn.execute(
             "SELECT count(*) FROM documents WHERE dataset_id = ?", (ds_id,)
         ).fetchone()
-        if count + len(new_docs) >= self.limits.max_documents_per_dataset:
-            return RelayLimitError(
-                f"dataset {dataset!r} already has {count + len(new_docs)} documents, "
-                "the relay's limit"
-            )
-        new_docs.add(doc)
-        return None
+        refusal = room_refusal(
+            dataset, count + len(new_docs), self.limits.max_documents_per_dataset
+        )
+        if refusal is None:
+            new_docs.add(doc)
+        return refusal
+
+    def head(self, dataset: str) -> int:
+        with self._lock, self._reading() as conn:
+            return _head(conn, self._dataset_id(conn, dataset))
+
+    def logged_after(self, dataset: str, position: int, limit: int) -> list[Logged] | None:
+        check_follow(position, limit)
+        with self._lock, self._reading() as conn:
+            ds_id = self._dataset_id(conn, dataset)
+            (folded,) = conn.execute(
+                "SELECT folded FROM datasets WHERE id = ?", (ds_id,)
+            ).fetchone()
+            if position < int(folded):
+                return None
+            rows = conn.execute(
+                "SELECT position, doc, data, node FROM updates WHERE dataset_id = ? "
+                "AND position > ? ORDER BY position LIMIT ?",
+                (ds_id, position, min(limit, self.limits.logged_after_max)),
+            ).fetchall()
+        return [Logged(int(p), str(d), bytes(b), str(n)) for p, d, b, n in rows]
+
+    def wait_changes(self, timeout_s: float) -> set[str]:
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        with self._watch_lock:
+            if self._closed:
+                raise StoreError(f"{self.path}: the relay store is closed")
+            if self._watch is None:
+                self._watch = _connect(self.path)
+            while True:
+                (version,) = self._watch.execute("PRAGMA data_version").fetchone()
+                if version != self._watch_version:
+                    self._watch_version = int(version)
+                    heads = _heads(self._watch)
+                    moved = {d for d, h in heads.items() if self._heads.get(d) != h}
+                    self._heads = heads
+                    if moved:
+                        return moved
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return set()
+                time.sleep(min(WATCH_PERIOD_S, left))
 
     def state_vector(self, dataset: str, doc: str) -> bytes:
-        _check_doc(doc)
+        check_doc(doc)
         with self._lock, self._reading() as conn:
             key = (self._dataset_id(conn, dataset), doc)
-            if key not in self._docs and not _has_doc(conn, key):
+            if key not in self._cache.docs and not _has_doc(conn, key):
                 return EMPTY_STATE_VECTOR
             sv: bytes = self._load(conn, key).doc.get_state()
-        self._evict()
+        self._cache.evict()
         return sv
 
     def diff(self, dataset: str, doc: str, state_vector: bytes | None = None) -> bytes:
-        _check_doc(doc)
+        check_doc(doc)
         if state_vector is not None:
             # Checked here: pycrdt's own decoder is not the place to meet
             # hostile bytes.
             decode_state_vector(bytes(state_vector))
         with self._lock, self._reading() as conn:
             key = (self._dataset_id(conn, dataset), doc)
-            if key not in self._docs and not _has_doc(conn, key):
+            if key not in self._cache.docs and not _has_doc(conn, key):
                 return EMPTY_UPDATE
             loaded = self._load(conn, key)
-            try:
-                out: bytes = (
-                    loaded.doc.get_update()
-                    if state_vector is None
-                    else loaded.doc.get_update(bytes(state_vector))
-                )
-            except Exception as exc:  # pycrdt raises bare exceptions for bad input
-                raise UpdateError(f"document {doc!r}: invalid state vector ({exc})") from None
-        self._evict()
+            out = diff_of(loaded, doc, state_vector)
+        self._cache.evict()
         return out
 
     def documents(self, dataset: str) -> list[str]:
@@ -679,24 +630,24 @@ class SqliteRelayStore(RelayStore):
         names = [doc] if doc is not None else self.documents(dataset)
         removed = 0
         for name in names:
-            _check_doc(name)
+            check_doc(name)
             with self._lock:
                 with self._write() as conn:
                     key = (self._dataset_id(conn, dataset), name)
-                    if key not in self._docs and not _has_doc(conn, key):
+                    if key not in self._cache.docs and not _has_doc(conn, key):
                         continue
                     try:
                         removed += self._compact(conn, key, self._load(conn, key))
                     except BaseException:
-                        self._drop(key)
+                        self._cache.drop(key)
                         raise
-                self._evict()
+                self._cache.evict()
         return removed
 
     # -- period locks ------------------------------------------------------
 
     def lock_period(self, dataset: str, period: str) -> bool:
-        _check_period(period)
+        check_period(period)
         with self._lock, self._write() as conn:
             ds_id = self._dataset_id(conn, dataset)
             cur = conn.execute(
@@ -706,7 +657,7 @@ class SqliteRelayStore(RelayStore):
             return cur.rowcount > 0
 
     def unlock_period(self, dataset: str, period: str) -> bool:
-        _check_period(period)
+        check_period(period)
         with self._lock, self._write() as conn:
             ds_id = self._dataset_id(conn, dataset)
             cur = conn.execute(
@@ -719,15 +670,7 @@ class SqliteRelayStore(RelayStore):
     def lease(
         self, dataset: str, series_key: str, count: int, *, node: str | None = None
     ) -> tuple[int, int]:
-        if not isinstance(series_key, str) or not SERIES_KEY_RE.match(series_key):
-            raise UserError(f"invalid series key {series_key!r}")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise UserError(f"a lease needs a count of at least 1, not {count!r}")
-        if count > self.limits.max_lease:
-            raise RelayLimitError(
-                f"a lease of {count} numbers is more than the relay hands out at once "
-                f"({self.limits.max_lease})"
-            )
+        check_lease(series_key, count, self.limits.max_lease)
         with self._lock, self._write() as conn:
             # BEGIN IMMEDIATE holds the write lock from the read of ``next`` to
             # the commit: no other thread or process can read the same value.
@@ -770,7 +713,9 @@ class SqliteRelayStore(RelayStore):
                     DocumentInfo(str(d), int(n), int(b), int(rows))
                     for d, n, b, rows in conn.execute(
                         "SELECT d.doc, d.updates, d.bytes, (SELECT count(*) FROM updates u "
-                        "WHERE u.dataset_id = d.dataset_id AND u.doc = d.doc) "
+                        "WHERE u.dataset_id = d.dataset_id AND u.doc = d.doc AND (u.waiting = 1 "
+                        "OR u.seq > coalesce((SELECT upto FROM snapshots s WHERE "
+                        "s.dataset_id = d.dataset_id AND s.doc = d.doc), 0))) "
                         "FROM documents d WHERE d.dataset_id = ? ORDER BY d.doc",
                         (ds_id,),
                     )
@@ -791,10 +736,38 @@ class SqliteRelayStore(RelayStore):
                 out.append(DatasetInfo(str(name), int(created), nodes, docs, series, locks))
         return out
 
+    # -- migration (engine/relay/migrate.py) --------------------------------
+
+    def count_rows(self, table: str) -> int:
+        """Rows of one of the tables ``export_rows`` gives."""
+        sql = _export_sql(table)
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"{self.path}: the relay store is closed")
+            try:
+                return int(self._conn.execute(f"SELECT count(*) FROM ({sql})").fetchone()[0])
+            except sqlite3.OperationalError:
+                return 0  # node_seen: made on first use
+
+    def export_rows(self, table: str) -> Iterator[tuple[Any, ...]]:
+        """The rows of ``table`` in the columns of ``migrate.TABLES``;
+        snapshots' ``upto`` as a position (the PostgreSQL store keys its log
+        by position). Raises StoreError for a table it does not export."""
+        sql = _export_sql(table)
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"{self.path}: the relay store is closed")
+            try:
+                rows = self._conn.execute(sql)
+            except sqlite3.OperationalError:
+                return  # node_seen: made on first use
+            for row in rows:
+                yield tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+
     def loaded_documents(self) -> int:
         """Documents held in memory now (for metrics)."""
         with self._lock:
-            return len(self._docs)
+            return len(self._cache.docs)
 
     # -- internals ---------------------------------------------------------
 
@@ -841,71 +814,36 @@ class SqliteRelayStore(RelayStore):
             # Another process committed (an admin command, or a second
             # writer): loaded documents may be stale. Reload them lazily.
             self._data_version = version
-            self._docs.clear()
-            self._memory = 0
+            self._cache.clear()
 
     def _dataset_id(self, conn: sqlite3.Connection, dataset: str) -> int:
         row = conn.execute("SELECT id FROM datasets WHERE name = ?", (dataset,)).fetchone()
         if row is None:
-            raise UnknownDataset(
-                f"the relay has no dataset {dataset!r}; enroll a node to create it"
-            )
+            raise unknown_dataset(dataset)
         return int(row[0])
 
-    def _load(self, conn: sqlite3.Connection, key: tuple[int, str]) -> _Loaded:
-        loaded = self._docs.get(key)
+    def _load(self, conn: sqlite3.Connection, key: tuple[int, str]) -> Loaded:
+        loaded = self._cache.get(key)
         if loaded is not None:
-            self._docs.move_to_end(key)
             return loaded
-        doc: Doc[Any] = Doc(client_id=self._rng.getrandbits(52) + 1)
-        applied = tail = size = 0
         snap = conn.execute(
             "SELECT upto, data FROM snapshots WHERE dataset_id = ? AND doc = ?", key
         ).fetchone()
-        snapshot_bytes = 0
-        if snap is not None:
-            doc.apply_update(bytes(snap[1]))
-            applied, size = int(snap[0]), len(snap[1])
-            snapshot_bytes = size
-        # Every remaining row: the tail after the snapshot, and waiting rows
-        # a compaction kept (applying one twice is harmless).
-        for seq, data in conn.execute(
-            "SELECT seq, data FROM updates WHERE dataset_id = ? AND doc = ? ORDER BY seq", key
-        ):
-            doc.apply_update(bytes(data))
-            applied = max(applied, int(seq))
-            tail += 1
-            size += len(data)
-        loaded = _Loaded(doc, applied, tail, 0)
-        loaded.snapshot_bytes, loaded.tail_bytes = snapshot_bytes, size - snapshot_bytes
-        doc.observe(loaded.on_change)
-        loaded.entries = doc.get(ROOT, type=Map)
-        loaded.subscription = loaded.entries.integrated.observe(loaded.on_entries)
-        self._docs[key] = loaded
-        self._grow(loaded, size)
-        return loaded
+        upto = int(snap[0]) if snap is not None else 0
+        # The tail after the snapshot, and waiting rows a compaction kept;
+        # not the folded rows kept for ``logged_after``.
+        rows = conn.execute(
+            "SELECT seq, data FROM updates WHERE dataset_id = ? AND doc = ? "
+            "AND (seq > ? OR waiting = 1) ORDER BY seq",
+            (*key, upto),
+        )
+        return self._cache.build(
+            key,
+            (upto, bytes(snap[1])) if snap is not None else None,
+            ((int(seq), bytes(data)) for seq, data in rows),
+        )
 
-    def _grow(self, loaded: _Loaded, nbytes: int) -> None:
-        loaded.size += nbytes
-        self._memory += nbytes
-
-    def _drop(self, key: tuple[int, str]) -> None:
-        loaded = self._docs.pop(key, None)
-        if loaded is not None:
-            self._memory -= loaded.size
-
-    def _evict(self) -> None:
-        """Drop least recently used documents until under the budget; the most
-        recently used one stays even when it alone is over it."""
-        with self._lock:
-            while len(self._docs) > 1 and (
-                self._memory > self.limits.memory_budget_bytes
-                or len(self._docs) > self.limits.max_loaded_docs
-            ):
-                _, loaded = self._docs.popitem(last=False)
-                self._memory -= loaded.size
-
-    def _compact(self, conn: sqlite3.Connection, key: tuple[int, str], loaded: _Loaded) -> int:
+    def _compact(self, conn: sqlite3.Connection, key: tuple[int, str], loaded: Loaded) -> int:
         if loaded.tail == 0:
             return 0
         upto = loaded.applied
@@ -916,92 +854,47 @@ class SqliteRelayStore(RelayStore):
             "data = excluded.data, at = excluded.at",
             (*key, upto, data, _now()),
         )
-        removed = conn.execute(
-            "DELETE FROM updates WHERE dataset_id = ? AND doc = ? AND seq <= ? AND waiting = 0",
-            (*key, upto),
-        ).rowcount
         # A snapshot holds no waiting parts: keep a waiting row until the
-        # document covers everything it carries.
+        # document covers everything it carries; a covered one becomes a
+        # folded row.
         sv = loaded.doc.get_state()
         kept = kept_bytes = 0
         for seq, blob in conn.execute(
             "SELECT seq, data FROM updates WHERE dataset_id = ? AND doc = ? AND waiting = 1",
             key,
         ).fetchall():
-            if get_update(bytes(blob), sv)[:1] != b"\x00":  # items still beyond the state
+            if still_waiting(bytes(blob), sv):
                 kept += 1
                 kept_bytes += len(blob)
             else:
-                conn.execute("DELETE FROM updates WHERE seq = ?", (seq,))
-                removed += 1
-        self._memory -= loaded.size
-        loaded.size = 0
-        self._grow(loaded, len(data))
-        loaded.tail = kept
-        loaded.snapshot_bytes, loaded.tail_bytes = len(data), kept_bytes
-        return int(removed)
+                conn.execute("UPDATE updates SET waiting = 0 WHERE seq = ?", (seq,))
+        # Folded rows stay for ``logged_after`` until keep_positions behind
+        # the head; ``folded`` records the highest position deleted.
+        cond = "dataset_id = ? AND doc = ? AND seq <= ? AND waiting = 0 AND position <= ?"
+        args = (*key, upto, _head(conn, key[0]) - self.limits.keep_positions)
+        (gone,) = conn.execute(f"SELECT max(position) FROM updates WHERE {cond}", args).fetchone()
+        if gone is not None:
+            conn.execute(f"DELETE FROM updates WHERE {cond}", args)
+            conn.execute("UPDATE datasets SET folded = max(folded, ?) WHERE id = ?", (gone, key[0]))
+        return self._cache.compacted(loaded, len(data), kept, kept_bytes)
 
 
-def _integrate(
-    loaded: _Loaded, update: bytes, author: str | None = None, name: str = ""
-) -> tuple[bool, bool]:
-    """Apply ``update``; returns (changed the document, part of it waits for
-    updates not seen yet). With ``author`` (a node that is not a carrier),
-    check that it may publish the update (``authorship.check``). Raises
-    UpdateError for bytes that are not an update, NotAuthor; after either,
-    the document may hold part of the update: drop it."""
-    before = loaded.changes
-    doc = loaded.doc
-    loaded.watching = author is not None
-    loaded.entries_changed = {}
-    loaded.failed = ""
-    try:
-        # Apply and read the state vector in ONE transaction: yrs integrates
-        # (and retries waiting parts) inside apply_update, so the state is
-        # the same as after the commit, and the observer still fires once at
-        # the commit. Two pycrdt transactions per update were a fifth of the
-        # relay's integration time. pycrdt's ``Doc._doc`` / ``Transaction._txn``
-        # are what its own ``apply_update`` and ``get_state`` use (pycrdt is
-        # pinned in pyproject.toml).
-        with doc.transaction() as txn:
-            raw = txn._txn
-            assert raw is not None  # set by entering the transaction, as pycrdt asserts
-            doc._doc.apply_update(raw, update)
-            state = doc._doc.get_state(raw)
-        # What lies beyond the document's state holds items (a non-zero
-        # client count) only when part of the update waits for earlier ones.
-        # (``pycrdt.get_state(update)`` cannot tell: it omits every client
-        # whose items do not start at clock 0.)
-        beyond = get_update(update, state)
-    except Exception as exc:  # pycrdt raises bare exceptions for bad input
-        raise UpdateError(f"not a valid update ({exc})") from None
-    finally:
-        loaded.watching = False
-    if loaded.failed:
-        raise UpdateError(f"the CRDT library failed on this update ({loaded.failed})")
-    if author is not None:
-        refusal = authorship.check(author, name, loaded.entries_changed, state, beyond)
-        if refusal is not None:
-            raise refusal
-    return loaded.changes != before, beyond[:1] != b"\x00"
-
-
-#: Log rows per INSERT statement (6 parameters each, far below SQLite's 32766).
+#: Log rows per INSERT statement (7 parameters each, far below SQLite's 32766).
 _ROWS_PER_INSERT = 500
 
 
 def _insert_rows(
-    conn: sqlite3.Connection, rows: Sequence[tuple[int, int, str, bytes, str, int]]
+    conn: sqlite3.Connection, rows: Sequence[tuple[int, int, str, bytes, str, int, int]]
 ) -> None:
-    """Insert log rows (seq, dataset_id, doc, data, node, at) with a few
+    """Insert log rows (seq, dataset_id, doc, data, node, at, position) with a few
     multi-row statements. Not ``executemany``: it releases the GIL around
     every row, and each time the event loop thread takes it, the store thread
     waits up to a switch interval (5 ms) to get it back."""
     for start in range(0, len(rows), _ROWS_PER_INSERT):
         part = rows[start : start + _ROWS_PER_INSERT]
-        values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(part))
+        values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(part))
         conn.execute(
-            f"INSERT INTO updates (seq, dataset_id, doc, data, node, at) VALUES {values}",
+            f"INSERT INTO updates (seq, dataset_id, doc, data, node, at, position) VALUES {values}",
             [value for row in part for value in row],
         )
 
@@ -1016,12 +909,6 @@ def _next_seq(conn: sqlite3.Connection) -> int:
     return int(row[0]) + 1
 
 
-def _token_id(hashed: bytes) -> bytes:
-    """What a grant keeps to tell its token from a later one: a prefix of the
-    salted hash (a random salt per token, so no two tokens share it in practice)."""
-    return hashed[:8]
-
-
 def _bump_revocations(conn: sqlite3.Connection) -> None:
     """Count a revocation (or a replaced token) in meta, in the caller's write
     transaction: a serving relay polls the counter (``revocations``)."""
@@ -1031,6 +918,15 @@ def _bump_revocations(conn: sqlite3.Connection) -> None:
     )
 
 
+def _heads(conn: sqlite3.Connection) -> dict[str, int]:
+    return {str(n): int(h) for n, h in conn.execute("SELECT name, head FROM datasets")}
+
+
+def _head(conn: sqlite3.Connection, ds_id: int) -> int:
+    (head,) = conn.execute("SELECT head FROM datasets WHERE id = ?", (ds_id,)).fetchone()
+    return int(head)
+
+
 def _has_doc(conn: sqlite3.Connection, key: tuple[int, str]) -> bool:
     return (
         conn.execute("SELECT 1 FROM documents WHERE dataset_id = ? AND doc = ?", key).fetchone()
@@ -1038,47 +934,12 @@ def _has_doc(conn: sqlite3.Connection, key: tuple[int, str]) -> bool:
     )
 
 
-def _check_dataset(dataset: str) -> None:
-    if not isinstance(dataset, str) or not DATASET_RE.match(dataset):
-        raise UserError(
-            f"invalid dataset name {dataset!r}: use letters, digits, '_', '.', '-' (max 64)"
-        )
-
-
-def _check_node(node: str) -> None:
-    if not isinstance(node, str) or not NODE_RE.match(node):
-        raise UserError(f"invalid node name {node!r}: use letters, digits, '_', '-' (max 32)")
-
-
-#: A period: a year, or a year and a month.
-PERIOD_RE = re.compile(r"^\d{4}(-(0[1-9]|1[0-2]))?\Z")
-
-
-def _check_period(period: str) -> None:
-    if not isinstance(period, str) or not PERIOD_RE.match(period):
-        raise UserError(f"invalid period {period!r}: give a year or a month, YYYY or YYYY-MM")
-
-
-def _locked(dataset: str, doc: str, locked: set[str]) -> PeriodLocked | None:
-    """Why ``doc`` may not be written under the ``locked`` periods, or None.
-    A year lock covers the year's document and its months' documents; a
-    month lock only that month's (not the yearly document)."""
-    period = doc.partition("/")[2]
-    if not period:
-        return None
-    hit = period if period in locked else period[:4] if period[:4] in locked else None
-    if hit is None:
-        return None
-    return PeriodLocked(
-        f"document {doc!r} is in period {hit!r}, locked on the relay for dataset "
-        f"{dataset!r}: the update was not stored; unlock the period "
-        f"('branchline relay unlock STORE {dataset} {hit}') to send it"
-    )
-
-
 def _upgrade(conn: sqlite3.Connection, version: int) -> None:
-    """Format 1 or 2 -> 3 in one write transaction: 2 added the locks table,
-    3 the nodes' carrier flag (existing nodes are not carriers)."""
+    """Format 1, 2 or 3 -> 4 in one write transaction: 2 added the locks
+    table, 3 the nodes' carrier flag (existing nodes are not carriers), 4 the
+    datasets' positions: the log rows get 1, 2, ... in seq order, after one
+    position standing for everything already folded into snapshots (so
+    ``logged_after`` from 0 is None there: resync by state vector)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
         if version < 2:
@@ -1087,7 +948,10 @@ def _upgrade(conn: sqlite3.Connection, version: int) -> None:
                 "period TEXT NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (dataset_id, period)) "
                 "WITHOUT ROWID"
             )
-        conn.execute("ALTER TABLE nodes ADD COLUMN carrier INTEGER NOT NULL DEFAULT 0")
+        if version < 3:
+            conn.execute("ALTER TABLE nodes ADD COLUMN carrier INTEGER NOT NULL DEFAULT 0")
+        for statement in _POSITIONS_SQL:
+            conn.execute(statement)
         conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
@@ -1099,9 +963,46 @@ def _upgrade(conn: sqlite3.Connection, version: int) -> None:
         ) from None
 
 
-def _check_doc(doc: str) -> None:
-    if not isinstance(doc, str) or not DOC_RE.match(doc):
-        raise UpdateError(f"invalid document name {doc!r}")
+_EXPORT_SQL = {
+    "datasets": "SELECT id, name, created_at, head, folded FROM datasets ORDER BY id",
+    "nodes": "SELECT dataset_id, name, salt, token_hash, read_only != 0, enrolled_at, "
+    "revoked_at, carrier != 0 FROM nodes",
+    "updates": "SELECT dataset_id, position, doc, data, node, at, waiting != 0, digest "
+    "FROM updates ORDER BY seq",
+    # upto is a seq here: the position of the last row it covers (or just
+    # before the first it does not), or the head when the log has no row left.
+    "snapshots": "SELECT s.dataset_id, s.doc, coalesce((SELECT max(u.position) FROM updates u "
+    "WHERE u.dataset_id = s.dataset_id AND u.doc = s.doc AND u.seq <= s.upto), "
+    "(SELECT min(u.position) - 1 FROM updates u WHERE u.dataset_id = s.dataset_id "
+    "AND u.doc = s.doc AND u.seq > s.upto), (SELECT head FROM datasets d "
+    "WHERE d.id = s.dataset_id)), s.data, s.at FROM snapshots s",
+    "documents": "SELECT dataset_id, doc, updates, bytes FROM documents",
+    "series": "SELECT dataset_id, series_key, next FROM series",
+    "locks": "SELECT dataset_id, period, at FROM locks",
+    "leases": "SELECT id, dataset_id, series_key, first, last, node, at FROM leases ORDER BY id",
+    "node_seen": "SELECT dataset, node, at FROM node_seen",
+}
+
+
+def _export_sql(table: str) -> str:
+    sql = _EXPORT_SQL.get(table)
+    if sql is None:
+        raise StoreError(f"no table {table!r} to export")
+    return sql
+
+
+_POSITIONS_SQL = (
+    "ALTER TABLE datasets ADD COLUMN head INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE datasets ADD COLUMN folded INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE updates ADD COLUMN position INTEGER NOT NULL DEFAULT 0",
+    "UPDATE datasets SET folded = 1 WHERE id IN (SELECT dataset_id FROM snapshots)",
+    "UPDATE updates SET position = r.p + d.folded FROM (SELECT seq, row_number() OVER "
+    "(PARTITION BY dataset_id ORDER BY seq) AS p FROM updates) AS r, datasets AS d "
+    "WHERE r.seq = updates.seq AND d.id = updates.dataset_id",
+    "UPDATE datasets SET head = max(folded, coalesce((SELECT max(position) FROM updates "
+    "WHERE dataset_id = datasets.id), 0))",
+    "CREATE INDEX updates_position ON updates (dataset_id, position)",
+)
 
 
 _SEEN_SQL = """CREATE TABLE IF NOT EXISTS node_seen (

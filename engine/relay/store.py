@@ -3,8 +3,9 @@
 One ``RelayStore`` holds, for every dataset, the enrolled nodes (tokens only
 as salted hashes), a CRDT update log per document with snapshots, and the
 company-wide ``blocks`` series counters. ``SqliteRelayStore``
-(``sqlite_store.py``) is the embedded default; a PostgreSQL store for several
-relay processes can implement the same contract later.
+(``sqlite_store.py``) is the embedded default; ``PgRelayStore``
+(``pg_store.py``) lets several relay processes share one PostgreSQL store.
+``engine.relay.testing`` holds the tests every store must pass.
 
 Contract shared by every method:
 
@@ -15,6 +16,11 @@ Contract shared by every method:
 - Errors are ``BranchlineError`` subclasses from ``engine.errors``; user
   mistakes (bad names, unknown dataset or node) are ``UserError``.
 - Tokens never appear in a message, a log line or the store file.
+
+Positions: every update a dataset stores gets the next **position** of that
+dataset (1, 2, ...), in commit order across every process sharing the store,
+with no gap a reader can see. ``head``, ``logged_after`` and ``wait_changes``
+let a relay follow what other relays on the same store committed.
 """
 
 from __future__ import annotations
@@ -24,7 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..errors import BranchlineError, NotAuthor, PeriodLocked, UpdateError, UpdateTooLarge
+from ..errors import (
+    BranchlineError,
+    NotAuthor,
+    PeriodLocked,
+    UpdateError,
+    UpdateTooLarge,
+)
 from ..protocol import codes
 
 EMPTY_UPDATE = b"\x00\x00"  # a Yjs update holding nothing
@@ -89,11 +101,22 @@ class Appended:
     status: Literal["stored", "duplicate", "rejected"]
     seq: int | None = None
     error: BranchlineError | None = None
+    position: int | None = None  # the dataset's position of a stored update
 
     @property
     def ok(self) -> bool:
         """True when the update may be acknowledged to its sender."""
         return self.status != "rejected"
+
+
+@dataclass(frozen=True)
+class Logged:
+    """One stored update as ``logged_after`` gives it back."""
+
+    position: int  # the dataset's position after this update; increasing in commit order
+    doc: str
+    data: bytes
+    node: str
 
 
 @dataclass(frozen=True)
@@ -203,6 +226,29 @@ class RelayStore(ABC):
         """
 
     @abstractmethod
+    def head(self, dataset: str) -> int:
+        """The dataset's position after its latest committed append (0 before
+        any), as committed by any process. Raises UnknownDataset."""
+
+    @abstractmethod
+    def logged_after(self, dataset: str, position: int, limit: int) -> list[Logged] | None:
+        """The stored updates with a position above ``position``, oldest first,
+        at most ``limit`` (capped by the store's own limit); None when some of
+        them were folded into a snapshot by compaction and their rows are
+        gone: the caller then resyncs by state vector. A compaction keeps a
+        folded row while it is within the store's ``keep_positions`` of the
+        head, so a reader that follows the head closely gets rows. Raises
+        UnknownDataset, UserError for a negative position or a limit below 1."""
+
+    @abstractmethod
+    def wait_changes(self, timeout_s: float) -> set[str]:
+        """Block up to ``timeout_s`` seconds; return the datasets whose head
+        may have moved by a commit of any process (this one included) since
+        the previous call (since the store was opened, for the first call);
+        empty on timeout. May name a dataset whose head did not move (never
+        the reverse). Call it from one thread at a time."""
+
+    @abstractmethod
     def state_vector(self, dataset: str, doc: str) -> bytes:
         """The Yjs state vector of what the relay holds of ``doc`` (the empty
         state vector for a document it does not have). Raises UnknownDataset,
@@ -223,8 +269,9 @@ class RelayStore(ABC):
     def compact(self, dataset: str, doc: str | None = None) -> int:
         """Fold the update log of one document (or all of the dataset) into its
         snapshot by replay. Atomic per document: an interrupted compaction
-        leaves the previous snapshot and log. Returns log rows removed.
-        Raises UnknownDataset."""
+        leaves the previous snapshot and log. Returns the log rows folded (a
+        reload no longer replays them; their rows may stay a while for
+        ``logged_after``). Raises UnknownDataset."""
 
     # -- period locks ------------------------------------------------------
 

@@ -45,7 +45,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from ..clock import system_random
-from ..errors import AuthError, BranchlineError, DatasetMismatch, UpdatesRefused, UserError
+from ..errors import (
+    AuthError,
+    BranchlineError,
+    DatasetMismatch,
+    UpdatesRefused,
+    UserError,
+)
+from ..names import relay_urls
 from ..node import Node
 from ..protocol import (
     DEFAULT_HEARTBEAT_MS,
@@ -149,7 +156,10 @@ def relay_of(node: Node) -> tuple[str, str]:
 
 
 def safe_url(url: str) -> str:
-    """The URL without user info or query (never log credentials)."""
+    """The URL without user info or query (never log credentials); each of
+    a comma-separated list of them."""
+    if "," in url:
+        return ",".join(safe_url(one) for one in relay_urls(url))
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
@@ -461,6 +471,7 @@ async def node_sync(
     """
     if url is None or token is None:
         url, token = relay_of(node)
+    urls = relay_urls(url)
     tls = relay_tls(node)
     progress = _posting(on_progress)
     try:
@@ -471,9 +482,14 @@ async def node_sync(
                 while True:
                     try:
                         driver = await _sync_once(
-                            nt, (url, tls), token, progress, heartbeat_ms, monotonic_ms, wall_ms,
-                            set_aside,
+                            nt, (urls[0], tls), token, progress, heartbeat_ms, monotonic_ms,
+                            wall_ms, set_aside,
                         )  # fmt: skip
+                    except RelayUnreachable:
+                        if len(urls) == 1:
+                            raise
+                        urls = urls[1:]  # failover: the next relay of the store
+                        continue
                     except UpdatesRefused as exc:
                         rounds += 1
                         if rounds >= MAX_REFUSAL_ROUNDS:
@@ -580,7 +596,9 @@ class LiveSync:
         self._on_synced = on_synced
         self.home = node.home
         self.dataset = node.dataset
-        self.url = url
+        self._relays = url  # one URL, or several comma-separated (failover)
+        self._at = 0  # which of them the next attempt uses
+        self.url = relay_urls(url)[0] if relay_urls(url) else url
         self._token = token
         self.backoff = backoff or Backoff()
         self._on_progress = on_progress
@@ -713,7 +731,9 @@ class LiveSync:
                 continue
             if self._from_meta:
                 with contextlib.suppress(BranchlineError):
-                    self.url, self._token = await nt.run(relay_of)
+                    self._relays, self._token = await nt.run(relay_of)
+            urls = relay_urls(self._relays) or [self._relays]
+            self.url = urls[self._at % len(urls)]
             try:
                 self._tls = await nt.run(relay_tls)
             except BranchlineError as exc:  # the CA file went away: say so, wait
@@ -752,6 +772,7 @@ class LiveSync:
                     await self._failed(nt, error)
             if self._stop.is_set():
                 break
+            self._at += 1  # the attempt ended: failover to the next relay, if several
             if self.reach.due():
                 self.reach.summary(await nt.run(Node.pending))
             if self.state == "online":

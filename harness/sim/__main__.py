@@ -33,11 +33,11 @@ class Outcome:
     stats: Stats | None
 
 
-def run_seed(seed: int, nodes: int, ops: int) -> Outcome:
+def run_seed(seed: int, nodes: int, ops: int, relays: int = 1) -> Outcome:
     """Run one seed; never raises."""
     world: World | None = None
     try:
-        world = World(seed, nodes=nodes, ops=ops)
+        world = World(seed, nodes=nodes, ops=ops, relays=relays)
         return Outcome(seed, None, "", world.faults.describe(), world.run())
     except Exception as exc:
         failure = exc if isinstance(exc, SimFailure) else SimFailure("crash", repr(exc))
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", type=int, default=120, help="operations per run")
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument(
+        "--relays", type=int, default=1, help="relays on one store (nodes move between them)"
+    )
+    parser.add_argument(
         "--jobs", type=int, default=1, help="worker processes (seeds stay independent)"
     )
     args = parser.parse_args(argv)
@@ -61,19 +64,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs > 1 and len(seeds) > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             outcomes = list(
-                pool.map(run_seed, seeds, repeat(args.nodes), repeat(args.ops), chunksize=4)
+                pool.map(
+                    run_seed,
+                    seeds,
+                    repeat(args.nodes),
+                    repeat(args.ops),
+                    repeat(args.relays),
+                    chunksize=4,
+                )
             )
     else:
-        outcomes = [run_seed(seed, args.nodes, args.ops) for seed in seeds]
+        outcomes = [run_seed(seed, args.nodes, args.ops, args.relays) for seed in seeds]
     faults: Counter[str] = Counter()
-    ticks = ops = acked = 0
+    ticks = ops = acked = followed = 0
     failed = [o for o in outcomes if o.kind is not None]
     for o in outcomes:
         if o.stats is None:
             print(
                 f"seed {o.seed}: {o.kind} failure: {o.message}\n  faults: {o.faults}\n"
                 f"  replay: python -m harness.sim --seed {o.seed} --ops {args.ops} "
-                f"--nodes {args.nodes}",
+                f"--nodes {args.nodes}" + (f" --relays {args.relays}" if args.relays > 1 else ""),
                 flush=True,
             )
             continue
@@ -81,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         ticks += o.stats.ticks
         ops += o.stats.ops
         acked += o.stats.acked_writes
+        followed += o.stats.followed
     took = time.perf_counter() - started
     hours = ticks * TICK_MS / 3_600_000
     print(
@@ -88,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(failed)} failed; {hours:.2f} simulated hours, {ops} operations, "
         f"{acked} acknowledged writes, none lost in passing runs"
     )
+    if args.relays > 1:
+        print(f"{followed} updates crossed from one relay to another live")
     if faults:
         print("faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())))
     return EXIT[str(failed[0].kind)] if failed else 0

@@ -162,6 +162,7 @@ class Stats:
     ticks: int = 0
     ops: int = 0
     acked_writes: int = 0
+    followed: int = 0  # updates a relay read back from another relay's commits
     faults: Counter[str] = field(default_factory=Counter)
 
 
@@ -237,10 +238,11 @@ class SimRelay:
     calls are answered as their frame arrives, sync requests right after,
     and updates are group-committed once per tick (``commit``)."""
 
-    def __init__(self, path: Path, limits: HubLimits | None = None) -> None:
+    def __init__(self, path: Path, limits: HubLimits | None = None, *, create: bool = True) -> None:
         self.path = path
         self.limits = limits or HubLimits()
-        self.store: SqliteRelayStore | None = SqliteRelayStore.create(path)
+        opened = SqliteRelayStore.create(path) if create else SqliteRelayStore.open(path)
+        self.store: SqliteRelayStore | None = opened
         self.now_ms = START_MS
         self.hub = RelayHub(self.limits)
         self.runner = StoreRunner(self.store, now_s=self._now_s)
@@ -283,6 +285,21 @@ class SimRelay:
                 return True
             self.hub.settle(batch, outcome)
         return False
+
+    def follow(self) -> int:
+        """Read what other relays on the store committed to the datasets
+        this relay has connections of, and fan it out (as the server's
+        follower does when the store wakes it); how many it fanned out."""
+        if self.store is None:
+            return 0
+        hub = self.hub
+        before = hub.metrics.updates_followed
+        for dataset in hub.followed():
+            while (call := hub.follow(dataset)) is not None:
+                hub.remote_committed(call, self.runner.follow(call))
+                if not hub.behind(dataset):
+                    break
+        return hub.metrics.updates_followed - before
 
     def tick(self, now_ms: int) -> None:
         self.now_ms = now_ms
@@ -333,12 +350,26 @@ class SimNode:
     failures: int = 0  # connection failures in a row (backoff)
     backup: Path | None = None  # its last backup export (export --unsynced)
     lives: int = 1  # homes it has had (rebuilds + 1)
+    at: int = 0  # the relay it connects to (several relays: it moves between them)
 
 
 class World:
-    """A relay and ``nodes`` nodes; ``run`` plays one seed."""
+    """``relays`` relays on one store and ``nodes`` nodes; ``run`` plays one
+    seed. With several relays, each node connects to one, moves to another
+    now and then when it reconnects, and each relay crashes on its own; the
+    relays' choices come from a generator of their own, so a seed with one
+    relay plays as it always did."""
 
-    def __init__(self, seed: int, nodes: int = 3, ops: int = 120, workdir: Path | None = None):
+    def __init__(
+        self,
+        seed: int,
+        nodes: int = 3,
+        ops: int = 120,
+        workdir: Path | None = None,
+        relays: int = 1,
+    ):
+        if relays < 1:
+            raise ValueError(f"relays must be at least 1, got {relays}")
         self.seed = seed
         self.rng = random.Random(seed)
         self.ops = ops
@@ -353,7 +384,10 @@ class World:
         # simulated crash drops the objects, not the page cache, anyway.
         shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
         self.dir = Path(workdir or tempfile.mkdtemp(prefix=f"branchline-sim-{seed}-", dir=shm))
-        self.relay = SimRelay(self.dir / "relay.db")
+        path = self.dir / "relay.db"
+        self.relays = [SimRelay(path, create=i == 0) for i in range(relays)]
+        self.relay_rng = random.Random(f"relays-{seed}")
+        self.relay = self.relays[0]  # enrolls the nodes; the checks read its file
         assert self.relay.store is not None
         self.schema = parse_schema(SCHEMA, origin="simulator schema")
         self.nodes: list[SimNode] = []
@@ -374,7 +408,7 @@ class World:
         self._links = 0
         self.partitioned: set[str] = set()
         self.partition_until = 0
-        self.relay_back = 0  # tick at which a crashed relay restarts
+        self.relay_back = [0] * relays  # tick at which each crashed relay restarts
         self.acked: dict[str, str] = {}  # record id -> collection, as returned to a caller
         # Voucher id -> (number, provisional) as post_voucher returned it, for
         # series numbers (not typed by hand).
@@ -428,9 +462,10 @@ class World:
             if sim.node is not None:
                 sim.node.close()
                 sim.node = None
-        if self.relay.store is not None:
-            self.relay.store.close()
-            self.relay.store = None
+        for relay in self.relays:
+            if relay.store is not None:
+                relay.store.close()
+                relay.store = None
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -444,19 +479,26 @@ class World:
             self.partitioned.clear()
         for sim in self.nodes:
             self._node_step(sim, now)
-        if self.relay.up:
-            self.relay.tick(now)
-            for link, frames, done in self.relay.outgoing():
-                self.net.send(link, link.down, self.tick, frames)
-                if done:
-                    link.closed = True
-            if self.relay.commit():
-                self.stats.faults["relay crash in a group commit"] += 1
-                return
-            for link, frames, done in self.relay.outgoing():
-                self.net.send(link, link.down, self.tick, frames)
-                if done:
-                    link.closed = True
+        for relay in self.relays:
+            if relay.up:
+                relay.tick(now)
+                self._send_down(relay)
+                if relay.commit():
+                    self.stats.faults["relay crash in a group commit"] += 1
+                    if len(self.relays) == 1:
+                        return
+                    continue
+                self._send_down(relay)
+        if len(self.relays) > 1:
+            for relay in self.relays:
+                self.stats.followed += relay.follow()
+                self._send_down(relay)
+
+    def _send_down(self, relay: SimRelay) -> None:
+        for link, frames, done in relay.outgoing():
+            self.net.send(link, link.down, self.tick, frames)
+            if done:
+                link.closed = True
 
     def _node_step(self, sim: SimNode, now: int) -> None:
         if sim.node is None:
@@ -471,11 +513,12 @@ class World:
                 self._connect(sim, now)
             return
         link, driver = sim.link, sim.driver
-        cut = sim.name in self.partitioned or not self.relay.up or link.closed
+        relay = self.relays[sim.at]
+        cut = sim.name in self.partitioned or not relay.up or link.closed
         try:
             if not cut:
                 for frame in self.net.due(link.up, self.tick):
-                    self.relay.receive(link, frame)
+                    relay.receive(link, frame)
                 for frame in self.net.due(link.down, self.tick):
                     driver.receive(frame)
             driver.tick(now)
@@ -493,7 +536,15 @@ class World:
 
     def _connect(self, sim: SimNode, now: int) -> None:
         assert sim.node is not None
-        if not self.relay.up or sim.name in self.partitioned:
+        if len(self.relays) > 1:
+            up = [i for i, r in enumerate(self.relays) if r.up]
+            if sim.at not in up or self.relay_rng.random() < 0.3:
+                moved = self.relay_rng.choice(up) if up else sim.at
+                if moved != sim.at:
+                    self.stats.faults["node moved to another relay"] += 1
+                sim.at = moved
+        relay = self.relays[sim.at]
+        if not relay.up or sim.name in self.partitioned:
             self._backoff(sim)
             return
         self._links += 1
@@ -501,13 +552,13 @@ class World:
         session = ClientSession(dataset=DATASET, node=sim.name, token=sim.token)
         sim.driver = SyncDriver(sim.node, session, wall_ms=sim.clock.wall_ms)
         sim.link = link
-        self.relay.connect(link, now)
+        relay.connect(link, now)
         sim.driver.tick(now)
         self.net.send(link, link.up, self.tick, sim.driver.data_to_send())
 
     def _disconnect(self, sim: SimNode) -> None:
         if sim.link is not None:
-            self.relay.drop(sim.link.id)
+            self.relays[sim.at].drop(sim.link.id)
             sim.link.closed = True
         sim.link = None
         sim.driver = None
@@ -554,15 +605,16 @@ class World:
                     self._rebuild(sim)
                 elif self.disk_rng.random() < 0.01:
                     self._backup(sim)
-        if self.relay.up and f.relay_crashes and self.rng.random() < f.relay_crashes:
-            self.relay_back = self.tick + self.rng.randint(1, 100)
-            if self.rng.random() < 0.5:
-                self.relay.crash_in_commit = True  # at its next batch
-            else:
-                self.relay.crash()
-                self.stats.faults["relay crash"] += 1
-        elif not self.relay.up and self.tick >= self.relay_back:
-            self.relay.restart()
+        for i, relay in enumerate(self.relays):
+            if relay.up and f.relay_crashes and self.rng.random() < f.relay_crashes:
+                self.relay_back[i] = self.tick + self.rng.randint(1, 100)
+                if self.rng.random() < 0.5:
+                    relay.crash_in_commit = True  # at its next batch
+                else:
+                    relay.crash()
+                    self.stats.faults["relay crash"] += 1
+            elif not relay.up and self.tick >= self.relay_back[i]:
+                relay.restart()
 
     def _backup(self, sim: SimNode) -> None:
         """The node's periodic backup: an unsynced export beside its home."""
@@ -688,9 +740,10 @@ class World:
         ``liveness`` when it does not come within HEAL_TICKS)."""
         self.net.active = False
         self.partitioned.clear()
-        self.relay.crash_in_commit = False
-        if not self.relay.up:
-            self.relay.restart()
+        for relay in self.relays:
+            relay.crash_in_commit = False
+            if not relay.up:
+                relay.restart()
         for sim in self.nodes:
             sim.down_until = 0
             sim.retry_at = min(sim.retry_at, self.tick + 1)

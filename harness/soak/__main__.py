@@ -28,9 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory on success")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each fault")
     parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
+    parser.add_argument("--relays", type=int, default=1, help="relay processes on one store")
+    parser.add_argument(
+        "--store",
+        default="",
+        help="a postgresql:// server URL: the relay store goes in a database of the run's own "
+        "(default: a SQLite file in the work directory)",
+    )
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.duration <= 0 or args.rate <= 0 or args.fault_every <= 0:
         parser.error("--nodes must be >= 2; --duration, --rate and --fault-every positive")
+    if args.relays < 1:
+        parser.error("--relays must be >= 1")
+    if args.store and not args.store.startswith(("postgresql://", "postgres://")):
+        parser.error("--store takes a postgresql:// URL (the default store is SQLite)")
     seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
     config = SoakConfig(
         duration_s=args.duration,
@@ -42,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir=args.workdir,
         keep=args.keep,
         verbose=args.verbose,
+        relays=args.relays,
+        store=args.store,
     )
     return run_soak(config, args.out)
 

@@ -9,10 +9,11 @@ quiescent stores (no process writing), after a run converged; the soak
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import orjson
 from pycrdt import Doc, Map
 
 from engine.node import Node
+from engine.relay.pg_store import is_pg_url, parse_url
 from engine.schema import parse_schema
 from engine.store.conflict_index import ConflictIndex
 from engine.store.node_store import STORE_FILE
@@ -236,19 +238,47 @@ def voucher_numbers_kept(
     return problems[:MAX_LISTED]
 
 
-def relay_duplicates(relay_db: Path) -> list[str]:
+@contextlib.contextmanager
+def _relay_sql(
+    spec: Path | str,
+) -> Iterator[tuple[Callable[[str, tuple[Any, ...]], list[Any]], str]]:
+    """A read-only query function on a relay store (a SQLite file or a
+    PostgreSQL URL; ``?`` marks parameters in both) and the name of the log's
+    order column (``seq`` on SQLite, ``position`` on PostgreSQL)."""
+    if not is_pg_url(str(spec)):
+        conn = _ro(Path(spec))
+        try:
+            yield (lambda sql, args: conn.execute(sql, args).fetchall()), "seq"
+        finally:
+            conn.close()
+        return
+    import psycopg
+
+    where = parse_url(str(spec))
+    with psycopg.connect(where.conninfo) as pg:
+        pg.read_only = True
+        pg.execute(f'SET search_path TO "{where.schema}"')
+
+        def query(sql: str, args: tuple[Any, ...]) -> list[Any]:
+            return pg.execute(sql.replace("?", "%s"), args).fetchall()
+
+        yield query, "position"
+
+
+def relay_duplicates(spec: Path | str) -> list[str]:
     """The relay stored no update twice: no two log rows of a document hold
     the same bytes, and replaying a document's snapshot and log in order,
-    every plain (not waiting) row changed the document."""
+    every plain (not waiting) row changed the document. ``spec``: the relay
+    store's file or PostgreSQL URL."""
     problems: list[str] = []
-    conn = _ro(relay_db)
-    try:
-        for dataset_id, doc, n in conn.execute(
+    with _relay_sql(spec) as (query, order):
+        for dataset_id, doc, n in query(
             "SELECT dataset_id, doc, COUNT(*) - COUNT(DISTINCT data) FROM updates "
-            "GROUP BY dataset_id, doc HAVING COUNT(*) > COUNT(DISTINCT data)"
+            "GROUP BY dataset_id, doc HAVING COUNT(*) > COUNT(DISTINCT data)",
+            (),
         ):
             problems.append(f"dataset {dataset_id} document {doc}: {n} rows repeat another's bytes")
-        docs = conn.execute("SELECT DISTINCT dataset_id, doc FROM updates").fetchall()
+        docs = query("SELECT DISTINCT dataset_id, doc FROM updates", ())
         for dataset_id, doc in docs:
             ydoc: Doc[Any] = Doc()
             changes = [0]
@@ -256,17 +286,18 @@ def relay_duplicates(relay_db: Path) -> list[str]:
             def changed(_event: Any, counter: list[int] = changes) -> None:
                 counter[0] += 1
 
-            snap = conn.execute(
+            snaps = query(
                 "SELECT upto, data FROM snapshots WHERE dataset_id = ? AND doc = ?",
                 (dataset_id, doc),
-            ).fetchone()
+            )
+            snap = snaps[0] if snaps else None
             if snap is not None:
                 ydoc.apply_update(bytes(snap[1]))
             ydoc.observe(changed)
             upto = int(snap[0]) if snap is not None else 0
-            for seq, data, waiting in conn.execute(
-                "SELECT seq, data, waiting FROM updates WHERE dataset_id = ? AND doc = ? "
-                "AND (seq > ? OR waiting = 1) ORDER BY seq",
+            for seq, data, waiting in query(
+                f"SELECT {order}, data, waiting FROM updates WHERE dataset_id = ? AND doc = ? "
+                f"AND ({order} > ? OR waiting) ORDER BY {order}",
                 (dataset_id, doc, upto),
             ):
                 before = changes[0]
@@ -275,17 +306,16 @@ def relay_duplicates(relay_db: Path) -> list[str]:
                     problems.append(f"dataset {dataset_id} document {doc}: row {seq} added nothing")
                     if len(problems) >= MAX_LISTED:
                         return problems
-    finally:
-        conn.close()
     return problems
 
 
-def relay_holds_everything(relay_db: Path, dataset: str, homes: Mapping[str, Path]) -> list[str]:
-    """The relay's state vector of every document equals every home's."""
-    from engine.relay.sqlite_store import SqliteRelayStore
+def relay_holds_everything(spec: Path | str, dataset: str, homes: Mapping[str, Path]) -> list[str]:
+    """The relay's state vector of every document equals every home's
+    (``spec``: the relay store's file or PostgreSQL URL)."""
+    from engine.relay.stores import open_store
 
     problems: list[str] = []
-    with SqliteRelayStore.open(relay_db) as store:
+    with contextlib.closing(open_store(spec)) as store:
         relay_docs = store.documents(dataset)
         relay_sv = {d: store.state_vector(dataset, d) for d in relay_docs}
     for name, home in sorted(homes.items()):

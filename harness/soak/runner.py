@@ -13,6 +13,14 @@ enrolled node per node home, starts ``branchline relay serve`` and one
   --unsynced``), wiped and rebuilt (``node init``, ``import``, ``sync``, as
   docs/operations.md says), and the node goes on in the new home.
 
+With ``relays`` > 1 several ``relay serve`` processes share the store and
+every node is given all of them (``--relay`` with a comma-separated list, one
+proxy per relay, in an order of its own): relay kills make the nodes fail
+over. ``store`` set to a ``postgresql://`` server URL puts the relay store in
+a database of the run's own (created there, dropped after a passing run) and
+adds a fault: the relays' PostgreSQL connections are terminated
+(``pg_terminate_backend``, as a PostgreSQL restart would cut them).
+
 Then it heals every fault, restarts whatever is down, stops the workload and
 waits (at most ``converge_timeout_s``) until every home has an empty outbox
 and the same resolved records and conflicts. It stops the processes (SIGTERM)
@@ -25,6 +33,7 @@ faults; what real processes make of it (timing, interleavings) varies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -43,9 +52,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
 
 from engine.node import Node
-from engine.relay.sqlite_store import SqliteRelayStore
+from engine.relay.pg_store import is_pg_url
+from engine.relay.stores import create_store
 from engine.store.node_store import STORE_FILE
 from harness.net import free_port as _free_port
 
@@ -80,6 +91,8 @@ FAULTS: dict[str, int] = {
     "refuse": 2,
     "rebuild_node": 1,
 }
+#: Faults of a run on PostgreSQL only (added to FAULTS there).
+PG_FAULTS: dict[str, int] = {"pg_terminate": 2}
 
 
 @dataclass(frozen=True)
@@ -96,11 +109,16 @@ class SoakConfig:
     workdir: Path | None = None
     keep: bool = False
     verbose: bool = False
+    relays: int = 1
+    store: str = ""  # "": a SQLite file in the work directory; or a postgresql:// server URL
 
     def replay_command(self) -> str:
+        extra = f" --relays {self.relays}" if self.relays > 1 else ""
+        extra += f" --store {self.store}" if self.store else ""
         return (
             f"{sys.executable} -m harness.soak --duration {self.duration_s:g} --seed {self.seed} "
             f"--nodes {self.nodes} --rate {self.rate:g} --fault-every {self.fault_every_s:g}"
+            + extra
         )
 
 
@@ -117,16 +135,26 @@ class Fault:
 
 
 def schedule(
-    rng: random.Random, duration_s: float, every_s: float, names: list[str]
+    rng: random.Random,
+    duration_s: float,
+    every_s: float,
+    names: list[str],
+    relays: int = 1,
+    pg: bool = False,
 ) -> list[Fault]:
-    """The faults of a run, drawn from ``rng`` only (a seed replays them)."""
-    kinds, weights = list(FAULTS), list(FAULTS.values())
+    """The faults of a run, drawn from ``rng`` only (a seed replays them;
+    with one relay on SQLite, as it always did)."""
+    faults = FAULTS | PG_FAULTS if pg else FAULTS
+    kinds, weights = list(faults), list(faults.values())
     out: list[Fault] = []
     t = rng.expovariate(1 / every_s)
     while t < duration_s:
         kind = rng.choices(kinds, weights)[0]
         if kind == "kill_relay":
-            fault = Fault(t, kind, ["relay"], rng.uniform(0.2, 3.0))
+            target = f"relay{rng.randrange(relays)}" if relays > 1 else "relay"
+            fault = Fault(t, kind, [target], rng.uniform(0.2, 3.0))
+        elif kind == "pg_terminate":
+            fault = Fault(t, kind, ["postgresql"], 0.0)
         elif kind == "partition_half":
             half = rng.sample(names, max(1, len(names) // 2))
             fault = Fault(t, kind, sorted(half), rng.uniform(1.0, 8.0))
@@ -239,6 +267,7 @@ class SoakState:
     converge_s: float | None = None
     phase: str = "setup"
     late_first_syncs: int = 0  # rebuilt homes whose first sync waited for a fault to end
+    pg_backends_terminated: int = 0  # relays' PostgreSQL connections cut (pg_terminate)
 
 
 class Soak:
@@ -258,12 +287,20 @@ class Soak:
         self.names = [f"N{i}" for i in range(config.nodes)]
         self.homes = {n: self.root / n for n in self.names}
         self.relay_db = self.root / "relay.db"
+        self.pg_admin = config.store if is_pg_url(config.store) else ""
+        # A database of the run's own; its connections are told apart by name.
+        self.pg_name = f"bl_soak_{random.SystemRandom().getrandbits(32):08x}"
+        self.relay_store = (
+            _pg_database(self.pg_admin, self.pg_name, f"?application_name={self.pg_name}")
+            if self.pg_admin
+            else str(self.relay_db)
+        )
         self.cli = _cli()
         self.state = SoakState()
-        self.relay_port = _free_port()
-        self.proxies: dict[str, FaultProxy] = {}
+        self.relay_ports = [_free_port() for _ in range(config.relays)]
+        self.proxies: dict[str, list[FaultProxy]] = {}  # per node: one per relay
         self.host: ProxyHost | None = None
-        self.relay: Proc | None = None
+        self.relays: list[Proc] = []
         self.runs: dict[str, Proc] = {}
         self.workload = Workload(self.homes, self.work_rng, self.cli)
         self._stop_work = threading.Event()
@@ -276,25 +313,27 @@ class Soak:
     # -- setup -----------------------------------------------------------------
 
     def _setup(self) -> None:
-        with SqliteRelayStore.create(self.relay_db) as store:
+        if self.pg_admin:
+            _pg_admin(self.pg_admin, f'CREATE DATABASE "{self.pg_name}"')
+        with contextlib.closing(create_store(self.relay_store)) as store:
             tokens = {n: store.enroll(DATASET, n).token for n in self.names}
         self.tokens = tokens
         self.host = ProxyHost(self.proxy_rng)
         for n in self.names:
-            self.proxies[n] = self.host.add(self.relay_port)
+            self.proxies[n] = [self.host.add(port) for port in self.relay_ports]
             Node.create(
-                self.homes[n],
-                dataset=DATASET,
-                node=n,
-                relay=f"ws://127.0.0.1:{self.proxies[n].port}/",
-                token=tokens[n],
+                self.homes[n], dataset=DATASET, node=n, relay=self._url(n), token=tokens[n]
             ).close()
-        self.relay = Proc(
-            "relay",
-            [*self.cli, "relay", "serve", str(self.relay_db), "--port", str(self.relay_port)],
-            self.root / "relay.log",
-        )
-        self._start_relay()
+        several = len(self.relay_ports) > 1
+        for i, port in enumerate(self.relay_ports):
+            self.relays.append(
+                Proc(
+                    f"relay{i}" if several else "relay",
+                    [*self.cli, "relay", "serve", self.relay_store, "--port", str(port)],
+                    self.root / (f"relay{i}.log" if several else "relay.log"),
+                )
+            )
+            self._start_relay(self.relays[-1])
         for n in self.names:
             self.runs[n] = Proc(
                 n,
@@ -311,14 +350,22 @@ class Soak:
             self.workload.close()
         self._wait_converged(60.0, "initial sync")
 
-    def _start_relay(self) -> None:
-        assert self.relay is not None
-        self.relay.start()
+    def _url(self, name: str) -> str:
+        """The node's relay setting: its proxy to every relay, starting from
+        one of its own (so the nodes spread over the relays)."""
+        proxies = self.proxies[name]
+        first = self.names.index(name) % len(proxies)
+        turn = proxies[first:] + proxies[:first]
+        return ",".join(f"ws://127.0.0.1:{p.port}/" for p in turn)
+
+    def _start_relay(self, relay: Proc) -> None:
+        relay.start()
+        port = self.relay_ports[self.relays.index(relay)]
         deadline = time.monotonic() + 30
-        while not _listening(self.relay_port):
-            if not self.relay.running or time.monotonic() > deadline:
+        while not _listening(port):
+            if not relay.running or time.monotonic() > deadline:
                 raise SoakFailure(
-                    EXIT_CRASH, f"the relay did not start listening:\n{self.relay.tail()}"
+                    EXIT_CRASH, f"{relay.name} did not start listening:\n{relay.tail()}"
                 )
             time.sleep(0.05)
 
@@ -341,12 +388,22 @@ class Soak:
 
     def _apply(self, fault: Fault) -> list[tuple[float, Callable[[], None]]]:
         """Inject ``fault`` now; returns (seconds from now, undo) to schedule."""
-        assert self.host is not None and self.relay is not None
+        assert self.host is not None
         kind = fault.kind
         self.state.faults[kind] += 1
         if kind == "kill_relay":
-            self.relay.kill()
-            return [(fault.hold_s, self._restart_relay)]
+            relay = next(r for r in self.relays if r.name == fault.targets[0])
+            relay.kill()
+            return [(fault.hold_s, partial(self._restart_relay, relay))]
+        if kind == "pg_terminate":
+            cut = _pg_admin(
+                self.pg_admin,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                self.pg_name,
+            )
+            self.state.pg_backends_terminated += cut
+            return []
         if kind == "kill_node":
             proc = self.runs[fault.targets[0]]
             proc.kill()
@@ -355,8 +412,7 @@ class Soak:
             self._rebuild(fault.targets[0])
             return []
         undo: list[tuple[float, Callable[[], None]]] = []
-        for name in fault.targets:
-            proxy = self.proxies[name]
+        for name, proxy in ((n, p) for n in fault.targets for p in self.proxies[n]):
             if kind == "delay":
                 self.host.call(partial(proxy.delay, fault.delay_ms, fault.delay_ms / 2))
                 undo.append((fault.hold_s, partial(self.host_call, partial(proxy.delay, 0))))
@@ -386,7 +442,7 @@ class Soak:
             shutil.rmtree(old)
             self.lives[name] += 1
             new = self.root / f"{name}.{self.lives[name] + 1}"
-            url = f"ws://127.0.0.1:{self.proxies[name].port}/"
+            url = self._url(name)
             self._cli_ok(
                 "node", "init", "--home", str(new), "--dataset", DATASET, "--node", name,
                 "--relay", url, "--token", self.tokens[name],
@@ -421,28 +477,26 @@ class Soak:
         self._cut_depth[name] -= 1
         if self._cut_depth[name] <= 0:
             self._cut_depth[name] = 0
-            self.host_call(self.proxies[name].resume)
+            for proxy in self.proxies[name]:
+                self.host_call(proxy.resume)
 
     def _unrefuse(self, name: str) -> None:
         self._refuse_depth[name] -= 1
         if self._refuse_depth[name] <= 0:
             self._refuse_depth[name] = 0
-            self.host_call(partial(self.proxies[name].refuse, False))
+            for proxy in self.proxies[name]:
+                self.host_call(partial(proxy.refuse, False))
 
     def _restart(self, proc: Proc) -> None:
         if not proc.running:
             proc.start()
 
-    def _restart_relay(self) -> None:
-        assert self.relay is not None
-        if not self.relay.running:
-            self._start_relay()
+    def _restart_relay(self, relay: Proc) -> None:
+        if not relay.running:
+            self._start_relay(relay)
 
     def _check_processes(self) -> None:
-        procs = [self.relay, *self.runs.values()]
-        for proc in procs:
-            if proc is None:
-                continue
+        for proc in [*self.relays, *self.runs.values()]:
             code = proc.crashed()
             if code is not None:
                 raise SoakFailure(
@@ -456,7 +510,14 @@ class Soak:
 
     def _chaos(self) -> None:
         names = self.names
-        plan = schedule(self.fault_rng, self.config.duration_s, self.config.fault_every_s, names)
+        plan = schedule(
+            self.fault_rng,
+            self.config.duration_s,
+            self.config.fault_every_s,
+            names,
+            relays=self.config.relays,
+            pg=bool(self.pg_admin),
+        )
         undo: list[tuple[float, Callable[[], None]]] = []
         start = time.monotonic()
         i = 0
@@ -483,13 +544,13 @@ class Soak:
     # -- healing and convergence -------------------------------------------------
 
     def _heal(self) -> None:
-        assert self.host is not None and self.relay is not None
-        for proxy in self.proxies.values():
+        assert self.host is not None
+        for proxy in (p for ps in self.proxies.values() for p in ps):
             self.host.call(proxy.heal)
         self._cut_depth.clear()
         self._refuse_depth.clear()
-        if not self.relay.running:
-            self._start_relay()
+        for relay in self.relays:
+            self._restart_relay(relay)
         for proc in self.runs.values():
             self._restart(proc)
 
@@ -514,7 +575,9 @@ class Soak:
         """Run, check and summarize. Never raises for a failed run: the exit
         code (``EXIT_*``) and the summary's ``failure`` say what failed."""
         started = time.monotonic()
+        where = f"PostgreSQL database {self.pg_name}" if self.pg_admin else "SQLite"
         self.say(f"soak: seed {self.config.seed}, {self.config.nodes} nodes, "
+                 f"{self.config.relays} relay(s) on {where}, "
                  f"{self.config.duration_s:g} s, work in {self.root}")  # fmt: skip
         code, failure, problems = EXIT_OK, "", {}
         worker = threading.Thread(target=self._work, name="soak-workload", daemon=True)
@@ -556,6 +619,8 @@ class Soak:
         summary = self._summary(code, failure, problems, time.monotonic() - started)
         if code == EXIT_OK and not self.config.keep:
             shutil.rmtree(self.root, ignore_errors=True)
+            if self.pg_admin:
+                _pg_admin(self.pg_admin, f'DROP DATABASE IF EXISTS "{self.pg_name}" WITH (FORCE)')
         return summary, code
 
     def _stop_all(self, *, strict: bool) -> None:
@@ -563,21 +628,24 @@ class Soak:
             rc = proc.stop()
             if strict and rc not in (0, None):
                 raise SoakFailure(EXIT_CRASH, f"{proc.name} exited {rc} on SIGTERM:\n{proc.tail()}")
-        if self.relay is not None:
-            rc = self.relay.stop()
+        for relay in self.relays:
+            rc = relay.stop()
             if strict and rc not in (0, None):
-                raise SoakFailure(EXIT_CRASH, f"relay exited {rc} on SIGTERM:\n{self.relay.tail()}")
+                raise SoakFailure(
+                    EXIT_CRASH, f"{relay.name} exited {rc} on SIGTERM:\n{relay.tail()}"
+                )
 
     def _checks(self) -> dict[str, list[str]]:
-        stores = [h / STORE_FILE for h in self.homes.values()] + [self.relay_db]
+        stores = [h / STORE_FILE for h in self.homes.values()]
+        stores += [] if self.pg_admin else [self.relay_db]
         return {
             "replicas_identical": checks.replicas_identical(self.homes),
             "lost_writes": checks.lost_writes(self.workload.acked, self.homes),
             "voucher_numbers_unique": checks.voucher_numbers_unique(self.homes),
             "voucher_numbers_kept": checks.voucher_numbers_kept(self.workload.issued, self.homes),
-            "relay_no_duplicates": checks.relay_duplicates(self.relay_db),
+            "relay_no_duplicates": checks.relay_duplicates(self.relay_store),
             "relay_holds_everything": checks.relay_holds_everything(
-                self.relay_db, DATASET, self.homes
+                self.relay_store, DATASET, self.homes
             ),
             "integrity_check": checks.integrity(stores),
             "conflict_indexes_true": checks.conflict_indexes_true(self.homes),
@@ -597,10 +665,9 @@ class Soak:
                     conflicts[str(c["kind"])] = conflicts.get(str(c["kind"]), 0) + 1
                 resolutions = len(node.conflicts(resolved=True))
         proxies = {
-            n: {"connections": p.counters.connections, "resets": p.counters.resets,
-                "refused": p.counters.refused, "bytes_up": p.counters.bytes_up,
-                "bytes_down": p.counters.bytes_down}
-            for n, p in self.proxies.items()
+            n: {key: sum(getattr(p.counters, key) for p in ps)
+                for key in ("connections", "resets", "refused", "bytes_up", "bytes_down")}
+            for n, ps in self.proxies.items()
         }  # fmt: skip
         lost = problems.get("lost_writes", [])
         return {
@@ -612,6 +679,8 @@ class Soak:
             "duration_s": self.config.duration_s,
             "wall_s": round(wall_s, 1),
             "nodes": self.config.nodes,
+            "relays": self.config.relays,
+            "store": f"postgresql (database {self.pg_name})" if self.pg_admin else "sqlite",
             "operations": sum(w.ops.values()),
             "operations_by_kind": dict(sorted(w.ops.items())),
             "refused_by_kind": dict(sorted(w.refused.items())),
@@ -620,8 +689,9 @@ class Soak:
             "faults": sum(self.state.faults.values()),
             "faults_by_kind": dict(sorted(self.state.faults.items())),
             "rebuilds_synced_later": self.state.late_first_syncs,
+            "pg_backends_terminated": self.state.pg_backends_terminated,
             "process_starts": {
-                "relay": self.relay.starts if self.relay else 0,
+                **{r.name: r.starts for r in self.relays},
                 **{n: p.starts for n, p in self.runs.items()},
             },
             "proxies": proxies,
@@ -639,6 +709,23 @@ class Soak:
                 "platform": platform.platform(),
             },
         }
+
+
+def _pg_database(server: str, database: str, query: str = "") -> str:
+    """``server`` (a postgresql:// URL) naming ``database`` instead, with ``query``."""
+    parts = urlsplit(server)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", "", "")) + query
+
+
+def _pg_admin(server: str, sql: str, *args: object) -> int:
+    """Run one statement on ``server`` (autocommit); the first column of its
+    first row when it returns one, else 0."""
+    import psycopg
+
+    with psycopg.connect(server, autocommit=True, connect_timeout=10) as conn:
+        cur = conn.execute(sql.encode(), args or None)
+        row = cur.fetchone() if cur.description else None
+        return int(row[0]) if row else 0
 
 
 def run_soak(config: SoakConfig, out: Path | None = None) -> int:
@@ -660,7 +747,8 @@ def render(summary: dict[str, Any]) -> str:
     faults = ", ".join(f"{k} {v}" for k, v in summary["faults_by_kind"].items()) or "none"
     lines = [
         f"soak {summary['verdict'].upper()} (exit {summary['exit_code']}): seed {summary['seed']}, "
-        f"{summary['nodes']} nodes, {summary['duration_s']:g} s of faults, "
+        f"{summary['nodes']} nodes, {summary['relays']} relay(s) on {summary['store']}, "
+        f"{summary['duration_s']:g} s of faults, "
         f"{summary['wall_s']:g} s in all",
         f"  operations: {summary['operations']} "
         f"({', '.join(f'{k} {v}' for k, v in summary['operations_by_kind'].items())})",
