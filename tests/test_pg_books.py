@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.accounting import TABLES, VOUCHER_BOOKS
-from adapters.pg_books import pending
+from adapters.pg_books import pending, queued_upto
 from adapters.pg_books.books import BRANCH_TABLES, PgBooks, PgConn
 from adapters.pg_books.feed import Follower, ReportBooks, ensure_enabled, forget, rebuild
 from adapters.testing import make_node, random_writes, run_acceptance, snapshot
@@ -288,4 +288,54 @@ def test_books_older_than_the_queue_are_rebuilt(tmp_path: Path, pg_url: str) -> 
         follower.stop()
     assert follower.error is None and follower.position == at
     assert_same_as_sqlite(pg_url, "old", hq)
+    hq.close()
+
+
+def test_postgresql_away_then_back_the_books_catch_up(tmp_path: Path, pg_url: str) -> None:
+    """PostgreSQL behind a fault proxy: while its connections are reset and
+    refused, the node takes in a branch's updates (as its sync does) and the
+    follower waits; healed, the books catch up with every change once."""
+    from harness.faults import ProxyHost
+
+    branch = make_node(tmp_path / "a", "A")
+    hq = make_node(tmp_path / "hq", "HQ", adapters={"accounting": {}})
+    ensure_enabled(hq)
+    host = ProxyHost(random.Random(1))
+    pg_port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = host.add(pg_port)
+    via_proxy = pg_url.replace(f":{pg_port}/", f":{proxy.port}/")
+    follower = Follower(tmp_path / "hq", via_proxy, "away", retry_s=0.05, retry_max_s=0.2)
+    rng = random.Random(6)
+
+    def settle(want: int) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if follower.position is not None and follower.position >= want:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"follower at {follower.position}, wanted {want}")
+
+    def queued() -> int:
+        with hq.store.reading() as conn:
+            return queued_upto(conn)
+
+    try:
+        follower.start()
+        random_writes(branch, rng, 20, sorted(VOUCHER_BOOKS))
+        hq.import_updates(branch.export_updates(hq.state()))
+        settle(queued())
+        host.call(lambda: proxy.refuse(True))
+        host.call(proxy.reset)
+        random_writes(branch, rng, 30, sorted(VOUCHER_BOOKS))
+        hq.import_updates(branch.export_updates(hq.state()))  # the node goes on
+        time.sleep(1.0)
+        assert follower.alive and follower.error is None
+        host.call(proxy.heal)
+        settle(queued())
+    finally:
+        follower.stop()
+        host.close()
+    assert follower.error is None
+    assert_same_as_sqlite(pg_url, "away", hq)
+    branch.close()
     hq.close()
