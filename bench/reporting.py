@@ -282,7 +282,8 @@ def measure(
     tail = (tmp / "report.log").read_text(errors="replace")
     follower = re.search(r"reporting: (\d+) changes in (\d+) batches, ([\d.]+) s CPU", tail)
     if follower:  # a thread of report serve: part of its CPU, logged when it stops
-        cpu["  of which the follower thread"] = float(follower[3])
+        first = next(iter(cpu.items()))
+        cpu = {first[0]: first[1], "of which its follower thread": float(follower[3]), **cpu}
     committed, acked = expected["committed"], expected["acked"]
     ack_lag = [seen[v] - acked[v] for v in acked if v in seen]
     commit_lag = [seen[v] - committed[v] for v in committed if v in seen]
@@ -317,7 +318,7 @@ def render(doc: dict[str, Any], target: Target, results: Path) -> str:
         )
     ]
     cpu = ", ".join(
-        f"{name.strip()} {sec:.1f} s ({sec / r['seconds'] * 100:.0f} % of a core, "
+        f"{name} {sec:.1f} s ({sec / r['seconds'] * 100:.0f} % of a core, "
         f"{sec / max(r['vouchers_committed'], 1) * 1000:.2f} ms per voucher)"
         for name, sec in r["cpu_seconds"].items()
     )
