@@ -14,7 +14,8 @@ per voucher, when its batch committed and when it saw the relay's ack (its
 outbox row no longer pending; polled every 25 ms, so an ack is seen up to
 one poll late, which shortens the measured lag by as much). A trigger on
 the books' ``vouchers`` table stamps each new voucher id with a sequence; a
-poller (every 10 ms) reads the new ids and stamps them visible. Lag = visible
+poller (every 10 ms) reads the new ids and stamps them visible; it also
+reads the head office node's queue, to split the lag at the node's commit. Lag = visible
 - acknowledged (target p99 <= 1 s); commit -> visible is reported beside it.
 """
 
@@ -26,6 +27,7 @@ import os
 import re
 import resource
 import secrets
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -35,6 +37,7 @@ from typing import Any
 
 import psycopg
 
+from adapters.pg_books import QUEUE
 from engine.node import Node
 from engine.relay.sqlite_store import SqliteRelayStore
 
@@ -217,6 +220,7 @@ def measure(
             stderr=subprocess.DEVNULL,
         )
     seen: dict[str, float] = {}
+    at_hq: dict[str, float] = {}
     try:
         with psycopg.connect(pg_url, autocommit=True) as pg:
 
@@ -242,16 +246,29 @@ def measure(
             load_start = load_facts()
             outs = {b: tmp / f"writer-{b}.json" for b in "AB"}
             writers = {b: _writer(homes[b], b, rate / 2, seconds, outs[b]) for b in "AB"}
-            last = 0
-            started = time.monotonic()
-            while any(w.poll() is None for w in writers.values()) or (
-                time.monotonic() - started < seconds + 5
-            ):
+            last, queued_last = 0, 0
+            queue = sqlite3.connect(f"file:{homes['HQ'] / 'branchline.db'}?mode=ro", uri=True)
+
+            def poll() -> None:
+                nonlocal last, queued_last
                 for n, vid in pg.execute(
                     "SELECT n, id FROM bench.seen WHERE n > %s ORDER BY n", (last,)
                 ):
                     last = n
                     seen.setdefault(vid, time.time())
+                # The head office's node committed it (queued for PostgreSQL);
+                # applied rows leave the queue within about a second.
+                for seq, vid in queue.execute(
+                    f"SELECT seq, id FROM {QUEUE} WHERE seq > ? ORDER BY seq", (queued_last,)
+                ):
+                    queued_last = seq
+                    at_hq.setdefault(vid, time.time())
+
+            started = time.monotonic()
+            while any(w.poll() is None for w in writers.values()) or (
+                time.monotonic() - started < seconds + 5
+            ):
+                poll()
                 time.sleep(POLL_S)
             expected: dict[str, dict[str, float]] = {"committed": {}, "acked": {}}
             writer_cpu: dict[str, float] = {}
@@ -263,12 +280,9 @@ def measure(
             # The rest still on its way.
             deadline = time.monotonic() + 30
             while len(seen) < len(expected["acked"]) and time.monotonic() < deadline:
-                for n, vid in pg.execute(
-                    "SELECT n, id FROM bench.seen WHERE n > %s ORDER BY n", (last,)
-                ):
-                    last = n
-                    seen.setdefault(vid, time.time())
+                poll()
                 time.sleep(POLL_S)
+            queue.close()
             cpu = {name: cpu_of(p.pid) - cpu0[name] for name, p in procs.items()}
             cpu["relay"] = (relay.cpu_seconds() or 0.0) - cpu0["relay"]
             cpu["postgres (all backends)"] = postgres_cpu() - pg_cpu0
@@ -286,6 +300,8 @@ def measure(
         cpu = {first[0]: first[1], "of which its follower thread": float(follower[3]), **cpu}
     committed, acked = expected["committed"], expected["acked"]
     ack_lag = [seen[v] - acked[v] for v in acked if v in seen]
+    to_hq = [at_hq[v] - acked[v] for v in acked if v in at_hq]
+    hq_to_pg = [seen[v] - at_hq[v] for v in at_hq if v in seen]
     commit_lag = [seen[v] - committed[v] for v in committed if v in seen]
     missing = len(set(committed) - set(seen))
     return {
@@ -298,6 +314,8 @@ def measure(
         "achieved_rate_per_s": len(committed) / seconds,
         "ack_to_visible": latency_summary(ack_lag, 1000),
         "commit_to_visible": latency_summary(commit_lag, 1000),
+        "ack_to_hq_node": latency_summary(to_hq, 1000),
+        "hq_node_to_visible": latency_summary(hq_to_pg, 1000),
         "cpu_seconds": cpu,
         "load_start": load_start,
         "load_end": load_end,
@@ -315,6 +333,8 @@ def render(doc: dict[str, Any], target: Target, results: Path) -> str:
         for name, s in (
             ("relay ack -> visible", r["ack_to_visible"]),
             ("branch commit -> visible", r["commit_to_visible"]),
+            ("of ack -> visible: ack -> in the HQ node (sync)", r["ack_to_hq_node"]),
+            ("of ack -> visible: HQ node -> visible (follower)", r["hq_node_to_visible"]),
         )
     ]
     cpu = ", ".join(

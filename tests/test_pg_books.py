@@ -69,6 +69,14 @@ def assert_same_as_sqlite(url: str, schema: str, node: Node) -> None:
         assert pg_rows(url, schema, view) == sorted((tuple(r) for r in want), key=repr), view
 
 
+def wait_until(done: Any, what: str, timeout: float = 30) -> None:
+    """Poll ``done()`` until it is true; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def feed_all(node: Node, books: ReportBooks, rng: random.Random, most: int = 50) -> None:
     """Apply the whole queue in batches of random sizes."""
     while True:
@@ -233,12 +241,7 @@ def test_follower_feeds_live_and_waits_out_an_unreachable_server(
         live.start()
         random_writes(hq, random.Random(8), 30, sorted(VOUCHER_BOOKS))
         want = hq.query("SELECT COUNT(*) FROM vouchers").rows[0][0]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if live.position is not None and len(pg_rows(pg_url, "live", "vouchers")) == want:
-                break
-            time.sleep(0.05)
-        assert len(pg_rows(pg_url, "live", "vouchers")) == want
+        wait_until(lambda: len(pg_rows(pg_url, "live", "vouchers")) == want, "the vouchers")
         assert down.alive and down.error is None  # still retrying
     finally:
         down.stop()
@@ -281,9 +284,7 @@ def test_books_older_than_the_queue_are_rebuilt(tmp_path: Path, pg_url: str) -> 
     follower = Follower(tmp_path / "hq", pg_url, "old")
     follower.start()
     try:
-        deadline = time.monotonic() + 30
-        while follower.position != at and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: follower.position == at, "the rebuild")
     finally:
         follower.stop()
     assert follower.error is None and follower.position == at
@@ -308,12 +309,7 @@ def test_postgresql_away_then_back_the_books_catch_up(tmp_path: Path, pg_url: st
     rng = random.Random(6)
 
     def settle(want: int) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if follower.position is not None and follower.position >= want:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"follower at {follower.position}, wanted {want}")
+        wait_until(lambda: (follower.position or 0) >= want, f"the follower at {want}")
 
     def queued() -> int:
         with hq.store.reading() as conn:
