@@ -241,7 +241,10 @@ def test_follower_feeds_live_and_waits_out_an_unreachable_server(
         live.start()
         random_writes(hq, random.Random(8), 30, sorted(VOUCHER_BOOKS))
         want = hq.query("SELECT COUNT(*) FROM vouchers").rows[0][0]
-        wait_until(lambda: len(pg_rows(pg_url, "live", "vouchers")) == want, "the vouchers")
+        wait_until(
+            lambda: live.position is not None and len(pg_rows(pg_url, "live", "vouchers")) == want,
+            "the vouchers",
+        )
         assert down.alive and down.error is None  # still retrying
     finally:
         down.stop()

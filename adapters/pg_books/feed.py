@@ -35,6 +35,7 @@ log = logging.getLogger("branchline.report")
 
 BATCH = 5000  # queued changes per PostgreSQL transaction
 POLL_S = 0.02  # how often an idle follower looks at the queue
+BATCH_EVERY_S = 0.1  # the shortest time between two batches' starts
 FORGET_EVERY_S = 1.0  # how often applied rows leave the queue
 PROGRESS_EVERY = 20_000  # records between progress lines of a rebuild
 CONNECT_TIMEOUT_S = 5
@@ -309,7 +310,7 @@ class Follower:
         wait = self.retry_s
         down_since: float | None = None
         deleted_upto = 0
-        last_forget = time.monotonic()
+        last_forget = last_batch = time.monotonic()
         while not self._stop.is_set():
             try:
                 if self.position is None:
@@ -328,14 +329,18 @@ class Follower:
                 if down_since is not None:
                     log.info("PostgreSQL is back after %.0f s", time.monotonic() - down_since)
                     down_since, wait = None, self.retry_s
+                if deleted_upto < self.position and time.monotonic() > last_forget + FORGET_EVERY_S:
+                    forget(node, self.position)
+                    deleted_upto, last_forget = self.position, time.monotonic()
+                # At most one batch per BATCH_EVERY_S: under a steady flow a
+                # batch costs about as much as its changes (measured 1555
+                # batches of 5.5 vouchers, 1.1 ms CPU per voucher).
+                self._stop.wait(max(0.0, last_batch + BATCH_EVERY_S - time.monotonic()))
                 changes, upto = pending(node.store.conn, self.position, BATCH)
                 if not changes:
-                    due = time.monotonic() - last_forget > FORGET_EVERY_S
-                    if deleted_upto < self.position and due:
-                        forget(node, self.position)
-                        deleted_upto, last_forget = self.position, time.monotonic()
                     self._stop.wait(POLL_S)
                     continue
+                last_batch = time.monotonic()
                 if books.apply(changes, self.position, upto):
                     self.position = upto
                     self.applied += len(changes)
