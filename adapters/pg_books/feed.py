@@ -33,7 +33,7 @@ from .books import PgBooks, PgConn
 
 log = logging.getLogger("branchline.report")
 
-BATCH = 5000  # queued changes per PostgreSQL transaction
+BATCH = 1000  # queued changes per PostgreSQL transaction (a batch of 5,000 took seconds)
 POLL_S = 0.02  # how often an idle follower looks at the queue
 BATCH_EVERY_S = 0.1  # the shortest time between two batches' starts
 FORGET_EVERY_S = 1.0  # how often applied rows leave the queue
