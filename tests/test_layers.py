@@ -1,7 +1,7 @@
 """Layering of the engine: SQLite only in the store modules, PostgreSQL only
 in the PostgreSQL relay store, pycrdt only in engine/crdt (exceptions listed
-with their reason), no import cycle, and the
-callers of ``Node`` use its public interface (and the store's) only."""
+with their reason), no import cycle, and the callers of ``Node`` use its
+public interface (and the store's) only."""
 
 from __future__ import annotations
 
