@@ -594,7 +594,7 @@ class SqliteRelayStore(RelayStore):
                     if moved:
                         return moved
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self._closed:  # close() waits for this lock
                     return set()
                 time.sleep(min(period, left))
                 period = min(WATCH_MAX_S, period * 1.5)
