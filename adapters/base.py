@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import sqlite_utils
@@ -30,6 +30,15 @@ PARSED_CACHE = 65_536
 _PARSED: dict[str, tuple[int, int]] = {}
 
 ConflictRow = tuple[str, str, str, str, str, str, str, str, str, str]
+
+
+class SqlConn(Protocol):
+    """What books write through: a sqlite3 connection, or a PostgreSQL one
+    behind the same two calls (adapters.pg_books.books.PgConn)."""
+
+    def execute(self, sql: str, params: Any = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, rows: Iterable[Any], /) -> Any: ...
 
 
 def db(conn: sqlite3.Connection) -> sqlite_utils.Database:

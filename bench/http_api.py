@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import subprocess
@@ -54,6 +55,7 @@ BRANCHLINE = str(Path(sys.executable).parent / "branchline")
 CLIENTS = 10
 RATE = 10.0  # requests per second per workstation in the open-loop phases
 TARGETS_MS = {"put": 10.0, "status": 5.0}
+MODELS = ("saturation", "workstations", "backlog")
 
 
 class Conn:
@@ -152,23 +154,40 @@ def _serve(home: Path, port: int) -> subprocess.Popen[bytes]:
             time.sleep(0.1)
 
 
-def measure(per_client: int, seed: int) -> dict[str, Any]:
+def _fill(home: Path, records: int) -> None:
+    """Queue ``records`` new items in the outbox, as a branch offline all day."""
+    with Node.open(home) as n:
+        for start in range(0, records, 1000):
+            n.batch(
+                [functools.partial(_put_item, j) for j in range(start, min(records, start + 1000))]
+            )
+
+
+def _put_item(j: int, node: Node) -> None:
+    node.put("items", {"code": f"SP{j}", "name": f"hàng {j}", "price": "1000"})
+
+
+def measure(per_client: int, seed: int, backlog: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "hn"
         with Node.create(home, dataset="acme", node="HN") as n:
             tokens = [add_user(n, f"ws{i}", read_only=False, now_ms=1) for i in range(CLIENTS)]
-        port = free_port()
-        proc = _serve(home, port)
-        try:
-            asyncio.run(_phase(port, tokens, 10, "put", None, seed))  # warm-up
-            for model, rate in (("saturation", None), ("workstations", RATE)):
-                for kind in ("put", "status"):
-                    times = asyncio.run(_phase(port, tokens, per_client, kind, rate, seed))
-                    out[f"{model}_{kind}_ms"] = _summary(times)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        models = (("saturation", None), ("workstations", RATE))
+        for waiting in (0, backlog):
+            _fill(home, waiting)
+            port = free_port()
+            proc = _serve(home, port)
+            try:
+                asyncio.run(_phase(port, tokens, 10, "put", None, seed))  # warm-up
+                for model, rate in models:
+                    for kind in ("put", "status"):
+                        times = asyncio.run(_phase(port, tokens, per_client, kind, rate, seed))
+                        out[f"{model}_{kind}_ms"] = _summary(times)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            models = (("backlog", RATE),)
     return out
 
 
@@ -176,7 +195,7 @@ def render(doc: dict[str, Any], targets: list[Target], results: Path) -> str:
     m, run, r = doc["machine"], doc["run"], doc["benchmarks"]
     load = doc["load_start"]["loadavg_1_5_15"][0], doc["load_end"]["loadavg_1_5_15"][0]
     rows = []
-    for model in ("saturation", "workstations"):
+    for model in MODELS:
         for kind in ("put", "status"):
             s = r[f"{model}_{kind}_ms"]
             rows.append(
@@ -197,6 +216,8 @@ def render(doc: dict[str, Any], targets: list[Target], results: Path) -> str:
         "*saturation*: each client sends its next request as soon as the last is answered "
         f"(always {CLIENTS} outstanding). *workstations*: each client sends {RATE:g} "
         "requests/s on a seeded Poisson schedule; latency counts from the scheduled time. "
+        f"*backlog*: the same, with {doc['backlog']:,} more records waiting to go up (a branch "
+        "offline all day: the status counts them). "
         "Puts write a new customer each (durable; concurrent puts share one commit).",
         "",
         "| load | request | samples | p50 ms | p90 ms | p99 ms | max ms |",
@@ -220,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="50 requests a client; docs untouched")
     parser.add_argument("--requests", type=int, default=None, help="requests per client and phase")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--backlog", type=int, default=None, help="records waiting to go up in the backlog phase"
+    )
     args = parser.parse_args(argv)
     per_client = args.requests or (50 if args.quick else 300)
+    backlog = args.backlog if args.backlog is not None else (5_000 if args.quick else 50_000)
     doc: dict[str, Any] = {
         "run": run_facts(sys.argv[1:] if argv is None else argv, "bench.http_api"),
         "machine": machine_facts(Path(tempfile.gettempdir())),
@@ -229,9 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         "clients": CLIENTS,
         "requests_per_client": per_client,
         "rate_per_workstation": RATE,
+        "backlog": backlog,
         "targets_ms": TARGETS_MS,
     }
-    doc["benchmarks"] = measure(per_client, args.seed)
+    doc["benchmarks"] = measure(per_client, args.seed, backlog)
     doc["load_end"] = load_facts()
     r = doc["benchmarks"]
     targets = [
@@ -242,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             "ms",
             TARGETS_MS[kind],
         )
-        for model in ("workstations", "saturation")
+        for model in ("workstations", "backlog", "saturation")
         for kind in ("put", "status")
     ]
     out = RESULTS / ("http_api-quick.json" if args.quick else "http_api.json")

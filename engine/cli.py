@@ -859,15 +859,25 @@ def node_run(
     (and, while the relay cannot be reached, a summary every 5 minutes).
     """
     _private_home(home, allow_shared)
+    configure_logging(verbose=verbose, log_format=log_format)
+    with _opened(home) as n:
+        _run_live(n, backoff_max)
+
+
+def _run_live(
+    n: Node, backoff_max: float, watch: Callable[[], BaseException | None] | None = None
+) -> None:
+    """Sync ``n`` live until Ctrl-C (exit 130) or SIGTERM; with ``watch``,
+    also until it returns an error (raised here), checked twice a second."""
     import asyncio
     import signal
 
     from .transport import Backoff, LiveSync
 
-    configure_logging(verbose=verbose, log_format=log_format)
     stopped_by: list[int] = []
+    failed: list[BaseException] = []
 
-    async def run(n: Node) -> None:
+    async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -881,10 +891,17 @@ def node_run(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
         async with LiveSync(n, backoff=Backoff(cap_s=backoff_max)):
-            await stop.wait()
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5 if watch else None)
+                error = watch() if watch else None
+                if error is not None:
+                    failed.append(error)
+                    return
 
-    with _opened(home) as n:
-        asyncio.run(run(n))
+    asyncio.run(run())
+    if failed:
+        raise failed[0]
     if stopped_by and stopped_by[0] == signal.SIGINT:
         raise click.exceptions.Exit(SIGINT_EXIT)
 
@@ -1511,6 +1528,110 @@ def bridge_run(config_path: Path, once: bool, interval: float | None, as_json: b
             signal.signal(sig, halt)
         click.echo(f"bridge '{config.name}' running; Ctrl-C to stop", err=True)
         bridge.run_live(lambda: stop["now"], interval, lambda r: click.echo(r.summary(), err=True))
+
+
+# -- head-office reporting (issue 13) -----------------------------------------
+
+
+def _pg_books_feed() -> Any:
+    import importlib
+
+    try:
+        # By name: the engine never depends on the adapters package.
+        return importlib.import_module("adapters.pg_books.feed")
+    except ImportError as exc:
+        raise UserError(
+            f"reporting needs the 'adapters' package and psycopg installed with branchline ({exc})"
+        ) from None
+
+
+def pg_options(fn: F) -> F:
+    """--pg and --pg-schema of the report commands."""
+    for option in reversed(
+        (
+            click.option(
+                "--pg",
+                "pg_url",
+                required=True,
+                envvar="BRANCHLINE_REPORT_PG",
+                show_envvar=True,
+                metavar="URL",
+                help="PostgreSQL of the head-office books (postgresql://user@host:port/db)",
+            ),
+            click.option(
+                "--pg-schema",
+                default=None,
+                metavar="NAME",
+                help="PostgreSQL schema of the books (default: the dataset's name)",
+            ),
+        )
+    ):
+        fn = option(fn)
+    return fn
+
+
+@cli.group("report")
+def report_group() -> None:
+    """Head-office books of every branch in PostgreSQL, fed by a read-only
+    reporting node (adapter pg_books)."""
+
+
+@report_group.command("serve")
+@home_option
+@pg_options
+@sync_loop_options
+def report_serve(
+    home: Path,
+    pg_url: str,
+    pg_schema: str | None,
+    backoff_max: float,
+    verbose: bool,
+    log_format: str,
+    allow_shared: bool,
+) -> None:
+    """Sync this reporting node like 'node run' and apply what it receives
+    to the books in PostgreSQL (one transaction per batch, the position
+    stored with it), until Ctrl-C (exit 130) or SIGTERM (exit 0). Builds the
+    books first if the schema has none; while PostgreSQL is unreachable the
+    node keeps syncing and the books catch up when it is back.
+    """
+    feed = _pg_books_feed()
+    _private_home(home, allow_shared)
+    configure_logging(verbose=verbose, log_format=log_format)
+    with _opened(home) as n:
+        feed.ensure_enabled(n)
+        follower = feed.Follower(home, pg_url, pg_schema or n.dataset)
+        follower.start()
+        try:
+            _run_live(n, backoff_max, watch=lambda: follower.error)
+        finally:
+            follower.stop()
+
+
+@report_group.command("rebuild")
+@home_option
+@pg_options
+@json_option
+def report_rebuild(home: Path, pg_url: str, pg_schema: str | None, as_json: bool) -> None:
+    """Rebuild the books in PostgreSQL from this reporting node's records, in
+    one PostgreSQL transaction (interrupted: the books stay as they were);
+    a running 'report serve' goes on from the rebuilt books."""
+    feed = _pg_books_feed()
+    started = time.perf_counter()
+    with _opened(home) as n:
+        schema = pg_schema or n.dataset
+        books = feed.ReportBooks(pg_url, schema, n)
+        try:
+            count, upto = feed.rebuild(
+                n, books, lambda c: click.echo(f"rebuild: {c:,} records", err=True)
+            )
+        finally:
+            books.close()
+    seconds = time.perf_counter() - started
+    if as_json:
+        _emit({"schema": schema, "records": count, "position": upto, "seconds": seconds})
+    else:
+        click.echo(f"rebuilt schema '{schema}' from {_count(count, 'record')} in {seconds:.1f} s")
 
 
 cli.add_command(relay_group)

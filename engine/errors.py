@@ -275,6 +275,20 @@ class QueryError(UserError):
     """A read-only SQL query failed (syntax, unknown table) or tried to write."""
 
 
+class ReportingError(AdapterError):
+    """The head-office books in PostgreSQL (adapters.pg_books) cannot be fed:
+    fed by another reporting home, or never built."""
+
+    exit_code = 2
+
+
+class ReportingUnreachable(ReportingError):
+    """PostgreSQL cannot be reached, or the connection broke; nothing half
+    applied (the transaction rolled back). The reporting process retries."""
+
+    exit_code = 1
+
+
 # -- branch server (issue 12) ---------------------------------------------------
 
 

@@ -749,6 +749,13 @@ class Node:
                 for a in chosen
             ]
 
+    def live_records(self, collections: Iterable[str]) -> Iterator[plugins.RecordChange]:
+        """Every live record of ``collections`` as an ``inserted`` change, in
+        collection and id order, as an adapter's rebuild gets them: for books
+        kept outside the store (adapters.pg_books). Read it inside
+        ``store.reading()`` for one snapshot."""
+        return plugins.live_records(self.store.conn, self.schema, collections, self._states)
+
     def invariant_conflicts(self) -> Records:
         """Adapters' open conflicts (kind ``invariant``), shaped like
         ``conflicts()`` plus ``level`` (error, warning), ``rule`` and ``adapter``."""

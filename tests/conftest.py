@@ -20,5 +20,4 @@ settings.register_profile(
 settings.register_profile("dev")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# PostgreSQL fixtures (pg_database, pg_url): tests/pg.py.
-from pg import pg_database, pg_url  # noqa: E402, F401
+from pg import pg_url  # noqa: E402,F401  (the PostgreSQL fixture)

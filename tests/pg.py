@@ -1,9 +1,9 @@
-"""PostgreSQL for the tests: one database of this test session
-(``bl_test_<random>``, dropped at the end) and a fresh schema per test.
+"""PostgreSQL for the tests that need it (imported by conftest).
 
-The server is ``BRANCHLINE_TEST_PG`` (default ``postgresql://postgres@127.0.0.1:5432/test``,
-used only to create and drop the session's database). Without a reachable
-server the tests that need it skip, saying why; under ``CI=true`` they fail.
+``pg_url`` is the URL of a fresh database of the test's own
+(``bl_<purpose>_<random>``), dropped afterwards. Without a server on
+``BRANCHLINE_TEST_PG`` (default ``postgresql://postgres@127.0.0.1:5432/test``)
+the test is skipped with the reason, except under ``CI=true``, where it fails.
 """
 
 from __future__ import annotations
@@ -11,45 +11,36 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 import pytest
 
 ADMIN_URL = os.environ.get("BRANCHLINE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def _with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", "", ""))
-
-
-def _unavailable(reason: str) -> None:
-    message = f"PostgreSQL is not reachable at {ADMIN_URL} ({reason}): PostgreSQL tests SKIPPED"
+def _admin() -> object:
+    try:
+        import psycopg
+    except ImportError as exc:  # pragma: no cover - psycopg is a dependency
+        reason = f"psycopg is not installed ({exc})"
+    else:
+        try:
+            return psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
+        except psycopg.Error as exc:
+            reason = f"PostgreSQL unreachable at {ADMIN_URL}: {str(exc).strip()}"
     if os.environ.get("CI") == "true":
-        pytest.fail(f"under CI=true PostgreSQL is required: {message}")
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """The URL of a database of this session's own."""
-    name = f"bl_test_{secrets.token_hex(4)}"
-    try:
-        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.Error as exc:
-        _unavailable(str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc))
-        raise  # unreachable: skip or fail raised
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield _with_database(ADMIN_URL, name)
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        pytest.fail(f"CI=true needs PostgreSQL: {reason}")
+    pytest.skip(f"SKIPPED LOUDLY: no PostgreSQL: {reason}")
 
 
 @pytest.fixture
-def pg_url(pg_database: str) -> str:
-    """A store URL naming a schema no other test uses."""
-    return f"{pg_database}?schema=t_{secrets.token_hex(6)}"
+def pg_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh database of this test's own; dropped (its sessions ended) after it."""
+    admin = _admin()
+    purpose = "".join(ch for ch in request.node.name.lower() if ch.isalnum())[:20]
+    name = f"bl_{purpose}_{secrets.token_hex(4)}"
+    admin.execute(f'CREATE DATABASE "{name}"')  # type: ignore[attr-defined]
+    try:
+        yield ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[attr-defined]
+        admin.close()  # type: ignore[attr-defined]

@@ -10,6 +10,10 @@ from engine.store.node_store import FORMAT_VERSION, STORE_FILE
 
 # format -> SQL removing what it added over the format before
 UNDO = {
+    7: "DROP TABLE pending_set; DROP TABLE pending_docs; DROP TRIGGER outbox_local_in; "
+    "DROP TRIGGER outbox_row_back; DROP TRIGGER outbox_local_out; DROP TRIGGER outbox_local_gone; "
+    "DROP TRIGGER outbox_imported_acked; DROP TRIGGER outbox_imported_gone; "
+    "DROP TRIGGER outbox_imported_in; DROP TRIGGER outbox_imported_out;",
     6: "DROP TABLE shared_keys; DROP TABLE dangling_refs;",
     5: "ALTER TABLE sync_failures DROP COLUMN code;",
     4: "DROP VIEW pending_records; DROP TABLE outbox_records;",

@@ -4,10 +4,16 @@ compaction and reopening, and ``pending()`` counts records per collection."""
 from __future__ import annotations
 
 import random
+import tempfile
 from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from store_formats import downgrade
 
 from engine import Node
 from engine.clock import ManualClock
+from engine.store import outbox
 
 
 def make(home: Path, name: str = "HN") -> Node:
@@ -88,3 +94,62 @@ def test_an_import_that_waits_for_an_earlier_update_survives_restart(tmp_path: P
     b = Node.open(tmp_path / "b")
     b.import_updates({"customers": first})
     assert [r["name"] for r in b.list("customers")] == ["An Phát"]
+
+
+# What the status screen counts is kept by triggers; it must always equal what
+# the outbox itself holds, whatever the order of writes, acks, compactions
+# and unsynced imports.
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.sampled_from(["customers", "items"]), st.integers(0, 5)),
+        st.tuples(st.just("delete"), st.sampled_from(["customers", "items"]), st.integers(0, 5)),
+        st.tuples(st.just("ack"), st.floats(0, 1), st.integers(0, 2**16)),
+        st.tuples(st.just("compact"), st.none(), st.none()),
+        st.tuples(st.just("reimport"), st.none(), st.none()),
+    ),
+    max_size=25,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=OPS)
+def test_pending_counts_kept_by_triggers_equal_the_outbox(tmp_path: Path, ops: list) -> None:
+    home = Path(tempfile.mkdtemp(dir=tmp_path)) / "h"
+    node = make(home)
+    fresh = 0
+    try:
+        for op, a, b in ops:
+            if op == "put":
+                node.put(a, {"code": f"K{b}", "name": f"n{b}"})
+            elif op == "delete" and node.get(a, f"K{b}") is not None:
+                node.delete(a, f"K{b}")
+            elif op == "ack":
+                seqs = [seq for seq, _, _ in node.outbox()]
+                node.ack(random.Random(b).sample(seqs, int(len(seqs) * a)))
+            elif op == "compact":
+                node.compact()
+            elif op == "reimport":  # the disk replaced: unsynced work into a new home
+                unsynced = node.unsynced_updates()
+                node.close()
+                fresh += 1
+                node = make(home.with_name(f"h{fresh}"))
+                node.import_updates(unsynced, unsynced=True)
+                node.import_updates(unsynced, unsynced=True)  # twice: harmless
+            conn = node.store.conn
+            assert outbox.records_per_doc(conn) == outbox.records_per_doc_counted(conn)
+    finally:
+        node.close()
+
+
+def test_an_older_store_gets_its_pending_counts(tmp_path: Path) -> None:
+    node = make(tmp_path / "a")
+    book(node)
+    before = node.pending()
+    node.close()
+    downgrade(tmp_path / "a", 6)
+    with Node.open(tmp_path / "a") as again:
+        assert again.pending() == before
+        conn = again.store.conn
+        assert outbox.records_per_doc(conn) == outbox.records_per_doc_counted(conn)

@@ -79,5 +79,5 @@ def test_store_option_names_a_file_or_a_url(tmp_path: Path, pg_url: str) -> None
         assert code == 0, err
         (ds,) = json.loads(out)["datasets"]
         assert ds["locks"] == ["2026"] and [n["name"] for n in ds["nodes"]] == ["HN"]
-    code, out, err = run("relay", "status", "--store", pg_url.replace("?schema=", "?schema=x"))
+    code, out, err = run("relay", "status", "--store", pg_url + "?schema=other")
     assert code == 2 and len(err.splitlines()) == 1 and "relay init" in err

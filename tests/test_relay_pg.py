@@ -38,10 +38,10 @@ def test_url_names_database_and_schema() -> None:
             parse_url(bad)
 
 
-def test_opening_errors_are_one_clear_kind(pg_url: str, pg_database: str) -> None:
+def test_opening_errors_are_one_clear_kind(pg_url: str) -> None:
     with pytest.raises(RelayStoreNotFound, match="relay init"):
         PgRelayStore.open(pg_url)
-    missing = pg_database.rsplit("/", 1)[0] + "/bl_no_such_database"
+    missing = pg_url.rsplit("/", 1)[0] + "/bl_no_such_database"
     with pytest.raises(RelayStoreNotFound, match="does not exist"):
         PgRelayStore.open(missing)
     with pytest.raises(StoreError, match="cannot connect"):
@@ -50,37 +50,35 @@ def test_opening_errors_are_one_clear_kind(pg_url: str, pg_database: str) -> Non
     with pytest.raises(RelayStoreExists):
         PgRelayStore.create(pg_url)
     schema = parse_url(pg_url).schema
-    with psycopg.connect(pg_database, autocommit=True) as conn:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(f"UPDATE {schema}.meta SET value = '99' WHERE key = 'format'")
     with pytest.raises(FormatVersionError, match="format 99"):
         PgRelayStore.open(pg_url)
 
 
-def test_tokens_are_stored_hashed(pg_url: str, pg_database: str) -> None:
+def test_tokens_are_stored_hashed(pg_url: str) -> None:
     with PgRelayStore.create(pg_url) as store:
         tokens = [store.enroll("acme", f"n{i}").token for i in range(3)]
     schema = parse_url(pg_url).schema
-    with psycopg.connect(pg_database) as conn:
+    with psycopg.connect(pg_url) as conn:
         rows = conn.execute(f"SELECT salt, token_hash FROM {schema}.nodes").fetchall()
     raw = b"".join(bytes(v) for row in rows for v in row)
     for token in tokens:
         assert token.encode() not in raw and token[:16].encode() not in raw
 
 
-def _terminate(pg_database: str, pid: int) -> None:
-    with psycopg.connect(pg_database, autocommit=True) as conn:
+def _terminate(database: str, pid: int) -> None:
+    with psycopg.connect(database, autocommit=True) as conn:
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
-def test_a_cut_connection_fails_the_call_and_the_next_one_reconnects(
-    pg_url: str, pg_database: str
-) -> None:
+def test_a_cut_connection_fails_the_call_and_the_next_one_reconnects(pg_url: str) -> None:
     store = PgRelayStore.create(pg_url)
     store.enroll("acme", "X")
     u = map_updates(3, client_id=61)
     assert store.append_updates("acme", [UpdateIn("customers", u[0], "X")])[0].ok
     assert store._conn is not None
-    _terminate(pg_database, store._conn.info.backend_pid)
+    _terminate(pg_url, store._conn.info.backend_pid)
     # The server is gone for this connection: the batch is not acknowledged.
     with pytest.raises(StoreError, match="connection lost"):
         store.append_updates("acme", [UpdateIn("customers", u[1], "X")])
@@ -91,7 +89,7 @@ def test_a_cut_connection_fails_the_call_and_the_next_one_reconnects(
     # it missed meanwhile (by comparing heads).
     store.wait_changes(0.05)
     assert store._listener is not None
-    _terminate(pg_database, store._listener.info.backend_pid)
+    _terminate(pg_url, store._listener.info.backend_pid)
     store.wait_changes(0.5)  # notices the cut
     other = PgRelayStore.open(pg_url)
     other.append_updates("acme", [UpdateIn("customers", u[2], "X")])
@@ -122,7 +120,7 @@ def test_close_wakes_a_waiting_thread(pg_url: str) -> None:
 
 
 def test_a_relay_serves_from_postgresql_and_goes_on_after_a_cut(
-    pg_url: str, pg_database: str, tmp_path: Path
+    pg_url: str, tmp_path: Path
 ) -> None:
     """Nodes sync through a RelayServer on the PostgreSQL store; a cut
     server connection fails at most the sync that meets it (nothing
@@ -141,7 +139,7 @@ def test_a_relay_serves_from_postgresql_and_goes_on_after_a_cut(
             await node_sync(b, url=server.url, token=tb, timeout=30)
             assert customers(b) == {"K1": "one"}
             assert store._conn is not None
-            _terminate(pg_database, store._conn.info.backend_pid)
+            _terminate(pg_url, store._conn.info.backend_pid)
             a.put("customers", {"code": "K2", "name": "two"})
             for _ in range(5):
                 try:

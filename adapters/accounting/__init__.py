@@ -39,6 +39,7 @@ from engine.schema import Collection, Schema
 from ..base import (
     INSERT_CONFLICT,
     ConflictRow,
+    SqlConn,
     conflict_row,
     db,
     digest,
@@ -234,6 +235,9 @@ class AccountingAdapter:
     """Books of the built-in ``accounting`` schema (module docstring)."""
 
     name = NAME
+    # The SQL that differs between back ends (the PostgreSQL books,
+    # adapters.pg_books, override these and the table and view creation).
+    insert_conflict = INSERT_CONFLICT
 
     def __init__(self, schema: Schema, options: dict[str, Any]) -> None:
         if options:
@@ -260,14 +264,15 @@ class AccountingAdapter:
     def tables(self) -> Sequence[str]:
         return [*(c.name for c in self.catalogs), *TABLES]
 
-    def setup(self, conn: sqlite3.Connection) -> None:
+    def setup(self, conn: SqlConn) -> None:
         self._create_tables(conn)
         self._create_indexes_and_views(conn)
 
-    def drop(self, conn: sqlite3.Connection) -> None:
+    def drop(self, conn: SqlConn) -> None:
+        assert isinstance(conn, sqlite3.Connection)  # PgBooks has its own
         drop_objects(conn, VIEWS, self.tables())
 
-    def apply(self, conn: sqlite3.Connection, changes: Sequence[RecordChange]) -> None:
+    def apply(self, conn: SqlConn, changes: Sequence[RecordChange]) -> None:
         vouchers = [c for c in changes if c.collection in VOUCHER_BOOKS]
         if vouchers and not self._columns_checked:
             self._add_provisional_column(conn)
@@ -292,8 +297,8 @@ class AccountingAdapter:
         delta: dict[tuple[str, str], list[int]] = {}
         for (vid,) in ids:
             for item, warehouse, qty, count in conn.execute(
-                "SELECT item, warehouse, COALESCE(SUM(qty), 0), COUNT(*) FROM stock_moves "
-                "WHERE voucher = ? GROUP BY item, warehouse",
+                "SELECT item, warehouse, CAST(COALESCE(SUM(qty), 0) AS BIGINT), COUNT(*) "
+                "FROM stock_moves WHERE voucher = ? GROUP BY item, warehouse",
                 (vid,),
             ):
                 d = delta.setdefault((item, warehouse), [0, 0])
@@ -320,7 +325,7 @@ class AccountingAdapter:
                 d[1] += 1
         self._update_stock(conn, delta)
 
-    def rebuild(self, conn: sqlite3.Connection, records: Iterable[RecordChange]) -> None:
+    def rebuild(self, conn: SqlConn, records: Iterable[RecordChange]) -> None:
         self.drop(conn)
         self._create_tables(conn)
         catalogs = {c.name: c for c in self.catalogs}
@@ -345,9 +350,18 @@ class AccountingAdapter:
         negative = conn.execute(
             "SELECT item, warehouse, qty FROM stock_balances WHERE qty < 0"
         ).fetchall()
-        conn.executemany(INSERT_CONFLICT, [self._stock_conflict(*row) for row in negative])
+        conn.executemany(self.insert_conflict, [self._stock_conflict(*row) for row in negative])
 
     # -- tables --------------------------------------------------------------
+
+    @staticmethod
+    def _insert_sql(table: str, columns: Sequence[str], pk: str, replace: bool) -> str:
+        """INSERT of ``columns`` (``?`` placeholders); with ``replace`` a row
+        with the same ``pk`` is replaced."""
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        return (
+            f'{verb} INTO "{table}" ({", ".join(columns)}) VALUES ({", ".join("?" * len(columns))})'
+        )
 
     def _columns_of(self, coll: Collection) -> dict[str, type]:
         cols: dict[str, type] = {"id": str}
@@ -359,7 +373,8 @@ class AccountingAdapter:
         cols["alias_of"] = str  # merged into that record (resolve --merge-into)
         return cols
 
-    def _create_tables(self, conn: sqlite3.Connection) -> None:
+    def _create_tables(self, conn: SqlConn) -> None:
+        assert isinstance(conn, sqlite3.Connection)  # PgBooks has its own
         d = db(conn)
         for coll in self.catalogs:
             table = d.table(coll.name)
@@ -372,7 +387,8 @@ class AccountingAdapter:
         for name, (columns, pk) in TABLES.items():
             d.table(name).create(columns, pk=pk, if_not_exists=True)
 
-    def _add_provisional_column(self, conn: sqlite3.Connection) -> None:
+    def _add_provisional_column(self, conn: SqlConn) -> None:
+        assert isinstance(conn, sqlite3.Connection)  # PgBooks has its own
         """Give a vouchers table made before the ``provisional`` column the
         column, filled as a rebuild would fill it (once per adapter)."""
         have = {str(row[1]) for row in conn.execute("PRAGMA table_info(vouchers)")}
@@ -391,7 +407,8 @@ class AccountingAdapter:
         pattern = self._provisional.get(kind)
         return int(isinstance(number, str) and pattern is not None and bool(pattern.match(number)))
 
-    def _create_indexes_and_views(self, conn: sqlite3.Connection) -> None:
+    def _create_indexes_and_views(self, conn: SqlConn) -> None:
+        assert isinstance(conn, sqlite3.Connection)  # PgBooks has its own
         d = db(conn)
         for table, columns in INDEXES:
             d.table(table).create_index(columns, if_not_exists=True)
@@ -402,7 +419,7 @@ class AccountingAdapter:
 
     def _insert_catalog(
         self,
-        conn: sqlite3.Connection,
+        conn: SqlConn,
         coll: Collection,
         changes: Sequence[RecordChange],
         replace: bool,
@@ -411,12 +428,7 @@ class AccountingAdapter:
             return
         columns = list(self._catalog_columns[coll.name])
         rows = [self._catalog_row(coll, c) for c in changes]
-        verb = "INSERT OR REPLACE" if replace else "INSERT"
-        conn.executemany(
-            f'{verb} INTO "{coll.name}" ({", ".join(columns)}) '
-            f"VALUES ({', '.join('?' * len(columns))})",
-            rows,
-        )
+        conn.executemany(self._insert_sql(coll.name, columns, "id", replace), rows)
 
     def _catalog_row(self, coll: Collection, change: RecordChange) -> tuple[Any, ...]:
         v = change.values
@@ -438,7 +450,7 @@ class AccountingAdapter:
 
     def _catalog_conflicts(
         self,
-        conn: sqlite3.Connection,
+        conn: SqlConn,
         coll: Collection,
         changed: Sequence[RecordChange],
         live: Sequence[RecordChange],
@@ -458,30 +470,23 @@ class AccountingAdapter:
                     units(change.values[name], MONEY_SCALE, name)
             if units.inexact or units.too_large:
                 rows.append(self._precision_conflict(change, units))
-        conn.executemany(INSERT_CONFLICT, rows)
+        conn.executemany(self.insert_conflict, rows)
 
-    def _insert_built(self, conn: sqlite3.Connection, built: list[_Built]) -> None:
-        if not built:
-            return
-        conn.executemany(
-            f"INSERT INTO vouchers VALUES ({', '.join('?' * len(VOUCHER_COLUMNS))})",
-            [b.voucher for b in built],
-        )
-        conn.executemany(
-            f"INSERT INTO voucher_lines VALUES ({', '.join('?' * len(LINE_COLUMNS))})",
-            [row for b in built for row in b.lines],
-        )
-        conn.executemany(
-            f"INSERT INTO ledger_entries VALUES ({', '.join('?' * len(ENTRY_COLUMNS))})",
-            [row for b in built for row in b.entries],
-        )
-        conn.executemany(
-            f"INSERT INTO stock_moves VALUES ({', '.join('?' * len(MOVE_COLUMNS))})",
-            [row for b in built for row in b.moves],
-        )
-        conflicts = [row for b in built for row in b.conflicts]
-        if conflicts:
-            conn.executemany(INSERT_CONFLICT, conflicts)
+    def _insert_built(self, conn: SqlConn, built: list[_Built]) -> None:
+        for table, rows in (
+            ("vouchers", [b.voucher for b in built]),
+            ("voucher_lines", [row for b in built for row in b.lines]),
+            ("ledger_entries", [row for b in built for row in b.entries]),
+            ("stock_moves", [row for b in built for row in b.moves]),
+            (None, [row for b in built for row in b.conflicts]),
+        ):
+            if not rows:
+                continue
+            if table is None:
+                conn.executemany(self.insert_conflict, rows)
+            else:
+                marks = ", ".join("?" * len(rows[0]))
+                conn.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
 
     # -- postings (DESIGN §9) -------------------------------------------------
 
@@ -657,16 +662,16 @@ class AccountingAdapter:
 
     # -- stock ----------------------------------------------------------------
 
-    def _update_stock(
-        self, conn: sqlite3.Connection, delta: dict[tuple[str, str], list[int]]
-    ) -> None:
+    def _update_stock(self, conn: SqlConn, delta: dict[tuple[str, str], list[int]]) -> None:
         """Apply balance deltas and re-check the (item, warehouse) pairs they touch."""
         changed = sorted((k, v) for k, v in delta.items() if v != [0, 0])
         if not changed:
             return
         conn.executemany(
             "INSERT INTO stock_balances VALUES (?, ?, ?, ?) ON CONFLICT (item, warehouse) "
-            "DO UPDATE SET qty = qty + excluded.qty, moves = moves + excluded.moves",
+            # Qualified: PostgreSQL finds a bare column ambiguous here.
+            "DO UPDATE SET qty = stock_balances.qty + excluded.qty, "
+            "moves = stock_balances.moves + excluded.moves",
             [(item, wh, qty, count) for (item, wh), (qty, count) in changed],
         )
         stale, fresh = [], []
@@ -688,7 +693,7 @@ class AccountingAdapter:
         if stale:
             conn.executemany("DELETE FROM adapter_conflicts WHERE adapter = ? AND id = ?", stale)
         if fresh:
-            conn.executemany(INSERT_CONFLICT, fresh)
+            conn.executemany(self.insert_conflict, fresh)
 
     @staticmethod
     def _stock_id(item: str, warehouse: str | None) -> str:

@@ -38,7 +38,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -436,16 +436,14 @@ class PgRelayStore(RelayStore):
             touched: set[tuple[int, str]] = set()
             ds_id = -1
             try:
-                with self._tx() as cur:
+                with self._tx(pipeline=True) as cur:
                     ds_id, head = self._lock_dataset(cur, dataset)
                     new_head = self._append(cur, ds_id, head, dataset, updates, results, touched)
                     if new_head != head:
                         cur.execute(
-                            "UPDATE datasets SET head = %s WHERE id = %s", (new_head, ds_id)
-                        )
-                        cur.execute(
-                            "SELECT pg_notify(%s, %s)",
-                            (self.where.channel, f"{dataset}:{new_head}"),
+                            "UPDATE datasets SET head = %s WHERE id = %s "
+                            "RETURNING pg_notify(%s, %s)",
+                            (new_head, ds_id, self.where.channel, f"{dataset}:{new_head}"),
                         )
             except BaseException:
                 # The documents hold what the rolled-back transaction had
@@ -470,12 +468,11 @@ class PgRelayStore(RelayStore):
     ) -> int:
         """Integrate and log the batch under the dataset's lock; the new head."""
         pending = [u for i, u in enumerate(updates) if results[i] is None]
-        writers = _writers(cur, ds_id, dataset, {u.node for u in pending})
-        known_docs = _known_docs(cur, ds_id, {u.doc for u in pending})
+        writers, known_docs, locked = _batch_facts(
+            cur, ds_id, dataset, {u.node for u in pending}, {u.doc for u in pending}
+        )
         new_docs: set[str] = set()
         room: dict[str, BranchlineError | None] = {}
-        cur.execute("SELECT period FROM locks WHERE dataset_id = %s", (ds_id,))
-        locked = {str(r[0]) for r in cur.fetchall()}
         counts: dict[str, tuple[int, int]] = {}
         rows: list[tuple[int, int, str, bytes, str, int]] = []
         position = head
@@ -504,7 +501,7 @@ class PgRelayStore(RelayStore):
             except (UpdateError, NotAuthor) as exc:
                 # Rebuild the document from what this transaction holds, the
                 # rows not yet copied included.
-                _copy_rows(cur, rows)
+                _insert_rows(cur, rows)
                 rows.clear()
                 self._cache.drop(key)
                 if isinstance(exc, UpdateError):
@@ -515,10 +512,11 @@ class PgRelayStore(RelayStore):
                 digest = hashlib.sha256(data).digest()
                 cur.execute(
                     "INSERT INTO updates (dataset_id, position, doc, data, node, at, waiting, "
-                    "digest) VALUES (%s, %s, %s, %s, %s, %s, true, %s) ON CONFLICT DO NOTHING",
+                    "digest) VALUES (%s, %s, %s, %s, %s, %s, true, %s) ON CONFLICT DO NOTHING "
+                    "RETURNING 1",
                     (ds_id, position + 1, u.doc, data, u.node, now, digest),
                 )
-                if cur.rowcount == 0:  # the same waiting bytes again
+                if cur.fetchone() is None:  # the same waiting bytes again
                     results[i] = Appended(u.doc, "duplicate")
                     continue
             elif not integrated:
@@ -531,13 +529,19 @@ class PgRelayStore(RelayStore):
             n, b = counts.get(u.doc, (0, 0))
             counts[u.doc] = (n + 1, b + len(data))
             results[i] = Appended(u.doc, "stored", seq=position, position=position)
-        _copy_rows(cur, rows)
+        _insert_rows(cur, rows)
         if counts:
-            cur.executemany(
+            cur.execute(
                 "INSERT INTO documents AS d (dataset_id, doc, updates, bytes) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT (dataset_id, doc) DO UPDATE SET "
+                "SELECT %s, * FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) "
+                "ON CONFLICT (dataset_id, doc) DO UPDATE SET "
                 "updates = d.updates + excluded.updates, bytes = d.bytes + excluded.bytes",
-                [(ds_id, doc, n, b) for doc, (n, b) in counts.items()],
+                (
+                    ds_id,
+                    list(counts),
+                    [n for n, _ in counts.values()],
+                    [b for _, b in counts.values()],
+                ),
             )
         for doc in counts:
             cached = self._cache.docs.get((ds_id, doc))
@@ -562,7 +566,7 @@ class PgRelayStore(RelayStore):
 
     def logged_after(self, dataset: str, position: int, limit: int) -> list[Logged] | None:
         check_follow(position, limit)
-        with self._lock, self._tx(snapshot=True) as cur:
+        with self._lock, self._tx(snapshot=True, pipeline=True) as cur:
             cur.execute("SELECT id, folded FROM datasets WHERE name = %s", (dataset,))
             row = cur.fetchone()
             if row is None:
@@ -626,7 +630,7 @@ class PgRelayStore(RelayStore):
 
     def state_vector(self, dataset: str, doc: str) -> bytes:
         check_doc(doc)
-        with self._lock, self._tx(snapshot=True) as cur:
+        with self._lock, self._tx(snapshot=True, pipeline=True) as cur:
             key = self._reading(cur, dataset, doc)
             if key is None:
                 return EMPTY_STATE_VECTOR
@@ -638,7 +642,7 @@ class PgRelayStore(RelayStore):
         check_doc(doc)
         if state_vector is not None:
             decode_state_vector(bytes(state_vector))
-        with self._lock, self._tx(snapshot=True) as cur:
+        with self._lock, self._tx(snapshot=True, pipeline=True) as cur:
             key = self._reading(cur, dataset, doc)
             if key is None:
                 return EMPTY_UPDATE
@@ -722,7 +726,7 @@ class PgRelayStore(RelayStore):
 
     def status(self) -> list[DatasetInfo]:
         out = []
-        with self._lock, self._tx(snapshot=True) as cur:
+        with self._lock, self._tx(snapshot=True, pipeline=True) as cur:
             cur.execute("SELECT id, name, created_at FROM datasets ORDER BY name")
             for ds_id, name, created in cur.fetchall():
                 cur.execute(
@@ -810,10 +814,14 @@ class PgRelayStore(RelayStore):
             raise StoreError(f"cannot connect to PostgreSQL for {self.path}: {reason}") from None
 
     @contextmanager
-    def _tx(self, snapshot: bool = False) -> Iterator[psycopg.Cursor[Any]]:
+    def _tx(self, snapshot: bool = False, pipeline: bool = False) -> Iterator[psycopg.Cursor[Any]]:
         """One transaction, committed on exit (durable), rolled back on an
         exception. ``snapshot``: REPEATABLE READ, one view of every table.
-        A lost connection raises StoreError and is replaced on the next call."""
+        ``pipeline``: statements go out without waiting for their results
+        until one is read (BEGIN with the first query, the last writes with
+        COMMIT: a round trip is most of a small transaction's time); the
+        body must not read ``rowcount``. A lost connection raises StoreError
+        and is replaced on the next call."""
         if self._closed:
             raise StoreError(f"{self.path}: the relay store is closed")
         if self._conn is None or self._conn.closed:
@@ -822,15 +830,18 @@ class PgRelayStore(RelayStore):
         conn = self._conn
         try:
             cur = conn.cursor()
-            cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if snapshot else "BEGIN")
             try:
-                yield cur
+                with conn.pipeline() if pipeline else nullcontext():
+                    cur.execute(
+                        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if snapshot else "BEGIN"
+                    )
+                    yield cur
+                    cur.execute("COMMIT")
             except BaseException:
                 if not conn.closed:
                     with suppress(psycopg.Error):
                         conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
         except psycopg.OperationalError as exc:
             self._lost()
             with suppress(psycopg.Error):
@@ -955,38 +966,46 @@ class PgRelayStore(RelayStore):
         return self._cache.compacted(loaded, len(data), kept, kept_bytes)
 
 
-def _copy_rows(
+def _insert_rows(
     cur: psycopg.Cursor[Any], rows: Sequence[tuple[int, int, str, bytes, str, int]]
 ) -> None:
-    """Log rows (dataset_id, position, doc, data, node, at) with one COPY."""
+    """Log rows (dataset_id, position, doc, data, node, at) with one INSERT of
+    arrays, sent in binary (COPY cannot go in a pipeline)."""
     if not rows:
         return
-    with cur.copy("COPY updates (dataset_id, position, doc, data, node, at) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row(row)
-
-
-def _writers(
-    cur: psycopg.Cursor[Any], ds_id: int, dataset: str, names: set[str]
-) -> dict[str, tuple[BranchlineError | None, bool]]:
-    """Per node of the batch: (why it may not write, or None; carrier).
-    Read in the write transaction: a revoke committed elsewhere applies from
-    the next batch on."""
+    columns = list(zip(*rows, strict=True))
     cur.execute(
-        "SELECT name, read_only, revoked_at, carrier FROM nodes WHERE dataset_id = %s "
-        "AND name = ANY(%s)",
-        (ds_id, sorted(names)),
+        "INSERT INTO updates (dataset_id, position, doc, data, node, at) "
+        "SELECT * FROM unnest(%b::bigint[], %b::bigint[], %b::text[], %b::bytea[], "
+        "%b::text[], %b::bigint[])",
+        [list(c) for c in columns],
     )
-    rows = {str(r[0]): (r[1], r[2], r[3]) for r in cur.fetchall()}
-    return {n: writer_refusal(dataset, n, rows.get(n)) for n in names}
 
 
-def _known_docs(cur: psycopg.Cursor[Any], ds_id: int, names: set[str]) -> set[str]:
+def _batch_facts(
+    cur: psycopg.Cursor[Any], ds_id: int, dataset: str, nodes: set[str], docs: set[str]
+) -> tuple[dict[str, tuple[BranchlineError | None, bool]], set[str], set[str]]:
+    """In one round trip, read in the write transaction (a revoke or a lock
+    committed elsewhere applies from the next batch on): per node of the
+    batch, why it may not write (or None) and whether it is a carrier; the
+    batch's documents the dataset already has; its locked periods."""
     cur.execute(
-        "SELECT doc FROM documents WHERE dataset_id = %s AND doc = ANY(%s)",
-        (ds_id, sorted(names)),
+        "SELECT 'n', name, read_only, revoked_at, carrier FROM nodes "
+        "WHERE dataset_id = %(ds)s AND name = ANY(%(nodes)s) "
+        "UNION ALL SELECT 'd', doc, NULL, NULL, NULL FROM documents "
+        "WHERE dataset_id = %(ds)s AND doc = ANY(%(docs)s) "
+        "UNION ALL SELECT 'l', period, NULL, NULL, NULL FROM locks WHERE dataset_id = %(ds)s",
+        {"ds": ds_id, "nodes": sorted(nodes), "docs": sorted(docs)},
     )
-    return {str(r[0]) for r in cur.fetchall()}
+    rows: dict[str, tuple[object, object, object]] = {}
+    known: set[str] = set()
+    locked: set[str] = set()
+    for kind, name, read_only, revoked_at, carrier in cur.fetchall():
+        if kind == "n":
+            rows[str(name)] = (read_only, revoked_at, carrier)
+        else:
+            (known if kind == "d" else locked).add(str(name))
+    return {n: writer_refusal(dataset, n, rows.get(n)) for n in nodes}, known, locked
 
 
 def _dataset_id(cur: psycopg.Cursor[Any], dataset: str) -> int:

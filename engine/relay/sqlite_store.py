@@ -21,7 +21,14 @@ deletions refer to) is treated as a duplicate.
 Compaction replays instead of merging (``pycrdt.merge_updates`` over many
 updates is quadratic): the loaded document already is snapshot + tail, so its
 ``get_update()`` becomes the new snapshot, written in the same transaction that
-deletes the folded rows. Interrupting it leaves the old snapshot and log.
+deletes the folded rows that are ``keep_positions`` behind the dataset's head
+(the others stay for ``logged_after``, skipped when a document is loaded).
+Interrupting it leaves the old snapshot and log.
+
+Positions: ``datasets.head`` is bumped in the append's write transaction
+(``BEGIN IMMEDIATE`` serializes writers, so positions follow commit order);
+``wait_changes`` polls ``PRAGMA data_version`` on a connection of its own and
+compares heads.
 
 Concurrency: methods are thread-safe (one lock around one connection). Several
 processes may open the store: writes are serialized by SQLite, ``lease`` is

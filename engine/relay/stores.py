@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .doccache import RelayLimits
-from .pg_store import PgRelayStore, is_pg_url
+from .pg_store import PgRelayStore, is_pg_url, parse_url
 from .sqlite_store import SqliteRelayStore
 from .store import RelayStore
 
@@ -31,8 +31,4 @@ def open_store(spec: str | Path, limits: RelayLimits | None = None) -> RelayStor
 
 def describe(spec: str | Path) -> str:
     """How messages name the store: the path, or the URL without a password."""
-    if is_pg_url(str(spec)):
-        from .pg_store import parse_url
-
-        return str(parse_url(str(spec)))
-    return str(spec)
+    return str(parse_url(str(spec))) if is_pg_url(str(spec)) else str(spec)

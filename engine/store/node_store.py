@@ -24,7 +24,7 @@ from .private import create_file, make_home
 from .txn import WriteTxn
 
 STORE_FILE = "branchline.db"
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 BUSY_TIMEOUT_MS = 30_000
 CACHE_KIB = 16_384
 
@@ -199,6 +199,89 @@ WHERE instr(reason, ': ') > 1
 # Added in format 6: the conflict index (engine.store.conflict_index).
 SCHEMA_SQL += INDEX_SQL
 
+# Added in format 7: what waits to go up, counted as it changes (by
+# triggers, in the transaction of the change), so a status asks one row per
+# document instead of scanning the outbox: a branch offline for a day has
+# tens of thousands of pending records and answers its screen every 50 ms.
+PENDING_COUNTS_SQL = """
+-- (document, record) carried by at least one outbox row, and how many.
+CREATE TABLE pending_set (
+    doc TEXT NOT NULL,
+    record TEXT NOT NULL,
+    rows INTEGER NOT NULL,
+    PRIMARY KEY (doc, record)
+) WITHOUT ROWID;
+-- Per document with any, its records in pending_set.
+CREATE TABLE pending_docs (doc TEXT PRIMARY KEY, records INTEGER NOT NULL) WITHOUT ROWID;
+
+CREATE TRIGGER pending_set_in AFTER INSERT ON pending_set BEGIN
+    INSERT INTO pending_docs VALUES (NEW.doc, 1)
+        ON CONFLICT (doc) DO UPDATE SET records = records + 1;
+END;
+CREATE TRIGGER pending_set_out AFTER DELETE ON pending_set BEGIN
+    UPDATE pending_docs SET records = records - 1 WHERE doc = OLD.doc;
+    DELETE FROM pending_docs WHERE doc = OLD.doc AND records <= 0;
+END;
+
+CREATE TRIGGER outbox_local_in AFTER INSERT ON updates
+WHEN NEW.pending = 1 AND NEW.record IS NOT NULL BEGIN
+    INSERT INTO pending_set VALUES (NEW.doc, NEW.record, 1)
+        ON CONFLICT (doc, record) DO UPDATE SET rows = rows + 1;
+END;
+CREATE TRIGGER outbox_row_back AFTER UPDATE OF pending ON updates
+WHEN OLD.pending = 0 AND NEW.pending = 1 BEGIN
+    INSERT INTO pending_set
+        SELECT NEW.doc, r, 1 FROM (
+            SELECT NEW.record AS r WHERE NEW.record IS NOT NULL
+            UNION ALL SELECT record FROM outbox_records WHERE seq = NEW.seq
+        ) WHERE true
+        ON CONFLICT (doc, record) DO UPDATE SET rows = rows + 1;
+END;
+CREATE TRIGGER outbox_local_out AFTER UPDATE OF pending ON updates
+WHEN OLD.pending = 1 AND NEW.pending = 0 AND OLD.record IS NOT NULL BEGIN
+    UPDATE pending_set SET rows = rows - 1 WHERE doc = OLD.doc AND record = OLD.record;
+    DELETE FROM pending_set WHERE doc = OLD.doc AND record = OLD.record AND rows <= 0;
+END;
+CREATE TRIGGER outbox_local_gone AFTER DELETE ON updates
+WHEN OLD.pending = 1 AND OLD.record IS NOT NULL BEGIN
+    UPDATE pending_set SET rows = rows - 1 WHERE doc = OLD.doc AND record = OLD.record;
+    DELETE FROM pending_set WHERE doc = OLD.doc AND record = OLD.record AND rows <= 0;
+END;
+-- An imported row's records (its record is NULL) leave with the row, and with
+-- their outbox_records rows while it is still pending.
+CREATE TRIGGER outbox_imported_acked AFTER UPDATE OF pending ON updates
+WHEN OLD.pending = 1 AND NEW.pending = 0 AND OLD.record IS NULL BEGIN
+    UPDATE pending_set SET rows = rows - 1 WHERE doc = OLD.doc
+        AND record IN (SELECT record FROM outbox_records WHERE seq = OLD.seq);
+    DELETE FROM pending_set WHERE doc = OLD.doc AND rows <= 0
+        AND record IN (SELECT record FROM outbox_records WHERE seq = OLD.seq);
+END;
+CREATE TRIGGER outbox_imported_gone AFTER DELETE ON updates
+WHEN OLD.pending = 1 AND OLD.record IS NULL BEGIN
+    UPDATE pending_set SET rows = rows - 1 WHERE doc = OLD.doc
+        AND record IN (SELECT record FROM outbox_records WHERE seq = OLD.seq);
+    DELETE FROM pending_set WHERE doc = OLD.doc AND rows <= 0
+        AND record IN (SELECT record FROM outbox_records WHERE seq = OLD.seq);
+END;
+
+CREATE TRIGGER outbox_imported_in AFTER INSERT ON outbox_records BEGIN
+    INSERT INTO pending_set
+        SELECT doc, NEW.record, 1 FROM updates WHERE seq = NEW.seq AND pending = 1
+        ON CONFLICT (doc, record) DO UPDATE SET rows = rows + 1;
+END;
+CREATE TRIGGER outbox_imported_out AFTER DELETE ON outbox_records BEGIN
+    UPDATE pending_set SET rows = rows - 1 WHERE record = OLD.record
+        AND doc = (SELECT doc FROM updates WHERE seq = OLD.seq AND pending = 1);
+    DELETE FROM pending_set WHERE record = OLD.record AND rows <= 0
+        AND doc = (SELECT doc FROM updates WHERE seq = OLD.seq AND pending = 1);
+END;
+"""
+SCHEMA_SQL += PENDING_COUNTS_SQL
+PENDING_BACKFILL_SQL = """
+INSERT INTO pending_set
+    SELECT doc, record, COUNT(*) FROM pending_records GROUP BY doc, record;
+"""
+
 # Format n -> n + 1. Each step only adds, so older rows stay exactly right.
 MIGRATIONS = {
     1: "ALTER TABLE records ADD COLUMN alias_of TEXT;\n" + RESOLUTION_SQL,
@@ -207,6 +290,7 @@ MIGRATIONS = {
     4: FAILURE_CODE_SQL,
     # Derived from records by code, not SQL: rebuilt when the node first opens.
     5: INDEX_SQL + f"\nINSERT INTO meta (key, value) VALUES ('{STALE_META}', '1');",
+    6: PENDING_COUNTS_SQL + PENDING_BACKFILL_SQL,
 }
 
 
@@ -395,7 +479,16 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _statements(script: str) -> list[str]:
-    """The statements of a schema script (comments dropped first, since they
-    may hold semicolons; the script has no string literals containing --)."""
-    text = "\n".join(line.split("--", 1)[0] for line in script.splitlines())
-    return [stmt for stmt in text.split(";") if stmt.strip()]
+    """The statements of a schema script, whole (a trigger's body holds
+    semicolons; comments are dropped first, as they may hold some too; the
+    script has no string literals containing --)."""
+    out: list[str] = []
+    current = ""
+    for line in script.splitlines():
+        current += line.split("--", 1)[0] + "\n"
+        if sqlite3.complete_statement(current):
+            out.append(current.strip().rstrip(";"))
+            current = ""
+    if current.strip():
+        out.append(current.strip())
+    return out
