@@ -260,3 +260,30 @@ def test_a_follower_that_lost_its_place_closes_the_datasets_connections(
     assert any(isinstance(e, Opened) for e in again.events)
     first.close()
     second.close()
+
+
+def test_a_compacted_answer_held_behind_a_batch_still_resyncs_when_it_settles(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "relay.db"
+    limits = RelayLimits(compact_after=2, compact_ratio=0, keep_positions=1)
+    first = SqliteRelayStore.create(path, limits)
+    tokens = {n: first.enroll(DATASET, n).token for n in ("A", "B")}
+    second = SqliteRelayStore.open(path, limits)
+    hub1, run1, hub2, run2 = RelayHub(), StoreRunner(first), RelayHub(), StoreRunner(second)
+    a, b = Peer(hub1, run1, "A", tokens["A"]), Peer(hub2, run2, "B", tokens["B"])
+    for ref in range(1, 6):
+        a.write(f"k{ref}", ref)
+        commit(hub1, run1)
+    first.compact(DATASET)
+    b.write("mine", 1)
+    batch = hub2.take_batch()
+    assert batch is not None
+    outcome = run2.commit(batch)
+    call = hub2.follow(DATASET)
+    assert call is not None and hub2.remote_committed(call, None) == []  # held
+    assert hub2.followed() == [DATASET]
+    assert b.cid in hub2.settle(batch, outcome)
+    assert hub2.followed() == [] and hub2.metrics.follow_resyncs == 1
+    first.close()
+    second.close()
