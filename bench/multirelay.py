@@ -105,7 +105,10 @@ def _subscribers(
     ("paced", ...)."""
 
     async def one(node: str, token: str) -> tuple[int, float, dict[int, float]]:
-        ws, _ = await open_client(url, node, token)
+        # One handshake at a time per process: the relay checks tokens in
+        # its one store thread, and a handshake not done in 3 heartbeats is dropped.
+        async with handshakes:
+            ws, _ = await open_client(url, node, token)
         joined.append(node)
         if len(joined) == len(subs):
             ready.set()
@@ -167,6 +170,8 @@ def _subscribers(
 
     async def main() -> list[tuple[int, float, dict[int, float]]]:
         return await asyncio.gather(*[one(n, t) for n, t in subs])
+
+    handshakes = asyncio.Semaphore(1)
 
     out.put(("paced", asyncio.run(main())))
 
