@@ -10,10 +10,12 @@ of a database the benchmark creates and drops (``bl_bench_<random>``):
    subscriber receives every update (its own relay's by local fan-out, the
    other relay's by the follower). Aggregate delivered/s = deliveries to all
    subscribers / (last delivery - writers' start).
-2. **Cross-relay latency.** Then one writer on relay 0 sends ``paced``
-   single-update frames, one every ``paced_every_s``; each subscriber notes
-   when each arrives. Latency = arrival - send (one machine, one monotonic
-   clock), split into subscribers on the writer's relay and on the other.
+2. **Cross-relay latency.** Then, in a dataset of its own, one writer on
+   relay 0 sends ``paced`` single-update frames, one every
+   ``paced_every_s``, to a probe connection on each relay, which notes when
+   each arrives. Latency = arrival - send (one machine, one monotonic
+   clock), on the writer's relay (same relay) and on the other (cross-relay):
+   the relays' path, not the N subscribers' backlog on a loaded machine.
 
 CPU seconds of every process during the throughput phase (each relay, the
 PostgreSQL backends, the writers, the subscribers) and the load average are
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import secrets
@@ -92,19 +95,13 @@ QUICK = Sizes((20,), 2, 500, 512, 60, 0.01)
 
 
 def _subscribers(
-    url: str,
-    subs: list[tuple[str, str]],
-    expect: int,
-    paced_index: dict[bytes, int],
-    ready: MpEvent,
-    out: Any,
+    url: str, subs: list[tuple[str, str]], expect: int, ready: MpEvent, out: Any
 ) -> None:
-    """One process holding ``subs`` (name, token) on ``url``: counts the
-    throughput deliveries (``expect`` each), then notes when each paced
-    update arrives. Puts ("throughput", ...) once all got ``expect``, then
-    ("paced", ...)."""
+    """One process holding ``subs`` (name, token) on ``url``: each counts
+    deliveries until it has ``expect``. Puts (CPU seconds, [(count, last
+    arrival)])."""
 
-    async def one(node: str, token: str) -> tuple[int, float, dict[int, float]]:
+    async def one(node: str, token: str) -> tuple[int, float]:
         # One handshake at a time per process: the relay checks tokens in
         # its one store thread, and a handshake not done in 3 heartbeats is dropped.
         async with handshakes:
@@ -112,10 +109,9 @@ def _subscribers(
         joined.append(node)
         if len(joined) == len(subs):
             ready.set()
-        count, last, pinged = 0, 0.0, time.monotonic()
-        paced: dict[int, float] = {}
-        heard = time.monotonic()
-        while len(paced) < len(paced_index):
+        count, last = 0, 0.0
+        pinged = heard = time.monotonic()
+        while count < expect:
             try:
                 msg = await asyncio.wait_for(ws.recv(), 0.5)
             except TimeoutError:
@@ -125,29 +121,14 @@ def _subscribers(
                 break
             now = time.monotonic()
             if isinstance(msg, bytes):
-                header, payload = frame_header(msg)
+                header, _ = frame_header(msg)
                 kind = header["t"]
-                if kind in ("updates", "update"):
-                    heard = now
-                    sizes = (
-                        [item["size"] for item in header["items"]]
-                        if kind == "updates"
-                        else [len(payload)]
-                    )
-                    if count < expect:
-                        count += len(sizes)
-                        last = now
-                        if count >= expect:
-                            reached.append(node)
-                            if len(reached) == len(subs):
-                                out.put(("throughput", time.process_time() - cpu0))
-                    else:
-                        start = 0
-                        for size in sizes:
-                            i = paced_index.get(payload[start : start + size])
-                            start += size
-                            if i is not None:
-                                paced[i] = now
+                if kind == "updates":
+                    count += len(header["items"])
+                    last = heard = now
+                elif kind == "update":
+                    count += 1
+                    last = heard = now
                 elif kind == "ping":
                     await ws.send(PONG)
                 elif kind == "error":
@@ -158,22 +139,17 @@ def _subscribers(
             if now - heard > SILENCE_S:
                 break
         await ws.close()
-        if count < expect:
-            reached.append(node)  # fell short: the totals below say so
-            if len(reached) == len(subs):
-                out.put(("throughput", time.process_time() - cpu0))
-        return count, last, paced
+        return count, last
 
     joined: list[str] = []
-    reached: list[str] = []
-    cpu0 = time.process_time()
-
-    async def main() -> list[tuple[int, float, dict[int, float]]]:
-        return await asyncio.gather(*[one(n, t) for n, t in subs])
-
     handshakes = asyncio.Semaphore(1)
 
-    out.put(("paced", asyncio.run(main())))
+    async def main() -> list[tuple[int, float]]:
+        return await asyncio.gather(*[one(n, t) for n, t in subs])
+
+    cpu0 = time.process_time()
+    results = asyncio.run(main())
+    out.put((time.process_time() - cpu0, results))
 
 
 def _writers(writers: list[tuple[str, str, str]], sizes: Sizes, start: MpEvent, out: Any) -> None:
@@ -195,30 +171,59 @@ def _writers(writers: list[tuple[str, str, str]], sizes: Sizes, start: MpEvent, 
     out.put(asyncio.run(main()))
 
 
+PROBE = "probe"  # the latency phase's dataset
+
+
 def _paced_updates(n: int) -> list[bytes]:
     return build_updates(99, n)  # writer index 99: the latency writer, "W99"
 
 
-async def _paced_writer(url: str, token: str, sizes: Sizes) -> list[float]:
-    """Send the paced updates one frame each, one every ``paced_every_s``;
-    their send times."""
-    ws, _ = await open_client(url, "W99", token)
+async def _probe(urls: list[str], tokens: dict[str, str], sizes: Sizes) -> list[list[float]]:
+    """The latency phase: writer W99 on ``urls[0]`` sends the paced updates,
+    one frame each; probe P<i> on ``urls[i]`` notes their arrival. Per
+    probe, the latency of each update it got (seconds)."""
+    updates = _paced_updates(sizes.paced)
+    index = {u: i for i, u in enumerate(updates)}
+    probes = [
+        (await open_client(url, f"P{i}", tokens[f"P{i}"], PROBE))[0] for i, url in enumerate(urls)
+    ]
+    arrived: list[dict[int, float]] = [{} for _ in probes]
+
+    async def read(ws: Any, got: dict[int, float]) -> None:
+        while len(got) < len(updates):
+            msg = await ws.recv()
+            now = time.monotonic()
+            header, payload = frame_header(msg)
+            if header["t"] == "ping":
+                await ws.send(PONG)
+            sizes_ = [it["size"] for it in header["items"]] if header["t"] == "updates" else []
+            sizes_ = [len(payload)] if header["t"] == "update" else sizes_
+            start = 0
+            for size in sizes_:
+                i = index.get(payload[start : start + size])
+                start += size
+                if i is not None:
+                    got[i] = now
+
+    readers = [asyncio.create_task(read(ws, got)) for ws, got in zip(probes, arrived, strict=True)]
+    ws, _ = await open_client(urls[0], "W99", tokens["W99"], PROBE)
     max_frame = Limits().max_frame
     frames = [
-        encode_message(Update(DOC, u, i + 1), max_frame=max_frame)
-        for i, u in enumerate(_paced_updates(sizes.paced))
+        encode_message(Update(DOC, u, i + 1), max_frame=max_frame) for i, u in enumerate(updates)
     ]
+    drain = asyncio.create_task(_drain(ws))
     sent: list[float] = []
-    reader = asyncio.create_task(_drain(ws))
     begin = time.monotonic()
     for i, frame in enumerate(frames):
         await asyncio.sleep(max(0.0, begin + i * sizes.paced_every_s - time.monotonic()))
         sent.append(time.monotonic())
         await ws.send(frame)
-    await asyncio.sleep(1.0)
-    reader.cancel()
-    await ws.close()
-    return sent
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*readers), SILENCE_S)
+    drain.cancel()
+    for conn in [ws, *probes]:
+        await conn.close()
+    return [[t - sent[i] for i, t in got.items()] for got in arrived]
 
 
 async def _drain(ws: Any) -> None:
@@ -236,14 +241,13 @@ def run_config(db: str, schema: str, relays: int, n: int, sizes: Sizes) -> dict[
     made = create_store(url)
     try:
         wtok = [made.enroll(DATASET, f"W{w}").token for w in range(sizes.writers)]
-        ptok = made.enroll(DATASET, "W99").token
+        ptok = {p: made.enroll(PROBE, p).token for p in ["W99", *(f"P{i}" for i in range(relays))]}
         stok = [made.enroll(DATASET, f"S{s}").token for s in range(n)]
     finally:
         made.close()
     procs = [Relay(url) for _ in range(relays)]
     ctx = mp.get_context("fork")
     try:
-        paced_index = {u: i for i, u in enumerate(_paced_updates(sizes.paced))}
         expect = sizes.writers * sizes.per_writer
         # Subscriber s on relay s % relays; PER_PROCESS of one relay per process.
         groups: list[tuple[int, list[tuple[str, str]]]] = []
@@ -255,7 +259,7 @@ def run_config(db: str, schema: str, relays: int, n: int, sizes: Sizes) -> dict[
         subs = [
             ctx.Process(
                 target=_subscribers,
-                args=(procs[r].url, group, expect, paced_index, ready, queue),
+                args=(procs[r].url, group, expect, ready, queue),
             )
             for (r, group), ready, queue in zip(groups, readies, queues, strict=True)
         ]
@@ -273,27 +277,23 @@ def run_config(db: str, schema: str, relays: int, n: int, sizes: Sizes) -> dict[
         load_before = os.getloadavg()
         start.set()
         w = wq.get(timeout=900)
-        subs_cpu = [q.get(timeout=900) for q in queues]
+        counted = [q.get(timeout=900) for q in queues]
         relay_cpu = [(r.cpu_seconds() or 0.0) - c for r, c in zip(procs, relay_cpu0, strict=True)]
         pg1 = _backend_cpu(db)
         load_after = os.getloadavg()
         wp.join(60)
-        sent = asyncio.run(_paced_writer(procs[0].url, ptok, sizes))
-        paced = [q.get(timeout=300) for q in queues]
         for p in subs:
             p.join(60)
+        latencies = asyncio.run(_probe([r.url for r in procs], ptok, sizes))
     finally:
         for relay in procs:
             relay.stop()
     delivered = last = 0.0
-    same: list[float] = []
-    cross: list[float] = []
-    for (at_relay, _), (kind, results) in zip(groups, paced, strict=True):
-        assert kind == "paced"
-        for count, at, times in results:
+    for _, results in counted:
+        for count, at in results:
             delivered += min(count, expect)
             last = max(last, at)
-            (same if at_relay == 0 else cross).extend(t - sent[i] for i, t in times.items())
+    same, cross = latencies[0], [t for more in latencies[1:] for t in more]
     expected = expect * n
     if delivered < expected:
         raise SystemExit(f"{relays} relay(s), N={n}: {delivered:,.0f} of {expected:,} delivered")
@@ -310,12 +310,12 @@ def run_config(db: str, schema: str, relays: int, n: int, sizes: Sizes) -> dict[
             "relays": relay_cpu,
             "pg_backends": pg1["cpu_s"] - pg0["cpu_s"],
             "writers": w["cpu_s"],
-            "subscribers": sum(c for _, c in subs_cpu),
+            "subscribers": sum(c for c, _ in counted),
         },
         "subscriber_processes": len(groups),
         "latency_same_relay": latency_summary(same, over_ms=TARGET_P99_MS) if same else None,
         "latency_cross_relay": latency_summary(cross, over_ms=TARGET_P99_MS) if cross else None,
-        "paced_expected": sizes.paced * n,
+        "paced_expected": sizes.paced * relays,
         "paced_received": len(same) + len(cross),
         "load_before": list(load_before),
         "load_after": list(load_after),
@@ -398,10 +398,10 @@ def render(doc: dict[str, Any], results: Path) -> str:
         "subscriber connections split evenly across the relays, each receiving every update. "
         "Relays are `branchline relay serve` processes on one PostgreSQL 15 store (same "
         "machine, loopback); the other relay's updates reach a relay's subscribers through its "
-        f"follower (LISTEN/NOTIFY wake-up, then a read of the log by position). Then "
-        f"{s['paced']} updates, one every {s['paced_every_s'] * 1000:g} ms, from one writer on "
-        "relay 0: latency from send to arrival at subscribers on the other relay "
-        "(cross-relay) or, with one relay, on the same one.",
+        f"follower (LISTEN/NOTIFY wake-up, then a read of the log by position). Then, in a "
+        f"dataset of its own, {s['paced']} updates, one every {s['paced_every_s'] * 1000:g} ms, "
+        "from one writer on relay 0 to a probe connection on each relay: latency from send to "
+        "arrival on the writer's relay (same relay) and on the other (cross-relay).",
         "",
         "| relays | N | delivered/s | in/s | relay CPU s | PG backends CPU s | writers CPU s | "
         "subscribers CPU s (processes) | same relay p50 / p99 ms | cross-relay p50 / p99 ms | "
