@@ -190,9 +190,21 @@ async def _probe(urls: list[str], tokens: dict[str, str], sizes: Sizes) -> list[
     arrived: list[dict[int, float]] = [{} for _ in probes]
 
     async def read(ws: Any, got: dict[int, float]) -> None:
+        pinged = time.monotonic()
         while len(got) < len(updates):
-            msg = await ws.recv()
+            try:
+                msg = await asyncio.wait_for(ws.recv(), PING_EVERY_S)
+            except TimeoutError:
+                msg = None
+            except ConnectionClosed as exc:
+                print(f"probe: the relay closed it ({exc})", file=sys.stderr)
+                return
             now = time.monotonic()
+            if now - pinged >= PING_EVERY_S:
+                await ws.send(PING)  # a probe silent for 3 heartbeats is dropped
+                pinged = now
+            if not isinstance(msg, bytes):
+                continue
             header, payload = frame_header(msg)
             if header["t"] == "ping":
                 await ws.send(PONG)
