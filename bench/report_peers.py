@@ -19,6 +19,8 @@ END = "<!-- END peers -->"
 PLOTS_FULL = ROOT / "docs" / "img"
 PLOTS_QUICK = RESULTS / "plots-quick"
 GOAL_SYSTEM = "branchline"  # the variant the relay goals are judged on
+#: Catch-up goals by records (issue 14), upload and download each.
+CATCHUP_GOALS_S = {10_000: 0.3, 100_000: 2.0}
 LABELS = {
     "plain": "plain websockets broadcast (limit)",
     "branchline": "Branchline relay (durable acks)",
@@ -153,14 +155,19 @@ def peer_goals(doc: dict[str, Any], core: dict[str, Any] | None) -> list[Goal]:
     if "catchup" in b:
         runs = b["catchup"]["systems"].get("branchline", [])
         for r in runs:
-            why = None if r["records"] >= 100_000 else "quick size; the goal is for 100,000"
+            # Issue 14: 2 s at 100,000 records, 0.3 s at 10,000; other sizes
+            # (1,000; 300,000) are there to show the growth.
+            limit = CATCHUP_GOALS_S.get(r["records"])
+            if limit is None:
+                continue
+            why = None
             goals.append(
                 Goal(
                     f"Catch-up {r['records']:,} records",
                     "upload: on the online node",
                     r["upload_s"],
                     "s",
-                    5.0,
+                    limit,
                     False,
                     why,
                 )
@@ -171,7 +178,7 @@ def peer_goals(doc: dict[str, Any], core: dict[str, Any] | None) -> list[Goal]:
                     "download: on the returning node",
                     r["download_s"],
                     "s",
-                    5.0,
+                    limit,
                     False,
                     why,
                 )
@@ -556,7 +563,7 @@ def plot(doc: dict[str, Any], outdir: Path, rel: str) -> dict[str, str]:
                         marker="o",
                         label=f"{LABELS.get(system, system)}, {direction}",
                     )
-        ax.axhline(5.0, color="grey", linewidth=0.8, linestyle=":", label="goal: 5 s at 100k")
+        ax.axhline(2.0, color="grey", linewidth=0.8, linestyle=":", label="goal: 2 s at 100k")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("records")

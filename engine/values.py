@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable
 from decimal import (
     Decimal,
     InvalidOperation,
@@ -60,41 +61,75 @@ _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 def is_stored(fld: Field, value: Stored) -> bool:
     """True when ``value`` (from a replica) is a well-formed stored value of
-    ``fld`` that ``decode`` can read. Cheaper than ``encode``: it runs for
-    every field of every record an import brings."""
+    ``fld`` that ``decode`` can read."""
+    return stored_check(fld)(value)
+
+
+def stored_check(fld: Field) -> Callable[[Any], bool]:
+    """``is_stored`` for one field, its type dispatched once: imports run it
+    for every field of every record they bring, so a collection keeps one
+    per field (``Collection`` is immutable)."""
     t = fld.type
     if t == "text" or t == "ref":
-        return type(value) is str
+        return _is_str
     if t == "decimal":
-        return type(value) is str and len(value) <= 100 and bool(_DECIMAL_RE.fullmatch(value))
+        return _is_decimal
     if t == "bool":
-        return type(value) is bool
+        return _is_bool
     if t == "int":
-        return type(value) is int and INT_MIN <= value <= INT_MAX
+        return _is_int
     if t == "date":
-        if type(value) is not str or not _DATE_RE.fullmatch(value):
-            return False
-        try:
-            dt.date.fromisoformat(value)
-        except ValueError:
-            return False
-        return True
+        return _is_date
     if t == "lines":
-        if type(value) is not list or len(value) > MAX_LINES:
+        return lambda value: _is_lines(fld, value)
+    return _never
+
+
+def _is_str(value: Any) -> bool:
+    return type(value) is str
+
+
+def _is_decimal(value: Any) -> bool:
+    return type(value) is str and len(value) <= 100 and bool(_DECIMAL_RE.fullmatch(value))
+
+
+def _is_bool(value: Any) -> bool:
+    return type(value) is bool
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int and INT_MIN <= value <= INT_MAX
+
+
+def _is_date(value: Any) -> bool:
+    if type(value) is not str or not _DATE_RE.fullmatch(value):
+        return False
+    try:
+        dt.date.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_lines(fld: Field, value: Any) -> bool:
+    if type(value) is not list or len(value) > MAX_LINES:
+        return False
+    for line in value:
+        if type(line) is not dict:
             return False
-        for line in value:
-            if type(line) is not dict:
-                return False
-            for sub in fld.fields:
-                item = line.get(sub.name)
-                if item is None:
-                    if sub.required:
-                        return False
-                elif not is_stored(sub, item):
+        for sub in fld.fields:
+            item = line.get(sub.name)
+            if item is None:
+                if sub.required:
                     return False
-            if len(line) > len(fld.fields) or any(fld.line_field(k) is None for k in line):
+            elif not is_stored(sub, item):
                 return False
-        return True
+        if len(line) > len(fld.fields) or any(fld.line_field(k) is None for k in line):
+            return False
+    return True
+
+
+def _never(value: Any) -> bool:
     return False
 
 

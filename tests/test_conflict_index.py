@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from store_formats import downgrade
 from test_conflicts import invoice, make, send, setup_catalogs
 
-from engine import Node
+from engine import Node, writes
 from engine.errors import BranchlineError
+from engine.store import conflict_index
 from engine.store.conflict_index import ConflictIndex
 from engine.store.node_store import FORMAT_VERSION
 
@@ -84,10 +85,21 @@ def act(nodes: list[Node], who: int, op: int, arg: int) -> None:
         st.tuples(st.integers(0, 2), st.integers(0, 10), st.integers(0, 2**16)), max_size=30
     )
 )
+@pytest.mark.parametrize("bulk", [False, True], ids=["small", "bulk-paths"])
 def test_the_index_equals_a_rebuild_after_any_history(
-    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[int, int, int]]
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[int, int, int]], bulk: bool
 ) -> None:
-    tmp = tmp_path_factory.mktemp("index")
+    """``bulk``: the paths a bulk import takes, at any size: received records
+    materialized two at a time, shared keys found by one scan of the key
+    index instead of IN-lists."""
+    with pytest.MonkeyPatch.context() as mp:
+        if bulk:
+            mp.setattr(conflict_index, "SCAN_KEYS", 0)
+            mp.setattr(writes, "MATERIALIZE_SLICE", 2)
+        history(tmp_path_factory.mktemp("index"), steps)
+
+
+def history(tmp: Path, steps: list[tuple[int, int, int]]) -> None:
     nodes = [make(tmp, n, 1_790_000_000_000 + i) for i, n in enumerate(["A", "B", "C"])]
     try:
         setup_catalogs(nodes[0])

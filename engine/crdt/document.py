@@ -27,6 +27,7 @@ SEP = "|"
 #: dropped from the retry list (their bytes stay in the caller's log, and
 #: the next load of the document tries them again).
 MAX_WAITING = 256
+_ABSENT = object()
 
 
 class RecordDoc:
@@ -105,13 +106,20 @@ class RecordDoc:
     def _on_map(self, event: Any) -> None:
         keys: dict[str, dict[str, Any]] = event.keys
         fresh, changed = self._fresh, self._changed
+        index = self._index
         for key, change in keys.items():
             rid, _, node = key.partition(SEP)
             changed.add(rid)
             if change["action"] == "delete":
                 self._discard(rid, node)
                 continue
-            self._add(rid, node)
+            # ``_add`` inlined for its common case (a new record): this loop
+            # runs once per key of a bulk import.
+            have = index.get(rid)
+            if have is None:
+                index[rid] = node
+            elif have != node:
+                self._add(rid, node)
             # The event carries the new text: reading it back from the Map
             # would cost a lookup per key on bulk imports.
             fresh[key] = change.get("newValue")
@@ -190,15 +198,29 @@ class RecordDoc:
         """Entry keys the last ``apply`` set (valid until ``release``)."""
         return list(self._fresh)
 
-    def release(self) -> None:
-        """Drop the entry texts kept from the last transaction (call once the
-        changed records are resolved; a bulk import holds megabytes there)."""
-        self._fresh = {}
+    def release(self, record_ids: Iterable[str] | None = None) -> None:
+        """Drop the entry texts kept from the last transaction, of
+        ``record_ids`` or all (call once those records are resolved; a bulk
+        import holds megabytes there)."""
+        if record_ids is None:
+            self._fresh = {}
+            return
+        fresh = self._fresh
+        for rid in record_ids:
+            for node in self._nodes(rid):
+                fresh.pop(rid + SEP + node, None)
 
     def states(self, record_id: str) -> dict[str, NodeState]:
         """Each writing node's entry of a record, parsed. Entries that are not
         JSON objects (a buggy or hostile peer) are left out, the same way on
         every node."""
+        have = self._index.get(record_id)
+        if type(have) is str:  # one writer: most records, every bulk import
+            raw = self._fresh.get(record_id + SEP + have, _ABSENT)
+            if raw is _ABSENT:
+                raw = self._map.get(record_id + SEP + have)
+            state = _parse_state(raw)
+            return {} if state is None else {have: state}
         out = {}
         for node in self._nodes(record_id):
             key = f"{record_id}{SEP}{node}"

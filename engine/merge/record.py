@@ -236,7 +236,9 @@ def _resolve_single(states: dict[str, NodeState], out: Resolved) -> Resolved:
         if seen and any(type(v) is not int for v in seen.values()):
             return Resolved()
         stamps.append(hlc)
-    count = len(stamps)
+    # One (node, hlc) per write, shared by its fields: no tuple per field.
+    pairs = [(node, hlc) for hlc in stamps]
+    count = len(pairs)
     values, writers = out.values, out.writers
     for name, entry in fields.items():
         if type(entry) is not list or len(entry) != 2:
@@ -244,19 +246,22 @@ def _resolve_single(states: dict[str, NodeState], out: Resolved) -> Resolved:
         ref, value = entry
         if type(ref) is not int or not 0 <= ref < count:
             return Resolved()
-        hlc = stamps[ref]
-        if name == CREATED:
-            out.created = (hlc, node)
-        elif name == JOURNAL:
-            out.journal = _union([value])
-        elif name == DELETED:
+        if name in _SPECIAL:
+            if name == CREATED:
+                out.created = (stamps[ref], node)
+                continue
+            if name == JOURNAL:
+                out.journal = _union([value])
+                continue
             out.deleted = bool(value)
-            writers[name] = (node, hlc)
         else:
             values[name] = value
-            writers[name] = (node, hlc)
+        writers[name] = pairs[ref]
     out.newest = max(stamps, default=0)
     return out
+
+
+_SPECIAL = frozenset((CREATED, JOURNAL, DELETED))
 
 
 def _union(lists: Iterable[Any]) -> list[dict[str, Any]]:

@@ -315,7 +315,24 @@ def _paths(coll: Collection) -> Iterator[RefPath]:
                 yield RefPath(coll.name, f.name, sub.name, sub.to)
 
 
+#: Keys asked about at once beyond which one scan of the collection's key
+#: index is cheaper than lookups by IN-list (a bulk import asks about all).
+SCAN_KEYS = 5_000
+
+
 def _shared(conn: sqlite3.Connection, coll: str, keys: list[str]) -> Iterator[str]:
+    """Which of ``keys`` more than one live, unaliased record holds."""
+    if len(keys) > SCAN_KEYS:
+        wanted = set(keys)
+        for (key,) in conn.execute(
+            "SELECT key FROM records INDEXED BY records_key WHERE collection = ? "
+            "AND key IS NOT NULL AND deleted = 0 AND alias_of IS NULL "
+            "GROUP BY key HAVING COUNT(*) > 1",
+            (coll,),
+        ):
+            if key in wanted:
+                yield str(key)
+        return
     for chunk in chunks(keys):
         for (key,) in conn.execute(
             "SELECT key FROM records INDEXED BY records_key WHERE collection = ? "

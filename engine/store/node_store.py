@@ -303,8 +303,10 @@ class NodeStore:
         self._data_version = -1
         self._depth = 0  # transactions open: inner ones are savepoints
         #: Called with "before_commit" (the statements done, COMMIT not yet
-        #: run) and "after_commit" (durable) for every write transaction: the
-        #: simulator's crash points (harness.sim). None in normal use.
+        #: run) and "after_commit" (durable) for every write transaction, and
+        #: with "mid_materialize" inside each materialization (records
+        #: written, the rest of the batch not): the simulator's crash points
+        #: (harness.sim). None in normal use.
         self.commit_points: Callable[[str], None] | None = None
 
     @staticmethod
@@ -389,7 +391,7 @@ class NodeStore:
             raise StoreError(f"{self.path}: cannot start a write ({exc})") from None
         self._depth = 1
         try:
-            yield WriteTxn(self.conn)
+            yield WriteTxn(self.conn, self.commit_points)
             if self.commit_points is not None:
                 self.commit_points("before_commit")
         except BaseException:
@@ -410,7 +412,7 @@ class NodeStore:
         self.conn.execute(f"SAVEPOINT {name}")
         self._depth += 1
         try:
-            yield WriteTxn(self.conn)
+            yield WriteTxn(self.conn, self.commit_points)
         except BaseException:
             self.conn.execute(f"ROLLBACK TO {name}")
             self.conn.execute(f"RELEASE {name}")

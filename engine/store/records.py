@@ -19,13 +19,14 @@ from ..ids import is_id
 from ..merge import ALIAS, Resolved, resolve
 from ..plugins import ChangeKind, RecordChange
 from ..schema import Collection, Schema
-from ..values import decode, is_stored
+from ..values import decode, stored_check
 from .conflict_index import ConflictIndex, Written
 from .inlists import chunks, marks
 from .txn import WriteTxn
 
 Held = list[tuple[str, Resolved, dict[str, Any]]]  # (record id, resolved, valid values)
 Batches = list[tuple[Collection, list[RecordChange]]]
+Checks = dict[str, Callable[[Any], bool]]  # field -> is_stored for it
 RefPath = tuple[str, str | None, str]  # (field, line sub-field or None, target collection)
 
 
@@ -63,6 +64,7 @@ class Materializer:
         self._observe = observe
         self.consumes: Callable[[Collection], bool] = _nobody
         self.refs = {c.name: ref_paths(c) for c in schema.collections.values()}
+        self.checks = {c.name: field_checks(c) for c in schema.collections.values()}
         self.index = ConflictIndex(schema)
 
     def materialize(
@@ -77,14 +79,17 @@ class Materializer:
         rows, incomplete, conflicts, journal = [], [], [], []
         newest = 0
         resolved: Held = []
+        checks = self.checks[coll.name]
+        states = doc.states
         # In key order: SQLite inserts several times faster.
         for rid in sorted(rids):
-            r = resolve(doc.states(rid))
-            newest = max(newest, r.newest)
+            r = resolve(states(rid))
+            if r.newest > newest:
+                newest = r.newest
             if r.created is None:
                 incomplete.append((coll.name, rid))
             else:
-                resolved.append((rid, r, valid_values(coll, r.values)))
+                resolved.append((rid, r, valid_values(checks, r.values)))
         if hold and resolved and coll.series is not None:
             # Received vouchers: this node's own numbers among them (an
             # earlier life's, back from the relay) are never issued again.
@@ -158,6 +163,9 @@ class Materializer:
             "created_node, updated_hlc, data, alias_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
+        # Records written, conflicts, journal, index and adapters not yet: a
+        # crash here must leave nothing of the batch (one transaction).
+        txn.point("mid_materialize")
         self.index.after(conn, coll.name, written, removed, old)
         conn.executemany(
             "INSERT OR REPLACE INTO record_conflicts VALUES (?, ?, ?, ?, ?, ?)", conflicts
@@ -336,14 +344,18 @@ def references(paths: list[RefPath], values: dict[str, Any]) -> Iterator[tuple[s
                     yield target, ref
 
 
-def valid_values(coll: Collection, values: dict[str, Any]) -> dict[str, Any]:
-    """Schema fields whose replicated value is well-formed; a malformed value
-    from a faulty peer is dropped the same way on every node."""
-    fields = coll.fields
+def field_checks(coll: Collection) -> Checks:
+    """Per schema field of ``coll``, its ``is_stored`` check."""
+    return {name: stored_check(fld) for name, fld in coll.fields.items()}
+
+
+def valid_values(checks: Checks, values: dict[str, Any]) -> dict[str, Any]:
+    """Schema fields (``field_checks``) whose replicated value is well-formed;
+    a malformed value from a faulty peer is dropped the same way on every node."""
     out = {}
     for name, value in values.items():
-        fld = fields.get(name)
-        if fld is not None and value is not None and is_stored(fld, value):
+        check = checks.get(name)
+        if check is not None and value is not None and check(value):
             out[name] = value
     return out
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -13,10 +13,19 @@ class WriteTxn:
     argument; it commits or rolls back as a whole (``NodeStore.transaction``).
     """
 
-    __slots__ = ("conn",)
+    __slots__ = ("conn", "points")
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, points: Callable[[str], None] | None = None
+    ) -> None:
         self.conn = conn
+        self.points = points
+
+    def point(self, name: str) -> None:
+        """A named point inside the transaction where the simulator may crash
+        the node (``NodeStore.commit_points``); a no-op otherwise."""
+        if self.points is not None:
+            self.points(name)
 
     def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, params)
