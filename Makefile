@@ -56,8 +56,10 @@ check: test lint
 
 # Deterministic simulation: SEEDS seeds with swarm faults; a failure prints
 # its seed and replay command and exits 3 (crash), 4 (liveness) or 5 (correctness).
+# SCHEMA=path/to/schema.toml runs on that schema, records generated from its fields.
 sim: $(STAMP)
-	$(PY) -m harness.sim --seeds $(SEEDS) --jobs $(JOBS) $(if $(RELAYS),--relays $(RELAYS))
+	$(PY) -m harness.sim --seeds $(SEEDS) --jobs $(JOBS) $(if $(RELAYS),--relays $(RELAYS)) \
+		$(if $(SCHEMA),--schema $(SCHEMA))
 
 # bench.peers installs its peers itself into bench/.peers (gitignored).
 BENCH_STAMP := $(VENV)/.bench-stamp
@@ -79,10 +81,11 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.stall
 
 # Real relay and node processes under faults for DURATION seconds, then heal,
-# converge and check (docs/reliability.md). SEED=N replays a run's schedule.
+# converge and check (docs/reliability.md). SEED=N replays a run's schedule;
+# SCHEMA=path/to/schema.toml soaks that schema instead of the built-in accounting.
 soak: $(STAMP)
 	$(PY) -m harness.soak --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out $(SOAK_OUT) \
-		$(if $(RELAYS),--relays $(RELAYS)) $(if $(STORE),--store $(STORE))
+		$(if $(RELAYS),--relays $(RELAYS)) $(if $(STORE),--store $(STORE)) $(if $(SCHEMA),--schema $(SCHEMA))
 
 # The hostile-relay fuzz run at full size (the suite runs 10,000 frames): a
 # relay fed FRAMES hostile frames on loopback while two nodes write and sync.

@@ -1406,6 +1406,35 @@ def query_cmd(home: Path, sql: str, as_json: bool) -> None:
     _console().print(table)
 
 
+@cli.group("series")
+def series_group() -> None:
+    """Voucher number series: the gap journal."""
+
+
+@series_group.command("gaps")
+@home_option
+@click.option("--series", "series", metavar="S", help="one voucher book, or one series key")
+@json_option
+def series_gaps(home: Path, series: str | None, as_json: bool) -> None:
+    """List the numbers voided (or restored) on any node, from the
+    replicated gap journal: series, number, reason, voucher, node, when."""
+    with _opened(home) as n:
+        rows = n.gaps(series)
+    if as_json:
+        _emit(rows)
+        return
+    if not rows:
+        click.echo("no gaps" + (f" in {series}" if series else ""))
+        return
+    table = Table(title="number gaps")
+    for column in ("series", "number", "reason", "voucher", "node", "when"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        cells = (r["series"], r["number"], r["reason"], r["voucher"] or "-", r["node"], r["at"])
+        table.add_row(*(Text(str(c)) for c in cells))
+    _console().print(table)
+
+
 @cli.group("adapters")
 def adapters_group() -> None:
     """Enable, disable and list a node's adapters (SQL tables kept from its records)."""

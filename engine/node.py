@@ -36,6 +36,7 @@ from .errors import (
     DatasetMismatch,
     QueryError,
     SeriesError,
+    UnknownCollection,
     UpdateError,
     UserError,
     ValidationError,
@@ -44,7 +45,7 @@ from .gcpause import paused_gc
 from .merge import resolve
 from .names import DATASET_RE, DOC_RE, META_RELAY_CA, META_TOKEN_REFUSED, NODE_RE, relay_url_ok
 from .query import QueryResult, adapter_owning, run_query
-from .schema import Collection, Schema, load_schema, parse_schema
+from .schema import GAPS, Collection, Schema, load_schema, parse_schema
 from .store import NodeStore, doclog, outbox
 from .store import records as rec
 from .store.conflict_index import is_stale
@@ -60,8 +61,15 @@ TRIM_AFTER_BYTES = doclog.TRIM_AFTER_BYTES  # after importing this much, hand fr
 # Aliases: inside ``Node`` the name ``list`` is the method, not the type.
 Records = list[dict[str, Any]]
 Strings = list[str]
+Ints = list[int]
 Outbox = list[tuple[int, str, bytes]]
 Parts = diffs.Parts
+#: Node meta: ``replicated`` once the home's voids are in ``number_gaps``
+#: (absent in homes made before the gap journal replicated).
+GAP_JOURNAL_META = "gap_journal"
+REPLICATED = "replicated"
+#: What ``Node.gaps`` gives of each entry of the gap journal.
+GAP_FIELDS = ("series", "number", "reason", "voucher", "collection", "node", "at")
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,7 @@ class Node:
             "schema_source": sch.source,
             "hlc": "0",
             "created_at": str(clock.wall_ms()),
+            GAP_JOURNAL_META: REPLICATED,
         }
         if relay:
             meta["relay"] = relay
@@ -186,7 +195,29 @@ class Node:
             store.close()
             raise DatasetMismatch(f"{home} belongs to dataset '{meta['dataset']}', not '{dataset}'")
         sch = parse_schema(meta["schema_source"], origin=f"{home} (stored schema)")
-        return cls(Path(home), store, sch, clock or SystemClock(), rng or system_random())
+        opened = cls(Path(home), store, sch, clock or SystemClock(), rng or system_random())
+        if meta.get(GAP_JOURNAL_META) != REPLICATED:
+            try:
+                opened._replicate_old_voids()
+            except BaseException:
+                opened.close()
+                raise
+        return opened
+
+    def _replicate_old_voids(self) -> None:
+        """Once, in a home made before the gap journal replicated: publish
+        the voids its local series journal holds as this node's entries
+        of ``number_gaps`` (with their own times)."""
+        with self._replica.write() as w:
+            rows = w.txn.conn.execute(
+                "SELECT series, number, collection, record_id, at FROM series_journal "
+                "WHERE event = 'void' ORDER BY seq"
+            ).fetchall()
+            for key, number, cname, rid, at in rows:
+                coll = self.schema.collections.get(cname)
+                if coll is not None and rid:
+                    w.journal_gap(coll, key, number, "void", rid, at_ms=at)
+            self.store.set_meta(GAP_JOURNAL_META, REPLICATED)
 
     def close(self) -> None:
         self._replica.log.clear()
@@ -342,6 +373,24 @@ class Node:
         """This home's series state for an export file (``series.dump_state``)."""
         with self.store.reading() as conn:
             return series_mod.dump_state(conn)
+
+    def gaps(self, series: str | None = None) -> Records:
+        """The replicated gap journal (``number_gaps``): every number any
+        node voided (or restored), ordered by series, number and time.
+        ``series`` keeps one voucher book (``sales_invoice``) or one series
+        key (``sales_invoice@2027``). Raises UnknownCollection for a
+        ``series`` that names no voucher book with a series."""
+        if series is not None:
+            book = self.collection(series.partition("@")[0])
+            if book.series is None:
+                raise UnknownCollection(f"{book.name} has no number series")
+        rows = [
+            {k: r.get(k) for k in GAP_FIELDS}
+            for r in self.list(GAPS)
+            if series is None or series in (r.get("series"), r.get("collection"))
+        ]
+        rows.sort(key=lambda r: (r["series"] or "", r["number"] or "", r["at"] or ""))
+        return rows
 
     def reserve_left(self, collection: str, year: int | None = None) -> int:
         """Unused leased numbers of a ``blocks`` series."""
@@ -676,6 +725,10 @@ class Node:
             year = year or dt.date.fromtimestamp(self._clock.wall_ms() / 1000).year
             return series_mod.series_key(coll, dt.date(year, 1, 1))
         return series_mod.series_key(coll, None)
+
+    def provisional_years(self, collection: str) -> Ints:
+        """Years of a yearly series whose vouchers wait for a final number."""
+        return series_mod.waiting_years(self.store.conn, collection)
 
     def _has_provisional(self, coll: Collection) -> bool:
         return rec.has_unnumbered(self.store.conn, coll.name)

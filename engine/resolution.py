@@ -168,7 +168,12 @@ def _keep_side(w: Writer, coll: Collection, conflict: Conflict, keep: Any) -> di
         )
     rid = conflict["records"][0]
     action = "keep_delete" if deleted else "keep_edit"
-    return _write(w, coll, rid, {DELETED: deleted}, conflict, action, True, deleted, False)
+    entry = _write(w, coll, rid, {DELETED: deleted}, conflict, action, True, deleted, False)
+    numbered = None if deleted else w.numbered(coll, rid)
+    if numbered is not None:
+        # The voided number is in use again: the gap journal says so.
+        w.journal_gap(coll, *numbered, "restored", rid)
+    return entry
 
 
 def _rename(

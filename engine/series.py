@@ -176,6 +176,17 @@ def add_block(conn: sqlite3.Connection, key: str, first: int, last: int, at_ms: 
     _journal(conn, key, f"{first}..{last}", "lease", None, None, None, at_ms)
 
 
+def waiting_years(conn: sqlite3.Connection, collection: str) -> list[int]:
+    """The years (series keys ``collection@YEAR``) of ``collection``'s
+    provisional numbers that have no final number yet."""
+    rows = conn.execute(
+        "SELECT DISTINCT series FROM provisional WHERE collection = ? AND final IS NULL",
+        (collection,),
+    )
+    years = {key.rpartition("@")[2] for (key,) in rows if "@" in key}
+    return sorted(int(y) for y in years if y.isdigit())
+
+
 def reserve_left(conn: sqlite3.Connection, key: str) -> int:
     """How many leased numbers of ``key`` are still unused."""
     row = conn.execute(

@@ -35,7 +35,7 @@ from .errors import (
 )
 from .ids import new_id, node_salt
 from .merge import CREATED, DELETED, new_state, resolve, seen_by
-from .schema import Collection, Schema
+from .schema import GAPS, Collection, Schema
 from .store import NodeStore, WriteTxn, outbox
 from .store import records as rec
 from .store.doclog import DocLog
@@ -218,6 +218,7 @@ class Writer:
 
     def put(self, coll: Collection, fields: dict[str, Any]) -> str:
         """``Node.put`` inside this transaction."""
+        _check_user_writable(coll)
         if coll.is_voucher and isinstance(fields, dict):
             self._check_voucher_edit(coll, fields)
         return self._put(coll, fields)
@@ -244,22 +245,66 @@ class Writer:
 
     def delete(self, coll: Collection, id_or_key: str) -> str:
         """``Node.delete`` inside this transaction."""
+        _check_user_writable(coll)
         rid, docname = self.find_live(coll, id_or_key)
         self.write_entry(coll, docname, rid, {DELETED: True})
-        if coll.is_voucher and coll.series is not None:
-            number = self.stored_value(coll, rid, "number")
-            if number:
-                raw = self.stored_value(coll, rid, "date")
-                key = series_mod.series_key(coll, dt.date.fromisoformat(raw) if raw else None)
-                series_mod.void(self.txn.conn, key, number, coll.name, rid, self.now_ms())
+        numbered = self.numbered(coll, rid)
+        if numbered is not None:
+            key, number = numbered
+            series_mod.void(self.txn.conn, key, number, coll.name, rid, self.now_ms())
+            self.journal_gap(coll, key, number, "void", rid)
         return rid
 
     def restore(self, coll: Collection, rid: str) -> None:
         """``Node.restore`` inside this transaction."""
+        _check_user_writable(coll)
         row = self.row(coll, rid)
         if row is None:
             raise RecordNotFound(f"{coll.name}: no record {rid}")
         self.write_entry(coll, row.doc, rid, {DELETED: False})
+        numbered = self.numbered(coll, rid) if row.deleted else None
+        if numbered is not None:
+            self.journal_gap(coll, *numbered, "restored", rid)
+
+    def journal_gap(
+        self,
+        coll: Collection,
+        key: str,
+        number: str,
+        reason: str,
+        rid: str,
+        at_ms: int | None = None,
+    ) -> None:
+        """Write one entry of the replicated gap journal (``number_gaps``):
+        a new record of this node's, never edited afterwards, so every node
+        lists it and the relay's authorship check accepts it. ``at_ms``:
+        when it happened (default now)."""
+        gaps = self.schema.collections.get(GAPS)
+        if gaps is None:
+            return  # a schema built in code without the journal
+        gid = self.new_id()
+        at = dt.datetime.fromtimestamp((self.now_ms() if at_ms is None else at_ms) / 1000, dt.UTC)
+        values = {
+            "code": gid,
+            "series": key,
+            "collection": coll.name,
+            "number": number,
+            "reason": reason,
+            "voucher": rid,
+            "node": self.node_id,
+            "at": at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        }
+        self._put(gaps, values, new_record_id=gid)
+
+    def numbered(self, coll: Collection, rid: str) -> tuple[str, str] | None:
+        """(series key, number) of a numbered voucher, else None."""
+        if not coll.is_voucher or coll.series is None:
+            return None
+        number = self.stored_value(coll, rid, "number")
+        if not number:
+            return None
+        raw = self.stored_value(coll, rid, "date")
+        return series_mod.series_key(coll, dt.date.fromisoformat(raw) if raw else None), number
 
     def allocate(self, coll: Collection, date: dt.date | None, rid: str) -> series_mod.Allocation:
         """The next number of ``coll``'s series for record ``rid``. Raises SeriesError."""
@@ -269,11 +314,16 @@ class Writer:
         """Give final numbers to ``coll``'s provisionally numbered vouchers
         while the series has numbers; returns how many."""
         done = 0
+        empty: set[str] = set()  # series keys (years) without a number left
         for rid, date in rec.unnumbered(self.txn.conn, coll.name):
             day = dt.date.fromisoformat(date) if date else None
+            key = series_mod.series_key(coll, day)
+            if key in empty:
+                continue
             number = series_mod.finalize(self.txn.conn, coll, self.node_id, rid, day, self.now_ms())
             if number is None:
-                break
+                empty.add(key)
+                continue
             done += 1
             row = self.row(coll, rid)
             if row is not None and not row.deleted:
@@ -490,6 +540,15 @@ def _doc_name(coll: Collection, values: dict[str, Any]) -> str:
         return coll.name
     date = values[coll.partition_field]
     return f"{coll.name}/{date[:7] if coll.partition == 'month' else date[:4]}"
+
+
+def _check_user_writable(coll: Collection) -> None:
+    """Raises UserError for a collection only Branchline writes."""
+    if coll.system:
+        raise UserError(
+            f"{coll.name} is written by Branchline only (the gap journal); "
+            "void a voucher with delete instead"
+        )
 
 
 def _nobody(coll: Collection) -> bool:

@@ -105,7 +105,7 @@ def test_node_init_text_and_json(tmp_path: Path) -> None:
         "dataset": "acme",
         "node": "hcm",
         "schema": "accounting",
-        "schema_version": 1,
+        "schema_version": 2,
         "relay": "wss://relay.example:8443",
         "adapters": [],
     }
@@ -202,13 +202,13 @@ def test_voucher_numbers_and_list_json_shape(home: Path) -> None:
     first = ok("voucher", "--home", home, "sales_invoice", sale)
     second = ok("voucher", "--home", home, "sales_invoice", json.dumps(SALE))
     assert set(first) == {"id", "number", "provisional"}
-    assert (first["number"], second["number"]) == ("HDhn-000001", "HDhn-000002")
+    assert (first["number"], second["number"]) == ("HDhn-2024-000001", "HDhn-2024-000002")
     assert first["provisional"] is False
     listed = ok("list", "--home", home, "sales_invoice", "--json")
     assert [r["id"] for r in listed] == [first["id"], second["id"]]
     assert listed[0] == {
         "id": first["id"],
-        "number": "HDhn-000001",
+        "number": "HDhn-2024-000001",
         "date": "2024-05-06",  # ISO date
         "customer": "KH001",  # reference shown as its code
         "warehouse": "K1",
@@ -226,7 +226,7 @@ def test_text_output_is_a_readable_table(home: Path) -> None:
     assert listing.exit_code == 0
     assert "customers (1 record)" in listing.stdout and "Công ty An Phát" in listing.stdout
     invoices = run("list", "--home", home, "sales_invoice")
-    assert "HDhn-000001" in invoices.stdout and "item=SP01" in invoices.stdout
+    assert "HDhn-2024-000001" in invoices.stdout and "item=SP01" in invoices.stdout
     one = run("get", "--home", home, "items", "SP01")
     assert one.exit_code == 0 and "Bút" in one.stdout and "5000" in one.stdout
     assert run("conflicts", "--home", home).stdout.strip() == "no conflicts"
@@ -299,7 +299,7 @@ def test_user_mistakes_exit_2_with_one_line_and_write_nothing(
     assert dump(home) == before
     # A failed voucher uses no number: the next one continues the series.
     assert ok("voucher", "--home", home, "sales_invoice", json.dumps(SALE))["number"] == (
-        "HDhn-000002"
+        "HDhn-2024-000002"
     )
 
 
@@ -343,7 +343,7 @@ def test_exchange_converges_and_shows_conflicts(tmp_path: Path) -> None:
     ok("put", "--home", a, "customers", '{"code": "KH002", "name": "Minh"}')
     ok("put", "--home", b, "customers", '{"code": "KH002", "name": "Long"}')
     sale_b = ok("voucher", "--home", b, "sales_invoice", json.dumps(SALE))
-    assert sale_b["number"] == "HDhcm-000001"
+    assert sale_b["number"] == "HDhcm-2024-000001"
 
     state = ok("state", "--home", b, tmp_path / "b.state", "--json")
     assert state["node"] == "hcm" and state["documents"] == 4 and state["dataset"] == "acme"
@@ -356,7 +356,9 @@ def test_exchange_converges_and_shows_conflicts(tmp_path: Path) -> None:
     done("import", "--home", a, tmp_path / "b.blx")
 
     for h in (a, b):
-        assert ok("list", "--home", h, "sales_invoice", "--json")[0]["number"] == "HDhcm-000001"
+        assert (
+            ok("list", "--home", h, "sales_invoice", "--json")[0]["number"] == "HDhcm-2024-000001"
+        )
     assert ok("list", "--home", a, "customers", "--json") == ok(
         "list", "--home", b, "customers", "--json"
     )
@@ -510,7 +512,7 @@ def test_demo_runs_and_converges() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "HN, HCM and DN are identical" in result.stdout
     assert "every node shows identical books; everything stopped cleanly" in result.stdout
-    for shown in ("HDHN-000001", "HDDN-000001", "duplicate_key", "concurrent_edit"):
+    for shown in ("HDHN-2024-000001", "HDDN-2024-000001", "duplicate_key", "concurrent_edit"):
         assert shown in result.stdout
 
 

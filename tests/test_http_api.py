@@ -170,14 +170,22 @@ def test_vouchers_post_list_void_and_duplicate_number(api: Api) -> None:
     r = api("POST", "/vouchers/sales_invoice", content=body)
     assert r.status_code == 201
     posted = r.json()
-    assert posted["number"] == "HDHN-000001" and posted["provisional"] is False
+    assert posted["number"] == "HDHN-2026-000001" and posted["provisional"] is False
     items = api("GET", "/vouchers/sales_invoice").json()["items"]
     assert items[0]["lines"][0]["price"] == "5000.50"  # exact, as text
-    dup = api("POST", "/vouchers/sales_invoice", json={**INVOICE, "number": "HDHN-000001"})
+    dup = api("POST", "/vouchers/sales_invoice", json={**INVOICE, "number": "HDHN-2026-000001"})
     assert dup.status_code == 409 and dup.json()["error"]["code"] == "duplicate_key"
-    voided = api("POST", "/vouchers/sales_invoice/HDHN-000001/void").json()
-    assert voided == {"id": posted["id"], "number": "HDHN-000001"}
+    voided = api("POST", "/vouchers/sales_invoice/HDHN-2026-000001/void").json()
+    assert voided == {"id": posted["id"], "number": "HDHN-2026-000001"}
     assert api("GET", "/vouchers/sales_invoice").json()["total"] == 0
+    gaps = api("GET", "/series/gaps").json()
+    assert [(g["series"], g["number"], g["reason"], g["voucher"], g["node"]) for g in gaps] == [
+        ("sales_invoice@2026", "HDHN-2026-000001", "void", posted["id"], "HN")
+    ]
+    assert api("GET", "/series/gaps?series=cash_receipt").json() == []
+    assert api("GET", "/series/gaps?series=customers").status_code == 404
+    refused = api("PUT", "/records/number_gaps", json={"id": gaps[0]["voucher"]})
+    assert refused.status_code == 400 and "Branchline only" in refused.text
 
 
 def test_status_pending_collections(api: Api) -> None:
@@ -192,7 +200,12 @@ def test_status_pending_collections(api: Api) -> None:
     assert st["pending_total"] == 4 and st["pending"]["sales_invoice"] == 1
     assert st["failures"] == {"upload": 0, "download": 0} and st["conflicts"] == 0
     pend = api("GET", "/pending").json()
-    assert [p.get("code") or p.get("number") for p in pend] == ["KH001", "K1", "SP1", "HDHN-000001"]
+    assert [p.get("code") or p.get("number") for p in pend] == [
+        "KH001",
+        "K1",
+        "SP1",
+        "HDHN-2026-000001",
+    ]
     colls = {c["name"]: c for c in api("GET", "/collections").json()}
     assert colls["sales_invoice"]["kind"] == "voucher" and colls["customers"]["key"] == "code"
     assert api("GET", "/conflicts").json() == [] and api("GET", "/failures").json() == []

@@ -69,8 +69,8 @@ def test_reported_rebuild_never_reissues_nor_changes_a_final_number(
     tmp_path: Path, relay: MemRelay
 ) -> None:
     """The report: a home rebuilt from ``export --unsynced`` -> ``node init``
-    -> ``import``, booking before its first sync, issued HDDN-000001 again,
-    and the next sync renumbered it to HDDN-000003."""
+    -> ``import``, booking before its first sync, issued HDDN-2026-000001 again,
+    and the next sync renumbered it to HDDN-2026-000003."""
     token = relay.store.enroll("acme", "DN").token
     old = home_of(tmp_path / "old", "DN", "old")
     catalogs(old, "a")
@@ -78,7 +78,7 @@ def test_reported_rebuild_never_reissues_nor_changes_a_final_number(
     sync(relay, old, token)
     catalogs(old, "b")  # never uploaded, like the voucher below
     second = old.post_voucher("sales_invoice", invoice("b"))
-    assert (first.number, second.number) == ("HDDN-000001", "HDDN-000002")
+    assert (first.number, second.number) == ("HDDN-2026-000001", "HDDN-2026-000002")
     export_to_file(old, tmp_path / "unsynced.blx", created_ms=START_MS, unsynced=True)
     old.close()
     shutil.rmtree(tmp_path / "old")  # the disk is lost
@@ -99,7 +99,7 @@ def test_reported_rebuild_never_reissues_nor_changes_a_final_number(
 def rebuilt_before_first_sync(
     tmp_path: Path, relay: MemRelay, *, carry: bool
 ) -> tuple[Node, str, list[Any]]:
-    """Old home DN books HDDN-000001 (synced) and HDDN-000002 (not), then its
+    """Old home DN books HDDN-2026-000001 (synced) and HDDN-2026-000002 (not), then its
     disk is lost; the new home of DN imports the unsynced export (``carry``)
     or not, and is not synced yet."""
     token = relay.store.enroll("acme", "DN").token
@@ -125,7 +125,7 @@ def test_a_rebuilt_home_numbers_provisionally_until_its_first_sync(
 ) -> None:
     new, token, posted = rebuilt_before_first_sync(tmp_path, relay, carry=True)
     assert not new.numbering_known()
-    assert new.series_state()["counters"]["sales_invoice"] == 3  # restored from the export
+    assert new.series_state()["counters"]["sales_invoice@2026"] == 3  # restored from the export
     third = new.post_voucher("sales_invoice", invoice("b"))
     assert third.provisional and third.number == "HD-DN-P000001"
     assert new.get("sales_invoice", third.id)["number"] == "HD-DN-P000001"  # type: ignore[index]
@@ -133,37 +133,37 @@ def test_a_rebuilt_home_numbers_provisionally_until_its_first_sync(
     assert new.numbering_known()
     held = numbers(new)
     assert held == {
-        posted[0].id: "HDDN-000001",
-        posted[1].id: "HDDN-000002",
-        third.id: "HDDN-000003",
+        posted[0].id: "HDDN-2026-000001",
+        posted[1].id: "HDDN-2026-000002",
+        third.id: "HDDN-2026-000003",
     }
     (row,) = new.store.conn.execute("SELECT provisional, final FROM provisional").fetchall()
-    assert row == ("HD-DN-P000001", "HDDN-000003")  # the mapping is kept for audit
+    assert row == ("HD-DN-P000001", "HDDN-2026-000003")  # the mapping is kept for audit
     # Known now: the next booking is final at once, and sync changes nothing.
     fourth = new.post_voucher("sales_invoice", invoice("b"))
-    assert (fourth.number, fourth.provisional) == ("HDDN-000004", False)
+    assert (fourth.number, fourth.provisional) == ("HDDN-2026-000004", False)
     sync(relay, new, token)
-    assert numbers(new)[fourth.id] == "HDDN-000004"
+    assert numbers(new)[fourth.id] == "HDDN-2026-000004"
 
 
 def test_without_the_export_the_relay_state_teaches_the_high_water_mark(
     tmp_path: Path, relay: MemRelay
 ) -> None:
-    """Nothing carried over: the first sync brings HDDN-000001 back, the
-    provisional voucher becomes HDDN-000002 (the lost home's unsynced
-    HDDN-000002 is gone with its disk: nothing anywhere knows it)."""
+    """Nothing carried over: the first sync brings HDDN-2026-000001 back, the
+    provisional voucher becomes HDDN-2026-000002 (the lost home's unsynced
+    HDDN-2026-000002 is gone with its disk: nothing anywhere knows it)."""
     new, token, posted = rebuilt_before_first_sync(tmp_path, relay, carry=False)
     third = new.post_voucher("sales_invoice", invoice("b"))
     assert third.provisional
     sync(relay, new, token)
-    assert numbers(new) == {posted[0].id: "HDDN-000001", third.id: "HDDN-000002"}
+    assert numbers(new) == {posted[0].id: "HDDN-2026-000001", third.id: "HDDN-2026-000002"}
 
 
 def test_a_node_new_by_declaration_numbers_at_once(tmp_path: Path, relay: MemRelay) -> None:
     token = relay.store.enroll("acme", "NEW").token
     n = home_of(tmp_path / "n", "NEW", "n", relay=RELAY_URL, token=token, new_node=True)
     catalogs(n, "a")
-    assert n.post_voucher("sales_invoice", invoice("a")).number == "HDNEW-000001"
+    assert n.post_voucher("sales_invoice", invoice("a")).number == "HDNEW-2026-000001"
     assert n.numbering_known()
     standalone = home_of(tmp_path / "s", "S", "s")  # no relay: a new node
     assert standalone.numbering_known()
@@ -177,19 +177,19 @@ def test_series_state_travels_in_exports_and_never_lowers(tmp_path: Path) -> Non
     catalogs(a, "a")
     for _ in range(3):
         a.post_voucher("sales_invoice", invoice("a"))
-    a.delete("sales_invoice", "HDA-000002")  # a gap, journalled as void
+    a.delete("sales_invoice", "HDA-2026-000002")  # a gap, journalled as void
     full = export_to_file(a, tmp_path / "full.blx", created_ms=START_MS)
     unsynced = export_to_file(a, tmp_path / "u.blx", created_ms=START_MS, unsynced=True)
     assert full.documents and unsynced.documents
     state = a.series_state()
-    assert state["counters"] == {"sales_invoice": 4}
-    assert [(j["number"], j["event"]) for j in state["journal"]] == [("HDA-000002", "void")]
+    assert state["counters"] == {"sales_invoice@2026": 4}
+    assert [(j["number"], j["event"]) for j in state["journal"]] == [("HDA-2026-000002", "void")]
 
     b = home_of(tmp_path / "b", "A", "b", new_node=False)
-    b.store.conn.execute("INSERT INTO series_counters VALUES ('sales_invoice', 9)")
+    b.store.conn.execute("INSERT INTO series_counters VALUES ('sales_invoice@2026', 9)")
     report = import_from_file(b, tmp_path / "u.blx").report
     assert report.series == 1  # the journal entry; the counter stays at 9, never lowered
-    assert b.series_state()["counters"] == {"sales_invoice": 9}
+    assert b.series_state()["counters"] == {"sales_invoice@2026": 9}
     again = import_from_file(b, tmp_path / "u.blx").report
     assert again.series == 0 and again.documents == 0  # idempotent
     assert len(b.series_state()["journal"]) == 1
@@ -198,7 +198,7 @@ def test_series_state_travels_in_exports_and_never_lowers(tmp_path: Path) -> Non
     assert import_from_file(other, tmp_path / "full.blx").report.series == 0
     assert other.series_state()["counters"] == {}
     catalogs(other, "o")
-    assert other.post_voucher("sales_invoice", invoice("o")).number == "HDO-000001"
+    assert other.post_voucher("sales_invoice", invoice("o")).number == "HDO-2026-000001"
 
 
 def test_imported_unsynced_work_counts_as_pending_per_record(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 from engine import Node
 from engine.clock import ManualClock
 from engine.errors import SchemaError, UnknownReference, ValidationError
-from engine.schema import builtin_schema, load_schema, parse_schema
+from engine.schema import GAPS, builtin_schema, load_schema, parse_schema
 
 CATALOGS = {
     "accounts": {"code", "name", "kind"},
@@ -71,7 +71,8 @@ REFS = {
 def test_builtin_accounting_schema_has_the_design_collections() -> None:
     s = builtin_schema("accounting")
     assert s is not None and load_schema("accounting").collections.keys() == s.collections.keys()
-    assert set(s.collections) == set(CATALOGS) | set(VOUCHERS)
+    assert set(s.collections) == set(CATALOGS) | set(VOUCHERS) | {GAPS}
+    assert s.collections[GAPS].system and s.version == 2
     for name, fields in CATALOGS.items():
         c = s.collections[name]
         assert c.kind == "catalog" and not c.is_voucher
@@ -85,6 +86,8 @@ def test_builtin_accounting_schema_has_the_design_collections() -> None:
         assert c.key == "number"
         assert c.series is not None and c.series.prefix == prefix
         assert c.series.strategy == "node" and "{node}" in c.series.template
+        # Numbering restarts every year (Vietnamese practice), the year in the number.
+        assert c.series.reset == "yearly" and "{year}" in c.series.template
         assert c.partition == "month" and c.fields["date"].type == "date"
         assert c.fields["date"].required
         if line_fields:

@@ -80,16 +80,21 @@ def node(tmp_path: Path) -> Iterator[Node]:
 
 def test_node_numbers_follow_the_template_per_voucher_type(node: Node) -> None:
     numbers = [node.post_voucher("sales_invoice", invoice()).number for _ in range(3)]
-    assert numbers == ["HDCN1-000001", "HDCN1-000002", "HDCN1-000003"]
+    assert numbers == ["HDCN1-2026-000001", "HDCN1-2026-000002", "HDCN1-2026-000003"]
     # Another voucher type has its own series; months do not split a series.
-    assert node.post_voucher("cash_receipt", receipt("2026-02-01")).number == "PTCN1-000001"
-    assert node.post_voucher("cash_receipt", receipt("2026-03-01")).number == "PTCN1-000002"
+    assert node.post_voucher("cash_receipt", receipt("2026-02-01")).number == "PTCN1-2026-000001"
+    assert node.post_voucher("cash_receipt", receipt("2026-03-01")).number == "PTCN1-2026-000002"
     posted = node.post_voucher("sales_invoice", invoice())
     assert not posted.provisional
-    assert node.get("sales_invoice", posted.id)["number"] == "HDCN1-000004"
-    assert node.get("sales_invoice", "HDCN1-000004")["id"] == posted.id  # number is the key
+    assert node.get("sales_invoice", posted.id)["number"] == "HDCN1-2026-000004"
+    assert node.get("sales_invoice", "HDCN1-2026-000004")["id"] == posted.id  # number is the key
     issued = journal(node, "issued")
-    assert [n for _, n, _ in issued] == [*numbers, "PTCN1-000001", "PTCN1-000002", "HDCN1-000004"]
+    assert [n for _, n, _ in issued] == [
+        *numbers,
+        "PTCN1-2026-000001",
+        "PTCN1-2026-000002",
+        "HDCN1-2026-000004",
+    ]
 
 
 def test_numbers_survive_close_and_reopen(node: Node) -> None:
@@ -97,7 +102,7 @@ def test_numbers_survive_close_and_reopen(node: Node) -> None:
     node = reopen(node)
     try:
         third = node.post_voucher("sales_invoice", invoice()).number
-        assert [*first, third] == ["HDCN1-000001", "HDCN1-000002", "HDCN1-000003"]
+        assert [*first, third] == ["HDCN1-2026-000001", "HDCN1-2026-000002", "HDCN1-2026-000003"]
         assert sorted(v["number"] for v in node.list("sales_invoice")) == [*first, third]
     finally:
         node.close()
@@ -114,26 +119,26 @@ def test_rolled_back_bookings_consume_no_number(node: Node) -> None:
     with pytest.raises(ValidationError):
         node.post_voucher("sales_invoice", {**invoice(), "date": "2026-13-01"})
     assert journal(node) == []
-    assert node.post_voucher("sales_invoice", invoice()).number == "HDCN1-000001"
-    assert node.list("sales_invoice")[0]["number"] == "HDCN1-000001"
+    assert node.post_voucher("sales_invoice", invoice()).number == "HDCN1-2026-000001"
+    assert node.list("sales_invoice")[0]["number"] == "HDCN1-2026-000001"
 
 
 def test_a_hand_typed_number_uses_no_series_number(node: Node) -> None:
     posted = node.post_voucher("sales_invoice", {**invoice(), "number": "MANUAL-7"})
     assert posted.number == "MANUAL-7"
-    assert node.post_voucher("sales_invoice", invoice()).number == "HDCN1-000001"
+    assert node.post_voucher("sales_invoice", invoice()).number == "HDCN1-2026-000001"
 
 
 def test_delete_journals_a_void_and_the_number_is_not_reused(node: Node) -> None:
     a = node.post_voucher("sales_invoice", invoice())
     b = node.post_voucher("sales_invoice", invoice())
     node.delete("sales_invoice", a.id)
-    assert journal(node, "void") == [("sales_invoice", "HDCN1-000001", a.id)]
+    assert journal(node, "void") == [("sales_invoice@2026", "HDCN1-2026-000001", a.id)]
     node.restore("sales_invoice", a.id)
-    node.delete("sales_invoice", "HDCN1-000001")  # by number
+    node.delete("sales_invoice", "HDCN1-2026-000001")  # by number
     assert len(journal(node, "void")) == 2
     c = node.post_voucher("sales_invoice", invoice())
-    assert (b.number, c.number) == ("HDCN1-000002", "HDCN1-000003")
+    assert (b.number, c.number) == ("HDCN1-2026-000002", "HDCN1-2026-000003")
 
 
 YEARLY = """
@@ -214,14 +219,15 @@ def test_numbers_never_repeat_across_nodes_under_any_interleaving(
         setup_catalogs(nodes[0])
         for other in nodes[1:]:
             other.import_updates(nodes[0].export_updates())
-        posted: dict[str, list[str]] = {}  # series "type/node" -> numbers in issue order
+        # series "type/node/year" -> numbers in issue order
+        posted: dict[str, list[str]] = {}
         for op in schedule:
             i = op[1]
             n = nodes[i]
             if op[0] == "post":
                 body = invoice(op[3]) if op[2] == "sales_invoice" else receipt(op[3])
                 p = n.post_voucher(op[2], body)
-                posted.setdefault(f"{op[2]}/{n.node_id}", []).append(p.number)
+                posted.setdefault(f"{op[2]}/{n.node_id}/{op[3][:4]}", []).append(p.number)
             elif op[0] == "fail":
                 with pytest.raises(UnknownReference):
                     n.post_voucher("cash_receipt", receipt(customer="GHOST"))
@@ -237,10 +243,12 @@ def test_numbers_never_repeat_across_nodes_under_any_interleaving(
         all_numbers = [x for numbers in posted.values() for x in numbers]
         assert len(all_numbers) == len(set(all_numbers))
         for series, numbers in posted.items():
-            kind, node_id = series.split("/")
+            kind, node_id, year = series.split("/")
             prefix = "HD" if kind == "sales_invoice" else "PT"
-            # Each node's sub-series counts 1, 2, 3, ... with no gap and no repeat.
-            assert numbers == [f"{prefix}{node_id}-{k:06d}" for k in range(1, len(numbers) + 1)]
+            # Each node's sub-series counts 1, 2, 3, ... in each year (the
+            # built-in schema resets yearly), with no gap and no repeat.
+            expected = [f"{prefix}{node_id}-{year}-{k:06d}" for k in range(1, len(numbers) + 1)]
+            assert numbers == expected
         for src in nodes:
             for dst in nodes:
                 if src is not dst:

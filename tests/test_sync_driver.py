@@ -587,3 +587,35 @@ def test_document_this_schema_lacks_waits_for_retry(tmp_path: Path, relay: MemRe
     [again] = list_failures(b)
     assert again.id == failure.id and again.attempts == 2 and not again.retrying
     assert lb.driver.synced
+
+
+def test_yearly_blocks_restart_per_year_and_late_vouchers_get_numbers(
+    tmp_path: Path, relay: MemRelay
+) -> None:
+    """Two offline nodes book vouchers dated 31 Dec and 1 Jan of a yearly
+    ``blocks`` series: the relay leases per series key (``sales_invoice@2027``
+    starts at 1), each node asks for the years its provisional vouchers wait
+    in, and no number is used twice."""
+    nodes = [blocks_node(tmp_path, name) for name in ("A", "B")]
+    tokens = {n.node_id: relay.store.enroll("acme", n.node_id).token for n in nodes}
+    for n in nodes:
+        for day in ("2026-12-31", "2027-01-01", "2026-12-31", "2027-01-01"):
+            n.post_voucher(
+                "sales_invoice",
+                {"date": day, "customer": "C1", "warehouse": "W1",
+                 "lines": [{"item": "I1", "qty": "1", "price": "10"}]},
+            )  # fmt: skip
+    for n in nodes:
+        relay.connect(n, tokens[n.node_id])
+        relay.pump()
+    for n in nodes:
+        relay.connect(n, tokens[n.node_id])
+        relay.pump()
+    assert "sales_invoice@2027" in relay.lease_requests
+    numbers = {r["number"]: r["date"] for r in nodes[0].list("sales_invoice")}
+    assert sorted(numbers) == sorted(r["number"] for r in nodes[1].list("sales_invoice"))
+    assert len(numbers) == 8 and not any("-P" in n for n in numbers)  # all final
+    for number, date in numbers.items():
+        assert f"-{str(date)[:4]}-" in number  # each in its own year's series
+    new_year = sorted(n for n in numbers if "-2027-" in n)
+    assert new_year[0].endswith("-2027-000001")  # the new year starts at 1

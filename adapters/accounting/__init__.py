@@ -2,7 +2,8 @@
 
 Tables: one per catalog (``customers``, ``items``...), ``vouchers``,
 ``voucher_lines``, ``ledger_entries`` (double entry), ``stock_moves`` and
-``stock_balances`` (per item and warehouse: sum and count of its moves).
+``stock_balances`` (per item and warehouse: sum and count of its moves) and
+``number_gaps`` (the replicated gap journal: numbers voided or restored).
 Views name catalog records by code: ``stock_on_hand``, ``account_balances``,
 ``receivables``, ``contract_progress``.
 
@@ -34,7 +35,7 @@ import orjson
 
 from engine.errors import AdapterConfigError
 from engine.plugins import RecordChange
-from engine.schema import Collection, Schema
+from engine.schema import GAPS, Collection, Schema
 
 from ..base import (
     INSERT_CONFLICT,
@@ -133,12 +134,24 @@ MOVE_COLUMNS = {
     "warehouse": str,
     "qty": int,
 }
+# One row per entry of the gap journal (engine.schema.model.gaps_collection).
+GAP_COLUMNS: dict[str, Any] = {
+    "id": str,
+    "series": str,
+    "collection": str,
+    "number": str,
+    "reason": str,
+    "voucher": str,
+    "node": str,
+    "at": str,
+}
 TABLES = {
     "vouchers": (VOUCHER_COLUMNS, "id"),
     "voucher_lines": (LINE_COLUMNS, ("voucher", "line")),
     "ledger_entries": (ENTRY_COLUMNS, ("voucher", "entry")),
     "stock_moves": (MOVE_COLUMNS, ("voucher", "move")),
     "stock_balances": (BALANCE_COLUMNS, ("item", "warehouse")),
+    "number_gaps": (GAP_COLUMNS, "id"),
 }
 # The views scan whole tables and the stock check reads stock_balances: no
 # secondary index (each one costs ~5-10 % of a rebuild).
@@ -251,13 +264,17 @@ class AccountingAdapter:
                 f"'{schema.name}' lacks {', '.join(missing)}"
             )
         self.schema = schema
-        self.catalogs: list[Collection] = [c for c in schema.ordered() if c.kind == "catalog"]
-        self.collections = frozenset([c.name for c in self.catalogs] + list(VOUCHER_BOOKS))
+        self.catalogs: list[Collection] = [
+            c for c in schema.ordered() if c.kind == "catalog" and not c.system
+        ]
+        gaps = [GAPS] if GAPS in schema.collections else []
+        self.collections = frozenset([c.name for c in self.catalogs] + list(VOUCHER_BOOKS) + gaps)
         self._catalog_columns = {c.name: self._columns_of(c) for c in self.catalogs}
         self._provisional = {
             name: _provisional_pattern(schema.collections[name]) for name in VOUCHER_BOOKS
         }
         self._columns_checked = False
+        self._gaps_checked = False
 
     # -- the Adapter protocol ----------------------------------------------
 
@@ -276,6 +293,9 @@ class AccountingAdapter:
         vouchers = [c for c in changes if c.collection in VOUCHER_BOOKS]
         if vouchers and not self._columns_checked:
             self._add_provisional_column(conn)
+        gaps = [c for c in changes if c.collection == GAPS]
+        if gaps:
+            self._apply_gaps(conn, gaps)
         for coll in self.catalogs:
             mine = [c for c in changes if c.collection == coll.name]
             if not mine:
@@ -341,6 +361,8 @@ class AccountingAdapter:
                     self._catalog_conflicts(conn, catalogs[name], [], group)
                 elif name in VOUCHER_BOOKS:
                     built += [self._build(c) for c in group]
+                elif name == GAPS:
+                    conn.executemany(_INSERT_GAP, [_gap_row(c) for c in group])
             self._insert_built(conn, built)
         conn.execute(
             "INSERT INTO stock_balances SELECT item, warehouse, COALESCE(SUM(qty), 0), COUNT(*) "
@@ -402,6 +424,21 @@ class AccountingAdapter:
                 ],
             )
         self._columns_checked = True
+
+    def _apply_gaps(self, conn: SqlConn, changes: Sequence[RecordChange]) -> None:
+        if not self._gaps_checked:
+            if isinstance(conn, sqlite3.Connection):
+                # Books enabled before the gap journal existed have no table yet.
+                db(conn).table("number_gaps").create(GAP_COLUMNS, pk="id", if_not_exists=True)
+            self._gaps_checked = True
+        conn.executemany(
+            "DELETE FROM number_gaps WHERE id = ?",
+            [(c.id,) for c in changes if c.kind == "deleted"],
+        )
+        conn.executemany(
+            self._insert_sql("number_gaps", list(GAP_COLUMNS), "id", True),
+            [_gap_row(c) for c in changes if c.kind != "deleted"],
+        )
 
     def _is_provisional(self, kind: str, number: object) -> int:
         pattern = self._provisional.get(kind)
@@ -713,6 +750,13 @@ class AccountingAdapter:
             "than came in (a sale recorded before its purchase, or a missing receipt)",
             names={"item": ("items", item), "warehouse": ("warehouses", warehouse or "")},
         )
+
+
+_INSERT_GAP = f"INSERT INTO number_gaps VALUES ({', '.join('?' * len(GAP_COLUMNS))})"
+
+
+def _gap_row(change: RecordChange) -> tuple[Any, ...]:
+    return (change.id, *(change.values.get(name) for name in list(GAP_COLUMNS)[1:]))
 
 
 def _provisional_pattern(coll: Collection) -> re.Pattern[str] | None:

@@ -1,9 +1,10 @@
 """Declarative schemas: TOML files and the built-in ``accounting`` schema."""
 
 from .loader import builtin_schema, load_schema, parse_schema
-from .model import Collection, Field, Schema, Series
+from .model import GAPS, Collection, Field, Schema, Series
 
 __all__ = [
+    "GAPS",
     "Collection",
     "Field",
     "Schema",

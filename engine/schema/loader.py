@@ -12,6 +12,7 @@ from ..errors import SchemaError
 from .model import (
     DUPLICATE_POLICIES,
     FIELD_TYPES,
+    GAPS,
     KINDS,
     LINE_FIELD_TYPES,
     PARTITIONS,
@@ -21,6 +22,7 @@ from .model import (
     Field,
     Schema,
     Series,
+    gaps_collection,
 )
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}\Z")
@@ -88,6 +90,9 @@ def parse_schema(text: str, origin: str = "<schema>") -> Schema:
     if not isinstance(raw, dict) or not raw:
         raise where.error("no [collections.<name>] tables defined")
     collections = {cname: _collection(where.at(cname), cname, body) for cname, body in raw.items()}
+    if GAPS in collections:
+        raise where.at(GAPS).error("the name is reserved for Branchline's gap journal")
+    collections[GAPS] = gaps_collection()
     for coll in collections.values():
         for fld in _all_ref_fields(coll):
             if fld.to not in collections:

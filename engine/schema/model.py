@@ -67,6 +67,8 @@ class Collection:
     # the collection (e.g. unpaid sales invoices, so selling goes on).
     urgent_when: dict[str, object] = field(default_factory=dict)
     on_duplicate: str = "manual"
+    # Written by Branchline itself (the gap journal), never by a user's put.
+    system: bool = False
 
     @property
     def is_voucher(self) -> bool:
@@ -74,6 +76,21 @@ class Collection:
 
     def refs(self) -> list[Field]:
         return [f for f in self.fields.values() if f.type == "ref"]
+
+
+#: The replicated gap journal (engine.gaps): a collection every schema has.
+GAPS = "number_gaps"
+GAP_REASONS = ("void", "restored")
+
+
+def gaps_collection() -> Collection:
+    """The ``number_gaps`` catalog: one record per number that left (or came
+    back to) a series, written once by the node that saw it happen."""
+    text = ("series", "collection", "number", "reason", "at")
+    fields = {"code": Field("code", "text", required=True)}
+    fields.update({n: Field(n, "text", required=True) for n in text})
+    fields.update({n: Field(n, "text") for n in ("voucher", "node")})
+    return Collection(GAPS, "catalog", "code", fields, priority=1000, system=True)
 
 
 @dataclass(frozen=True)

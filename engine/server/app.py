@@ -388,6 +388,10 @@ async def void_voucher(request: Request, state: ServerState, user: User) -> Resp
     return JSON(voided)
 
 
+async def series_gaps(request: Request, state: ServerState, user: User) -> Response:
+    return JSON(await state.call(Node.gaps, request.query_params.get("series")))
+
+
 # -- routes: conflicts -------------------------------------------------------------
 
 
@@ -607,6 +611,7 @@ API_ROUTES: tuple[tuple[str, str, Handler, bool], ...] = (
     ("/vouchers/{type}", "GET", list_vouchers, False),
     ("/vouchers/{type}", "POST", post_voucher, True),
     ("/vouchers/{type}/{id}/void", "POST", void_voucher, True),
+    ("/series/gaps", "GET", series_gaps, False),
     ("/conflicts", "GET", list_conflicts, False),
     ("/conflicts/{id}", "GET", get_conflict, False),
     ("/conflicts/{id}/resolve", "POST", resolve_conflict, True),

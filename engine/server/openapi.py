@@ -103,6 +103,22 @@ _POSTED: Schema = {
     },
 }
 _OBJECT: Schema = {"type": "object", "additionalProperties": True}
+_GAPS: Schema = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["series", "number", "reason", "collection", "node", "at"],
+        "properties": {
+            "series": {"type": "string", "description": "series key: book, or book@YEAR"},
+            "number": {"type": "string"},
+            "reason": {"type": "string", "enum": ["void", "restored"]},
+            "voucher": {"type": ["string", "null"], "description": "the voucher's record id"},
+            "collection": {"type": "string"},
+            "node": {"type": "string", "description": "the node where it happened"},
+            "at": {"type": "string", "description": "ISO time (UTC)"},
+        },
+    },
+}
 _LIST: Schema = {"type": "array", "items": _OBJECT}
 _RETRYING: Schema = {
     "type": "object",
@@ -227,6 +243,14 @@ def openapi_spec() -> Schema:
                 _POSTED,
                 params=[_TYPE, _KEYED],
                 errors=_WRITE,
+            )
+        },
+        f"{api}/series/gaps": {
+            "get": _op(
+                "The replicated gap journal: numbers voided or restored on any node",
+                _GAPS,
+                params=[_param("series", "query", text="one voucher book or series key")],
+                errors=("400", "401", "404"),
             )
         },
         f"{api}/conflicts": {"get": _op("Open conflicts", _LIST)},

@@ -855,20 +855,26 @@ class SyncDriver:
     def _request_leases(self) -> None:
         """Ask for blocks of every ``blocks`` series whose reserve is below
         target, unless a request is pending or a refusal's backoff runs."""
-        year = dt.date.fromtimestamp(self._wall_ms() / 1000).year
+        this_year = dt.date.fromtimestamp(self._wall_ms() / 1000).year
         now = self._now_ms or 0
         for coll in self.node.schema.ordered():
             if coll.series is None or coll.series.strategy != "blocks":
                 continue
             yearly = coll.series.reset == "yearly"
-            key = series_mod.series_key(coll, dt.date(year, 1, 1) if yearly else None)
-            if key in self._leasing or now < self._lease_retry_at.get(key, 0):
-                continue
-            missing = coll.series.reserve - self.node.reserve_left(coll.name, year)
-            if missing <= 0:
-                continue
-            count = max(coll.series.block_size, missing)
-            ref = self._new_ref()
-            self.session.request_lease(key, count, ref)
-            self._leases[ref] = _Lease(coll.name, year if yearly else None)
-            self._leasing.add(key)
+            # A yearly series also leases for the other years of vouchers
+            # waiting for a final number (dated 31 Dec, booked on 2 Jan).
+            years = {this_year, *self.node.provisional_years(coll.name)} if yearly else {this_year}
+            for year in sorted(years):
+                key = series_mod.series_key(coll, dt.date(year, 1, 1) if yearly else None)
+                if key in self._leasing or now < self._lease_retry_at.get(key, 0):
+                    continue
+                held = self.node.reserve_left(coll.name, year)
+                target = coll.series.reserve if year == this_year else 1
+                missing = target - held if held < target else 0
+                if missing <= 0:
+                    continue
+                count = max(coll.series.block_size, missing)
+                ref = self._new_ref()
+                self.session.request_lease(key, count, ref)
+                self._leases[ref] = _Lease(coll.name, year if yearly else None)
+                self._leasing.add(key)

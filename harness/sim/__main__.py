@@ -16,6 +16,9 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import repeat
+from pathlib import Path
+
+from engine.errors import BranchlineError
 
 from .world import TICK_MS, SimFailure, Stats, World
 
@@ -33,11 +36,13 @@ class Outcome:
     stats: Stats | None
 
 
-def run_seed(seed: int, nodes: int, ops: int, relays: int = 1) -> Outcome:
-    """Run one seed; never raises."""
+def run_seed(
+    seed: int, nodes: int, ops: int, relays: int = 1, schema: tuple[str, str] | None = None
+) -> Outcome:
+    """Run one seed (on ``schema``, (TOML text, origin), if given); never raises."""
     world: World | None = None
     try:
-        world = World(seed, nodes=nodes, ops=ops, relays=relays)
+        world = World(seed, nodes=nodes, ops=ops, relays=relays, schema=schema)
         return Outcome(seed, None, "", world.faults.describe(), world.run())
     except Exception as exc:
         failure = exc if isinstance(exc, SimFailure) else SimFailure("crash", repr(exc))
@@ -58,7 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=1, help="worker processes (seeds stay independent)"
     )
+    parser.add_argument(
+        "--schema",
+        type=Path,
+        default=None,
+        help="a schema TOML file: generate the records from its fields instead",
+    )
     args = parser.parse_args(argv)
+    schema = None
+    if args.schema is not None:
+        try:
+            schema = (args.schema.read_text("utf-8"), str(args.schema))
+            World.check_schema(*schema)
+        except (OSError, UnicodeDecodeError, BranchlineError) as exc:
+            parser.error(f"--schema {args.schema}: {exc}")
     seeds = [args.seed] if args.seed is not None else range(args.start, args.start + args.seeds)
     started = time.perf_counter()
     if args.jobs > 1 and len(seeds) > 1:
@@ -70,11 +88,12 @@ def main(argv: list[str] | None = None) -> int:
                     repeat(args.nodes),
                     repeat(args.ops),
                     repeat(args.relays),
+                    repeat(schema),
                     chunksize=4,
                 )
             )
     else:
-        outcomes = [run_seed(seed, args.nodes, args.ops, args.relays) for seed in seeds]
+        outcomes = [run_seed(seed, args.nodes, args.ops, args.relays, schema) for seed in seeds]
     faults: Counter[str] = Counter()
     ticks = ops = acked = followed = 0
     failed = [o for o in outcomes if o.kind is not None]
@@ -83,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"seed {o.seed}: {o.kind} failure: {o.message}\n  faults: {o.faults}\n"
                 f"  replay: python -m harness.sim --seed {o.seed} --ops {args.ops} "
-                f"--nodes {args.nodes}" + (f" --relays {args.relays}" if args.relays > 1 else ""),
+                f"--nodes {args.nodes}"
+                + (f" --relays {args.relays}" if args.relays > 1 else "")
+                + (f" --schema {args.schema}" if args.schema else ""),
                 flush=True,
             )
             continue

@@ -44,8 +44,12 @@ from engine.protocol import ClientSession, SessionState
 from engine.relay.hub import HubLimits, RelayHub
 from engine.relay.runner import StoreRunner
 from engine.relay.sqlite_store import SqliteRelayStore
-from engine.schema import parse_schema
+from engine.schema import GAPS, parse_schema
+from engine.series import PROVISIONAL_TEMPLATE
 from engine.sync import SyncDriver
+
+from ..soak.checks import gap_journal_problems
+from .schema_workload import SchemaWorkload
 
 TICK_MS = 20
 START_MS = 1_790_000_000_000  # 2026-09-21, a fixed day: periods do not depend on today
@@ -368,7 +372,11 @@ class World:
         ops: int = 120,
         workdir: Path | None = None,
         relays: int = 1,
+        schema: tuple[str, str] | None = None,
     ):
+        """``schema``: (TOML text, where it came from) of a user's schema to
+        run on instead of the simulator's own; records are then generated
+        from its fields (harness.sim.schema_workload)."""
         if relays < 1:
             raise ValueError(f"relays must be at least 1, got {relays}")
         self.seed = seed
@@ -390,7 +398,12 @@ class World:
         self.relay_rng = random.Random(f"relays-{seed}")
         self.relay = self.relays[0]  # enrolls the nodes; the checks read its file
         assert self.relay.store is not None
-        self.schema = parse_schema(SCHEMA, origin="simulator schema")
+        text, origin = schema or (SCHEMA, "simulator schema")
+        self.schema = parse_schema(text, origin=origin)
+        # Its own generator: the simulator's schema keeps its seeds' streams.
+        self.custom = (
+            SchemaWorkload(self.schema, random.Random(f"workload-{seed}")) if schema else None
+        )
         self.nodes: list[SimNode] = []
         for i in range(nodes):
             name = f"N{i}"
@@ -417,6 +430,16 @@ class World:
         # Records whose last changes may have gone with a lost disk (not in
         # the export it was rebuilt from, maybe never acknowledged).
         self.excused: set[str] = set()
+        if self.custom is not None:
+            first = self.nodes[0].node
+            assert first is not None
+            for written in self.custom.seed(first):
+                self._acked(written.collection, written.id)
+
+    @staticmethod
+    def check_schema(text: str, origin: str) -> None:
+        """Raises SchemaError when ``text`` is no schema the simulator can run."""
+        parse_schema(text, origin=origin)
 
     # -- running -------------------------------------------------------------------
 
@@ -678,6 +701,9 @@ class World:
         assert node is not None
         self.stats.ops += 1
         r = self.rng.random()
+        if self.custom is not None:
+            self._operate_custom(node, r)
+            return
         try:
             if r < 0.3:
                 coll = self.rng.choice(("customers", "items"))
@@ -713,6 +739,20 @@ class World:
         except UserError:
             pass  # a reference to a code this node has not received yet, say
 
+    def _operate_custom(self, node: Node, r: float) -> None:
+        assert self.custom is not None
+        try:
+            if r < 0.12:
+                self._resolve_one(node)
+                return
+            _, written = self.custom.step(node)
+            if written is not None:
+                if written.issued is not None:
+                    self.issued[written.id] = written.issued
+                self._acked(written.collection, written.id)
+        except UserError:
+            pass  # a reference to a code this node has not received yet, say
+
     def _acked(self, collection: str, rid: str) -> None:
         self.acked[rid] = collection
         self.stats.acked_writes += 1
@@ -723,7 +763,8 @@ class World:
             return
         c = self.rng.choice(open_)
         if c["kind"] == "duplicate_key":
-            if c["collection"] == "sales":
+            coll = self.schema.collections[c["collection"]]
+            if coll.is_voucher and coll.series is not None:
                 node.resolve(c["id"], renumber=True)
             elif self.rng.random() < 0.5:
                 node.resolve(c["id"], merge_into=self.rng.choice(c["records"]))
@@ -792,12 +833,16 @@ class World:
                 raise SimFailure(
                     "correctness", f"{sim.name} lacks {len(lost)} acknowledged writes: {lost[:3]}"
                 )
-        receipts = first[0]["receipts"]
-        numbers = [r["number"] for r in receipts if FINAL_RECEIPT.match(r["number"])]
-        clash = [n for n, k in Counter(numbers).items() if k > 1]
-        if clash:
-            raise SimFailure("correctness", f"blocks numbers used twice: {clash[:5]}")
-        self._check_numbers(first[0]["sales"])
+        if self.custom is None:
+            receipts = first[0]["receipts"]
+            numbers = [r["number"] for r in receipts if FINAL_RECEIPT.match(r["number"])]
+            clash = [n for n, k in Counter(numbers).items() if k > 1]
+            if clash:
+                raise SimFailure("correctness", f"blocks numbers used twice: {clash[:5]}")
+            self._check_numbers(first[0]["sales"])
+        else:
+            self._check_series()
+        self._check_gaps()
         renumbered: dict[str, set[str]] = {}
         for entry in first[2]:
             if entry.get("action") == "renumber" and entry.get("auto"):
@@ -842,6 +887,48 @@ class World:
         left = [n for n in left if n.startswith("HD-")]
         if left:
             raise SimFailure("correctness", f"provisional numbers never finalized: {left[:5]}")
+
+    def _check_series(self) -> None:
+        """Any schema: no number its series issued is held by two vouchers
+        (deleted ones included), none changed after it was issued final,
+        every provisional one finalized once synced."""
+        node = self.nodes[0].node
+        assert node is not None
+        now = {
+            str(rid): (str(coll), str(key))
+            for coll, rid, key in node.store.conn.execute(
+                "SELECT collection, id, key FROM records WHERE collection != ?", (GAPS,)
+            )
+        }
+        held = Counter(now[rid] for rid in self.issued if rid in now)
+        twice = [f"{c} {k}" for (c, k), n in held.items() if n > 1]
+        if twice:
+            raise SimFailure("correctness", f"series numbers used twice: {twice[:5]}")
+        for rid, (number, provisional) in self.issued.items():
+            if rid in self.excused or rid not in now:
+                continue
+            if not provisional and now[rid][1] != number:
+                raise SimFailure(
+                    "correctness", f"voucher {rid} was issued {number}, now numbered {now[rid][1]}"
+                )
+        for coll in self.schema.collections.values():
+            if coll.series is None:
+                continue
+            shape = re.compile(
+                re.escape(PROVISIONAL_TEMPLATE.split("{node}")[0].format(prefix=coll.series.prefix))
+                + r"[A-Za-z0-9_-]+-P\d{6}\Z"
+            )
+            left = [r["number"] for r in node.list(coll.name) if shape.match(str(r["number"]))]
+            if left:
+                raise SimFailure("correctness", f"provisional numbers never finalized: {left[:5]}")
+
+    def _check_gaps(self) -> None:
+        """The gap journal complete (harness.soak.checks.gap_journal_problems)."""
+        node = self.nodes[0].node
+        assert node is not None
+        problems = gap_journal_problems(node, self.excused)
+        if problems:
+            raise SimFailure("correctness", "; ".join(problems))
 
 
 class _LinkDown(Exception):

@@ -11,6 +11,9 @@ import random
 import sys
 from pathlib import Path
 
+from engine.errors import BranchlineError
+from engine.schema import load_schema
+
 from .runner import SoakConfig, run_soak
 
 
@@ -35,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         help="a postgresql:// server URL: the relay store goes in a database of the run's own "
         "(default: a SQLite file in the work directory)",
     )
+    parser.add_argument(
+        "--schema", type=Path, default=None, help="a schema TOML file to soak instead of accounting"
+    )
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.duration <= 0 or args.rate <= 0 or args.fault_every <= 0:
         parser.error("--nodes must be >= 2; --duration, --rate and --fault-every positive")
@@ -42,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--relays must be >= 1")
     if args.store and not args.store.startswith(("postgresql://", "postgres://")):
         parser.error("--store takes a postgresql:// URL (the default store is SQLite)")
+    if args.schema is not None:
+        try:
+            load_schema(args.schema)
+        except BranchlineError as exc:
+            parser.error(f"--schema: {exc}")
     seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(32)
     config = SoakConfig(
         duration_s=args.duration,
@@ -55,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         verbose=args.verbose,
         relays=args.relays,
         store=args.store,
+        schema=args.schema,
     )
     return run_soak(config, args.out)
 

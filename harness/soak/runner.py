@@ -57,6 +57,7 @@ from urllib.parse import urlsplit, urlunsplit
 from engine.node import Node
 from engine.relay.pg_store import is_pg_url
 from engine.relay.stores import create_store
+from engine.schema import load_schema
 from engine.store.node_store import STORE_FILE
 from harness.net import free_port as _free_port
 
@@ -111,6 +112,7 @@ class SoakConfig:
     verbose: bool = False
     relays: int = 1
     store: str = ""  # "": a SQLite file in the work directory; or a postgresql:// server URL
+    schema: Path | None = None  # a user's schema file (default: the built-in accounting)
 
     def replay_command(self) -> str:
         extra = f" --relays {self.relays}" if self.relays > 1 else ""
@@ -119,6 +121,7 @@ class SoakConfig:
             f"{sys.executable} -m harness.soak --duration {self.duration_s:g} --seed {self.seed} "
             f"--nodes {self.nodes} --rate {self.rate:g} --fault-every {self.fault_every_s:g}"
             + extra
+            + (f" --schema {self.schema}" if self.schema else "")
         )
 
 
@@ -302,7 +305,8 @@ class Soak:
         self.host: ProxyHost | None = None
         self.relays: list[Proc] = []
         self.runs: dict[str, Proc] = {}
-        self.workload = Workload(self.homes, self.work_rng, self.cli)
+        self.schema = load_schema(config.schema) if config.schema else None
+        self.workload = Workload(self.homes, self.work_rng, self.cli, self.schema)
         self._stop_work = threading.Event()
         self._work_error: BaseException | None = None
         self._cut_depth: Counter[str] = Counter()
@@ -322,7 +326,12 @@ class Soak:
         for n in self.names:
             self.proxies[n] = [self.host.add(port) for port in self.relay_ports]
             Node.create(
-                self.homes[n], dataset=DATASET, node=n, relay=self._url(n), token=tokens[n]
+                self.homes[n],
+                dataset=DATASET,
+                node=n,
+                relay=self._url(n),
+                token=tokens[n],
+                schema=self.schema or "accounting",
             ).close()
         several = len(self.relay_ports) > 1
         for i, port in enumerate(self.relay_ports):
@@ -643,6 +652,7 @@ class Soak:
             "lost_writes": checks.lost_writes(self.workload.acked, self.homes),
             "voucher_numbers_unique": checks.voucher_numbers_unique(self.homes),
             "voucher_numbers_kept": checks.voucher_numbers_kept(self.workload.issued, self.homes),
+            "gap_journal_complete": checks.gap_journals_complete(self.homes),
             "relay_no_duplicates": checks.relay_duplicates(self.relay_store),
             "relay_holds_everything": checks.relay_holds_everything(
                 self.relay_store, DATASET, self.homes
@@ -660,7 +670,12 @@ class Soak:
         resolutions = 0
         if code in (EXIT_OK, EXIT_CORRECTNESS):
             with Node.open(self.homes[self.names[0]]) as node:
-                counts = {c: node.count(c) for c in ("customers", "sales_invoice", "cash_receipt")}
+                shown = (
+                    sorted(node.schema.collections)
+                    if self.schema
+                    else ("customers", "sales_invoice", "cash_receipt")
+                )
+                counts = {c: node.count(c) for c in shown}
                 for c in node.conflicts():
                     conflicts[str(c["kind"])] = conflicts.get(str(c["kind"]), 0) + 1
                 resolutions = len(node.conflicts(resolved=True))

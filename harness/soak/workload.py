@@ -33,7 +33,9 @@ import orjson
 
 from engine.errors import BranchlineError
 from engine.node import Node
+from engine.schema import Schema
 
+from ..sim.schema_workload import SchemaWorkload
 from .checks import AckedWrite, entry_hlc
 
 SHARED = 6  # customers every node edits
@@ -66,7 +68,15 @@ class Workload:
     through the command line. Not thread-safe: one thread calls ``step``.
     """
 
-    def __init__(self, homes: dict[str, Path], rng: random.Random, cli: list[str]) -> None:
+    def __init__(
+        self,
+        homes: dict[str, Path],
+        rng: random.Random,
+        cli: list[str],
+        schema: Schema | None = None,
+    ) -> None:
+        """With ``schema`` (a user's own), the writes are generated from its
+        fields (harness.sim.schema_workload) instead of the kinds above."""
         self.homes = homes
         self.rng = rng
         self.cli = cli
@@ -83,6 +93,7 @@ class Workload:
         self._pause_wanted: str | None = None
         self._pause_held = threading.Event()
         self._pause_over = threading.Event()
+        self.custom = SchemaWorkload(schema, rng) if schema is not None else None
 
     def open(self) -> None:
         """Open every home (each with its own Yjs client id from ``rng``)."""
@@ -127,6 +138,10 @@ class Workload:
         """Create what every node refers to (warehouse, items, shared
         customers) on node ``first``. Raises BranchlineError."""
         node = self.nodes[first]
+        if self.custom is not None:
+            for written in self.custom.seed(node):
+                self._acked(node, written.collection, written.id)
+            return
         self._acked(node, "warehouses", node.put("warehouses", {"code": "K1", "name": "Kho 1"}))
         for i in range(ITEMS):
             rid = node.put("items", {"code": f"SP{i}", "name": f"Item {i}", "price": "5000"})
@@ -139,6 +154,8 @@ class Workload:
 
     def step(self) -> str:
         """Run one random operation; returns its kind."""
+        if self.custom is not None:
+            return self._custom_step()
         kind = self.rng.choices(self._kinds, self._weights)[0]
         name = self.rng.choice(sorted(self.nodes))
         node = self.nodes[name]
@@ -154,6 +171,28 @@ class Workload:
             action(node)
         except BranchlineError as exc:
             self.refused[f"{kind}: {type(exc).__name__}"] += 1
+        return kind
+
+    def _custom_step(self) -> str:
+        """One write generated from the user's schema (or a resolution)."""
+        assert self.custom is not None
+        node = self.nodes[self.rng.choice(sorted(self.nodes))]
+        resolving = self.rng.random() < 0.06
+        try:
+            if resolving:
+                kind = "resolve"
+                if node.numbering_known():
+                    self._resolve(node)
+            else:
+                kind, written = self.custom.step(node, new_only=not node.numbering_known())
+                if written is not None:
+                    if written.issued is not None:
+                        self.issued[written.id] = written.issued
+                    self._acked(node, written.collection, written.id)
+        except BranchlineError as exc:
+            kind = "resolve" if resolving else "schema"
+            self.refused[f"{kind}: {type(exc).__name__}"] += 1
+        self.ops[kind] += 1
         return kind
 
     def _create_own(self, node: Node) -> None:
