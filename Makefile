@@ -82,6 +82,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.sync
 	$(PY) -m bench.adapters
 	$(PY) -m bench.peers
+	$(PY) -m bench.stall
 
 # Real relay and node processes under faults for DURATION seconds, then heal,
 # converge and check (docs/reliability.md). SEED=N replays a run's schedule;
