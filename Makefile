@@ -8,7 +8,7 @@ JOBS ?= 2
 DURATION ?= 60
 SOAK_OUT ?= bench/results/soak.json
 
-.PHONY: venv browser demo test lint check sim bench bench-quick soak fuzz clean screenshots
+.PHONY: venv browser demo demo-pg test lint check sim bench bench-quick soak fuzz clean screenshots
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ browser:
 # KEEP=1 leaves the relay, the nodes and DN's branch server running until Ctrl-C.
 demo: $(STAMP)
 	$(PY) -m harness.demo $(if $(KEEP),--linger)
+
+# Two relays on one PostgreSQL store (a database of its own, dropped after), a branch on each.
+demo-pg: $(STAMP)
+	$(PY) -m harness.demo_pg $(if $(PG),--pg $(PG))
 
 # pytest exits 5 when it collects no tests: say so loudly, but do not fail on it.
 test: $(STAMP) browser
@@ -78,6 +82,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m bench.sync
 	$(PY) -m bench.adapters
 	$(PY) -m bench.peers
+	$(PY) -m bench.stall
 
 # Real relay and node processes under faults for DURATION seconds, then heal,
 # converge and check (docs/reliability.md). SEED=N replays a run's schedule;

@@ -14,7 +14,8 @@ per voucher, when its batch committed and when it saw the relay's ack (its
 outbox row no longer pending; polled every 25 ms, so an ack is seen up to
 one poll late, which shortens the measured lag by as much). A trigger on
 the books' ``vouchers`` table stamps each new voucher id with a sequence; a
-poller (every 10 ms) reads the new ids and stamps them visible. Lag = visible
+poller (every 10 ms) reads the new ids and stamps them visible; it also
+reads the head office node's queue, to split the lag at the node's commit. Lag = visible
 - acknowledged (target p99 <= 1 s); commit -> visible is reported beside it.
 """
 
@@ -23,7 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import resource
 import secrets
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -33,6 +37,7 @@ from typing import Any
 
 import psycopg
 
+from adapters.pg_books import QUEUE
 from engine.node import Node
 from engine.relay.sqlite_store import SqliteRelayStore
 
@@ -124,7 +129,9 @@ def writer(home: Path, branch: str, rate: float, seconds: float, out: Path) -> N
             if not writing and time.monotonic() - start > seconds + 60:
                 break  # the relay stopped acknowledging: report what was
             time.sleep(POLL_S)
-    out.write_text(json.dumps({"committed": committed, "acked": acked}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime
+    out.write_text(json.dumps({"committed": committed, "acked": acked, "cpu_s": cpu}))
 
 
 def _voucher(branch: str, n: int) -> Any:
@@ -182,7 +189,9 @@ def _writer(home: Path, branch: str, rate: float, seconds: float, out: Path) -> 
     return subprocess.Popen([sys.executable, "-m", "bench.reporting", "--writer", *args], cwd=ROOT)
 
 
-def measure(tmp: Path, rate: float, seconds: float, pg_url: str) -> dict[str, Any]:
+def measure(
+    tmp: Path, rate: float, seconds: float, pg_url: str, profile: Path | None = None
+) -> dict[str, Any]:
     store_path = tmp / "relay.db"
     with SqliteRelayStore.create(store_path) as store:
         tokens = {n: store.enroll(DATASET, n).token for n in ("A", "B")}
@@ -196,11 +205,14 @@ def measure(tmp: Path, rate: float, seconds: float, pg_url: str) -> dict[str, An
         _sync(homes[name])
     procs: dict[str, subprocess.Popen[bytes]] = {}
     log = (tmp / "report.log").open("wb")
-    procs["report serve HQ"] = subprocess.Popen(
-        [BRANCHLINE, "report", "serve", "--home", str(homes["HQ"]), "--pg", pg_url,
-         "--backoff-max", "0.5"],
-        stdout=subprocess.DEVNULL, stderr=log,
-    )  # fmt: skip
+    serve = ["report", "serve", "--home", str(homes["HQ"]), "--pg", pg_url, "--backoff-max", "0.5"]
+    cmd = [BRANCHLINE, *serve]
+    if profile is not None:  # pyinstrument's text report, written on a clean stop
+        script = tmp / "branchline_main.py"
+        script.write_text("from engine.cli import main\nmain()\n", encoding="utf-8")
+        cmd = [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(profile),
+               str(script), *serve]  # fmt: skip
+    procs["report serve HQ"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     for name in ("A", "B"):
         procs[f"node run {name}"] = subprocess.Popen(
             [BRANCHLINE, "node", "run", "--home", str(homes[name]), "--backoff-max", "0.5"],
@@ -208,6 +220,7 @@ def measure(tmp: Path, rate: float, seconds: float, pg_url: str) -> dict[str, An
             stderr=subprocess.DEVNULL,
         )
     seen: dict[str, float] = {}
+    at_hq: dict[str, float] = {}
     try:
         with psycopg.connect(pg_url, autocommit=True) as pg:
 
@@ -233,32 +246,43 @@ def measure(tmp: Path, rate: float, seconds: float, pg_url: str) -> dict[str, An
             load_start = load_facts()
             outs = {b: tmp / f"writer-{b}.json" for b in "AB"}
             writers = {b: _writer(homes[b], b, rate / 2, seconds, outs[b]) for b in "AB"}
-            last = 0
-            started = time.monotonic()
-            while any(w.poll() is None for w in writers.values()) or (
-                time.monotonic() - started < seconds + 5
-            ):
+            last, queued_last = 0, 0
+            queue = sqlite3.connect(f"file:{homes['HQ'] / 'branchline.db'}?mode=ro", uri=True)
+
+            def poll() -> None:
+                nonlocal last, queued_last
                 for n, vid in pg.execute(
                     "SELECT n, id FROM bench.seen WHERE n > %s ORDER BY n", (last,)
                 ):
                     last = n
                     seen.setdefault(vid, time.time())
+                # The head office's node committed it (queued for PostgreSQL);
+                # applied rows leave the queue within about a second.
+                for seq, vid in queue.execute(
+                    f"SELECT seq, id FROM {QUEUE} WHERE seq > ? ORDER BY seq", (queued_last,)
+                ):
+                    queued_last = seq
+                    at_hq.setdefault(vid, time.time())
+
+            started = time.monotonic()
+            while any(w.poll() is None for w in writers.values()) or (
+                time.monotonic() - started < seconds + 5
+            ):
+                poll()
                 time.sleep(POLL_S)
-            writer_cpu = {f"writer {b}": cpu_of(w.pid) for b, w in writers.items()}
             expected: dict[str, dict[str, float]] = {"committed": {}, "acked": {}}
+            writer_cpu: dict[str, float] = {}
             for b in "AB":
                 got = json.loads(outs[b].read_text())
+                writer_cpu[f"writer {b}"] = got["cpu_s"]
                 for key in expected:
                     expected[key].update(got[key])
             # The rest still on its way.
             deadline = time.monotonic() + 30
             while len(seen) < len(expected["acked"]) and time.monotonic() < deadline:
-                for n, vid in pg.execute(
-                    "SELECT n, id FROM bench.seen WHERE n > %s ORDER BY n", (last,)
-                ):
-                    last = n
-                    seen.setdefault(vid, time.time())
+                poll()
                 time.sleep(POLL_S)
+            queue.close()
             cpu = {name: cpu_of(p.pid) - cpu0[name] for name, p in procs.items()}
             cpu["relay"] = (relay.cpu_seconds() or 0.0) - cpu0["relay"]
             cpu["postgres (all backends)"] = postgres_cpu() - pg_cpu0
@@ -269,8 +293,15 @@ def measure(tmp: Path, rate: float, seconds: float, pg_url: str) -> dict[str, An
             stop(proc)
         relay.stop()
         log.close()
+    tail = (tmp / "report.log").read_text(errors="replace")
+    follower = re.search(r"reporting: (\d+) changes in (\d+) batches, ([\d.]+) s CPU", tail)
+    if follower:  # a thread of report serve: part of its CPU, logged when it stops
+        first = next(iter(cpu.items()))
+        cpu = {first[0]: first[1], "of which its follower thread": float(follower[3]), **cpu}
     committed, acked = expected["committed"], expected["acked"]
     ack_lag = [seen[v] - acked[v] for v in acked if v in seen]
+    to_hq = [at_hq[v] - acked[v] for v in acked if v in at_hq]
+    hq_to_pg = [seen[v] - at_hq[v] for v in at_hq if v in seen]
     commit_lag = [seen[v] - committed[v] for v in committed if v in seen]
     missing = len(set(committed) - set(seen))
     return {
@@ -283,10 +314,13 @@ def measure(tmp: Path, rate: float, seconds: float, pg_url: str) -> dict[str, An
         "achieved_rate_per_s": len(committed) / seconds,
         "ack_to_visible": latency_summary(ack_lag, 1000),
         "commit_to_visible": latency_summary(commit_lag, 1000),
+        "ack_to_hq_node": latency_summary(to_hq, 1000),
+        "hq_node_to_visible": latency_summary(hq_to_pg, 1000),
         "cpu_seconds": cpu,
         "load_start": load_start,
         "load_end": load_end,
-        "report_log_tail": (tmp / "report.log").read_text(errors="replace")[-2000:],
+        "follower_batches": int(follower[2]) if follower else None,
+        "report_log_tail": tail[-2000:],
     }
 
 
@@ -299,10 +333,13 @@ def render(doc: dict[str, Any], target: Target, results: Path) -> str:
         for name, s in (
             ("relay ack -> visible", r["ack_to_visible"]),
             ("branch commit -> visible", r["commit_to_visible"]),
+            ("of ack -> visible: ack -> in the HQ node (sync)", r["ack_to_hq_node"]),
+            ("of ack -> visible: HQ node -> visible (follower)", r["hq_node_to_visible"]),
         )
     ]
     cpu = ", ".join(
-        f"{name} {sec:.1f} s ({sec / r['seconds'] * 100:.0f} %)"
+        f"{name} {sec:.1f} s ({sec / r['seconds'] * 100:.0f} % of a core, "
+        f"{sec / max(r['vouchers_committed'], 1) * 1000:.2f} ms per voucher)"
         for name, sec in r["cpu_seconds"].items()
     )
     return "\n".join([
@@ -329,7 +366,8 @@ def render(doc: dict[str, Any], target: Target, results: Path) -> str:
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"CPU over the run (share of one core): {cpu}.",
+        f"CPU over the run: {cpu}. The follower applied them in {r['follower_batches']} "
+        "PostgreSQL transactions.",
         "",
         "| Benchmark | Figure | Measured | Target | Result |",
         "|---|---|---|---|---|",
@@ -350,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="200/s for 10 s; docs untouched")
     parser.add_argument("--rate", type=float, default=None, help="vouchers/s over both branches")
     parser.add_argument("--seconds", type=float, default=None)
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="pyinstrument text report of report serve"
+    )
     args = parser.parse_args(args_list)
     rate = args.rate or (200.0 if args.quick else 1000.0)
     seconds = args.seconds or (10.0 if args.quick else 30.0)
@@ -363,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         with tempfile.TemporaryDirectory(prefix="bl-bench-reporting-") as tmp:
-            doc["result"] = measure(Path(tmp), rate, seconds, pg_url)
+            doc["result"] = measure(Path(tmp), rate, seconds, pg_url, args.profile)
     finally:
         with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -190,9 +190,11 @@ def build_updates(writer: int, n: int) -> list[bytes]:
     return out
 
 
-async def open_client(url: str, node: str, token: str) -> tuple[ClientConnection, ClientSession]:
+async def open_client(
+    url: str, node: str, token: str, dataset: str = DATASET
+) -> tuple[ClientConnection, ClientSession]:
     ws = await connect(url, max_size=None, compression=None, ping_interval=None)
-    session = ClientSession(dataset=DATASET, node=node, token=token)
+    session = ClientSession(dataset=dataset, node=node, token=token)
     for frame in session.data_to_send():
         await ws.send(frame)
     while True:

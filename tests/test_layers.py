@@ -1,6 +1,7 @@
-"""Layering of the engine: SQLite only in the store modules, pycrdt only in
-engine/crdt (exceptions listed with their reason), no import cycle, and the
-callers of ``Node`` use its public interface (and the store's) only."""
+"""Layering of the engine: SQLite only in the store modules, PostgreSQL only
+in the PostgreSQL relay store, pycrdt only in engine/crdt (exceptions listed
+with their reason), no import cycle, and the callers of ``Node`` use its
+public interface (and the store's) only."""
 
 from __future__ import annotations
 
@@ -101,6 +102,10 @@ def test_sqlite3_is_imported_by_store_modules_only() -> None:
     }
     assert store, "the store modules import sqlite3"
     assert importers - store == SQLITE_ELSEWHERE
+
+
+def test_psycopg_is_imported_by_the_postgresql_relay_store_only() -> None:
+    assert _importers("psycopg") == {"engine/relay/pg_store.py"}
 
 
 def test_pycrdt_is_imported_by_engine_crdt_only() -> None:

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.accounting import TABLES, VOUCHER_BOOKS
-from adapters.pg_books import pending
+from adapters.pg_books import pending, queued_upto
 from adapters.pg_books.books import BRANCH_TABLES, PgBooks, PgConn
-from adapters.pg_books.feed import Follower, ReportBooks, ensure_enabled, rebuild
+from adapters.pg_books.feed import Follower, ReportBooks, ensure_enabled, forget, rebuild
 from adapters.testing import make_node, random_writes, run_acceptance, snapshot
 from engine import Node
 from engine.cli import cli
@@ -67,6 +67,14 @@ def assert_same_as_sqlite(url: str, schema: str, node: Node) -> None:
             assert "overflow" in str(exc)
             continue
         assert pg_rows(url, schema, view) == sorted((tuple(r) for r in want), key=repr), view
+
+
+def wait_until(done: Any, what: str, timeout: float = 30) -> None:
+    """Poll ``done()`` until it is true; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def feed_all(node: Node, books: ReportBooks, rng: random.Random, most: int = 50) -> None:
@@ -233,12 +241,10 @@ def test_follower_feeds_live_and_waits_out_an_unreachable_server(
         live.start()
         random_writes(hq, random.Random(8), 30, sorted(VOUCHER_BOOKS))
         want = hq.query("SELECT COUNT(*) FROM vouchers").rows[0][0]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if live.position is not None and len(pg_rows(pg_url, "live", "vouchers")) == want:
-                break
-            time.sleep(0.05)
-        assert len(pg_rows(pg_url, "live", "vouchers")) == want
+        wait_until(
+            lambda: live.position is not None and len(pg_rows(pg_url, "live", "vouchers")) == want,
+            "the vouchers",
+        )
         assert down.alive and down.error is None  # still retrying
     finally:
         down.stop()
@@ -261,3 +267,74 @@ def test_report_rebuild_command(tmp_path: Path, pg_url: str) -> None:
     bad = runner.invoke(cli, [*args[:-1], "postgresql://postgres@127.0.0.1:1/x"])
     assert bad.exit_code == 1
     assert bad.stderr.startswith("error: PostgreSQL postgresql://postgres@127.0.0.1:1/x")
+
+
+def test_books_older_than_the_queue_are_rebuilt(tmp_path: Path, pg_url: str) -> None:
+    """Books restored from an older dump stand before queue rows already
+    deleted: the follower rebuilds them instead of missing those changes."""
+    hq = make_node(tmp_path / "hq", "HQ", adapters={"accounting": {}})
+    books = ReportBooks(pg_url, "old", hq)
+    rebuild(hq, books)
+    random_writes(hq, random.Random(4), 30, sorted(VOUCHER_BOOKS))
+    feed_all(hq, books, random.Random(4))
+    at = books.position()
+    assert at is not None and at > 0
+    forget(hq, at)
+    books.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # as an older dump would
+        conn.execute("UPDATE old.report_position SET seq = 0")
+        conn.execute("DELETE FROM old.vouchers")
+    follower = Follower(tmp_path / "hq", pg_url, "old")
+    follower.start()
+    try:
+        wait_until(lambda: follower.position == at, "the rebuild")
+    finally:
+        follower.stop()
+    assert follower.error is None and follower.position == at
+    assert_same_as_sqlite(pg_url, "old", hq)
+    hq.close()
+
+
+def test_postgresql_away_then_back_the_books_catch_up(tmp_path: Path, pg_url: str) -> None:
+    """PostgreSQL behind a fault proxy: while its connections are reset and
+    refused, the node takes in a branch's updates (as its sync does) and the
+    follower waits; healed, the books catch up with every change once."""
+    from harness.faults import ProxyHost
+
+    branch = make_node(tmp_path / "a", "A")
+    hq = make_node(tmp_path / "hq", "HQ", adapters={"accounting": {}})
+    ensure_enabled(hq)
+    host = ProxyHost(random.Random(1))
+    pg_port = int(pg_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = host.add(pg_port)
+    via_proxy = pg_url.replace(f":{pg_port}/", f":{proxy.port}/")
+    follower = Follower(tmp_path / "hq", via_proxy, "away", retry_s=0.05, retry_max_s=0.2)
+    rng = random.Random(6)
+
+    def settle(want: int) -> None:
+        wait_until(lambda: (follower.position or 0) >= want, f"the follower at {want}")
+
+    def queued() -> int:
+        with hq.store.reading() as conn:
+            return queued_upto(conn)
+
+    try:
+        follower.start()
+        random_writes(branch, rng, 20, sorted(VOUCHER_BOOKS))
+        hq.import_updates(branch.export_updates(hq.state()))
+        settle(queued())
+        host.call(lambda: proxy.refuse(True))
+        host.call(proxy.reset)
+        random_writes(branch, rng, 30, sorted(VOUCHER_BOOKS))
+        hq.import_updates(branch.export_updates(hq.state()))  # the node goes on
+        time.sleep(1.0)
+        assert follower.alive and follower.error is None
+        host.call(proxy.heal)
+        settle(queued())
+    finally:
+        follower.stop()
+        host.close()
+    assert follower.error is None
+    assert_same_as_sqlite(pg_url, "away", hq)
+    branch.close()
+    hq.close()

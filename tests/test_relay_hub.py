@@ -31,7 +31,7 @@ class Peer:
         self.events: list[Event] = []
         self.doc: Doc[object] = Doc()
         self.map: Map[object] = self.doc.get("r", type=Map)
-        self.node = node
+        self.node, self.token = node, token
         self.pump()
 
     def pump(self) -> None:
@@ -235,9 +235,12 @@ def test_a_read_taken_while_own_batch_is_in_flight_is_held_until_it_is_settled(
     assert follow(hub1, run1) == []
 
 
-def test_a_follower_that_lost_its_place_closes_the_datasets_connections(
+@pytest.fixture
+def compacted(
     tmp_path: Path,
-) -> None:
+) -> Iterator[tuple[tuple[RelayHub, StoreRunner, Peer], tuple[RelayHub, StoreRunner, Peer]]]:
+    """Two relays on one store that keeps 1 folded row: A on relay 1 wrote
+    5 updates, compacted away before relay 2 (B on it) read them."""
     path = tmp_path / "relay.db"
     limits = RelayLimits(compact_after=2, compact_ratio=0, keep_positions=1)
     first = SqliteRelayStore.create(path, limits)
@@ -249,14 +252,36 @@ def test_a_follower_that_lost_its_place_closes_the_datasets_connections(
         a.write(f"k{ref}", ref)
         commit(hub1, run1)
     first.compact(DATASET)
+    yield (hub1, run1, a), (hub2, run2, b)
+    first.close()
+    second.close()
+
+
+def test_a_follower_that_lost_its_place_closes_the_datasets_connections(
+    compacted: tuple[tuple[RelayHub, StoreRunner, Peer], tuple[RelayHub, StoreRunner, Peer]],
+) -> None:
+    _, (hub2, run2, b) = compacted
     assert follow(hub2, run2) == [b.cid]
     b.down()
     (error,) = [e for e in b.events if isinstance(e, ErrorReceived)]
     assert error.code == codes.UNAVAILABLE and hub2.close_code(b.cid)[0] == CLOSE_TRY_AGAIN
     assert hub2.followed() == [] and hub2.metrics.follow_resyncs == 1
     # Reconnected, it syncs by state vector and follows from the head again.
-    again = Peer(hub2, run2, "B", tokens["B"])
+    again = Peer(hub2, run2, "B", b.token)
     assert hub2.followed() == [DATASET] and follow(hub2, run2) == []
     assert any(isinstance(e, Opened) for e in again.events)
-    first.close()
-    second.close()
+
+
+def test_a_compacted_answer_held_behind_a_batch_still_resyncs_when_it_settles(
+    compacted: tuple[tuple[RelayHub, StoreRunner, Peer], tuple[RelayHub, StoreRunner, Peer]],
+) -> None:
+    _, (hub2, run2, b) = compacted
+    b.write("mine", 1)
+    batch = hub2.take_batch()
+    assert batch is not None
+    outcome = run2.commit(batch)
+    call = hub2.follow(DATASET)
+    assert call is not None and hub2.remote_committed(call, None) == []  # held
+    assert hub2.followed() == [DATASET]
+    assert b.cid in hub2.settle(batch, outcome)
+    assert hub2.followed() == [] and hub2.metrics.follow_resyncs == 1

@@ -13,10 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from websockets.exceptions import ConnectionClosed
 
 from engine.node import Node
-from engine.protocol import Acked, UpdateReceived
+from engine.protocol import UpdateReceived
 from engine.relay import SqliteRelayStore
 from engine.relay.server import RelayServer
 from engine.relay.stores import create_store, open_store
@@ -30,6 +29,7 @@ from tests.test_relay_server import (
     keys_of,
     relay_db,
     run,
+    stream_then_kill,
 )
 from tests.test_sync_live import BRANCHLINE, ThreadRelay, cli, has, init_home, wait_for
 
@@ -119,18 +119,7 @@ def test_a_relay_killed_mid_stream_loses_nothing_acked_and_the_other_delivers_it
         async def main() -> None:
             a2, _ = await Client.opened(urls[1], "acme", "A2", tok["A2"])
             a1, _ = await Client.opened(urls[0], "acme", "A1", tok["A1"])
-            w = Writer()
-            sent = 0
-            while len(acked) < 300:
-                while sent < 2000 and a1.session.inflight_room > 0 and sent - len(acked) < 200:
-                    a1.session.send_update("customers", w.put(f"k{sent}", sent), sent)
-                    sent += 1
-                await a1.flush()
-                acked.update((await a1.wait(Acked)).refs)
-            procs[0].send_signal(signal.SIGKILL)  # mid-stream: more sent than acked
-            with pytest.raises(ConnectionClosed):
-                while True:
-                    acked.update((await a1.wait(Acked)).refs)
+            await stream_then_kill(a1, procs[0], acked)
             # Every acknowledged update reaches the node on the surviving relay, live.
             await until_received(a2, {f"k{r}": r for r in acked})
             await a2.close()
@@ -144,6 +133,14 @@ def test_a_relay_killed_mid_stream_loses_nothing_acked_and_the_other_delivers_it
         keys = keys_of(store.diff("acme", "customers"))
     missing = [r for r in acked if keys.get(f"k{r}") != r]
     assert acked and not missing, f"{len(missing)} acknowledged updates lost"
+
+
+def put_customers(home: Path, numbers: range) -> None:
+    for i in numbers:
+        put = cli(
+            "put", "--home", str(home), "customers", json.dumps({"code": f"C{i}", "name": "x"})
+        )
+        assert put.returncode == 0, put.stderr
 
 
 def test_a_node_moving_to_another_relay_resumes_exactly_and_changes_cross_live(
@@ -169,27 +166,11 @@ def test_a_node_moving_to_another_relay_resumes_exactly_and_changes_cross_live(
         text=True,
     )
     try:
-        for i in range(3):
-            put = cli(
-                "put",
-                "--home",
-                str(home_a),
-                "customers",
-                json.dumps({"code": f"C{i}", "name": "x"}),
-            )
-            assert put.returncode == 0, put.stderr
+        put_customers(home_a, range(3))
         assert cli("sync", "--home", str(home_a)).returncode == 0  # through relay 1
         wait_for(lambda: all(has(home_b, f"C{i}") for i in range(3)), 15)  # live, via relay 2
         relays[0].stop()
-        for i in range(3, 5):
-            put = cli(
-                "put",
-                "--home",
-                str(home_a),
-                "customers",
-                json.dumps({"code": f"C{i}", "name": "x"}),
-            )
-            assert put.returncode == 0, put.stderr
+        put_customers(home_a, range(3, 5))
         done = cli("sync", "--home", str(home_a))  # relay 1 is down: fails over to relay 2
         assert done.returncode == 0, done.stderr
         wait_for(lambda: all(has(home_b, f"C{i}") for i in range(5)), 15)

@@ -5,7 +5,6 @@ server) without acknowledging anything that was not committed."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 
 import psycopg
@@ -101,22 +100,6 @@ def test_a_cut_connection_fails_the_call_and_the_next_one_reconnects(pg_url: str
     assert "acme" in seen
     other.close()
     store.close()
-
-
-def test_close_wakes_a_waiting_thread(pg_url: str) -> None:
-    store = PgRelayStore.create(pg_url)
-    store.wait_changes(0.01)
-    done = threading.Event()
-
-    def wait() -> None:
-        store.wait_changes(30)
-        done.set()
-
-    waiter = threading.Thread(target=wait)
-    waiter.start()
-    store.close()
-    waiter.join(10)
-    assert done.is_set()
 
 
 def test_a_relay_serves_from_postgresql_and_goes_on_after_a_cut(

@@ -941,6 +941,24 @@ def _start_cli(path: Path | str, port: int) -> subprocess.Popen[str]:
     return proc
 
 
+async def stream_then_kill(client: Client, proc: subprocess.Popen[str], acked: set[int]) -> None:
+    """Stream updates ``k<ref>`` = ref of customers through ``client``; once
+    300 are acknowledged (more sent), SIGKILL ``proc`` (its relay) and read
+    acks until the connection drops. ``acked`` gets every ref acknowledged."""
+    w = Writer()
+    sent = 0
+    while len(acked) < 300:
+        while sent < 2000 and client.session.inflight_room > 0 and sent - len(acked) < 200:
+            client.session.send_update("customers", w.put(f"k{sent}", sent), sent)
+            sent += 1
+        await client.flush()
+        acked.update((await client.wait(Acked)).refs)
+    proc.send_signal(signal.SIGKILL)  # mid-stream: more sent than acked
+    with pytest.raises(ConnectionClosed):
+        while True:
+            acked.update((await client.wait(Acked)).refs)
+
+
 def test_cli_serve_killed_mid_stream_keeps_everything_acked(
     relay_db: tuple[Path, Tokens],
 ) -> None:
@@ -953,20 +971,7 @@ def test_cli_serve_killed_mid_stream_keeps_everything_acked(
 
         async def stream() -> None:
             a1, _ = await Client.opened(url, "acme", "A1", tok.a1)
-            w = Writer()
-            sent = 0
-            while len(acked) < 300:
-                while sent < 2000 and a1.session.inflight_room > 0 and sent - len(acked) < 200:
-                    a1.session.send_update("customers", w.put(f"k{sent}", sent), sent)
-                    sent += 1
-                await a1.flush()
-                ack = await a1.wait(Acked)
-                acked.update(ack.refs)
-            proc.send_signal(signal.SIGKILL)  # mid-stream: more sent than acked
-            with pytest.raises(ConnectionClosed):
-                while True:
-                    ack = await a1.wait(Acked)
-                    acked.update(ack.refs)
+            await stream_then_kill(a1, proc, acked)
 
         run(stream())
     finally:

@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from adapters.accounting import VOUCHER_BOOKS
 from engine import Node
 from engine.errors import ReportingError, ReportingUnreachable
 from engine.plugins import RecordChange
@@ -32,11 +33,13 @@ from .books import PgBooks, PgConn
 
 log = logging.getLogger("branchline.report")
 
-BATCH = 5000  # queued changes per PostgreSQL transaction
+BATCH = 1000  # queued changes per PostgreSQL transaction (a batch of 5,000 took seconds)
 POLL_S = 0.02  # how often an idle follower looks at the queue
+BATCH_EVERY_S = 0.1  # the shortest time between two batches' starts
 FORGET_EVERY_S = 1.0  # how often applied rows leave the queue
 PROGRESS_EVERY = 20_000  # records between progress lines of a rebuild
 CONNECT_TIMEOUT_S = 5
+FORGOTTEN_META = "pg_books_forgotten"
 POSITION_DDL = (
     "CREATE TABLE IF NOT EXISTS report_position (one BOOLEAN PRIMARY KEY DEFAULT TRUE "
     "CHECK (one), home TEXT NOT NULL, seq BIGINT NOT NULL, "
@@ -121,12 +124,15 @@ class ReportBooks:
         return self._run(lambda conn: self._locked_position(conn, lock=False))  # type: ignore[no-any-return]
 
     def _locked_position(self, conn: psycopg.Connection[Any], lock: bool) -> int | None:
-        exists = conn.execute(
-            "SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'report_position'",
-            (self.pg_schema,),
-        ).fetchone()
-        if not exists:
-            return None
+        # Feeding (lock) follows a position read: the table is there, and one
+        # query less per batch counts on the hot path.
+        if not lock:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'report_position'",
+                (self.pg_schema,),
+            ).fetchone()
+            if not exists:
+                return None
         row = conn.execute(
             "SELECT home, seq FROM report_position" + (" FOR UPDATE" if lock else "")
         ).fetchone()
@@ -161,7 +167,9 @@ class ReportBooks:
         """The queue keeps a record's latest change only, so its kind says
         nothing of what the books hold: a voucher is ``updated`` when it is
         there and ``inserted`` when it is not (no rows to clear)."""
-        ids = [c.id for c in changes if c.kind != "deleted"]
+        ids = [c.id for c in changes if c.kind != "deleted" and c.collection in VOUCHER_BOOKS]
+        if not ids:
+            return changes
         have = {
             row[0]
             for row in conn.execute("SELECT id FROM vouchers WHERE id = ANY(%s::text[])", (ids,))
@@ -229,9 +237,18 @@ def rebuild(
 
 
 def forget(node: Node, upto: int) -> None:
-    """Delete the queue rows the books hold (numbers up to ``upto``)."""
+    """Delete the queue rows the books hold (numbers up to ``upto``), and
+    remember how far: books standing before that (a restored dump) miss
+    changes the queue no longer has."""
     with node.store.transaction() as txn:
         txn.execute(f"DELETE FROM {QUEUE} WHERE seq <= ?", (upto,))
+        if upto > forgotten(node):
+            node.store.set_meta(FORGOTTEN_META, str(upto))
+
+
+def forgotten(node: Node) -> int:
+    """The queue numbers deleted so far are those up to this."""
+    return int(node.store.get_meta(FORGOTTEN_META) or 0)
 
 
 class Follower:
@@ -248,13 +265,12 @@ class Follower:
         pg_schema: str,
         retry_s: float = 0.5,
         retry_max_s: float = 5.0,
-        on_applied: Callable[[int, int], None] | None = None,
     ) -> None:
         self.home, self.url, self.pg_schema = home, url, pg_schema
         self.retry_s, self.retry_max_s = retry_s, retry_max_s
-        self.on_applied = on_applied
         self.error: BaseException | None = None
         self.position: int | None = None
+        self.applied = self.batches = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="report-follower", daemon=True)
 
@@ -280,16 +296,30 @@ class Follower:
         except BaseException as exc:
             self.error = exc
             log.error("reporting stopped: %s", exc)
+        finally:
+            log.info(
+                "reporting: %d changes in %d batches, %.2f s CPU in the follower thread",
+                self.applied,
+                self.batches,
+                time.thread_time(),
+            )
 
     def _follow(self, node: Node, books: ReportBooks) -> None:
         wait = self.retry_s
         down_since: float | None = None
-        forgotten = 0
-        last_forget = time.monotonic()
+        deleted_upto = 0
+        last_forget = last_batch = time.monotonic()
         while not self._stop.is_set():
             try:
                 if self.position is None:
                     self.position = books.position()
+                    if self.position is not None and self.position < forgotten(node):
+                        log.warning(
+                            "the books in schema '%s' stand before changes the queue no longer "
+                            "holds (restored from an older dump?): rebuilding them",
+                            self.pg_schema,
+                        )
+                        self.position = None
                     if self.position is None:
                         log.info("building the head-office books in schema '%s'", self.pg_schema)
                         count, self.position = rebuild(node, books, _progress)
@@ -297,18 +327,23 @@ class Follower:
                 if down_since is not None:
                     log.info("PostgreSQL is back after %.0f s", time.monotonic() - down_since)
                     down_since, wait = None, self.retry_s
+                if deleted_upto < self.position and time.monotonic() > last_forget + FORGET_EVERY_S:
+                    forget(node, self.position)
+                    deleted_upto, last_forget = self.position, time.monotonic()
+                # At most one batch per BATCH_EVERY_S: a batch's fixed cost
+                # (its round trips) outweighed small batches' changes (measured
+                # 1,555 batches of 5.5 vouchers: 1.14 ms CPU per voucher; paced,
+                # 324 batches: 0.43 ms).
+                self._stop.wait(max(0.0, last_batch + BATCH_EVERY_S - time.monotonic()))
                 changes, upto = pending(node.store.conn, self.position, BATCH)
                 if not changes:
-                    due = time.monotonic() - last_forget > FORGET_EVERY_S
-                    if forgotten < self.position and due:
-                        forget(node, self.position)
-                        forgotten, last_forget = self.position, time.monotonic()
                     self._stop.wait(POLL_S)
                     continue
+                last_batch = time.monotonic()
                 if books.apply(changes, self.position, upto):
                     self.position = upto
-                    if self.on_applied is not None:
-                        self.on_applied(len(changes), upto)
+                    self.applied += len(changes)
+                    self.batches += 1
                 else:
                     self.position = None  # rebuilt meanwhile: read its position
             except ReportingUnreachable as exc:

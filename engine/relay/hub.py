@@ -219,13 +219,14 @@ class _Conn:
 class _Followed:
     """A dataset whose commits by other relays the core follows."""
 
-    __slots__ = ("asked", "behind", "held", "own", "position")
+    __slots__ = ("answered", "asked", "behind", "held", "own", "position")
 
     def __init__(self, position: int) -> None:
         self.position = position  # every row up to here was fanned out or is ours
         self.own: deque[int] = deque()  # positions of our commits above it, increasing
         self.asked: Follow | None = None  # the read out now (one at a time)
-        self.held: FollowAnswer = None  # its answer, waiting for its barrier batch
+        self.answered = False  # its answer came and is held in ``held``...
+        self.held: FollowAnswer = None  # ...until its barrier batch is settled
         self.behind = False  # the last read was a full page: read again
 
     def skip_own(self) -> None:
@@ -625,9 +626,8 @@ class RelayHub:
             for cid in self._settle(dataset, pending, result):
                 touched[cid] = None
         for f_dataset, followed in list(self._followed.items()):
-            if followed.asked is not None and followed.held is not None:
-                for cid in self._follow_answered(f_dataset, followed.asked, followed.held):
-                    touched[cid] = None
+            if followed.answered:
+                touched |= dict.fromkeys(self._release(f_dataset, followed))
         return list(touched)
 
     def _settle(
@@ -782,16 +782,16 @@ class RelayHub:
         followed = self._followed.get(call.dataset)
         if followed is None or followed.asked is not call:
             return []  # no longer followed (or followed again since): dropped
-        if any(batch_id <= call.barrier for batch_id in self._inflight):
-            followed.held = answer
-            return []
-        return self._follow_answered(call.dataset, call, answer)
+        followed.answered, followed.held = True, answer
+        return self._release(call.dataset, followed)
 
-    def _follow_answered(self, dataset: str, call: Follow, answer: FollowAnswer) -> list[int]:
+    def _release(self, dataset: str, followed: _Followed) -> list[int]:
+        """Act on the held answer once no batch taken before its call is unsettled."""
+        call, answer = followed.asked, followed.held
+        assert call is not None
         if any(batch_id <= call.barrier for batch_id in self._inflight):
             return []
-        followed = self._followed[dataset]
-        followed.asked, followed.held = None, None
+        followed.asked, followed.answered, followed.held = None, False, None
         if answer is None:
             return self._resync(dataset, "its updates were compacted before this relay read them")
         fresh: list[tuple[str, bytes]] = []
@@ -817,15 +817,15 @@ class RelayHub:
             return []
         self.metrics.updates_followed += len(fresh)
         max_frame = self.limits.protocol.max_frame
-        shared: EncodedUpdates | None = None
+        # Encoded once for every peer that can take the relay's frames (None:
+        # an update needs chunking, each peer gets them packed for it).
+        shared = _encode(fresh, max_frame)
         for peer in peers:
-            if peer.session.limits.max_frame >= max_frame:
-                shared = shared or _encode(fresh, max_frame)
-                if shared is not None:
-                    peer.session.send_encoded(shared)
-                    self.metrics.updates_fanned_out += shared.count
-                    continue
-            self.metrics.updates_fanned_out += _send_each(peer, fresh)
+            if shared is not None and peer.session.limits.max_frame >= max_frame:
+                peer.session.send_encoded(shared)
+                self.metrics.updates_fanned_out += shared.count
+            else:
+                self.metrics.updates_fanned_out += _send_each(peer, fresh)
         return [c.id for c in peers]
 
     def _resync(self, dataset: str, why: str) -> list[int]:

@@ -37,7 +37,7 @@ import hashlib
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -437,8 +437,17 @@ class PgRelayStore(RelayStore):
             ds_id = -1
             try:
                 with self._tx(pipeline=True) as cur:
-                    ds_id, head = self._lock_dataset(cur, dataset)
-                    new_head = self._append(cur, ds_id, head, dataset, updates, results, touched)
+                    pending = [u for i, u in enumerate(updates) if results[i] is None]
+                    facts = cur.connection.cursor()
+                    # Queued behind the lock, read with it: one round trip.
+                    ds_id, head = self._lock_dataset(
+                        cur, dataset, lambda: _ask_batch_facts(facts, dataset, pending)
+                    )
+                    writers, known_docs, locked = _batch_facts(facts, dataset, pending)
+                    new_head = self._append(
+                        cur, ds_id, head, dataset, updates, results, touched,
+                        (writers, known_docs, locked),
+                    )  # fmt: skip
                     if new_head != head:
                         cur.execute(
                             "UPDATE datasets SET head = %s WHERE id = %s "
@@ -465,12 +474,11 @@ class PgRelayStore(RelayStore):
         updates: Sequence[UpdateIn],
         results: list[Appended | None],
         touched: set[tuple[int, str]],
+        facts: tuple[dict[str, tuple[BranchlineError | None, bool]], set[str], set[str]],
     ) -> int:
-        """Integrate and log the batch under the dataset's lock; the new head."""
-        pending = [u for i, u in enumerate(updates) if results[i] is None]
-        writers, known_docs, locked = _batch_facts(
-            cur, ds_id, dataset, {u.node for u in pending}, {u.doc for u in pending}
-        )
+        """Integrate and log the batch under the dataset's lock (``facts``:
+        what ``_batch_facts`` read); the new head."""
+        writers, known_docs, locked = facts
         new_docs: set[str] = set()
         room: dict[str, BranchlineError | None] = {}
         counts: dict[str, tuple[int, int]] = {}
@@ -858,12 +866,17 @@ class PgRelayStore(RelayStore):
         self._cache.clear()
         self._known.clear()
 
-    def _lock_dataset(self, cur: psycopg.Cursor[Any], dataset: str) -> tuple[int, int]:
+    def _lock_dataset(
+        self, cur: psycopg.Cursor[Any], dataset: str, queue: Callable[[], None] | None = None
+    ) -> tuple[int, int]:
         """Take the dataset's row lock (held to the commit) and bring the
-        documents in memory up to its head: (dataset id, head)."""
+        documents in memory up to its head: (dataset id, head). ``queue``
+        sends more statements after the lock's, before its answer is read."""
         cur.execute(
             "SELECT id, head, folded FROM datasets WHERE name = %s FOR NO KEY UPDATE", (dataset,)
         )
+        if queue is not None:
+            queue()
         row = cur.fetchone()
         if row is None:
             raise unknown_dataset(dataset)
@@ -982,21 +995,32 @@ def _insert_rows(
     )
 
 
-def _batch_facts(
-    cur: psycopg.Cursor[Any], ds_id: int, dataset: str, nodes: set[str], docs: set[str]
-) -> tuple[dict[str, tuple[BranchlineError | None, bool]], set[str], set[str]]:
-    """In one round trip, read in the write transaction (a revoke or a lock
-    committed elsewhere applies from the next batch on): per node of the
-    batch, why it may not write (or None) and whether it is a carrier; the
-    batch's documents the dataset already has; its locked periods."""
+def _ask_batch_facts(cur: psycopg.Cursor[Any], dataset: str, pending: Sequence[UpdateIn]) -> None:
+    """Send the query ``_batch_facts`` reads."""
     cur.execute(
+        "WITH ds AS (SELECT id FROM datasets WHERE name = %(name)s) "
         "SELECT 'n', name, read_only, revoked_at, carrier FROM nodes "
-        "WHERE dataset_id = %(ds)s AND name = ANY(%(nodes)s) "
+        "WHERE dataset_id = (SELECT id FROM ds) AND name = ANY(%(nodes)s) "
         "UNION ALL SELECT 'd', doc, NULL, NULL, NULL FROM documents "
-        "WHERE dataset_id = %(ds)s AND doc = ANY(%(docs)s) "
-        "UNION ALL SELECT 'l', period, NULL, NULL, NULL FROM locks WHERE dataset_id = %(ds)s",
-        {"ds": ds_id, "nodes": sorted(nodes), "docs": sorted(docs)},
+        "WHERE dataset_id = (SELECT id FROM ds) AND doc = ANY(%(docs)s) "
+        "UNION ALL SELECT 'l', period, NULL, NULL, NULL FROM locks "
+        "WHERE dataset_id = (SELECT id FROM ds)",
+        {
+            "name": dataset,
+            "nodes": sorted({u.node for u in pending}),
+            "docs": sorted({u.doc for u in pending}),
+        },
     )
+
+
+def _batch_facts(
+    cur: psycopg.Cursor[Any], dataset: str, pending: Sequence[UpdateIn]
+) -> tuple[dict[str, tuple[BranchlineError | None, bool]], set[str], set[str]]:
+    """What ``_ask_batch_facts`` asked, read in the write transaction after
+    the dataset's lock (a revoke or a lock committed elsewhere applies from
+    the next batch on): per node of the batch, why it may not write (or
+    None) and whether it is a carrier; the batch's documents the dataset
+    already has; its locked periods."""
     rows: dict[str, tuple[object, object, object]] = {}
     known: set[str] = set()
     locked: set[str] = set()
@@ -1005,6 +1029,7 @@ def _batch_facts(
             rows[str(name)] = (read_only, revoked_at, carrier)
         else:
             (known if kind == "d" else locked).add(str(name))
+    nodes = {u.node for u in pending}
     return {n: writer_refusal(dataset, n, rows.get(n)) for n in nodes}, known, locked
 
 

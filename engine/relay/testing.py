@@ -22,10 +22,12 @@ check opens stores in child processes).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import random
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +43,7 @@ from ..errors import (
     PeriodLocked,
     ReadOnlyNode,
     RelayLimitError,
+    StoreError,
     UnknownDataset,
     UnknownNode,
     UpdateError,
@@ -574,6 +577,25 @@ def check_wait_changes_sees_commits_of_every_handle(maker: StoreMaker, tmp: Path
     assert got and "acme" in got[0]
     other.close()
     store.close()
+
+
+@_check
+def check_close_ends_a_wait_at_once(maker: StoreMaker, tmp: Path) -> None:
+    store = maker.create()
+    store.wait_changes(0.01)
+    done = threading.Event()
+
+    def wait() -> None:
+        with contextlib.suppress(StoreError):  # "closed" is a fine answer too
+            store.wait_changes(30)
+        done.set()
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.1)
+    store.close()
+    waiter.join(5)
+    assert done.is_set(), "close() left wait_changes blocked"
 
 
 def _wait_for(store: RelayStore, dataset: str, seconds: float = 10.0) -> set[str]:

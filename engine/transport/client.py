@@ -45,13 +45,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from ..clock import system_random
-from ..errors import (
-    AuthError,
-    BranchlineError,
-    DatasetMismatch,
-    UpdatesRefused,
-    UserError,
-)
+from ..errors import AuthError, BranchlineError, DatasetMismatch, UpdatesRefused, UserError
 from ..names import relay_urls
 from ..node import Node
 from ..protocol import (
@@ -471,7 +465,7 @@ async def node_sync(
     """
     if url is None or token is None:
         url, token = relay_of(node)
-    urls = relay_urls(url)
+    urls = relay_urls(url) or [url]
     tls = relay_tls(node)
     progress = _posting(on_progress)
     try:
@@ -601,7 +595,7 @@ class LiveSync:
         self.dataset = node.dataset
         self._relays = url  # one URL, or several comma-separated (failover)
         self._at = 0  # which of them the next attempt uses
-        self.url = relay_urls(url)[0] if relay_urls(url) else url
+        self.url = (relay_urls(url) or [url])[0]
         self._token = token
         self.backoff = backoff or Backoff()
         self._on_progress = on_progress
