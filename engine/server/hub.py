@@ -132,7 +132,10 @@ class StatusHub:
         shares it, or the next one if it started too early."""
         while self._published < needed:
             job = self._job
-            if job is None:
+            # A job already done (its done callback not run yet) would be
+            # awaited without yielding, forever: the callback never got to run
+            # and the whole server spun on one status request.
+            if job is None or job.done():
                 job = self._job = asyncio.ensure_future(self._compute_and_publish())
                 job.add_done_callback(self._job_done)
             await asyncio.shield(job)
