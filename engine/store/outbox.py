@@ -75,17 +75,6 @@ def records_per_doc(conn: sqlite3.Connection) -> dict[str, int]:
     }
 
 
-def records_per_doc_counted(conn: sqlite3.Connection) -> dict[str, int]:
-    """``records_per_doc`` counted from the outbox itself (a check of the
-    triggers' counts: it scans every outbox row)."""
-    return {
-        str(doc): int(count)
-        for doc, count in conn.execute(
-            "SELECT doc, COUNT(DISTINCT record) FROM pending_records GROUP BY doc"
-        )
-    }
-
-
 def owners(conn: sqlite3.Connection, doc: str) -> dict[int, list[str]]:
     """Outbox seq -> the records that row of ``doc`` carries."""
     out: dict[int, list[str]] = {}
