@@ -61,6 +61,11 @@ class StoreError(BranchlineError):
     """The node home or its SQLite file cannot be used as asked."""
 
 
+class StoreUnavailable(StoreError):
+    """The relay store's server (PostgreSQL) cannot be reached now: the call
+    did nothing; calls fail at once until the next retry (engine.relay.outage)."""
+
+
 class HomeNotFound(StoreError):
     """There is no node store in the given home directory."""
 

@@ -20,4 +20,4 @@ settings.register_profile(
 settings.register_profile("dev")
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-from pg import pg_url  # noqa: E402,F401  (the PostgreSQL fixture)
+from pg import pg_url, private_pg  # noqa: E402,F401  (the PostgreSQL fixtures)

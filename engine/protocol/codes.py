@@ -37,7 +37,7 @@ CODES: dict[str, str] = {
     UNKNOWN_DOCUMENT: "the document name is not one the relay accepts for this dataset",
     PROTOCOL_VIOLATION: "a well-formed frame that is not allowed in the current state",
     BAD_UPDATE: "a payload is not a valid Yjs update or state vector",
-    UNAVAILABLE: "the relay is shutting down or overloaded",
+    UNAVAILABLE: "the relay is shutting down, overloaded, or cannot reach its store now",
     INTERNAL: "the peer failed internally (e.g. its store); nothing from this frame was kept",
     LOCKED_PERIOD: "an update of a document whose period the relay has locked (in a refused "
     "frame: the session goes on)",

@@ -27,13 +27,16 @@ Connections: one for the store's calls, serialized by a lock as the SQLite
 store's one connection is (the relay server calls the store from its one
 store thread, so a pool would add nothing), and one for ``wait_changes``.
 A lost connection (server restarted, backend terminated) makes the call
-raise StoreError (nothing acknowledged) and drops the documents in memory;
-the next call connects again.
+raise StoreUnavailable (nothing acknowledged) and drops the documents in
+memory; the next call connects again. While the server cannot be reached,
+calls fail at once until the next try (``Outage``: every 0.1 s, backing off
+to 2 s), and the outage is logged once when it starts and once when it ends.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
 import time
@@ -53,12 +56,14 @@ from ..errors import (
     RelayStoreExists,
     RelayStoreNotFound,
     StoreError,
+    StoreUnavailable,
     UnknownNode,
     UpdateError,
     UserError,
 )
 from ..tokens import new_token, token_hash
 from .doccache import DocCache, Loaded, RelayLimits, diff_of, integrate, still_waiting
+from .outage import Outage
 from .rules import (
     check_dataset,
     check_doc,
@@ -87,6 +92,8 @@ from .store import (
     RelayStore,
     UpdateIn,
 )
+
+log = logging.getLogger("branchline.relay")
 
 FORMAT_VERSION = 1
 SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,40}\Z")
@@ -241,6 +248,7 @@ class PgRelayStore(RelayStore):
         self._watch_lock = threading.Lock()
         self._listener: psycopg.Connection[Any] | None = None
         self._heads: dict[str, int] = {}
+        self._outage = Outage(time.monotonic)
 
     # -- opening -----------------------------------------------------------
 
@@ -833,7 +841,7 @@ class PgRelayStore(RelayStore):
         if self._closed:
             raise StoreError(f"{self.path}: the relay store is closed")
         if self._conn is None or self._conn.closed:
-            self._conn = self._connect()
+            self._conn = self._reconnect()
             self._lost()  # documents may be stale after a gap
         conn = self._conn
         try:
@@ -855,10 +863,40 @@ class PgRelayStore(RelayStore):
             with suppress(psycopg.Error):
                 conn.close()
             self._conn = None
-            raise StoreError(f"{self.path}: PostgreSQL connection lost ({_reason(exc)})") from None
+            if self._outage.failed(_reason(exc), retry_now=True):
+                log.warning(
+                    "%s: PostgreSQL connection lost (%s); reconnecting", self.path, _reason(exc)
+                )
+            raise StoreUnavailable(
+                f"{self.path}: PostgreSQL connection lost ({_reason(exc)})"
+            ) from None
         except psycopg.Error as exc:
             self._lost()
             raise StoreError(f"{self.path}: {_reason(exc)}") from None
+
+    def _reconnect(self) -> psycopg.Connection[Any]:
+        """A new connection, unless an outage waits for its next try. Raises
+        StoreUnavailable (unreachable: logged once per outage),
+        RelayStoreNotFound."""
+        self._outage.check(self.path)
+        try:
+            conn = self._connect()
+        except RelayStoreNotFound:
+            raise
+        except StoreError as exc:
+            if self._outage.failed(str(exc).split(": ", 1)[-1]):
+                log.warning(
+                    "%s; calls fail (nothing acknowledged) until it is back, tried again "
+                    "every %.1f-%.0f s",
+                    exc,
+                    self._outage.first_s,
+                    self._outage.max_s,
+                )
+            raise StoreUnavailable(str(exc)) from None
+        down = self._outage.ended()
+        if down is not None:
+            log.info("%s: PostgreSQL reachable again after %.1f s", self.path, down)
+        return conn
 
     def _lost(self) -> None:
         """Forget the documents in memory: they may hold what a failed

@@ -18,6 +18,7 @@ from ..errors import (
     BranchlineError,
     NodeRevoked,
     StoreError,
+    StoreUnavailable,
     UnknownDataset,
     UpdateError,
 )
@@ -44,6 +45,7 @@ log = logging.getLogger("branchline.relay")
 HOMES_TTL_S = 30.0
 #: Other datasets tried per failed hello (bounds the cost of one bad hello).
 MAX_HOMES_TRIED = 64
+UNREACHABLE = "the relay cannot reach its store now (nothing was kept); retry later"
 
 
 class StoreRunner:
@@ -98,6 +100,8 @@ class StoreRunner:
             return HelloAnswer(None, (), codes.AUTH_FAILED, str(exc))
         except UnknownDataset as exc:
             return HelloAnswer(None, (), codes.WRONG_DATASET, str(exc))
+        except StoreUnavailable:  # the store logged the outage once
+            return HelloAnswer(None, (), codes.UNAVAILABLE, UNREACHABLE)
         except Exception:
             log.exception("authentication of node %r failed internally", call.node)
             return HelloAnswer(None, (), codes.INTERNAL, "the relay store failed; retry later")
@@ -135,6 +139,8 @@ class StoreRunner:
             return DiffAnswer(diff, self.store.state_vector(call.dataset, call.doc))
         except UpdateError as exc:
             return DiffAnswer(code=codes.BAD_UPDATE, message=str(exc))
+        except StoreUnavailable:
+            return DiffAnswer(code=codes.UNAVAILABLE, message=UNREACHABLE)
         except Exception:
             log.exception("sync of %r failed", call.doc)
             return DiffAnswer(
@@ -150,6 +156,8 @@ class StoreRunner:
         """The leased range, or why it was denied."""
         try:
             first, last = self.store.lease(call.dataset, call.series, call.count, node=call.node)
+        except StoreUnavailable:
+            return LeaseAnswer(denied=UNREACHABLE)
         except BranchlineError as exc:
             return LeaseAnswer(denied=str(exc))
         except Exception:

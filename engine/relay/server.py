@@ -54,7 +54,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from ..errors import UnknownDataset
+from ..errors import StoreUnavailable, UnknownDataset
 from ..protocol import SessionState, codes
 from ..wslog import websockets_logger
 from .calls import Batch, BatchOutcome
@@ -507,7 +507,10 @@ class RelayServer:
                 try:
                     answer = await self._run(self.runner.follow, call)
                 except Exception as exc:
-                    log.warning("cannot read dataset %r's new updates (%s); retrying", dataset, exc)
+                    if not isinstance(exc, StoreUnavailable):  # an outage is logged once
+                        log.warning(
+                            "cannot read dataset %r's new updates (%s); retrying", dataset, exc
+                        )
                     hub.remote_committed(call, [])  # nothing read; the position stays
                     again.add(dataset)
                     pause = FOLLOW_RETRY_S
@@ -548,6 +551,8 @@ class RelayServer:
                 # a hello's authentication and the watch's first reading.
                 granted = self.hub.grants()
                 lapsed = await self._run(self.store.lapsed, [g for _, g in granted])
+            except StoreUnavailable:
+                continue  # the store logged the outage once
             except Exception:
                 log.exception("cannot check for revoked nodes; retrying")
                 continue
