@@ -87,6 +87,8 @@ bench: $(BENCH_STAMP)
 # Real relay and node processes under faults for DURATION seconds, then heal,
 # converge and check (docs/reliability.md). SEED=N replays a run's schedule;
 # SCHEMA=path/to/schema.toml soaks that schema instead of the built-in accounting.
+# RELAYS=2 STORE=postgresql://127.0.0.1/test shares one PostgreSQL store between
+# relays; STORE=private runs a PostgreSQL server of its own and restarts it too.
 soak: $(STAMP)
 	$(PY) -m harness.soak --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out $(SOAK_OUT) \
 		$(if $(RELAYS),--relays $(RELAYS)) $(if $(STORE),--store $(STORE)) $(if $(SCHEMA),--schema $(SCHEMA))

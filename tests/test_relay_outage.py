@@ -62,3 +62,48 @@ def test_a_lost_connection_is_tried_again_at_once() -> None:
     assert outage.failed("refused") is False
     with pytest.raises(StoreUnavailable):
         outage.check("store")
+
+
+def test_serve_waits_for_the_store_at_start_then_gives_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from engine.relay import cli
+
+    clock = Clock()
+    tries: list[float] = []
+    naps: list[float] = []
+
+    def unreachable(spec: str) -> None:
+        tries.append(clock.now)
+        raise StoreUnavailable("PostgreSQL at 127.0.0.1:5432 cannot be reached")
+
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        clock.now += seconds
+
+    monkeypatch.setattr(cli, "open_store", unreachable)
+    with pytest.raises(StoreUnavailable, match=r"waited 2 s, --wait-store"):
+        cli.open_store_waiting("postgresql://x", 2.0, clock, sleep)
+    assert len(tries) == 5  # at 0, 0.5, 1, 1.5 and 2 s
+    assert naps == [0.5, 0.5, 0.5, 0.5]
+
+
+def test_serve_opens_the_store_once_it_is_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.relay import cli
+
+    clock = Clock()
+    opened = object()
+    tries: list[float] = []
+
+    def back_at_the_third_try(spec: str) -> object:
+        tries.append(clock.now)
+        if len(tries) < 3:
+            raise StoreUnavailable("down")
+        return opened
+
+    def sleep(seconds: float) -> None:
+        clock.now += seconds
+
+    monkeypatch.setattr(cli, "open_store", back_at_the_third_try)
+    assert cli.open_store_waiting("postgresql://x", 60.0, clock, sleep) is opened
+    assert tries == [100.0, 100.5, 101.0]

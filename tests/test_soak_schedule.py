@@ -22,3 +22,13 @@ def test_several_relays_on_postgresql_kill_each_relay_and_cut_the_database() -> 
     killed = {f.targets[0] for f in faults if f.kind == "kill_relay"}
     assert killed == {"relay0", "relay1"}
     assert any(f.kind == "pg_terminate" for f in faults)
+
+
+def test_only_a_run_that_owns_its_server_restarts_postgresql() -> None:
+    names = ["N0", "N1", "N2"]
+    shared = schedule(random.Random(5), 600, 1.0, names, relays=2, pg=True)
+    owned = schedule(random.Random(5), 600, 1.0, names, relays=2, pg=True, pg_restarts=True)
+    assert not any(f.kind == "pg_restart" for f in shared)
+    restarts = [f for f in owned if f.kind == "pg_restart"]
+    assert restarts and all(0.5 <= f.hold_s <= 6.0 for f in restarts)
+    assert owned == schedule(random.Random(5), 600, 1.0, names, relays=2, pg=True, pg_restarts=True)

@@ -14,7 +14,8 @@ import logging
 import signal
 import ssl
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import UserError
+from ..errors import StoreUnavailable, UserError
 from .store import RelayStore
 from .stores import create_store, describe, open_store
+
+log = logging.getLogger("branchline.relay")
 
 
 class StoreCommand(click.Command):
@@ -338,6 +341,13 @@ relay_group.add_command(status_cmd, "list")
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="PEM private key of --tls-cert",
 )
+@click.option(
+    "--wait-store",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="seconds to wait for an unreachable PostgreSQL store at start (a server restarting)",
+)
 @json_option
 def serve_cmd(
     store: str,
@@ -345,6 +355,7 @@ def serve_cmd(
     port: int,
     tls_cert: Path | None,
     tls_key: Path | None,
+    wait_store: float,
     as_json: bool,
 ) -> None:
     """Serve the relay store STORE over websockets (with /healthz and /metrics
@@ -367,8 +378,32 @@ def serve_cmd(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    with _opened(store) as relay:
-        asyncio.run(_serve(relay, describe(store), host, port, context, as_json))
+    opened = open_store_waiting(store, wait_store, time.monotonic, time.sleep)
+    try:
+        asyncio.run(_serve(opened, describe(store), host, port, context, as_json))
+    finally:
+        opened.close()
+
+
+def open_store_waiting(
+    spec: str, wait_s: float, clock: Callable[[], float], sleep: Callable[[float], None]
+) -> RelayStore:
+    """``open_store(spec)``, tried again (every 0.5 s) for up to ``wait_s``
+    seconds while its server is unreachable (StoreUnavailable), saying so
+    once. Raises what ``open_store`` raises; StoreUnavailable after
+    ``wait_s``."""
+    deadline = clock() + wait_s
+    told = False
+    while True:
+        try:
+            return open_store(spec)
+        except StoreUnavailable as exc:
+            if clock() >= deadline:
+                raise StoreUnavailable(f"{exc} (waited {wait_s:g} s, --wait-store)") from None
+            if not told:
+                log.warning("%s; waiting up to %g s for it (--wait-store)", exc, wait_s)
+                told = True
+            sleep(min(0.5, max(0.0, deadline - clock())))
 
 
 async def _serve(

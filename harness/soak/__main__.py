@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from engine.errors import BranchlineError
+from engine.relay.pg_store import is_pg_url
 from engine.schema import load_schema
 
 from .runner import SoakConfig, run_soak
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--store",
         default="",
-        help="a postgresql:// server URL: the relay store goes in a database of the run's own "
+        help="a postgresql:// server URL: the relay store goes in a database of the run's own; "
+        "'private': a PostgreSQL server of the run's own, which the faults also restart "
         "(default: a SQLite file in the work directory)",
     )
     parser.add_argument(
@@ -46,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--nodes must be >= 2; --duration, --rate and --fault-every positive")
     if args.relays < 1:
         parser.error("--relays must be >= 1")
-    if args.store and not args.store.startswith(("postgresql://", "postgres://")):
-        parser.error("--store takes a postgresql:// URL (the default store is SQLite)")
+    if args.store and args.store != "private" and not is_pg_url(args.store):
+        parser.error("--store takes a postgresql:// URL or 'private' (the default store is SQLite)")
     if args.schema is not None:
         try:
             load_schema(args.schema)

@@ -60,6 +60,7 @@ from engine.relay.stores import create_store
 from engine.schema import load_schema
 from engine.store.node_store import STORE_FILE
 from harness.net import free_port as _free_port
+from harness.pg_server import PrivateServer, server_bindir
 
 from ..faults import FaultProxy, ProxyHost
 from . import checks
@@ -94,6 +95,9 @@ FAULTS: dict[str, int] = {
 }
 #: Faults of a run on PostgreSQL only (added to FAULTS there).
 PG_FAULTS: dict[str, int] = {"pg_terminate": 2}
+#: Faults of a run on a private PostgreSQL server (``--store private``) only.
+PRIVATE_PG_FAULTS: dict[str, int] = {"pg_restart": 1}
+PRIVATE = "private"
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,9 @@ class SoakConfig:
     keep: bool = False
     verbose: bool = False
     relays: int = 1
-    store: str = ""  # "": a SQLite file in the work directory; or a postgresql:// server URL
+    # "": a SQLite file in the work directory; a postgresql:// server URL; or
+    # "private": a PostgreSQL server of the run's own, which it restarts.
+    store: str = ""
     schema: Path | None = None  # a user's schema file (default: the built-in accounting)
 
     def replay_command(self) -> str:
@@ -144,10 +150,13 @@ def schedule(
     names: list[str],
     relays: int = 1,
     pg: bool = False,
+    pg_restarts: bool = False,
 ) -> list[Fault]:
     """The faults of a run, drawn from ``rng`` only (a seed replays them;
-    with one relay on SQLite, as it always did)."""
+    with one relay on SQLite, as it always did). ``pg_restarts``: the run
+    owns its PostgreSQL server and may stop and start it."""
     faults = FAULTS | PG_FAULTS if pg else FAULTS
+    faults = faults | PRIVATE_PG_FAULTS if pg and pg_restarts else faults
     kinds, weights = list(faults), list(faults.values())
     out: list[Fault] = []
     t = rng.expovariate(1 / every_s)
@@ -158,6 +167,8 @@ def schedule(
             fault = Fault(t, kind, [target], rng.uniform(0.2, 3.0))
         elif kind == "pg_terminate":
             fault = Fault(t, kind, ["postgresql"], 0.0)
+        elif kind == "pg_restart":
+            fault = Fault(t, kind, ["postgresql"], rng.uniform(0.5, 6.0))
         elif kind == "partition_half":
             half = rng.sample(names, max(1, len(names) // 2))
             fault = Fault(t, kind, sorted(half), rng.uniform(1.0, 8.0))
@@ -271,6 +282,7 @@ class SoakState:
     phase: str = "setup"
     late_first_syncs: int = 0  # rebuilt homes whose first sync waited for a fault to end
     pg_backends_terminated: int = 0  # relays' PostgreSQL connections cut (pg_terminate)
+    pg_restarts: int = 0  # the private PostgreSQL server stopped and started (pg_restart)
 
 
 class Soak:
@@ -290,7 +302,19 @@ class Soak:
         self.names = [f"N{i}" for i in range(config.nodes)]
         self.homes = {n: self.root / n for n in self.names}
         self.relay_db = self.root / "relay.db"
-        self.pg_admin = config.store if is_pg_url(config.store) else ""
+        self.pg_server: PrivateServer | None = None
+        if config.store == PRIVATE:
+            bindir = server_bindir()
+            if bindir is None:
+                raise SoakFailure(EXIT_CRASH, "--store private needs PostgreSQL's initdb")
+            self.pg_server = PrivateServer(bindir, _free_port())
+        self.pg_admin = (
+            self.pg_server.url
+            if self.pg_server is not None
+            else config.store
+            if is_pg_url(config.store)
+            else ""
+        )
         # A database of the run's own; its connections are told apart by name.
         self.pg_name = f"bl_soak_{random.SystemRandom().getrandbits(32):08x}"
         self.relay_store = (
@@ -317,6 +341,9 @@ class Soak:
     # -- setup -----------------------------------------------------------------
 
     def _setup(self) -> None:
+        if self.pg_server is not None:
+            self.pg_server.init()
+            self.pg_server.start()
         if self.pg_admin:
             _pg_admin(self.pg_admin, f'CREATE DATABASE "{self.pg_name}"')
         with contextlib.closing(create_store(self.relay_store)) as store:
@@ -404,7 +431,16 @@ class Soak:
             relay = next(r for r in self.relays if r.name == fault.targets[0])
             relay.kill()
             return [(fault.hold_s, partial(self._restart_relay, relay))]
+        if kind == "pg_restart":
+            assert self.pg_server is not None
+            if not self.pg_server.running:
+                return []
+            self.pg_server.stop()
+            self.state.pg_restarts += 1
+            return [(fault.hold_s, self._start_pg)]
         if kind == "pg_terminate":
+            if self.pg_server is not None and not self.pg_server.running:
+                return []  # a restart holds: nothing to cut
             cut = _pg_admin(
                 self.pg_admin,
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -496,6 +532,10 @@ class Soak:
             for proxy in self.proxies[name]:
                 self.host_call(partial(proxy.refuse, False))
 
+    def _start_pg(self) -> None:
+        if self.pg_server is not None and not self.pg_server.running:
+            self.pg_server.start()
+
     def _restart(self, proc: Proc) -> None:
         if not proc.running:
             proc.start()
@@ -526,6 +566,7 @@ class Soak:
             names,
             relays=self.config.relays,
             pg=bool(self.pg_admin),
+            pg_restarts=self.pg_server is not None,
         )
         undo: list[tuple[float, Callable[[], None]]] = []
         start = time.monotonic()
@@ -558,6 +599,7 @@ class Soak:
             self.host.call(proxy.heal)
         self._cut_depth.clear()
         self._refuse_depth.clear()
+        self._start_pg()
         for relay in self.relays:
             self._restart_relay(relay)
         for proc in self.runs.values():
@@ -628,8 +670,10 @@ class Soak:
         summary = self._summary(code, failure, problems, time.monotonic() - started)
         if code == EXIT_OK and not self.config.keep:
             shutil.rmtree(self.root, ignore_errors=True)
-            if self.pg_admin:
+            if self.pg_admin and self.pg_server is None:
                 _pg_admin(self.pg_admin, f'DROP DATABASE IF EXISTS "{self.pg_name}" WITH (FORCE)')
+        if self.pg_server is not None and (code == EXIT_OK or not self.config.keep):
+            self.pg_server.remove()
         return summary, code
 
     def _stop_all(self, *, strict: bool) -> None:
@@ -695,7 +739,12 @@ class Soak:
             "wall_s": round(wall_s, 1),
             "nodes": self.config.nodes,
             "relays": self.config.relays,
-            "store": f"postgresql (database {self.pg_name})" if self.pg_admin else "sqlite",
+            "store": (
+                f"postgresql (database {self.pg_name}"
+                + (", a private server it restarts)" if self.pg_server else ")")
+                if self.pg_admin
+                else "sqlite"
+            ),
             "operations": sum(w.ops.values()),
             "operations_by_kind": dict(sorted(w.ops.items())),
             "refused_by_kind": dict(sorted(w.refused.items())),
@@ -705,6 +754,7 @@ class Soak:
             "faults_by_kind": dict(sorted(self.state.faults.items())),
             "rebuilds_synced_later": self.state.late_first_syncs,
             "pg_backends_terminated": self.state.pg_backends_terminated,
+            "pg_restarts": self.state.pg_restarts,
             "process_starts": {
                 **{r.name: r.starts for r in self.relays},
                 **{n: p.starts for n, p in self.runs.items()},
@@ -769,7 +819,10 @@ def render(summary: dict[str, Any]) -> str:
         f"({', '.join(f'{k} {v}' for k, v in summary['operations_by_kind'].items())})",
         f"  acknowledged writes: {summary['acknowledged_writes']}; "
         f"lost acknowledged writes: {summary['lost_writes']}",
-        f"  faults: {summary['faults']} ({faults})",
+        f"  faults: {summary['faults']} ({faults})"
+        + (
+            f"; PostgreSQL restarts: {summary['pg_restarts']}" if summary.get("pg_restarts") else ""
+        ),
         f"  convergence after heal: {summary['convergence_s']} s",
         f"  records: {summary['records']}; open conflicts: {summary['open_conflicts']}; "
         f"resolutions: {summary['resolutions']}",
