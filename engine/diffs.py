@@ -45,6 +45,12 @@ def parts(
         whole = doc.diff(since)
     if whole is not None and len(whole) <= max_bytes:
         return [(seqs, whole)] if whole != EMPTY_UPDATE or rows else []
+    if whole is not None and not rows:
+        # Nothing in the outbox to split it by (the relay lost acknowledged
+        # work, say restored from an older backup): send it whole rather
+        # than nothing. The relay takes it or refuses it, and a refusal is a
+        # sync failure the user sees.
+        return [([], whole)]
     del whole
     out: Parts = []
     group: list[tuple[int, bytes]] = []

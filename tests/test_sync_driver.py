@@ -434,6 +434,34 @@ def test_a_diff_larger_than_one_update_goes_up_in_parts(
     assert len(b.list("customers")) == 120
 
 
+def test_acknowledged_work_the_relay_lost_goes_up_whole_when_too_big_for_parts(
+    tmp_path: Path, relay: MemRelay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay restored from an older backup lacks work whose outbox rows
+    were cleared: the diff cannot be split by rows, so it goes up whole
+    (before, nothing went up and the sync called itself complete)."""
+    import engine.sync.driver as driver_mod
+
+    monkeypatch.setattr(driver_mod, "MAX_ANSWER_BYTES", 4096)
+    a = make_node(tmp_path, "A")
+    for i in range(120):
+        a.put("customers", {"code": f"KH{i:04}", "name": f"Khách hàng số {i}", "address": "x" * 40})
+    la = relay.connect(a, relay.store.enroll("acme", "A").token)
+    relay.pump()
+    assert la.driver.synced and a.pending()["customers"] == 0
+    restored = MemRelay(tmp_path / "restored.db")  # the backup from before A's work
+    token = restored.store.enroll("acme", "A").token
+    lr = restored.connect(a, token)
+    restored.pump()
+    assert lr.driver.synced and lr.driver.stats.diffs_sent >= 1
+    assert failure_counts(a) == {"upload": 0, "download": 0}
+    b = make_node(tmp_path, "B")
+    lb = restored.connect(b, restored.store.enroll("acme", "B").token)
+    restored.pump()
+    assert lb.driver.synced
+    assert len(b.list("customers")) == 120 and books(a) == books(b)
+
+
 def test_export_parts_cover_the_outbox_and_converge(tmp_path: Path) -> None:
     a, b = make_node(tmp_path, "A"), make_node(tmp_path, "B")
     for i in range(60):

@@ -709,14 +709,22 @@ class SyncDriver:
         # Only a carrier may hand the relay other nodes' entries.
         own_only = not (self.opened is not None and self.opened.carrier)
         try:
-            return self.node.export_parts(doc, sv, MAX_ANSWER_BYTES, own_only=own_only)
+            parts = self.node.export_parts(doc, sv, MAX_ANSWER_BYTES, own_only=own_only)
         except UpdateError:
             if self._readable(sv):
                 raise
             # The relay's state vector is unreadable: upload everything (the
             # relay stores nothing twice). Its fault, not one a user can fix.
             self.stats.extra["unreadable_states"] = self.stats.extra.get("unreadable_states", 0) + 1
-            return self.node.export_parts(doc, None, MAX_ANSWER_BYTES, own_only=own_only)
+            parts = self.node.export_parts(doc, None, MAX_ANSWER_BYTES, own_only=own_only)
+        limit = self.session.limits.max_transfer
+        for _, data in parts:
+            if len(data) > limit:
+                raise UpdateError(
+                    f"document {doc}: {len(data):,} bytes to send in one update, more than "
+                    f"the relay takes ({limit:,}); nothing of it was sent"
+                )
+        return parts
 
     @staticmethod
     def _readable(sv: bytes) -> bool:
