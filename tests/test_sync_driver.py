@@ -399,6 +399,36 @@ def test_corrupt_fanout_is_a_download_failure_and_sync_goes_on(
     assert lb.relay.state is SessionState.OPEN
 
 
+def test_a_frame_of_live_updates_is_one_commit_and_a_bad_one_fails_alone(
+    tmp_path: Path, relay: MemRelay
+) -> None:
+    a, b = make_node(tmp_path, "A"), make_node(tmp_path, "B")  # A stays offline
+    lb = relay.connect(b, relay.store.enroll("acme", "B").token)
+    relay.pump()
+    updates = []
+    for i in range(5):
+        before = a.state()
+        a.put("customers", {"code": f"C{i}", "name": f"Customer {i}"})
+        updates.append(("customers", a.export_updates(before, docs=["customers"])["customers"]))
+    commits = []
+    b.store.commit_points = lambda point: commits.append(point) if point == "after_commit" else None
+    lb.relay.send_updates(updates)  # one frame, one document
+    relay.pump()
+    b.store.commit_points = None
+    assert len(commits) == 1
+    assert [r["code"] for r in b.list("customers")] == [f"C{i}" for i in range(5)]
+    assert lb.driver.stats.imported == 5
+    # One bad update in a frame: the others still arrive, it alone is recorded.
+    before = a.state()
+    a.put("customers", {"code": "C9", "name": "Nine"})
+    good = a.export_updates(before, docs=["customers"])["customers"]
+    lb.relay.send_updates([("customers", b"\xff\xfe garbage"), ("customers", good)])
+    relay.pump()
+    assert b.get("customers", "C9") is not None
+    assert failure_counts(b) == {"upload": 0, "download": 1}
+    assert lb.relay.state is SessionState.OPEN
+
+
 def test_blocks_series_reserve_leased_on_connect(tmp_path: Path, relay: MemRelay) -> None:
     a = blocks_node(tmp_path, "A")
     coll = a.collection("sales_invoice")
