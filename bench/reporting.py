@@ -346,9 +346,9 @@ def render(doc: dict[str, Any], target: Target, results: Path) -> str:
         BEGIN,
         "## Reporting",
         "",
-        f"Measured {run['date']} by `{run['command']}` at commit `{run['git_commit'][:10]}`, "
-        f"under load (other engineers' work on the same machine): load average "
-        f"{load[0]:.1f} at the start, {load[1]:.1f} at the end. Machine: {m['cpu_model']}, "
+        f"Measured {run['date']} by `{run['command']}` at commit `{run['git_commit'][:10]}`: "
+        f"load average {load[0]:.1f} at the start, {load[1]:.1f} at the end (every process "
+        f"of the run is on this machine). Machine: {m['cpu_model']}, "
         f"{m['cpus_usable']} usable CPUs. Raw figures: `{results.relative_to(ROOT)}`.",
         "",
         f"Two branch nodes (`node run`) and a writer each post {r['rate_per_s'] / 2:g} "
