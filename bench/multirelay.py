@@ -90,7 +90,7 @@ class Sizes:
     paced_every_s: float
 
 
-FULL = Sizes((50, 200), 4, 2_000, 1024, 300, 0.01)
+FULL = Sizes((50, 200), 4, 8_000, 1024, 300, 0.01)
 QUICK = Sizes((20,), 2, 500, 512, 60, 0.01)
 
 
@@ -372,11 +372,15 @@ def render(doc: dict[str, Any], results: Path) -> str:
     for r in doc["benchmarks"]:
         cpu = r["cpu_s"]
         same, cross = r["latency_same_relay"], r["latency_cross_relay"]
+        used = sum(cpu["relays"]) + cpu["pg_backends"] + cpu["writers"] + cpu["subscribers"]
+        busy = used / (r["seconds"] * m["cpus_usable"]) * 100
+        per_m = sum(cpu["relays"]) / max(r["delivered"], 1) * 1e6
         rows.append(
             f"| {r['relays']} | {r['subscribers']} | {r['delivered_per_s']:,.0f} | "
             f"{r['in_per_s']:,.0f} | {' + '.join(f'{c:.2f}' for c in cpu['relays'])} | "
             f"{cpu['pg_backends']:.2f} | {cpu['writers']:.2f} | "
-            f"{cpu['subscribers']:.2f} ({r['subscriber_processes']}) | "
+            f"{cpu['subscribers']:.2f} ({r['subscriber_processes']}) | {per_m:.2f} | "
+            f"{busy:.0f} % | "
             f"{same['p50_ms']:.1f} / {same['p99_ms']:.1f} | "
             + (f"{cross['p50_ms']:.1f} / {cross['p99_ms']:.1f}" if cross else "—")
             + f" | {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} |"
@@ -401,9 +405,9 @@ def render(doc: dict[str, Any], results: Path) -> str:
         "## Several relays on one PostgreSQL store",
         "",
         f"Measured {run['date']} by `{run['command']}` at commit `{run['git_commit'][:10]}`. "
-        f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, shared with other work "
-        f"(load average {load[0]:.1f} at the start, {load[1]:.1f} at the end: figures taken "
-        f"under load). Raw figures: `{results.relative_to(ROOT)}`.",
+        f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs; load average "
+        f"{load[0]:.1f} at the start, {load[1]:.1f} at the end (every process of the run is "
+        f"on this machine). Raw figures: `{results.relative_to(ROOT)}`.",
         "",
         f"{s['writers']} writer connections × {s['per_writer']:,} single-key updates (batched "
         f"frames, window {s['window']}), spread over the relays, into one document; N "
@@ -416,15 +420,18 @@ def render(doc: dict[str, Any], results: Path) -> str:
         "arrival on the writer's relay (same relay) and on the other (cross-relay).",
         "",
         "| relays | N | delivered/s | in/s | relay CPU s | PG backends CPU s | writers CPU s | "
-        "subscribers CPU s (processes) | same relay p50 / p99 ms | cross-relay p50 / p99 ms | "
-        "load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "subscribers CPU s (processes) | relay CPU s per 1M delivered | machine busy | "
+        "same relay p50 / p99 ms | cross-relay p50 / p99 ms | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "CPU seconds are those of the throughput phase, per process. All processes share the "
         "machine's cores: where the relays' CPU seconds add up to more than one relay alone "
         "used, the second relay did work the first could not take on; where the machine is "
-        "saturated the aggregate cannot grow.",
+        "saturated the aggregate cannot grow. *Machine busy* is the CPU of every process of "
+        "the phase over its wall time and the usable CPUs (near 100 %: the machine, not the "
+        "relays, sets the aggregate); *relay CPU per 1M delivered* staying level from one "
+        "relay to two means the work splits between them instead of being repeated.",
         "",
         "| Benchmark | Figure | Measured | Target | Result |",
         "|---|---|---|---|---|",
