@@ -30,6 +30,7 @@ from . import series as series_mod
 from .clock import Clock, SystemClock, system_random
 from .conflicts import list_conflicts, list_resolutions
 from .crdt import trim_heap
+from .crdt.split import split_update
 from .errors import (
     AdapterError,
     AdapterNotFound,
@@ -57,6 +58,11 @@ __all__ = ["EMPTY_UPDATE", "ImportReport", "Node", "Posted"]
 
 EMPTY_UPDATE = diffs.EMPTY_UPDATE
 TRIM_AFTER_BYTES = doclog.TRIM_AFTER_BYTES  # after importing this much, hand freed memory back
+#: Slice of a received update imported per transaction (``Node.import_sliced``):
+#: about 150 records of a typical catalog, some 20 ms of work, which bounds
+#: how long another writer of the home waits; smaller transactions also import
+#: faster than one huge one (docs/benchmarks.md, "Where a bulk apply's time goes").
+IMPORT_SLICE_BYTES = 64 << 10
 
 # Aliases: inside ``Node`` the name ``list`` is the method, not the type.
 Records = list[dict[str, Any]]
@@ -625,6 +631,41 @@ class Node:
         """
         for name in updates:
             self._collection_of(name)
+        report, _ = self._import_once(updates, unsynced, series)
+        if sum(len(data) for data in updates.values()) > TRIM_AFTER_BYTES:
+            trim_heap()
+        return report
+
+    def import_sliced(
+        self, name: str, data: bytes, max_bytes: int = IMPORT_SLICE_BYTES
+    ) -> ImportReport:
+        """Integrate one received update of document ``name`` in slices of at
+        most about ``max_bytes`` (``engine.crdt.split``), each its own durable
+        transaction: a catch-up of a large document then holds the store's
+        write lock a few milliseconds at a time, so this process's other
+        threads (a branch server's ``put``) and other processes write in
+        between, and SQLite never holds a huge transaction. A crash leaves the
+        slices before it, as if fewer updates had arrived; the rest comes with
+        the next sync. Raises UpdateError for a bad document name or bad bytes
+        (the slices before the bad one stay)."""
+        self._collection_of(name)
+        documents = stored = waiting = 0
+        changed: set[tuple[str, str]] = set()
+        for part in split_update(bytes(data), max_bytes):
+            report, records = self._import_once({name: part}, False, None)
+            documents = max(documents, report.documents)
+            stored += report.stored
+            waiting = report.waiting  # what still waits after the last slice
+            changed |= records
+        if len(data) > TRIM_AFTER_BYTES:
+            trim_heap()
+        return ImportReport(documents, len(changed), stored, 0, waiting)
+
+    def _import_once(
+        self, updates: dict[str, bytes], unsynced: bool, series: dict[str, Any] | None
+    ) -> tuple[ImportReport, set[tuple[str, str]]]:
+        """``import_updates`` in one transaction; also returns the
+        (collection, record) pairs that changed."""
         documents = records = stored = restored = 0
         touched: set[str] = set()
         changed_records: set[tuple[str, str]] = set()
@@ -646,9 +687,8 @@ class Node:
                 resolution.renumber_own_duplicates(w, touched)
             records = len(changed_records)
             held = rec.waiting_ids(w.txn.conn) if changed_records else set()
-        if sum(len(data) for data in updates.values()) > TRIM_AFTER_BYTES:
-            trim_heap()
-        return ImportReport(documents, records, stored, restored, len(held & changed_records))
+        report = ImportReport(documents, records, stored, restored, len(held & changed_records))
+        return report, changed_records
 
     def outbox(self, limit: int = 1000) -> Outbox:
         """Local updates the relay has not acknowledged: (seq, document, update)."""

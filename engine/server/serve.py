@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import signal
+import sys
 from pathlib import Path
 from types import FrameType
 
@@ -19,6 +20,11 @@ from .app import create_app
 DEFAULT_LISTEN = "127.0.0.1:8470"
 #: Seconds open connections (event streams) get to finish on shutdown.
 GRACEFUL_S = 3
+#: How long a thread holding the GIL runs before a waiting one gets it. The
+#: sync's worker thread imports a catch-up in pure Python while the event loop
+#: and the API thread answer workstations; at CPython's default (5 ms) every
+#: hand-over of a request waits up to that long, and a ``put`` has several.
+SWITCH_INTERVAL_S = 0.001
 
 
 class _Server(uvicorn.Server):
@@ -90,6 +96,7 @@ def serve(
     if (tls_cert is None) != (tls_key is None):
         raise UserError("--tls-cert and --tls-key go together: give both or neither")
     configure_logging(verbose=verbose, log_format=log_format)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(home, sync=True, backoff=Backoff(cap_s=backoff_max))
     config = uvicorn.Config(
         app,

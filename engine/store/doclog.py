@@ -130,10 +130,13 @@ class DocLog:
 
     def _catch_up(self, loaded: Loaded) -> None:
         with self._reading() as conn:
+            # The snapshot's bytes only when it is newer: it may be tens of
+            # megabytes, and this runs at every write after another's commit.
             snap = conn.execute(
-                "SELECT upto, data FROM snapshots WHERE doc = ?", (loaded.doc.name,)
+                "SELECT upto, data FROM snapshots WHERE doc = ? AND upto > ?",
+                (loaded.doc.name, loaded.applied),
             ).fetchone()
-            if snap is not None and snap[0] > loaded.applied:
+            if snap is not None:
                 loaded.doc.apply(bytes(snap[1]))
                 loaded.snapshot = loaded.applied = int(snap[0])
                 loaded.tail = loaded.tail_bytes = 0

@@ -21,6 +21,7 @@ from . import meta as meta_table
 from .conflict_index import INDEX_SQL, STALE_META
 from .health import check_store, problem, recovery_hint
 from .private import create_file, make_home
+from .turns import turns_of
 from .txn import WriteTxn
 
 STORE_FILE = "branchline.db"
@@ -302,6 +303,7 @@ class NodeStore:
         self.conn = conn
         self._data_version = -1
         self._depth = 0  # transactions open: inner ones are savepoints
+        self._turns = turns_of(path)  # this process's other stores of the file
         #: Called with "before_commit" (the statements done, COMMIT not yet
         #: run) and "after_commit" (durable) for every write transaction, and
         #: with "mid_materialize" inside each materialization (records
@@ -379,31 +381,41 @@ class NodeStore:
         Inside another one it is a savepoint of it: undone alone on an
         exception, durable when the outermost one commits (group commit).
 
-        Rolls back (to the savepoint) and re-raises on any exception. Raises
-        StoreError when the lock cannot be had or the commit fails.
+        Threads of this process writing the same file take turns in arrival
+        order (``turns``). Rolls back (to the savepoint) and re-raises on any
+        exception. Raises StoreError when the lock cannot be had within
+        ``BUSY_TIMEOUT_MS`` or the commit fails.
         """
         if self._depth:
             yield from self._savepoint()
             return
+        if not self._turns.take(BUSY_TIMEOUT_MS / 1000):
+            raise StoreError(
+                f"{self.path}: cannot start a write (another thread of this process "
+                f"held the store for {BUSY_TIMEOUT_MS // 1000} s)"
+            )
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise StoreError(f"{self.path}: cannot start a write ({exc})") from None
-        self._depth = 1
-        try:
-            yield WriteTxn(self.conn, self.commit_points)
-            if self.commit_points is not None:
-                self.commit_points("before_commit")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise StoreError(f"{self.path}: cannot start a write ({exc})") from None
+            self._depth = 1
+            try:
+                yield WriteTxn(self.conn, self.commit_points)
+                if self.commit_points is not None:
+                    self.commit_points("before_commit")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._depth = 0
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self.conn.execute("ROLLBACK")
+                raise StoreError(f"{self.path}: commit failed ({exc})") from None
         finally:
-            self._depth = 0
-        try:
-            self.conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self.conn.execute("ROLLBACK")
-            raise StoreError(f"{self.path}: commit failed ({exc})") from None
+            self._turns.give()
         if self.commit_points is not None:
             self.commit_points("after_commit")
 

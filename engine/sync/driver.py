@@ -72,7 +72,7 @@ from ..errors import (
     UpdatesRefused,
 )
 from ..names import DOC_RE, META_TOKEN_REFUSED
-from ..node import EMPTY_UPDATE, Node
+from ..node import EMPTY_UPDATE, IMPORT_SLICE_BYTES, Node
 from ..protocol import (
     EMPTY_STATE_VECTOR,
     Acked,
@@ -630,7 +630,7 @@ class SyncDriver:
             records = 0
         else:
             try:
-                report = self.node.import_updates({doc: data})
+                report = self.node.import_sliced(doc, data)
             except UpdateError as exc:
                 self.stats.download_failures += 1
                 whole = bool(DOC_RE.match(doc)) and doc.partition("/")[0] in (
@@ -653,29 +653,42 @@ class SyncDriver:
         return records
 
     def _import_live(self, events: list[UpdateReceived]) -> None:
-        """Import the live updates of one received frame in one transaction,
-        those of one document merged (in groups of ``LIVE_MERGE``): one durable
-        commit per frame, not per update, which is what kept a busy receiver
-        behind. If that fails, they are imported one by one, so the failing
-        update alone is recorded as a download failure."""
-        if len(events) == 1:
-            self._import(events[0].doc, events[0].data, from_pass=False)
-            return
+        """Import the live updates of one received frame in transactions of
+        about ``IMPORT_SLICE_BYTES``, those of one document merged (in groups
+        of ``LIVE_MERGE``): one durable commit per group, not per update,
+        which is what kept a busy receiver behind, and never one so long that
+        the home's other writers wait for it (a larger update is imported in
+        slices). If a group fails, its updates are imported one by one, so
+        the failing update alone is recorded as a download failure."""
         if self.stats.first_update_ms is None:
             self.stats.first_update_ms = self._wall_ms()
+        group: list[UpdateReceived] = []
+        size = 0
+        for ev in events:
+            if ev.doc in self._held_down or ev.data in (b"", EMPTY_UPDATE):
+                continue
+            if group and size + len(ev.data) > IMPORT_SLICE_BYTES:
+                self._import_group(group)
+                group, size = [], 0
+            group.append(ev)
+            size += len(ev.data)
+        self._import_group(group)
+
+    def _import_group(self, events: list[UpdateReceived]) -> None:
+        if len(events) <= 1:
+            for ev in events:
+                self._import(ev.doc, ev.data, from_pass=False)
+            return
         by_doc: dict[str, list[bytes]] = {}
         for ev in events:
-            if ev.doc not in self._held_down and ev.data not in (b"", EMPTY_UPDATE):
-                by_doc.setdefault(ev.doc, []).append(ev.data)
+            by_doc.setdefault(ev.doc, []).append(ev.data)
         try:
-            updates = {doc: _merged(blobs) for doc, blobs in by_doc.items()}
-            if updates:
-                self.node.import_updates(updates)
+            self.node.import_updates({doc: _merged(blobs) for doc, blobs in by_doc.items()})
         except UpdateError:
             for ev in events:
                 self._import(ev.doc, ev.data, from_pass=False)
             return
-        self.stats.imported += sum(map(len, by_doc.values()))
+        self.stats.imported += len(events)
 
     def _answer_states(self) -> None:
         while self._answers and self.session.state is SessionState.OPEN:
