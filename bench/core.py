@@ -7,7 +7,8 @@
    already holds records (inserts, then updates), p50/p99, next to the fsync
    floor of the same filesystem measured in the same process.
 2. Apply 100,000 records received from another replica into a fresh node:
-   ``import_updates`` until ``count()`` is 100,000, in a fresh process per
+   ``import_sliced`` (what a sync does with a received update) until
+   ``count()`` is 100,000, in a fresh process per
    repeat, with its peak RSS.
 3. RSS of a node process holding those 100,000 records after opening and
    one put into their document.
@@ -162,7 +163,7 @@ def bench_apply(tmp: Path, sizes: Sizes) -> tuple[dict[str, Any], Path | None]:
     kept: Path | None = None
     for i in range(sizes.repeats):
         home = tmp / f"receiver-{i}"
-        say(f"[apply] run {i + 1}/{sizes.repeats}: import_updates of {n:,} records")
+        say(f"[apply] run {i + 1}/{sizes.repeats}: import_sliced of {n:,} records")
         runs.append(
             run_worker(
                 "apply",
@@ -183,7 +184,8 @@ def bench_apply(tmp: Path, sizes: Sizes) -> tuple[dict[str, Any], Path | None]:
         "workload": (
             f"A fresh node receives one update holding {n:,} '{COLLECTION}' records "
             f"({source['bytes']:,} bytes) from another replica, already in memory. Timed: "
-            "Node.import_updates (one durable transaction: CRDT apply, update log, "
+            "Node.import_sliced, what a sync does with a received update (split into "
+            "slices of 64 KB, each one durable transaction: CRDT apply, update log, "
             f"materialized records) plus count() == {n:,}; "
             f"{runs[0]['verified_samples']} sampled records "
             "checked field by field afterwards. Fresh process and fresh node per run. "

@@ -164,7 +164,7 @@ def render(doc: dict[str, Any], targets: list[Target], results_path: Path) -> st
         f"Repeats: {apply['repeats']}.",
         "",
         f"- import + count: {_spread(apply['total_s'], 's')}",
-        f"- of which `import_updates`: {_spread(apply['import_s'], 's')}; "
+        f"- of which `import_sliced`: {_spread(apply['import_s'], 's')}; "
         f"`count()`: {_spread(apply['count_s'], 's')}",
         f"- peak RSS of the receiving process: {_spread(apply['peak_rss_mb'], 'MB')}",
         f"- sender's update built in {apply['source']['build_s']:.1f} s. Fidelity: "

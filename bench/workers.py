@@ -153,7 +153,7 @@ def task_apply(args: Args) -> dict[str, Any]:
         gc.collect()
         before = rss_mb()
         t0 = time.perf_counter()
-        report = node.import_updates({COLLECTION: payload})
+        report = node.import_sliced(COLLECTION, payload)
         t1 = time.perf_counter()
         count = node.count(COLLECTION)
         t2 = time.perf_counter()

@@ -60,8 +60,7 @@ EMPTY_UPDATE = diffs.EMPTY_UPDATE
 TRIM_AFTER_BYTES = doclog.TRIM_AFTER_BYTES  # after importing this much, hand freed memory back
 #: Slice of a received update imported per transaction (``Node.import_sliced``):
 #: about 150 records of a typical catalog, some 20 ms of work, which bounds
-#: how long another writer of the home waits; smaller transactions also import
-#: faster than one huge one (docs/benchmarks.md, "Where a bulk apply's time goes").
+#: how long another writer of the home waits (docs/architecture.md).
 IMPORT_SLICE_BYTES = 64 << 10
 
 # Aliases: inside ``Node`` the name ``list`` is the method, not the type.
