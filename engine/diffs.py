@@ -95,11 +95,11 @@ def own_diff(doc: RecordDoc, since: bytes | None, mine: set[int], client_id: int
     return diff[: len(diff) - len(deletions)] + encode_delete_set(kept)
 
 
-def merged(blobs: list[bytes]) -> bytes:
-    """One update holding all of ``blobs`` (at least one), merged
-    ``MAX_MERGE`` at a time. Raises UpdateError for bytes that are not updates."""
+def merged(blobs: list[bytes], step: int = MAX_MERGE) -> bytes:
+    """One update holding all of ``blobs`` (at least one), merged ``step`` at
+    a time. Raises UpdateError for bytes that are not updates."""
     while len(blobs) > 1:
-        blobs = [merge(blobs[i : i + MAX_MERGE]) for i in range(0, len(blobs), MAX_MERGE)]
+        blobs = [merge(blobs[i : i + step]) for i in range(0, len(blobs), step)]
     return blobs[0]
 
 

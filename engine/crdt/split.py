@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ..errors import UpdateError
 from .deleteset import decode_delete_set
-from .statevec import write_uint
+from .statevec import read_uint, write_uint
 
 #: More structs or nesting than any real update holds: a corrupt count.
 MAX_STRUCTS = 50_000_000
@@ -44,19 +44,8 @@ class _Reader:
         if pos < self.end and data[pos] < 0x80:  # the common one-byte case
             self.pos = pos + 1
             return data[pos]
-        value = shift = 0
-        while True:
-            if pos >= self.end:
-                raise UpdateError("update is truncated")
-            byte = data[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                self.pos = pos
-                return value
-            shift += 7
-            if shift > 70:
-                raise UpdateError("update has an integer longer than 64 bits")
+        value, self.pos = read_uint(data, pos)
+        return value
 
     def skip(self, n: int) -> None:
         if self.pos + n > self.end:
@@ -118,9 +107,9 @@ class _Reader:
 
     def struct(self) -> int:
         """Skip one struct; returns its length in clock units."""
-        info = self.data[self.pos] if self.pos < self.end else -1
-        if info < 0:
+        if self.pos >= self.end:
             raise UpdateError("update is truncated")
+        info = self.data[self.pos]
         self.pos += 1
         ref = info & _BITS5
         if ref == 0 or ref == 10:  # GC, Skip
@@ -139,10 +128,11 @@ class _Reader:
         return self._content(ref)
 
     def _content(self, ref: int) -> int:
-        if ref == 8:  # Any
+        if ref == 8 or ref == 2:  # Any, JSON: a count of values
             n = self._count()
+            skip = self.skip_any if ref == 8 else self.skip_string
             for _ in range(n):
-                self.skip_any()
+                skip()
             return n
         if ref == 1:  # Deleted
             return self.uint()
@@ -154,11 +144,6 @@ class _Reader:
             except UnicodeDecodeError:
                 raise UpdateError("update holds a string that is not UTF-8") from None
             return len(chars.encode("utf-16-le")) // 2
-        if ref == 2:  # JSON
-            n = self._count()
-            for _ in range(n):
-                self.skip_string()
-            return n
         if ref == 3:  # Binary
             self.skip(self.uint())
         elif ref == 5:  # Embed
@@ -181,8 +166,9 @@ def split_update(update: bytes, max_bytes: int) -> list[bytes]:
     """``update`` as updates to apply in the order given, the structs of
     each taking at most ``max_bytes`` (bar a single struct larger than that;
     a few bytes of group headers, and in the last part the delete set, come
-    on top); an update that fits is returned as the only element, unchanged. Raises UpdateError for
-    bytes that are not a v1 update and ValueError for ``max_bytes`` < 1."""
+    on top); an update that fits is returned as the only element, unchanged.
+    Raises UpdateError for bytes that are not a v1 update and ValueError for
+    ``max_bytes`` < 1."""
     if max_bytes < 1:
         raise ValueError("max_bytes must be at least 1")
     if len(update) <= max_bytes:

@@ -389,12 +389,7 @@ class NodeStore:
         if self._depth:
             yield from self._savepoint()
             return
-        if not self._turns.take(BUSY_TIMEOUT_MS / 1000):
-            raise StoreError(
-                f"{self.path}: cannot start a write (another thread of this process "
-                f"held the store for {BUSY_TIMEOUT_MS // 1000} s)"
-            )
-        try:
+        with self._turn():
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
@@ -414,10 +409,22 @@ class NodeStore:
             except sqlite3.Error as exc:
                 self.conn.execute("ROLLBACK")
                 raise StoreError(f"{self.path}: commit failed ({exc})") from None
-        finally:
-            self._turns.give()
         if self.commit_points is not None:
             self.commit_points("after_commit")
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """This thread's turn among the process's writers of the file.
+        Raises StoreError when it does not come within ``BUSY_TIMEOUT_MS``."""
+        if not self._turns.take(BUSY_TIMEOUT_MS / 1000):
+            raise StoreError(
+                f"{self.path}: cannot start a write (another thread of this process "
+                f"held the store for {BUSY_TIMEOUT_MS // 1000} s)"
+            )
+        try:
+            yield
+        finally:
+            self._turns.give()
 
     def _savepoint(self) -> Iterator[WriteTxn]:
         name = f"nested_{self._depth}"

@@ -59,8 +59,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from .. import diffs
 from .. import series as series_mod
-from ..crdt import merge
 from ..crdt.statevec import decode_state_vector
 from ..errors import (
     AuthError,
@@ -683,7 +683,9 @@ class SyncDriver:
         for ev in events:
             by_doc.setdefault(ev.doc, []).append(ev.data)
         try:
-            self.node.import_updates({doc: _merged(blobs) for doc, blobs in by_doc.items()})
+            self.node.import_updates(
+                {doc: diffs.merged(blobs, LIVE_MERGE) for doc, blobs in by_doc.items()}
+            )
         except UpdateError:
             for ev in events:
                 self._import(ev.doc, ev.data, from_pass=False)
@@ -934,11 +936,3 @@ class SyncDriver:
                 self.session.request_lease(key, count, ref)
                 self._leases[ref] = _Lease(coll.name, year if yearly else None)
                 self._leasing.add(key)
-
-
-def _merged(blobs: list[bytes]) -> bytes:
-    """One update holding ``blobs`` (merged ``LIVE_MERGE`` at a time).
-    Raises UpdateError for bytes that are not updates."""
-    while len(blobs) > 1:
-        blobs = [merge(blobs[i : i + LIVE_MERGE]) for i in range(0, len(blobs), LIVE_MERGE)]
-    return blobs[0]
