@@ -312,3 +312,15 @@ class ReadOnlyUser(AuthError):
 class SyncUnavailable(BranchlineError):
     """The branch server runs no sync loop (no relay configured, or it was
     started without one), so it cannot sync now."""
+
+
+# -- write-back capture (issue 15) --------------------------------------------
+
+
+class CaptureError(UserError):
+    """A table cannot be captured as asked (no such table, a column that does
+    not fit the collection); nothing changed."""
+
+
+class CaptureNotFound(CaptureError):
+    """The table is not captured on this node, or no quarantined change has that id."""

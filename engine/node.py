@@ -25,8 +25,9 @@ from typing import Any
 
 import orjson
 
-from . import diffs, plugins, resolution
+from . import capture, diffs, plugins, resolution
 from . import series as series_mod
+from .capture import sql as capture_sql
 from .clock import Clock, SystemClock, system_random
 from .conflicts import list_conflicts, list_resolutions
 from .crdt import trim_heap
@@ -34,6 +35,8 @@ from .crdt.split import split_update
 from .errors import (
     AdapterError,
     AdapterNotFound,
+    CaptureError,
+    CaptureNotFound,
     DatasetMismatch,
     QueryError,
     SeriesError,
@@ -51,6 +54,7 @@ from .store import NodeStore, doclog, outbox
 from .store import records as rec
 from .store.conflict_index import is_stale
 from .store.doclog import Loaded
+from .store.node_store import own_tables
 from .tls import load_ca
 from .writes import Posted, Replica, check_new_voucher, collection_of
 
@@ -69,6 +73,7 @@ Strings = list[str]
 Ints = list[int]
 Outbox = list[tuple[int, str, bytes]]
 Parts = diffs.Parts
+CaptureFailures = list[capture.FailureRow]
 #: Node meta: ``replicated`` once the home's voids are in ``number_gaps``
 #: (absent in homes made before the gap journal replicated).
 GAP_JOURNAL_META = "gap_journal"
@@ -842,6 +847,103 @@ class Node:
                 plugins.rebuild(w.txn.conn, a, self._live_records(a), compare=compare)
                 for a in chosen
             ]
+
+    # -- write-back capture (issue 15) -------------------------------------
+
+    def captures(self) -> dict[str, capture.CaptureSpec]:
+        """Captured tables: name -> spec (collection, key column, columns)."""
+        return capture.specs_of(self.store.meta())
+
+    def enable_capture(self, table: str, collection: str, key: str | None = None) -> int:
+        """Capture the app's table ``table`` (in this node's store) into
+        ``collection``: from now on every insert, update and delete of it is
+        queued in the app's own transaction and becomes a replicated write,
+        and changes from other nodes are written into it. ``key``: the
+        column holding the collection's key (default: the key's name). Its
+        existing rows are queued as inserts and every live record missing
+        from it is written in, in one transaction; returns the rows queued
+        (``drain_captured`` writes them). Raises CaptureError."""
+        with self._replica.write() as w:
+            conn = w.txn.conn
+            specs = self.captures()
+            if table in specs:
+                raise CaptureError(f"{table} is captured already (into {specs[table].collection})")
+            taken = [s.table for s in specs.values() if s.collection == collection]
+            if taken:
+                raise CaptureError(f"{collection} is captured already, by table {taken[0]}")
+            spec = capture.plan(conn, self.schema, table, collection, key, self._reserved())
+            capture_sql.ensure_tables(conn)
+            capture_sql.install(conn, spec)
+            queued = capture_sql.enqueue_existing(conn, spec)
+            one = capture.Capture(self.schema, {table: spec})
+            one.writebacks[0].rebuild(
+                conn, plugins.live_records(conn, self.schema, [collection], self._states)
+            )
+            specs[table] = spec
+            self.store.set_meta(capture.META_KEY, capture.specs_to_meta(specs))
+        self._replica.adopt_adapters(self.store.meta())
+        return queued
+
+    def disable_capture(self, table: str, *, discard_failures: bool = False) -> None:
+        """Stop capturing ``table``: its queued changes are written first,
+        then its triggers go (the table and its rows stay the app's).
+        Raises CaptureNotFound, and CaptureError while changes of it are
+        quarantined, unless ``discard_failures``."""
+        specs = self.captures()
+        if table not in specs:
+            raise CaptureNotFound(
+                f"{table} is not captured on this node (captured: {', '.join(specs) or 'none'})"
+            )
+        with self._replica.write() as w:
+            conn = w.txn.conn
+            held = [f for f in capture_sql.failures(conn) if f.change.table == table]
+            if held and not discard_failures:
+                raise CaptureError(
+                    f"{len(held)} change(s) of {table} are quarantined ('branchline failures'); "
+                    "retry them, or disable with --discard-failures to give them up"
+                )
+            capture_sql.forget(conn, table)
+            del specs[table]
+            self.store.set_meta(capture.META_KEY, capture.specs_to_meta(specs))
+        self._replica.adopt_adapters(self.store.meta())
+
+    def drain_captured(self, limit: int = capture.DRAIN_BATCH) -> capture.Drained:
+        """Write the oldest ``limit`` changes queued by captured tables, in
+        one transaction (a refused one is quarantined, listed by
+        ``capture_failures``). Costs one read when nothing is queued."""
+        if self._replica.capture is None and not self.captures():
+            return capture.Drained()
+        self.refresh()
+        if self._replica.capture is None or not capture_sql.any_queued(self.store.conn):
+            return capture.Drained()
+        with self._replica.write(drain=False) as w:
+            assert self._replica.capture is not None
+            return self._replica.capture.drain(w, limit)
+
+    def capture_queued(self) -> dict[str, int]:
+        """Changes waiting in the capture queue, per table."""
+        return capture_sql.queued(self.store.conn)
+
+    def capture_failures(self) -> CaptureFailures:
+        """Quarantined changes (and records that could not be written into
+        their table), oldest first, with the reason."""
+        return capture_sql.failures(self.store.conn)
+
+    def retry_captured(self, ids: Iterable[int] | None = None) -> int:
+        """Queue quarantined changes ``ids`` (all when None) again, after
+        their cause is fixed; returns how many. Raises CaptureNotFound."""
+        if self._replica.capture is None:
+            if ids:
+                raise CaptureNotFound("no table is captured on this node")
+            return 0
+        with self._replica.write(drain=False) as w:
+            assert self._replica.capture is not None
+            return self._replica.capture.retry(w, ids)
+
+    def _reserved(self) -> frozenset[str]:
+        """Tables an app must not capture: the store's own and the adapters'."""
+        adapters = self._adapters.adapters if self._adapters else []
+        return own_tables() | {"adapter_conflicts"} | {t for a in adapters for t in a.tables()}
 
     def live_records(self, collections: Iterable[str]) -> Iterator[plugins.RecordChange]:
         """Every live record of ``collections`` as an ``inserted`` change, in

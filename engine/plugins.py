@@ -181,23 +181,28 @@ RebuildReports = list[RebuildReport]  # (inside Node, ``list`` names a method)
 
 
 class AdapterSet:
-    """The adapters enabled on one open node, in the order they were enabled."""
+    """The adapters enabled on one open node, in the order they were enabled,
+    then ``sinks``: what else takes record changes in the write transaction
+    (captured tables' write-back), which no rebuild or listing shows."""
 
-    def __init__(self, adapters: list[Adapter]) -> None:
+    def __init__(self, adapters: list[Adapter], sinks: Sequence[Adapter] = ()) -> None:
         self.adapters = adapters
         self._by_collection: dict[str, list[Adapter]] = {}
-        for adapter in adapters:
+        for adapter in [*adapters, *sinks]:
             for name in adapter.collections:
                 self._by_collection.setdefault(name, []).append(adapter)
 
     @classmethod
-    def from_meta(cls, meta: dict[str, str], schema: Schema) -> AdapterSet | None:
-        """The set a node's meta enables, or None when it enables none."""
+    def from_meta(
+        cls, meta: dict[str, str], schema: Schema, sinks: Sequence[Adapter] = ()
+    ) -> AdapterSet | None:
+        """The set a node's meta enables (with ``sinks``), or None when
+        there is nothing to feed."""
         wanted = enabled(meta)
-        if not wanted:
+        if not wanted and not sinks:
             return None
         try:
-            return cls([load(name, schema, options) for name, options in wanted.items()])
+            return cls([load(name, schema, options) for name, options in wanted.items()], sinks)
         except AdapterError as exc:
             # The node still opens (reads, queries, disabling the adapter);
             # only writes are refused, since they would leave its tables stale.

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from . import capture as capture_mod
 from . import plugins
 from . import series as series_mod
 from .clock import Clock, HybridClock
@@ -105,12 +106,20 @@ class Replica:
         # None unless the node enables adapters: then writes skip them at no cost.
         self.adapters: plugins.AdapterSet | None = None
         self.adapters_meta: str | None = None  # the meta entry they were read from
+        #: The captured tables (engine.capture), None when there are none.
+        self.capture: capture_mod.Capture | None = None
+        self.capture_meta: str | None = None
 
     def adopt_adapters(self, meta: dict[str, str]) -> None:
-        """Feed writes to the adapters node ``meta`` enables (and remember
-        which, so ``refresh`` notices another process changing them)."""
+        """Feed writes to the adapters node ``meta`` enables and to its
+        captured tables (and remember which, so ``refresh`` notices another
+        process changing them)."""
         self.adapters_meta = meta.get(plugins.META_KEY)
-        self.set_adapters(plugins.AdapterSet.from_meta(meta, self.schema))
+        self.capture_meta = meta.get(capture_mod.META_KEY)
+        specs = capture_mod.specs_of(meta)
+        self.capture = capture_mod.Capture(self.schema, specs) if specs else None
+        sinks = self.capture.writebacks if self.capture is not None else []
+        self.set_adapters(plugins.AdapterSet.from_meta(meta, self.schema, sinks))
 
     def set_adapters(self, adapters: plugins.AdapterSet | None) -> None:
         self.adapters = adapters
@@ -131,9 +140,12 @@ class Replica:
             return False
         self.log.catch_up()
         meta = self.store.meta()
-        if meta.get(plugins.META_KEY) != self.adapters_meta:
+        if (
+            meta.get(plugins.META_KEY) != self.adapters_meta
+            or meta.get(capture_mod.META_KEY) != self.capture_meta
+        ):
             # Another process enabled or disabled an adapter (and rebuilt its
-            # tables): from now on this instance's writes feed the new set.
+            # tables) or a capture: from now on this instance's writes feed the new set.
             self.adopt_adapters(meta)
         return True
 
@@ -142,17 +154,22 @@ class Replica:
         return new_id(self.hlc.tick(), self.salt, self.rng)
 
     @contextmanager
-    def write(self) -> Iterator[Writer]:
+    def write(self, drain: bool = True) -> Iterator[Writer]:
         """One write transaction: it first catches up with what other
-        processes committed, and commits (durably) when the block ends.
-        Anything raised rolls it back, drops the loaded documents (they may
-        hold what did not commit) and goes on up. Raises StoreError."""
+        processes committed and, with ``drain``, writes every change queued
+        by captured tables (engine.capture.drain says why first), and
+        commits (durably) when the block ends. Anything raised rolls it
+        back, drops the loaded documents (they may hold what did not commit)
+        and goes on up. Raises StoreError."""
         noted = self.client_noted
         try:
             with self.store.transaction() as txn:
                 self.refresh()
                 self.hlc.observe(int(self.store.get_meta("hlc") or 0))
-                yield Writer(self, txn)
+                writer = Writer(self, txn)
+                if drain and self.capture is not None:
+                    self.capture.drain(writer)
+                yield writer
                 self.store.set_meta("hlc", str(self.hlc.last))
         except BaseException:
             # The ``clients`` row this write added, if any, rolled back with it.
@@ -183,6 +200,19 @@ class Writer:
 
     def states(self, docname: str, rid: str) -> dict[str, Any]:
         return self._r.states(docname, rid)
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A part of the transaction undone alone when it raises (and then
+        the loaded documents are dropped: they may hold what was undone)."""
+        noted = self._r.client_noted
+        try:
+            with self._r.store.transaction():
+                yield
+        except BaseException:
+            self._r.log.clear()
+            self._r.client_noted = noted
+            raise
 
     # -- reads inside the transaction ------------------------------------------
 
@@ -223,8 +253,16 @@ class Writer:
             self._check_voucher_edit(coll, fields)
         return self._put(coll, fields)
 
-    def post_voucher(self, coll: Collection, fields: dict[str, Any]) -> Posted:
-        """``Node.post_voucher`` inside this transaction."""
+    def create(self, coll: Collection, fields: dict[str, Any], rid: str) -> str:
+        """A new catalog record with id ``rid`` (one from ``new_id``). Raises as ``put``."""
+        _check_user_writable(coll)
+        return self._put(coll, fields, new_record_id=rid)
+
+    def post_voucher(
+        self, coll: Collection, fields: dict[str, Any], rid: str | None = None
+    ) -> Posted:
+        """``Node.post_voucher`` inside this transaction; ``rid``: the new
+        voucher's id (one from ``new_id``), default a new one."""
         check_new_voucher(coll, fields)
         if fields.get("number"):
             # A typed number already in use must not turn the booking
@@ -235,10 +273,10 @@ class Writer:
                 raise DuplicateKey(
                     f"{coll.name}: number {number!r} is already used by voucher {taken[0]}"
                 )
-            rid = self.new_id()
+            rid = rid or self.new_id()
             self._put(coll, fields, new_record_id=rid)
             return Posted(rid, str(fields["number"]))
-        rid = self.new_id()
+        rid = rid or self.new_id()
         alloc = self.allocate(coll, self._partition_date(coll, fields), rid)
         self._put(coll, {**fields, "number": alloc.number}, new_record_id=rid)
         return Posted(rid, alloc.number, alloc.provisional)

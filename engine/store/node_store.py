@@ -485,6 +485,19 @@ class NodeStore:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
 
 
+def own_tables() -> frozenset[str]:
+    """Names of the tables and views of the store's format (never an app's)."""
+    scratch = sqlite3.connect(":memory:")
+    try:
+        scratch.executescript(SCHEMA_SQL)
+        return frozenset(
+            str(r[0])
+            for r in scratch.execute("SELECT name FROM sqlite_master WHERE sql IS NOT NULL")
+        )
+    finally:
+        scratch.close()
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
