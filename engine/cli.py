@@ -1171,10 +1171,16 @@ def failures_cmd(home: Path, as_json: bool) -> None:
 
     with _opened(home) as n:
         items = list_failures(n)
+        captured = n.capture_failures()
     if as_json:
-        _emit([f.to_json() for f in items])
+        _emit(
+            [f.to_json() for f in items]
+            + [{"direction": "capture", **f.to_json()} for f in captured]
+        )
         return
     console = _console()
+    if captured:
+        _print_capture_failures(console, captured)
     if not items:
         console.print(Text("no sync failures"))
         return
@@ -1210,6 +1216,32 @@ def failures_cmd(home: Path, as_json: bool) -> None:
     console.print(table)
     for f in items:
         console.print(Text(f"- {f.id}: {f.reason}"))
+
+
+def _print_capture_failures(console: Console, captured: list[Any]) -> None:
+    table = Table(title=_count(len(captured), "quarantined change") + " of captured tables")
+    for name in ("id", "table", "change", "row", "key", "since"):
+        table.add_column(name, overflow="fold")
+    for f in captured:
+        c = f.change
+        key = c.old_key if c.op == "delete" else c.new_key
+        table.add_row(
+            *(
+                Text(v)
+                for v in (
+                    str(f.id),
+                    c.table,
+                    c.op,
+                    str(c.row),
+                    _show(key),
+                    _short_when(f.failed_at),
+                )
+            )
+        )
+    console.print(table)
+    for f in captured:
+        console.print(Text(f"- {f.id}: {f.reason}"))
+    console.print(Text("fix the row (or what it refers to), then 'branchline capture retry'"))
 
 
 @cli.command("retry")
@@ -1277,6 +1309,15 @@ def status_cmd(home: Path, as_json: bool) -> None:
             f"upload {info['failures']['upload']}, download {info['failures']['download']}",
         ),
     ]
+    if info["capture"]["tables"]:
+        cap = info["capture"]
+        rows.append(
+            (
+                "captured tables",
+                f"{cap['tables']}: {cap['queued']} changes queued, "
+                f"{cap['quarantined']} quarantined",
+            )
+        )
     error = info["last_error"]
     if error:
         rows.insert(5, ("last error", f"{error['message']} (since {_when(error['at'])})"))
@@ -1503,6 +1544,152 @@ def adapters_disable(home: Path, name: str, as_json: bool) -> None:
         _emit({"adapter": name, "enabled": False})
         return
     click.echo(f"adapter '{name}' disabled; its tables are dropped")
+
+
+@cli.group("capture")
+def capture_group() -> None:
+    """Replicate an app's own SQL table: its writes become records, other
+    nodes' changes are written into it (docs/capture.md)."""
+
+
+def _drain_all(n: Node, quiet: bool) -> tuple[int, int]:
+    """Write every queued change, batch by batch, saying how far it got."""
+    written = quarantined = 0
+    total = n.capture_status()["queued"]
+    while True:
+        done = n.drain_captured()
+        if not done.changes:
+            return written, quarantined
+        written += done.written
+        quarantined += done.quarantined
+        if not quiet and total > 5 * done.changes:
+            click.echo(f"  {written + quarantined} of {total} changes written", err=True)
+
+
+def _drained_text(written: int, quarantined: int) -> str:
+    text = f"{_count(written, 'change')} written"
+    if quarantined:
+        text += f", {quarantined} quarantined (see 'branchline failures')"
+    return text
+
+
+@capture_group.command("enable")
+@home_option
+@click.argument("table")
+@click.option("--collection", required=True, help="the collection the table's rows are records of")
+@click.option(
+    "--key",
+    default=None,
+    metavar="COLUMN",
+    help="the column holding the collection's key (default: a column of the key's name)",
+)
+@json_option
+def capture_enable(home: Path, table: str, collection: str, key: str | None, as_json: bool) -> None:
+    """Capture TABLE (a table of the node store the app writes): its rows
+    become records of the collection, other nodes' changes are written in."""
+    with _opened(home) as n:
+        queued = n.enable_capture(table, collection, key)
+        spec = n.captures()[table]
+        written, quarantined = _drain_all(n, as_json)
+    if as_json:
+        _emit({**spec.to_json(), "queued": queued, "written": written, "quarantined": quarantined})
+        return
+    click.echo(
+        f"capturing {table} into {collection} (key column {spec.key}; columns "
+        f"{', '.join(spec.columns.values())}); its {_count(queued, 'existing row')}: "
+        + _drained_text(written, quarantined)
+    )
+
+
+@capture_group.command("disable")
+@home_option
+@click.argument("table")
+@click.option("--discard-failures", is_flag=True, help="give up the table's quarantined changes")
+@json_option
+def capture_disable(home: Path, table: str, discard_failures: bool, as_json: bool) -> None:
+    """Stop capturing TABLE (its queued changes are written first; the table stays)."""
+    with _opened(home) as n:
+        n.disable_capture(table, discard_failures=discard_failures)
+    if as_json:
+        _emit({"table": table, "captured": False})
+        return
+    click.echo(f"{table} is no longer captured; the table and its rows stay as they are")
+
+
+@capture_group.command("list")
+@home_option
+@json_option
+def capture_list(home: Path, as_json: bool) -> None:
+    """Captured tables: collection, key column, columns, changes queued and quarantined."""
+    with _opened(home) as n:
+        specs = n.captures()
+        queued = n.capture_queued()
+        held: dict[str, int] = {}
+        for f in n.capture_failures():
+            held[f.change.table] = held.get(f.change.table, 0) + 1
+    rows = [
+        {**s.to_json(), "queued": queued.get(t, 0), "quarantined": held.get(t, 0)}
+        for t, s in specs.items()
+    ]
+    if as_json:
+        _emit(rows)
+        return
+    if not rows:
+        click.echo("no captured tables")
+        return
+    table = Table(title=_count(len(rows), "captured table"))
+    for name in ("table", "collection", "key", "columns", "queued", "quarantined"):
+        table.add_column(name, overflow="fold")
+    for r in rows:
+        table.add_row(
+            *(
+                Text(str(v))
+                for v in (
+                    r["table"],
+                    r["collection"],
+                    r["key"],
+                    ", ".join(r["columns"].values()),
+                    r["queued"],
+                    r["quarantined"],
+                )
+            )
+        )
+    _console().print(table)
+
+
+@capture_group.command("drain")
+@home_option
+@json_option
+def capture_drain(home: Path, as_json: bool) -> None:
+    """Write the captured changes waiting in the queue now (a running node
+    does this by itself within a fraction of a second)."""
+    with _opened(home) as n:
+        written, quarantined = _drain_all(n, as_json)
+    if as_json:
+        _emit({"written": written, "quarantined": quarantined})
+        return
+    click.echo(_drained_text(written, quarantined))
+
+
+@capture_group.command("retry")
+@home_option
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all", "all_", is_flag=True, help="retry every quarantined change")
+@json_option
+def capture_retry(home: Path, ids: tuple[int, ...], all_: bool, as_json: bool) -> None:
+    """Queue quarantined changes again (IDs from 'branchline failures', or
+    --all) once their cause is fixed, and write them."""
+    if bool(ids) == all_:
+        raise UserError(
+            "give either the quarantined change ids to retry or --all (see 'branchline failures')"
+        )
+    with _opened(home) as n:
+        again = n.retry_captured(None if all_ else ids)
+        written, quarantined = _drain_all(n, as_json)
+    if as_json:
+        _emit({"retried": again, "written": written, "quarantined": quarantined})
+        return
+    click.echo(f"{_count(again, 'change')} queued again; " + _drained_text(written, quarantined))
 
 
 @cli.group("bridge")

@@ -27,7 +27,6 @@ import orjson
 
 from . import capture, diffs, plugins, resolution
 from . import series as series_mod
-from .capture import sql as capture_sql
 from .clock import Clock, SystemClock, system_random
 from .conflicts import list_conflicts, list_resolutions
 from .crdt import trim_heap
@@ -51,6 +50,7 @@ from .names import DATASET_RE, DOC_RE, META_RELAY_CA, META_TOKEN_REFUSED, NODE_R
 from .query import QueryResult, adapter_owning, run_query
 from .schema import GAPS, Collection, Schema, load_schema, parse_schema
 from .store import NodeStore, doclog, outbox
+from .store import capture as capture_sql
 from .store import records as rec
 from .store.conflict_index import is_stale
 from .store.doclog import Loaded
@@ -923,6 +923,15 @@ class Node:
     def capture_queued(self) -> dict[str, int]:
         """Changes waiting in the capture queue, per table."""
         return capture_sql.queued(self.store.conn)
+
+    def capture_status(self) -> dict[str, int]:
+        """Captured tables, changes waiting to be written, changes quarantined."""
+        conn = self.store.conn
+        return {
+            "tables": len(self.captures()),
+            "queued": sum(capture_sql.queued(conn).values()),
+            "quarantined": capture_sql.failure_count(conn),
+        }
 
     def capture_failures(self) -> CaptureFailures:
         """Quarantined changes (and records that could not be written into

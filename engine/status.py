@@ -22,7 +22,8 @@ def node_status(node: Node, now_ms: int, run: dict[str, Any] | None = None) -> d
     mark (else it issues provisional numbers), when it last had a session
     with the relay (``last_reached``, wall ms or None) and why its latest
     attempt to sync failed, since when (``last_error``, or None once a
-    session opened again).
+    session opened again), and the captured tables' changes still queued
+    and quarantined (``capture``).
 
     ``run`` is what ``engine.transport.run_status`` returns; by default it
     is read from the store (the heartbeat of a ``node run`` or ``node
@@ -50,6 +51,7 @@ def node_status(node: Node, now_ms: int, run: dict[str, Any] | None = None) -> d
         "numbering_known": node.numbering_known(),
         "last_reached": last_reached(meta, run),
         "last_error": _stamped(meta.get(META_LAST_ERROR)),
+        "capture": node.capture_status(),
     }
 
 

@@ -13,7 +13,6 @@ when it has none.
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 import orjson
@@ -34,9 +33,7 @@ def to_fields(coll: Collection, values: Values, where: str) -> Values:
     }
 
 
-def to_columns(
-    conn: sqlite3.Connection, coll: Collection, spec: CaptureSpec, values: Values
-) -> dict[str, Any]:
+def to_columns(conn: Any, coll: Collection, spec: CaptureSpec, values: Values) -> dict[str, Any]:
     """A record's stored values as the captured table's columns."""
     out: dict[str, Any] = {}
     for name, column in spec.columns.items():
@@ -65,7 +62,7 @@ def _field_value(fld: Field, value: Any, where: str) -> Any:
     return value
 
 
-def _column_value(conn: sqlite3.Connection, fld: Field, value: Any) -> Any:
+def _column_value(conn: Any, fld: Field, value: Any) -> Any:
     if value is None:
         return None
     t = fld.type
@@ -87,6 +84,6 @@ def _column_value(conn: sqlite3.Connection, fld: Field, value: Any) -> Any:
     return value
 
 
-def _key_of(conn: sqlite3.Connection, collection: str, rid: str) -> str:
+def _key_of(conn: Any, collection: str, rid: str) -> str:
     row = rec.row_of(conn, collection, rid)
     return row.key if row is not None and row.key else rid

@@ -26,9 +26,9 @@ import orjson
 from ..errors import CaptureNotFound, DuplicateKey, UserError
 from ..plugins import RecordChange
 from ..schema import Collection, Schema
+from ..store import capture as sql
 from ..store import records as rec
 from ..values import encode
-from . import sql
 from .convert import to_fields
 from .spec import CaptureSpec, collection_of
 from .writeback import WRITEBACK, WriteBack
@@ -109,7 +109,7 @@ class Capture:
         done = sql.requeue(conn, changes)
         for fid in sorted(wanted - set(changes)):
             failure = known[fid]
-            conn.execute("DELETE FROM capture_failures WHERE id = ?", (fid,))
+            sql.drop_failure(conn, fid)
             self._rewrite(w, failure.change.table, str(failure.change.old_key))
             done += 1
         return done
@@ -145,7 +145,7 @@ class Capture:
         existing = self._by_key(w, coll, key, where) if key is not None else None
         if existing is not None:
             shown = sql.linked_row(conn, spec.table, existing)
-            if shown is not None and shown[0] != change.row and _row_exists(conn, spec, shown[0]):
+            if shown and shown[0] != change.row and sql.row_exists(conn, spec, shown[0]):
                 raise_duplicate(coll, key, existing, spec.table, shown[0])
             sql.link(conn, spec.table, existing, change.row, change.new_key)
             fields.pop(coll.key, None)
@@ -209,11 +209,6 @@ def raise_duplicate(coll: Collection, key: Any, rid: str, table: str, row: int) 
     raise DuplicateKey(
         f"{coll.name}: {coll.key} {key!r} is already record {rid}, shown by {table} row {row}"
     )
-
-
-def _row_exists(conn: Any, spec: CaptureSpec, row: int) -> bool:
-    found = conn.execute(f'SELECT 1 FROM "{spec.table}" WHERE rowid = ?', (row,)).fetchone()
-    return found is not None
 
 
 def _code(exc: UserError) -> str:

@@ -11,7 +11,6 @@ always be inserted (no unmapped ``NOT NULL`` column without a default).
 from __future__ import annotations
 
 import re
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ import orjson
 
 from ..errors import CaptureError
 from ..schema import Collection, Schema
+from ..store.capture import table_info
 
 #: Node meta key: the captured tables (JSON, ``specs_to_meta``).
 META_KEY = "capture"
@@ -67,7 +67,7 @@ def specs_to_meta(specs: dict[str, CaptureSpec]) -> str:
 
 
 def plan(
-    conn: sqlite3.Connection,
+    conn: Any,
     schema: Schema,
     table: str,
     collection: str,
@@ -90,7 +90,7 @@ def plan(
         raise CaptureError(f"unknown collection '{collection}' (known: {known})")
     if coll.system:
         raise CaptureError(f"{collection} is written by Branchline only and cannot be captured")
-    info = _table_info(conn, table)
+    info = table_info(conn, table)
     names = {c["name"]: c for c in info}
     key = key or coll.key
     if key not in names:
@@ -140,21 +140,6 @@ def collection_of(schema: Schema, spec: CaptureSpec) -> Collection:
     if coll is None:
         raise CaptureError(f"{spec.table} captures '{spec.collection}', which the schema lacks")
     return coll
-
-
-def _table_info(conn: sqlite3.Connection, table: str) -> list[dict[str, Any]]:
-    row = conn.execute(
-        "SELECT type, wr FROM pragma_table_list WHERE schema = 'main' AND name = ?", (table,)
-    ).fetchone()
-    if row is None:
-        raise CaptureError(f"no table '{table}' in the node store; create it first")
-    if row[0] != "table":
-        raise CaptureError(f"{table} is a {row[0]}, not a table")
-    if row[1]:
-        raise CaptureError(f"{table} is a WITHOUT ROWID table, which capture cannot follow")
-    cur = conn.execute(f'SELECT * FROM pragma_table_info("{table}")')
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, r, strict=True)) for r in cur]
 
 
 def _is_rowid_alias(column: dict[str, Any], info: list[dict[str, Any]]) -> bool:

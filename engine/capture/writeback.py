@@ -14,7 +14,6 @@ Columns of the table that are not fields (the app's own) are never touched.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,8 +21,8 @@ import orjson
 
 from ..plugins import RecordChange
 from ..schema import Collection
+from ..store import capture as sql
 from ..store import records as rec
-from . import sql
 from .convert import to_columns
 from .spec import CaptureSpec
 
@@ -44,13 +43,13 @@ class WriteBack:
     def tables(self) -> Sequence[str]:
         return ()  # the app owns its table
 
-    def setup(self, conn: sqlite3.Connection) -> None:
+    def setup(self, conn: Any) -> None:
         return None
 
-    def drop(self, conn: sqlite3.Connection) -> None:
+    def drop(self, conn: Any) -> None:
         return None
 
-    def apply(self, conn: sqlite3.Connection, changes: Sequence[RecordChange]) -> None:
+    def apply(self, conn: Any, changes: Sequence[RecordChange]) -> None:
         sql.set_suppress(conn, True)
         try:
             for change in changes:
@@ -58,24 +57,24 @@ class WriteBack:
         finally:
             sql.set_suppress(conn, False)
 
-    def rebuild(self, conn: sqlite3.Connection, records: Iterable[RecordChange]) -> None:
+    def rebuild(self, conn: Any, records: Iterable[RecordChange]) -> None:
         """Show every live record in the table (rows with queued changes and
         the app's other rows stay as they are)."""
         self.apply(conn, list(records))
 
-    def write(self, conn: sqlite3.Connection, change: RecordChange) -> None:
+    def write(self, conn: Any, change: RecordChange) -> None:
         """Show ``change`` in the table (or remove its row)."""
         spec, coll = self.spec, self.coll
         rid = change.id
         row = self._row_of(conn, rid)
         key = change.values.get(coll.key)
         if row is None and key is not None:
-            row = self._row_with_key(conn, key)
+            row = sql.row_with_key(conn, spec, key)
         if row is not None and sql.row_pending(conn, spec.table, row):
             return
         if change.kind == "deleted" or change.alias_of is not None:
             if row is not None and sql.record_of_row(conn, spec.table, row) in (rid, None):
-                conn.execute(f'DELETE FROM "{spec.table}" WHERE rowid = ?', (row,))
+                sql.delete_row(conn, spec, row)
             sql.unlink(conn, spec.table, rid)
             if key is not None:
                 self._show_owner(conn, key, rid)
@@ -86,48 +85,24 @@ class WriteBack:
                 return  # a duplicate key: the earliest created record keeps the row
         columns = to_columns(conn, coll, spec, change.values)
         try:
-            if row is not None:
-                sets = ", ".join(f'"{c}" = ?' for c in columns)
-                conn.execute(
-                    f'UPDATE "{spec.table}" SET {sets} WHERE rowid = ?', (*columns.values(), row)
-                )
-            else:
-                names = ", ".join(f'"{c}"' for c in columns)
-                marks = ", ".join("?" * len(columns))
-                cur = conn.execute(
-                    f'INSERT INTO "{spec.table}" ({names}) VALUES ({marks})',
-                    tuple(columns.values()),
-                )
-                row = int(cur.lastrowid or 0)
-        except sqlite3.IntegrityError as exc:
+            row = sql.write_row(conn, spec, row, columns)
+        except sql.RowRefused as exc:
             # The app's own constraint (a UNIQUE column, a CHECK): the record
             # stays replicated; the person sees why its row could not be written.
             self._failed(conn, change, row, str(exc))
             return
         sql.link(conn, spec.table, rid, row, columns[spec.key])
 
-    def _row_of(self, conn: sqlite3.Connection, rid: str) -> int | None:
+    def _row_of(self, conn: Any, rid: str) -> int | None:
         linked = sql.linked_row(conn, self.spec.table, rid)
         if linked is None:
             return None
         row, key = linked
-        found = conn.execute(
-            f'SELECT 1 FROM "{self.spec.table}" WHERE rowid = ? AND "{self.spec.key}" IS ?',
-            (row, key),
-        ).fetchone()
-        if found is not None:
+        if sql.row_holds(conn, self.spec, row, key):
             return row
-        return self._row_with_key(conn, key) if key is not None else None
+        return sql.row_with_key(conn, self.spec, key) if key is not None else None
 
-    def _row_with_key(self, conn: sqlite3.Connection, key: Any) -> int | None:
-        found = conn.execute(
-            f'SELECT rowid FROM "{self.spec.table}" WHERE "{self.spec.key}" = ? '
-            "ORDER BY rowid LIMIT 1",
-            (key,),
-        ).fetchone()
-        return int(found[0]) if found else None
-
-    def _show_owner(self, conn: sqlite3.Connection, key: Any, gone: str) -> None:
+    def _show_owner(self, conn: Any, key: Any, gone: str) -> None:
         """A record left its key: the next live record holding it, if any
         (a duplicate), is shown instead."""
         owner = rec.lookup(conn, self.coll, str(key), by_id=False)
@@ -143,9 +118,7 @@ class WriteBack:
             ),
         )
 
-    def _failed(
-        self, conn: sqlite3.Connection, change: RecordChange, row: int | None, why: str
-    ) -> None:
+    def _failed(self, conn: Any, change: RecordChange, row: int | None, why: str) -> None:
         # A write-back failure names its record where a change names its old key.
         key = change.values.get(self.coll.key)
         values = to_columns(conn, self.coll, self.spec, change.values)

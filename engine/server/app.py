@@ -52,6 +52,7 @@ from ..schema.model import Collection, Field
 from ..sync import list_failures, retry
 from ..transport import Backoff, LiveSync, relay_of, set_offline
 from ..transport.client import NodeThread
+from ..transport.pump import CapturePump
 from ..users import User
 from .errors import HttpError, error_body, http_error
 from .hub import StatusHub
@@ -688,12 +689,14 @@ def create_app(
                         on_progress=hub.on_progress,
                         on_apply=server_metrics.apply_seconds.observe,
                         on_synced=server_metrics.sync_seconds.observe,
+                        capture=False,  # the API thread drains (below): its sync thread imports
                     )
             hub.live = live
             app.state.server = ServerState(
                 home, nt, hub, server_metrics, live, keepalive_s, WriteGroup(nt)
             )
             async with contextlib.AsyncExitStack() as stack:
+                await stack.enter_async_context(CapturePump(nt))
                 if live is not None:
                     await stack.enter_async_context(live)
                 await hub.start()

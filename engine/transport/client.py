@@ -565,7 +565,9 @@ class LiveSync:
     or after ``TOKEN_RETRY_S``; dataset and version refusals are logged at
     ERROR and retried at the backoff cap (a person may fix the relay side);
     a refused update sets its document aside (``branchline failures``) and
-    the connection is opened again at once.
+    the connection is opened again at once. With ``capture`` (the default)
+    it also writes what captured tables queue (engine.transport.pump),
+    connected or not.
     """
 
     def __init__(
@@ -582,6 +584,7 @@ class LiveSync:
         write_status: bool = True,
         on_apply: Callable[[float], None] | None = None,
         on_synced: Callable[[float], None] | None = None,
+        capture: bool = True,
     ) -> None:
         # Read again from the node's meta before each connection (``node
         # config`` may change them while it runs) unless given here.
@@ -591,6 +594,7 @@ class LiveSync:
         self._tls: ssl.SSLContext | None = None  # read before each connection
         self._on_apply = on_apply
         self._on_synced = on_synced
+        self._capture = capture
         self.home = node.home
         self.dataset = node.dataset
         self._relays = url  # one URL, or several comma-separated (failover)
@@ -703,7 +707,12 @@ class LiveSync:
             async with NodeThread(self.home, dataset=self.dataset, wall_ms=self._wall_ms) as nt:
                 self._nt = nt
                 try:
-                    await self._loop(nt)
+                    async with contextlib.AsyncExitStack() as stack:
+                        if self._capture:
+                            from .pump import CapturePump  # it builds on NodeThread, here
+
+                            await stack.enter_async_context(CapturePump(nt))
+                        await self._loop(nt)
                 finally:
                     self.online = False
                     self.state = "stopped"

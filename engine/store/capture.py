@@ -1,6 +1,7 @@
-"""The SQL side of capture: the change queue, the triggers that fill it in the
-app's own transaction, and the suppress flag that keeps the node's write-back
-from being captured again (no echo).
+"""The SQL side of write-back capture (engine.capture): the change queue,
+the triggers that fill it in the app's own transaction, the suppress flag
+that keeps the node's write-back from being captured again (no echo), and
+the statements that read and write the app's table.
 
 Tables (created when a node first captures a table):
 
@@ -25,11 +26,14 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .spec import CaptureSpec
+from ..errors import CaptureError
+
+if TYPE_CHECKING:
+    from ..capture.spec import CaptureSpec
 
 TABLES_SQL = """
 CREATE TABLE IF NOT EXISTS capture_queue (
@@ -183,6 +187,78 @@ def set_suppress(conn: sqlite3.Connection, on: bool) -> None:
     conn.execute("UPDATE capture_flag SET suppress = ?", (1 if on else 0,))
 
 
+# -- the app's table ------------------------------------------------------------
+
+
+class RowRefused(Exception):
+    """The app's table refused a row the node wrote back (its own UNIQUE,
+    CHECK or NOT NULL constraint); the message is SQLite's."""
+
+
+def table_info(conn: sqlite3.Connection, table: str) -> list[dict[str, Any]]:
+    """``PRAGMA table_info`` of an app's rowid table, as dicts. Raises
+    CaptureError when it is missing, a view or a WITHOUT ROWID table."""
+    row = conn.execute(
+        "SELECT type, wr FROM pragma_table_list WHERE schema = 'main' AND name = ?", (table,)
+    ).fetchone()
+    if row is None:
+        raise CaptureError(f"no table '{table}' in the node store; create it first")
+    if row[0] != "table":
+        raise CaptureError(f"{table} is a {row[0]}, not a table")
+    if row[1]:
+        raise CaptureError(f"{table} is a WITHOUT ROWID table, which capture cannot follow")
+    cur = conn.execute(f'SELECT * FROM pragma_table_info("{table}")')
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r, strict=True)) for r in cur]
+
+
+def row_holds(conn: sqlite3.Connection, spec: CaptureSpec, row: int, key: Any) -> bool:
+    """Whether row ``row`` exists and holds ``key`` in the key column."""
+    found = conn.execute(
+        f'SELECT 1 FROM "{spec.table}" WHERE rowid = ? AND "{spec.key}" IS ?', (row, key)
+    ).fetchone()
+    return found is not None
+
+
+def row_exists(conn: sqlite3.Connection, spec: CaptureSpec, row: int) -> bool:
+    found = conn.execute(f'SELECT 1 FROM "{spec.table}" WHERE rowid = ?', (row,)).fetchone()
+    return found is not None
+
+
+def row_with_key(conn: sqlite3.Connection, spec: CaptureSpec, key: Any) -> int | None:
+    """The first row holding ``key``, or None."""
+    found = conn.execute(
+        f'SELECT rowid FROM "{spec.table}" WHERE "{spec.key}" = ? ORDER BY rowid LIMIT 1', (key,)
+    ).fetchone()
+    return int(found[0]) if found else None
+
+
+def write_row(
+    conn: sqlite3.Connection, spec: CaptureSpec, row: int | None, columns: dict[str, Any]
+) -> int:
+    """Set ``columns`` of row ``row`` (None: insert a new row); returns its
+    rowid. Raises RowRefused."""
+    try:
+        if row is not None:
+            sets = ", ".join(f'"{c}" = ?' for c in columns)
+            conn.execute(
+                f'UPDATE "{spec.table}" SET {sets} WHERE rowid = ?', (*columns.values(), row)
+            )
+            return row
+        names = ", ".join(f'"{c}"' for c in columns)
+        marks = ", ".join("?" * len(columns))
+        cur = conn.execute(
+            f'INSERT INTO "{spec.table}" ({names}) VALUES ({marks})', tuple(columns.values())
+        )
+        return int(cur.lastrowid or 0)
+    except sqlite3.IntegrityError as exc:
+        raise RowRefused(str(exc)) from None
+
+
+def delete_row(conn: sqlite3.Connection, spec: CaptureSpec, row: int) -> None:
+    conn.execute(f'DELETE FROM "{spec.table}" WHERE rowid = ?', (row,))
+
+
 # -- links ---------------------------------------------------------------------
 
 
@@ -314,10 +390,8 @@ def requeue(conn: sqlite3.Connection, ids: Iterable[int]) -> int:
     return done
 
 
-def failure_ids(conn: sqlite3.Connection) -> set[int]:
-    if not _exists(conn, "capture_failures"):
-        return set()
-    return {int(r[0]) for r in conn.execute("SELECT id FROM capture_failures")}
+def drop_failure(conn: sqlite3.Connection, fid: int) -> None:
+    conn.execute("DELETE FROM capture_failures WHERE id = ?", (fid,))
 
 
 # -- internals -----------------------------------------------------------------
