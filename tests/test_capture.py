@@ -160,7 +160,8 @@ def test_voucher_rows_are_numbered_and_written_back(tmp_path: Path) -> None:
     with app(node) as conn:
         conn.execute("INSERT INTO app_customers (code, name) VALUES ('C1', 'An')")
         conn.execute(
-            "INSERT INTO app_sales (date, customer, total, paid) VALUES ('2026-12-04', 'C1', '10', 0)"
+            "INSERT INTO app_sales (date, customer, total, paid) "
+            "VALUES ('2026-12-04', 'C1', '10', 0)"
         )
         conn.execute("UPDATE app_sales SET paid = 1")  # before the node numbered it
     node.drain_captured()
