@@ -176,14 +176,14 @@ class Node:
             meta[series_mod.NUMBERING_META] = series_mod.UNCONFIRMED
         store = NodeStore.create(Path(home), meta)
         created = cls(Path(home), store, sch, clock, rng or system_random())
-        if adapters:
-            wanted = adapters if isinstance(adapters, dict) else {key: {} for key in adapters}
-            try:
-                for name, options in wanted.items():
-                    created.enable_adapter(name, options)
-            except BaseException:
-                created.close()
-                raise
+        wanted = adapters if isinstance(adapters, dict) else {key: {} for key in adapters or ()}
+        try:
+            for name, options in wanted.items():
+                created.enable_adapter(name, options)
+            created._declared_captures()
+        except BaseException:
+            created.close()
+            raise
         return created
 
     @classmethod
@@ -206,12 +206,13 @@ class Node:
             raise DatasetMismatch(f"{home} belongs to dataset '{meta['dataset']}', not '{dataset}'")
         sch = parse_schema(meta["schema_source"], origin=f"{home} (stored schema)")
         opened = cls(Path(home), store, sch, clock or SystemClock(), rng or system_random())
-        if meta.get(GAP_JOURNAL_META) != REPLICATED:
-            try:
+        try:
+            if meta.get(GAP_JOURNAL_META) != REPLICATED:
                 opened._replicate_old_voids()
-            except BaseException:
-                opened.close()
-                raise
+            opened._declared_captures()
+        except BaseException:
+            opened.close()
+            raise
         return opened
 
     def _replicate_old_voids(self) -> None:
@@ -948,6 +949,24 @@ class Node:
         with self._replica.write(drain=False) as w:
             assert self._replica.capture is not None
             return self._replica.capture.retry(w, ids)
+
+    def _declared_captures(self) -> None:
+        """Capture the tables the schema declares (``[capture.<table>]``),
+        creating those missing with a column per field; nothing to do (and
+        no write) once they are all captured."""
+        have = self.captures()
+        for decl in self.schema.captures:
+            if decl.table in have:
+                continue
+            coll = self.collection(decl.collection)
+            key = decl.key or coll.key
+            columns = {key: "TEXT"}
+            for name, fld in coll.fields.items():
+                if name != coll.key:
+                    columns[name] = "INTEGER" if fld.type in ("int", "bool") else "TEXT"
+            with self.store.transaction() as txn:
+                capture_sql.create_table(txn.conn, decl.table, key, columns)
+            self.enable_capture(decl.table, decl.collection, decl.key)
 
     def _reserved(self) -> frozenset[str]:
         """Tables an app must not capture: the store's own and the adapters'."""

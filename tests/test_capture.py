@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from engine.errors import CaptureError, CaptureNotFound
+from engine.errors import CaptureError, CaptureNotFound, SchemaError
 from engine.node import Node
 from engine.schema import parse_schema
 from engine.store import NodeStore
@@ -266,3 +268,116 @@ def test_disable_writes_the_queue_first(tmp_path: Path) -> None:
     with app(node) as conn:
         conn.execute("INSERT INTO app_customers (code, name) VALUES ('C2', 'Not captured')")
     assert node.captures() == {} and node.capture_queued() == {}
+
+
+# -- random histories on two nodes ---------------------------------------------
+
+CODES = st.sampled_from(["C1", "C2", "C3", "C4"])
+NAMES = st.sampled_from(["an", "binh", "chi", "dung"])
+NODES = st.sampled_from(["A", "B"])
+OPS = st.one_of(
+    st.tuples(st.just("insert"), NODES, CODES, NAMES),
+    st.tuples(st.just("update"), NODES, CODES, NAMES),
+    st.tuples(st.just("rename"), NODES, CODES, CODES),
+    st.tuples(st.just("delete"), NODES, CODES),
+    st.tuples(st.just("put"), NODES, CODES, NAMES),
+    st.tuples(st.just("drain_one"), NODES),  # a batched drain: later changes of a row wait
+    st.tuples(st.just("sync")),
+)
+
+
+def _app_op(conn: sqlite3.Connection, op: tuple[Any, ...]) -> None:
+    kind = op[0]
+    if kind == "insert":
+        conn.execute(
+            "INSERT INTO app_customers (code, name) VALUES (?, ?) ON CONFLICT (code) DO NOTHING",
+            (op[2], op[3]),
+        )
+    elif kind == "update":
+        conn.execute("UPDATE app_customers SET name = ? WHERE code = ?", (op[3], op[2]))
+    elif kind == "rename":
+        conn.execute("UPDATE OR IGNORE app_customers SET code = ? WHERE code = ?", (op[3], op[2]))
+    elif kind == "delete":
+        conn.execute("DELETE FROM app_customers WHERE code = ?", (op[2],))
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(OPS, max_size=25))
+def test_random_histories_end_with_equal_tables(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[Any, ...]]
+) -> None:
+    root = tmp_path_factory.mktemp("h")
+    nodes = {n: make(root, n) for n in ("A", "B")}
+    conns = {n: app(node) for n, node in nodes.items()}
+    try:
+        for node in nodes.values():
+            node.enable_capture("app_customers", "customers")
+        for op in ops:
+            if op[0] == "sync":
+                sync(nodes["A"], nodes["B"])
+            elif op[0] == "put":  # a write through the API, beside the app's
+                nodes[op[1]].put("customers", {"code": op[2], "name": op[3]})
+            elif op[0] == "drain_one":
+                nodes[op[1]].drain_captured(1)
+            else:
+                _app_op(conns[op[1]], op)
+        sync(nodes["A"], nodes["B"])
+        shown = {n: rows(node, "app_customers", "code, name") for n, node in nodes.items()}
+        assert shown["A"] == shown["B"]
+        a = nodes["A"]
+        assert a.capture_status()["queued"] == 0
+        assert a.capture_failures() == [] and nodes["B"].capture_failures() == []
+        # Every live key is shown once, by its record (the earliest created
+        # of a duplicate key).
+        codes = {r["code"] for r in a.list("customers")}
+        assert dict(shown["A"]) == {c: a.get("customers", c)["name"] for c in codes}  # type: ignore[index]
+    finally:
+        for conn in conns.values():
+            conn.close()
+        for node in nodes.values():
+            node.close()
+
+
+def test_schema_declares_captured_tables(tmp_path: Path) -> None:
+    text = SHOP.source + '\n[capture.till_customers]\ncollection = "customers"\n'
+    node = Node.create(tmp_path / "A", dataset="shop", node="A", schema=parse_schema(text))
+    assert list(node.captures()) == ["till_customers"]
+    with app(node) as conn:
+        conn.execute("INSERT INTO till_customers (code, name, vip) VALUES ('C1', 'An', 1)")
+    node.drain_captured()
+    got = node.get("customers", "C1")
+    assert got is not None and got["vip"] is True
+    node.close()
+    with Node.open(tmp_path / "A") as again:  # nothing to redo
+        assert list(again.captures()) == ["till_customers"]
+    for bad, message in [
+        ('[capture.t]\ncollection = "nope"\n', "not a collection"),
+        ('[capture.t]\ncollection = "customers"\n[capture.u]\ncollection = "customers"\n',
+         "captured already"),
+        ('[capture."bad name"]\ncollection = "customers"\n', "letters, digits"),
+    ]:  # fmt: skip
+        with pytest.raises(SchemaError, match=message):
+            parse_schema(SHOP.source + "\n" + bad)
+
+
+def test_a_row_the_table_refuses_is_listed_and_retried(tmp_path: Path) -> None:
+    a, b = make(tmp_path, "A"), make(tmp_path, "B")
+    with app(b) as conn:
+        conn.execute("CREATE TABLE picky (code TEXT UNIQUE, name TEXT)")
+        conn.execute(
+            "CREATE TRIGGER picky_rule BEFORE INSERT ON picky WHEN length(NEW.name) >= 5 "
+            "BEGIN SELECT RAISE(ABORT, 'names are short here'); END"
+        )
+    b.enable_capture("picky", "customers")
+    a.put("customers", {"code": "C1", "name": "a long name"})
+    a.put("customers", {"code": "C2", "name": "ok"})
+    sync(a, b)  # the import is not refused: the record is B's, only its row is not
+    assert b.get("customers", "C1") is not None
+    assert rows(b, "picky", "code, name") == [("C2", "ok")]
+    [failure] = b.capture_failures()
+    assert failure.code == "writeback" and "names are short here" in failure.reason
+    with app(b) as conn:
+        conn.execute("DROP TRIGGER picky_rule")
+    assert b.retry_captured([failure.id]) == 1
+    assert rows(b, "picky", "code, name") == [("C1", "a long name"), ("C2", "ok")]
+    assert b.capture_failures() == []

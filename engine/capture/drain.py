@@ -21,10 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from ..errors import CaptureNotFound, DuplicateKey, UserError
-from ..plugins import RecordChange
 from ..schema import Collection, Schema
 from ..store import capture as sql
 from ..store import records as rec
@@ -90,6 +87,8 @@ class Capture:
                 else:
                     sql.clear_failures(conn, change.table, change.row)
                     written += 1
+        for writeback in self.writebacks:
+            writeback.settle(conn)
         return Drained(written, quarantined)
 
     def retry(self, w: Writer, ids: Iterable[int] | None) -> int:
@@ -135,7 +134,10 @@ class Capture:
                 edited = {f: v for f, v in new.items() if f not in old or old[f] != v}
                 if not edited:
                     return
-                sql.link(conn, spec.table, rid, change.row, change.new_key)
+                # The key it was last shown with stays: the write-back sees a rename.
+                shown = sql.linked_row(conn, spec.table, rid)
+                if shown is None or shown[0] != change.row:
+                    sql.link(conn, spec.table, rid, change.row, change.old_key)
                 w.put(coll, {"id": rid, **to_fields(coll, edited, where)})
                 return
             # A row whose insert never became a record (it was quarantined):
@@ -185,24 +187,9 @@ class Capture:
         return found[0] if found else None
 
     def _rewrite(self, w: Writer, table: str, rid: str) -> None:
-        coll = self.collections.get(table)
-        if coll is None:
-            return
-        conn = w.txn.conn
-        row = rec.row_of(conn, coll.name, rid)
-        live = rec.live_row(conn, coll.name, rid)
-        writeback = next(b for b in self.writebacks if b.spec.table == table)
-        if row is None:
-            return
-        values = orjson.loads(live[1]) if live is not None else {}
-        change = RecordChange(
-            "updated" if live is not None else "deleted", coll.name, rid, row.doc, values, 0, "", 0
-        )
-        sql.set_suppress(conn, True)
-        try:
-            writeback.write(conn, change)
-        finally:
-            sql.set_suppress(conn, False)
+        for writeback in self.writebacks:
+            if writeback.spec.table == table:
+                writeback.rewrite(w.txn.conn, rid)
 
 
 def raise_duplicate(coll: Collection, key: Any, rid: str, table: str, row: int) -> None:

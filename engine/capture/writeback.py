@@ -63,26 +63,49 @@ class WriteBack:
         self.apply(conn, list(records))
 
     def write(self, conn: Any, change: RecordChange) -> None:
-        """Show ``change`` in the table (or remove its row)."""
+        """Show ``change`` in the table, or remove its row (deleted, merged
+        into another, or hidden by an earlier record holding its key)."""
         spec, coll = self.spec, self.coll
         rid = change.id
-        row = self._row_of(conn, rid)
+        sql.undefer(conn, spec.table, rid)
+        linked = sql.linked_row(conn, spec.table, rid)
+        if linked is not None and sql.row_pending(conn, spec.table, linked[0]):
+            # Its row changed again since (a rename, say): that change comes
+            # first, this record is written after it (``settle``).
+            sql.defer(conn, spec.table, rid)
+            return
         key = change.values.get(coll.key)
-        if row is None and key is not None:
+        row = self._row_of(conn, rid, key)
+        gone = change.kind == "deleted" or change.alias_of is not None
+        hidden = False
+        if not gone and key is not None:
+            owner = rec.lookup(conn, coll, str(key), by_id=False)
+            hidden = owner is not None and owner[0] != rid
+        if row is None and key is not None and not (gone or hidden):
             row = sql.row_with_key(conn, spec, key)
         if row is not None and sql.row_pending(conn, spec.table, row):
+            sql.defer(conn, spec.table, rid)
             return
-        if change.kind == "deleted" or change.alias_of is not None:
+        if gone or hidden:
             if row is not None and sql.record_of_row(conn, spec.table, row) in (rid, None):
                 sql.delete_row(conn, spec, row)
             sql.unlink(conn, spec.table, rid)
             if key is not None:
                 self._show_owner(conn, key, rid)
+            if linked is not None and linked[1] is not None and linked[1] != key:
+                self._show_owner(conn, linked[1], rid)  # a duplicate of its old key shows now
             return
         if key is not None:
-            owner = rec.lookup(conn, coll, str(key), by_id=False)
-            if owner is not None and owner[0] != rid:
-                return  # a duplicate key: the earliest created record keeps the row
+            # Another row holding the key shows a record that no longer may.
+            other = sql.row_with_key(conn, spec, key)
+            if other is not None and other != row:
+                if sql.row_pending(conn, spec.table, other):
+                    sql.defer(conn, spec.table, rid)
+                    return
+                shown = sql.record_of_row(conn, spec.table, other)
+                sql.delete_row(conn, spec, other)
+                if shown is not None:
+                    sql.unlink(conn, spec.table, shown)
         columns = to_columns(conn, coll, spec, change.values)
         try:
             row = sql.write_row(conn, spec, row, columns)
@@ -92,31 +115,58 @@ class WriteBack:
             self._failed(conn, change, row, str(exc))
             return
         sql.link(conn, spec.table, rid, row, columns[spec.key])
+        sql.clear_writeback_failure(conn, spec.table, rid)
+        if linked is not None and linked[1] is not None and linked[1] != columns[spec.key]:
+            self._show_owner(conn, linked[1], rid)  # a duplicate of its old key shows now
 
-    def _row_of(self, conn: Any, rid: str) -> int | None:
+    def _row_of(self, conn: Any, rid: str, key: Any) -> int | None:
+        """The row showing record ``rid`` (whose key is now ``key``): its
+        linked row while that holds the key it was shown with, or the new
+        one (the app renamed it), else the row holding the linked key."""
         linked = sql.linked_row(conn, self.spec.table, rid)
         if linked is None:
             return None
-        row, key = linked
-        if sql.row_holds(conn, self.spec, row, key):
+        row, shown = linked
+        if sql.row_holds(conn, self.spec, row, shown) or (
+            key is not None and sql.row_holds(conn, self.spec, row, key)
+        ):
             return row
-        return sql.row_with_key(conn, self.spec, key) if key is not None else None
+        return sql.row_with_key(conn, self.spec, shown) if shown is not None else None
+
+    def settle(self, conn: Any) -> None:
+        """Write the records that waited for their row's queued changes."""
+        for rid in sql.deferred(conn, self.spec.table):
+            self.rewrite(conn, rid)
+
+    def rewrite(self, conn: Any, rid: str) -> None:
+        """Show record ``rid`` as it is now (suppress flag on)."""
+        change = self._current(conn, rid)
+        if change is None:
+            sql.undefer(conn, self.spec.table, rid)
+            return
+        self.apply(conn, [change])
+
+    def _current(self, conn: Any, rid: str) -> RecordChange | None:
+        row = rec.row_of(conn, self.coll.name, rid)
+        if row is None:
+            return None
+        live = rec.live_row(conn, self.coll.name, rid)
+        if live is None:
+            values = orjson.loads(rec.stored_data(conn, self.coll.name, rid) or "{}")
+            return RecordChange("deleted", self.coll.name, rid, row.doc, values, 0, "", 0)
+        return RecordChange(
+            "updated", self.coll.name, rid, row.doc, orjson.loads(live[1]), 0, "", 0, (), live[2]
+        )
 
     def _show_owner(self, conn: Any, key: Any, gone: str) -> None:
-        """A record left its key: the next live record holding it, if any
-        (a duplicate), is shown instead."""
+        """A record left its key (or lost it to an earlier one): the record
+        holding it now, if any, is shown instead."""
         owner = rec.lookup(conn, self.coll, str(key), by_id=False)
         if owner is None or owner[0] == gone:
             return
-        live = rec.live_row(conn, self.coll.name, owner[0])
-        if live is None:
-            return
-        self.write(
-            conn,
-            RecordChange(
-                "updated", self.coll.name, owner[0], owner[1], orjson.loads(live[1]), 0, "", 0
-            ),
-        )
+        change = self._current(conn, owner[0])
+        if change is not None:
+            self.write(conn, change)
 
     def _failed(self, conn: Any, change: RecordChange, row: int | None, why: str) -> None:
         # A write-back failure names its record where a change names its old key.

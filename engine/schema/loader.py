@@ -18,6 +18,7 @@ from .model import (
     PARTITIONS,
     RESETS,
     STRATEGIES,
+    CaptureDecl,
     Collection,
     Field,
     Schema,
@@ -83,7 +84,7 @@ def parse_schema(text: str, origin: str = "<schema>") -> Schema:
         raise where.error("'schema' must be a non-empty string")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise where.error("'version' must be a positive integer")
-    unknown = set(doc) - {"schema", "version", "collections"}
+    unknown = set(doc) - {"schema", "version", "collections", "capture"}
     if unknown:
         raise where.error(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
     raw = doc.get("collections")
@@ -103,7 +104,40 @@ def parse_schema(text: str, origin: str = "<schema>") -> Schema:
                 raise where.at(coll.name, fld.name).error(
                     f"references '{fld.to}', which is not a catalog"
                 )
-    return Schema(name=name, version=version, collections=collections, source=text)
+    captures = _captures(where, doc.get("capture", {}), collections)
+    return Schema(
+        name=name, version=version, collections=collections, source=text, captures=captures
+    )
+
+
+TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
+
+
+def _captures(
+    where: _Where, raw: Any, collections: dict[str, Collection]
+) -> tuple[CaptureDecl, ...]:
+    """``[capture.<table>]`` tables: collection = "...", key = "column"."""
+    if not isinstance(raw, dict):
+        raise where.error("'capture' must be a table of [capture.<table>] tables")
+    out = []
+    seen: dict[str, str] = {}
+    for table, body in raw.items():
+        at = _Where(f"{where.origin}: [capture.{table}]")
+        if not TABLE_RE.match(table):
+            raise at.error("table names are letters, digits and '_'")
+        if not isinstance(body, dict) or set(body) - {"collection", "key"}:
+            raise at.error("must be a table with 'collection' and, optionally, 'key'")
+        coll = body.get("collection")
+        if coll not in collections or collections[coll].system:
+            raise at.error(f"collection {coll!r} is not a collection of this schema")
+        if coll in seen:
+            raise at.error(f"{coll} is captured already, by table {seen[coll]}")
+        seen[coll] = table
+        key = body.get("key")
+        if key is not None and (not isinstance(key, str) or not TABLE_RE.match(key)):
+            raise at.error("key must name a column (letters, digits and '_')")
+        out.append(CaptureDecl(table, coll, key))
+    return tuple(out)
 
 
 def _all_ref_fields(coll: Collection) -> list[Field]:

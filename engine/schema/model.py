@@ -94,6 +94,17 @@ def gaps_collection() -> Collection:
 
 
 @dataclass(frozen=True)
+class CaptureDecl:
+    """``[capture.<table>]`` of a schema: an app table every node made with
+    the schema captures into ``collection`` (engine.capture); ``key`` names
+    the column holding the collection's key (None: a column of its name)."""
+
+    table: str
+    collection: str
+    key: str | None = None
+
+
+@dataclass(frozen=True)
 class Schema:
     """A whole schema; ``source`` is the TOML text it was read from, kept in the
     node store so a node always reopens with exactly the schema it was made with."""
@@ -102,6 +113,7 @@ class Schema:
     version: int
     collections: dict[str, Collection]
     source: str = ""
+    captures: tuple[CaptureDecl, ...] = ()
 
     def ordered(self) -> list[Collection]:
         """Collections in sync order: catalogs before voucher books, then priority."""

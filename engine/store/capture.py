@@ -15,6 +15,8 @@ Tables (created when a node first captures a table):
 - ``capture_links``: which row of a captured table shows which record (its
   rowid and the key it was written under), so a rename or a voucher numbered
   after its insert still finds its row.
+- ``capture_deferred``: records whose write-back waited because their row
+  had queued changes; written once the drain has passed those changes.
 - ``capture_failures``: queued changes that could not become a write (a bad
   value, an unknown reference), with the reason: quarantined, kept whole,
   until a later change of the same row drains cleanly or ``retry`` queues
@@ -61,6 +63,11 @@ CREATE TABLE IF NOT EXISTS capture_links (
     PRIMARY KEY (tbl, record)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS capture_links_row ON capture_links (tbl, row);
+CREATE TABLE IF NOT EXISTS capture_deferred (
+    tbl TEXT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (tbl, record)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS capture_failures (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     seq INTEGER NOT NULL,
@@ -130,7 +137,7 @@ def drop_triggers(conn: sqlite3.Connection, table: str) -> None:
 def forget(conn: sqlite3.Connection, table: str) -> None:
     """Remove a table's triggers, queue, links and failures (capture disabled)."""
     drop_triggers(conn, table)
-    for name in ("capture_queue", "capture_links", "capture_failures"):
+    for name in ("capture_queue", "capture_links", "capture_deferred", "capture_failures"):
         conn.execute(f"DELETE FROM {name} WHERE tbl = ?", (table,))
 
 
@@ -212,6 +219,15 @@ def table_info(conn: sqlite3.Connection, table: str) -> list[dict[str, Any]]:
     return [dict(zip(names, r, strict=True)) for r in cur]
 
 
+def create_table(conn: sqlite3.Connection, table: str, key: str, columns: dict[str, str]) -> None:
+    """Create an app table (``columns``: name -> SQL type), its key column
+    unique, if it does not exist."""
+    body = ", ".join(
+        f'"{name}" {kind}' + (" UNIQUE" if name == key else "") for name, kind in columns.items()
+    )
+    conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" ({body})')
+
+
 def row_holds(conn: sqlite3.Connection, spec: CaptureSpec, row: int, key: Any) -> bool:
     """Whether row ``row`` exists and holds ``key`` in the key column."""
     found = conn.execute(
@@ -289,6 +305,21 @@ def record_of_row(conn: sqlite3.Connection, table: str, row: int) -> str | None:
         "SELECT record FROM capture_links WHERE tbl = ? AND row = ?", (table, row)
     ).fetchone()
     return str(found[0]) if found else None
+
+
+def defer(conn: sqlite3.Connection, table: str, record: str) -> None:
+    conn.execute("INSERT OR IGNORE INTO capture_deferred VALUES (?, ?)", (table, record))
+
+
+def undefer(conn: sqlite3.Connection, table: str, record: str) -> None:
+    conn.execute("DELETE FROM capture_deferred WHERE tbl = ? AND record = ?", (table, record))
+
+
+def deferred(conn: sqlite3.Connection, table: str) -> list[str]:
+    return [
+        str(r[0])
+        for r in conn.execute("SELECT record FROM capture_deferred WHERE tbl = ?", (table,))
+    ]
 
 
 # -- failures (quarantine) -----------------------------------------------------
@@ -388,6 +419,14 @@ def requeue(conn: sqlite3.Connection, ids: Iterable[int]) -> int:
         conn.execute("DELETE FROM capture_failures WHERE id = ?", (fid,))
         done += cur.rowcount
     return done
+
+
+def clear_writeback_failure(conn: sqlite3.Connection, table: str, record: str) -> None:
+    """The record's row was written: an earlier refusal of it is moot."""
+    conn.execute(
+        "DELETE FROM capture_failures WHERE tbl = ? AND op = 'writeback' AND old_key = ?",
+        (table, record),
+    )
 
 
 def drop_failure(conn: sqlite3.Connection, fid: int) -> None:

@@ -434,6 +434,14 @@ def row_of(conn: sqlite3.Connection, collection: str, rid: str) -> RecordRow | N
     return None if row is None else RecordRow(str(row[0]), row[1], bool(row[2]), str(row[3]))
 
 
+def stored_data(conn: sqlite3.Connection, collection: str, rid: str) -> str | None:
+    """Record ``rid``'s values as stored (JSON text; live or not), or None."""
+    row = conn.execute(
+        "SELECT data FROM records WHERE collection = ? AND id = ?", (collection, rid)
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def stored_value(conn: sqlite3.Connection, collection: str, rid: str, name: str) -> Any:
     """Field ``name`` of record ``rid`` in stored form (None when absent)."""
     row = conn.execute(
