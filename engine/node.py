@@ -537,7 +537,9 @@ class Node:
         if not rec.has_waiting(self.store.conn):
             return 0  # the usual case: no write transaction at all
         with self._replica.write() as w:
-            return w.settle_waiting()
+            shown = w.settle_waiting()
+            self._number_returned(w)
+            return shown
 
     # -- replication -------------------------------------------------------
 
@@ -690,10 +692,25 @@ class Node:
                     touched.add(coll.name)
             if touched:
                 resolution.renumber_own_duplicates(w, touched)
+            if changed_records:
+                self._number_returned(w)
             records = len(changed_records)
             held = rec.waiting_ids(w.txn.conn) if changed_records else set()
         report = ImportReport(documents, records, stored, restored, len(held & changed_records))
         return report, changed_records
+
+    def _number_returned(self, w: Any) -> None:
+        """This node's provisionally numbered vouchers that came back (a
+        rebuilt home gets its earlier life's work from the relay, maybe
+        after its first completed sync, maybe held back for a reference
+        first): adopted if their mapping was lost with the disk, and given
+        final numbers once the numbering is known. A few indexed reads."""
+        for coll in self.schema.ordered():
+            if coll.series is None:
+                continue
+            series_mod.adopt_provisional(w.txn.conn, coll, self.node_id, w.now_ms())
+            if rec.has_unnumbered(w.txn.conn, coll.name):
+                w.finalize_provisional(coll)
 
     def outbox(self, limit: int = 1000) -> Outbox:
         """Local updates the relay has not acknowledged: (seq, document, update)."""

@@ -157,6 +157,36 @@ def finalize(
     return number
 
 
+def adopt_provisional(conn: sqlite3.Connection, coll: Collection, node: str, at_ms: int) -> int:
+    """A rebuilt home's own vouchers that came back with a provisional number
+    of this node but without the mapping (it was booked after the export the
+    home was rebuilt from, and lost with the disk): record them as
+    provisional so they get a final number. Returns how many."""
+    series = _series(coll)
+    head = PROVISIONAL_TEMPLATE.split("{seq")[0].format(prefix=series.prefix, node=node)
+    shape = re.compile(re.escape(head) + r"\d{6}\Z")
+    rows = conn.execute(
+        "SELECT id, key, json_extract(data, '$.' || ?) FROM records "
+        "WHERE collection = ? AND key >= ? AND key < ? AND deleted = 0 AND created_node = ? "
+        "AND id NOT IN (SELECT record_id FROM provisional WHERE collection = ?)",
+        (coll.partition_field, coll.name, head, head + "\uffff", node, coll.name),
+    ).fetchall()
+    adopted = 0
+    for rid, number, raw in rows:
+        if not shape.match(str(number)):
+            continue
+        date = dt.date.fromisoformat(raw) if raw else None
+        key = series_key(coll, date)
+        conn.execute(
+            "INSERT INTO provisional (record_id, collection, series, provisional, at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (rid, coll.name, key, number, at_ms),
+        )
+        _journal(conn, key, number, "provisional", coll.name, rid, None, at_ms)
+        adopted += 1
+    return adopted
+
+
 def add_block(conn: sqlite3.Connection, key: str, first: int, last: int, at_ms: int) -> None:
     """Record a block leased from the relay. Raises SeriesError if it overlaps one we hold."""
     if not 1 <= first <= last:

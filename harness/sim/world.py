@@ -10,6 +10,13 @@ core synchronously (hello and lease answered as their frame arrives, sync
 requests right after, a group commit once per tick), so every frame a node
 sees is one the server would have sent for the same inputs.
 
+With the simulator's own schema, a run may also have an app writing SQL
+(drawn from a generator of its own, so other seeds play as they did): each
+node captures ``customers`` from an app table (engine.capture) that the app
+inserts into, updates and deletes from directly, crashes or not; after
+healing, every queue is empty, nothing is quarantined, and every node's
+table shows the same rows, each key's record.
+
 A run has two phases. **Safety**: a random workload while the faults chosen
 for this seed (swarm testing: each kind on or off, with a random intensity)
 hit the network, the nodes and the relay; a node may also lose its disk and
@@ -29,6 +36,7 @@ import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +54,7 @@ from engine.relay.runner import StoreRunner
 from engine.relay.sqlite_store import SqliteRelayStore
 from engine.schema import GAPS, parse_schema
 from engine.series import PROVISIONAL_TEMPLATE
+from engine.store import NodeStore
 from engine.sync import SyncDriver
 
 from ..soak.checks import gap_journal_problems
@@ -94,6 +103,9 @@ ITEMS = ("T1", "T2")
 DATES = ("2026-09-02", "2026-09-21", "2026-10-01")
 FINAL_RECEIPT = re.compile(r"^PT\d{6}\Z")  # provisional numbers look like PT-N0-P000001
 FINAL_SALE = re.compile(r"^HDN\d+-\d{6}\Z")  # provisional: HD-N0-P000001
+#: The app table captured into ``customers`` in runs with an app writing SQL.
+APP_TABLE = "app_customers"
+APP_TABLE_SQL = f"CREATE TABLE IF NOT EXISTS {APP_TABLE} (code TEXT UNIQUE, name TEXT, note TEXT)"
 
 
 class SimFailure(Exception):
@@ -404,6 +416,9 @@ class World:
         self.custom = (
             SchemaWorkload(self.schema, random.Random(f"workload-{seed}")) if schema else None
         )
+        # An app writing SQL (engine.capture), with a generator of its own.
+        self.app_rng = random.Random(f"app-{seed}")
+        self.app = self.custom is None and self.app_rng.random() < 0.4
         self.nodes: list[SimNode] = []
         for i in range(nodes):
             name = f"N{i}"
@@ -418,6 +433,7 @@ class World:
                 clock=clock,
                 rng=random.Random(sim.seed),
             )
+            self._capture(sim)
             self.nodes.append(sim)
         self._links = 0
         self.partitioned: set[str] = set()
@@ -463,6 +479,8 @@ class World:
         while self.stats.ops < self.ops:
             if self.tick % per_op == 0:
                 self._guarded(self._operate)
+                if self.app:
+                    self._app_write()
             self._guarded(self._nemesis)
             self._guarded(self._step)
 
@@ -532,6 +550,8 @@ class World:
                 )
             else:
                 return
+        if self.app:
+            sim.node.drain_captured()  # what node run's capture pump does
         if sim.link is None or sim.driver is None:
             if self.tick >= sim.retry_at:
                 self._connect(sim, now)
@@ -687,6 +707,7 @@ class World:
         )
         if since is not None:
             import_from_file(sim.node, since)
+        self._capture(sim)  # the app's table went with the disk: it starts anew
         kind = "from its last backup" if from_backup else "from its failing disk"
         self.stats.faults[f"disk lost, rebuilt {kind}"] += 1
 
@@ -752,6 +773,76 @@ class World:
                 self._acked(written.collection, written.id)
         except UserError:
             pass  # a reference to a code this node has not received yet, say
+
+    def _capture(self, sim: SimNode) -> None:
+        if not self.app:
+            return
+        assert sim.node is not None
+        with closing(self._app_conn(sim)) as conn:
+            conn.execute(APP_TABLE_SQL)
+        sim.node.enable_capture(APP_TABLE, "customers")
+
+    @staticmethod
+    def _app_conn(sim: SimNode) -> sqlite3.Connection:
+        return sqlite3.connect(NodeStore.file_in(sim.home), isolation_level=None, timeout=30)
+
+    def _app_write(self) -> None:
+        """The app on one node writes its table directly (its node may be
+        down: the change waits in the queue)."""
+        rng = self.app_rng
+        sim = rng.choice(self.nodes)
+        code, value = rng.choice(CODES), f"app{rng.randint(0, 9)}"
+        r = rng.random()
+        with closing(self._app_conn(sim)) as conn:
+            if not conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = ?", (APP_TABLE,)
+            ).fetchone():
+                return  # the node is being rebuilt: the app waits for its table
+            if r < 0.4:
+                conn.execute(
+                    f"INSERT INTO {APP_TABLE} (code, name) VALUES (?, ?) "
+                    "ON CONFLICT (code) DO NOTHING",
+                    (code, value),
+                )
+            elif r < 0.8:
+                column = rng.choice(("name", "note"))
+                conn.execute(f"UPDATE {APP_TABLE} SET {column} = ? WHERE code = ?", (value, code))
+            elif r < 0.9:
+                conn.execute(
+                    f"UPDATE OR IGNORE {APP_TABLE} SET code = ? WHERE code = ?",
+                    (rng.choice(CODES), code),
+                )
+            else:
+                conn.execute(f"DELETE FROM {APP_TABLE} WHERE code = ?", (code,))
+        self.stats.faults["app write to its table"] += 1
+
+    def _check_app_tables(self) -> None:
+        """Queues drained, nothing quarantined, every table the same, each
+        key shown by its record (the earliest created of a duplicate)."""
+        shown = []
+        for sim in self.nodes:
+            node = sim.node
+            assert node is not None
+            status = node.capture_status()
+            if status["queued"] or status["quarantined"]:
+                why = [f.reason for f in node.capture_failures()][:3]
+                raise SimFailure("correctness", f"{sim.name} capture left {status}: {why}")
+            with closing(self._app_conn(sim)) as conn:
+                rows = conn.execute(f"SELECT code, name, note FROM {APP_TABLE} ORDER BY code")
+                table = [tuple(r) for r in rows]
+            expected = []
+            live = node.list("customers")
+            for code in sorted({r["code"] for r in live if "alias_of" not in r}):
+                record = node.get("customers", code)
+                assert record is not None
+                expected.append((code, record.get("name"), record.get("note")))
+            if table != expected:
+                raise SimFailure(
+                    "correctness", f"{sim.name}'s app table differs from its records: {table}"
+                )
+            shown.append(table)
+        if any(t != shown[0] for t in shown[1:]):
+            raise SimFailure("correctness", "the app tables differ between nodes")
 
     def _acked(self, collection: str, rid: str) -> None:
         self.acked[rid] = collection
@@ -843,6 +934,8 @@ class World:
         else:
             self._check_series()
         self._check_gaps()
+        if self.app:
+            self._check_app_tables()
         renumbered: dict[str, set[str]] = {}
         for entry in first[2]:
             if entry.get("action") == "renumber" and entry.get("auto"):
