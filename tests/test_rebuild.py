@@ -226,3 +226,42 @@ def test_a_format_3_store_is_upgraded(tmp_path: Path) -> None:
     assert n.store.conn.execute("PRAGMA user_version").fetchone()[0] == FORMAT_VERSION
     assert n.pending()["customers"] == 1
     n.close()
+
+
+def _lost_mapping(tmp_path: Path) -> tuple[Node, Node, str]:
+    """Life 1 of DN (rebuilt, numbering unknown) books a provisional voucher
+    that reaches a peer as bare CRDT updates (no series state), then its disk
+    is lost; life 2 starts from nothing."""
+    life1 = home_of(tmp_path / "life1", "DN", "l1", new_node=False)
+    catalogs(life1, "a")
+    posted = life1.post_voucher("sales_invoice", invoice("a"))
+    assert posted.provisional and posted.number == "HD-DN-P000001"
+    peer = home_of(tmp_path / "peer", "HN", "p")
+    peer.import_updates(life1.export_updates(peer.state()))
+    life1.close()
+    shutil.rmtree(tmp_path / "life1")
+    return home_of(tmp_path / "life2", "DN", "l2", new_node=False), peer, posted.id
+
+
+def test_a_provisional_voucher_back_without_its_mapping_is_adopted(tmp_path: Path) -> None:
+    life2, peer, rid = _lost_mapping(tmp_path)
+    life2.import_updates(peer.export_updates(life2.state()))
+    assert numbers(life2)[rid] == "HD-DN-P000001"  # numbering unknown yet: it waits
+    assert life2.confirm_numbering() == 1
+    assert numbers(life2)[rid] == "HDDN-2026-000001"
+    row = life2.store.conn.execute(
+        "SELECT provisional, final FROM provisional WHERE record_id = ?", (rid,)
+    ).fetchone()
+    assert row == ("HD-DN-P000001", "HDDN-2026-000001")
+
+
+def test_a_provisional_voucher_back_after_the_first_sync_is_numbered_as_it_arrives(
+    tmp_path: Path,
+) -> None:
+    life2, peer, rid = _lost_mapping(tmp_path)
+    life2.confirm_numbering()  # a first sync that did not bring it (it came later)
+    assert life2.numbering_known()
+    life2.import_updates(peer.export_updates(life2.state()))
+    assert numbers(life2)[rid] == "HDDN-2026-000001"
+    peer.import_updates(life2.export_updates(peer.state()))
+    assert numbers(peer)[rid] == "HDDN-2026-000001"
