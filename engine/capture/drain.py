@@ -45,9 +45,6 @@ class Drained:
     written: int = 0
     quarantined: int = 0
 
-    def __add__(self, other: Drained) -> Drained:
-        return Drained(self.written + other.written, self.quarantined + other.quarantined)
-
     @property
     def changes(self) -> int:
         return self.written + self.quarantined

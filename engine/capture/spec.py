@@ -107,11 +107,7 @@ def plan(
     for name in names:
         if name != key and name in coll.fields and name != coll.key:
             columns[name] = name
-    missing = [
-        f.name
-        for f in coll.fields.values()
-        if f.required and f.name not in columns and not (coll.is_voucher and f.name == coll.key)
-    ]
+    missing = [f.name for f in coll.fields.values() if f.required and f.name not in columns]
     if missing:
         raise CaptureError(
             f"{table} has no column for required field(s) {', '.join(missing)} of {collection}"

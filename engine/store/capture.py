@@ -91,7 +91,7 @@ CREATE INDEX IF NOT EXISTS capture_failures_row ON capture_failures (tbl, row);
 _NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
 OPS = ("insert", "update", "delete")
 QUEUE_COLUMNS = "seq, tbl, op, row, old_key, new_key, old, new, at"
-#: A change the queue refuses to hold unbounded: reasons longer than this are cut.
+#: Reasons of quarantined changes longer than this are cut.
 MAX_REASON_CHARS = 500
 
 
