@@ -66,6 +66,15 @@ _STATUS: Schema = {
             "oneOf": [{"$ref": "#/components/schemas/Stamped"}, {"type": "null"}],
             "description": "why the latest attempt to sync failed, since when",
         },
+        "capture": {
+            "type": "object",
+            "description": "captured app tables, their changes not yet written, quarantined",
+            "properties": {
+                "tables": {"type": "integer"},
+                "queued": {"type": "integer"},
+                "quarantined": {"type": "integer"},
+            },
+        },
         "sync": {
             "type": "object",
             "properties": {
