@@ -929,9 +929,7 @@ class Node:
         """Write the oldest ``limit`` changes queued by captured tables, in
         one transaction (a refused one is quarantined, listed by
         ``capture_failures``). Costs one read when nothing is queued."""
-        if self._replica.capture is None and not self.captures():
-            return capture.Drained()
-        self.refresh()
+        self.refresh()  # takes up a capture another process enabled
         if self._replica.capture is None or not capture_sql.any_queued(self.store.conn):
             return capture.Drained()
         with self._replica.write(drain=False) as w:
