@@ -751,8 +751,15 @@ class Node:
 
     def refresh(self) -> bool:
         """Bring loaded documents up to date with other processes' commits.
-        Returns True when something had changed."""
+        Returns True when something had changed since the last call (by
+        anyone: see ``changes_seen``)."""
         return self._replica.refresh()
+
+    @property
+    def changes_seen(self) -> int:
+        """How many times a refresh (any caller's, a write's included) found
+        other processes' commits: grows by one or more per outside change."""
+        return self._replica.changes_seen
 
     def compact(self, docname: str | None = None) -> int:
         """Fold log rows into snapshots (acknowledged or remote rows are then

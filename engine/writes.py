@@ -109,6 +109,10 @@ class Replica:
         #: The captured tables (engine.capture), None when there are none.
         self.capture: capture_mod.Capture | None = None
         self.capture_meta: str | None = None
+        # Counts the outside changes ``refresh`` has taken up: a reader that
+        # must not miss one compares it with the count it saw last, since
+        # whoever calls ``refresh`` first gets its True.
+        self.changes_seen = 0
 
     def adopt_adapters(self, meta: dict[str, str]) -> None:
         """Feed writes to the adapters node ``meta`` enables and to its
@@ -138,6 +142,7 @@ class Replica:
         Returns True when something had changed."""
         if not self.store.changed_elsewhere():
             return False
+        self.changes_seen += 1
         self.log.catch_up()
         meta = self.store.meta()
         if (

@@ -180,8 +180,11 @@ def test_refresh_sees_another_process_write(tmp_path: Path) -> None:
         "n.put('customers', {'code': 'KH1', 'address': 'Đà Nẵng'}); "
         "n.put('customers', {'code': 'KH2', 'name': 'other'}); n.close()"
     )
+    seen = node.changes_seen
     subprocess.run([sys.executable, "-c", script, str(home)], check=True)
     assert node.refresh() is True
+    assert node.refresh() is False  # the True went to the first caller...
+    assert node.changes_seen == seen + 1  # ...the count tells every reader
     assert node.get("customers", "KH1") == {
         "id": node.get("customers", "KH1")["id"],
         "code": "KH1",

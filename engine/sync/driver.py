@@ -243,6 +243,7 @@ class SyncDriver:
         self._lease_denials: dict[str, int] = {}  # series key -> refusals in a row
         self._lease_retry_at: dict[str, int] = {}  # series key -> monotonic ms
         self._lease_checked_ms: int | None = None
+        self._changes_seen = node.changes_seen
         self._now_ms: int | None = None  # monotonic, from the latest tick
         #: Documents whose local changes are held back by an upload failure.
         self.held: frozenset[str] = frozenset()
@@ -324,7 +325,11 @@ class SyncDriver:
         ``retry`` requests; refill ``blocks`` reserves below target; send new
         outbox rows of documents that are not held as live updates, in seq
         order, within the session's in-flight room. Returns the rows sent."""
-        changed = self.node.refresh()
+        # Another caller (the capture pump, a local write) may have taken
+        # ``refresh``'s True: compare counts instead, or a ``retry`` is missed.
+        self.node.refresh()
+        changed = self.node.changes_seen != self._changes_seen
+        self._changes_seen = self.node.changes_seen
         if changed and self.opened is not None:
             self._load_failures()
         if self.live and not self.session.read_only:
