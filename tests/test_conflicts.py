@@ -18,6 +18,7 @@ from store_formats import downgrade
 from engine import Node
 from engine.clock import ManualClock
 from engine.errors import ConflictNotFound, UserError
+from engine.resolution import JOURNAL_CAP
 
 DAY = "2026-03-10"
 
@@ -158,6 +159,26 @@ def test_concurrent_edit_resolved_by_node_name_everywhere_and_after_restart(
     reopened.close()
     with pytest.raises(ConflictNotFound):
         a.resolve(conflict["id"], keep="A")
+
+
+def test_the_journal_is_what_the_state_holds_on_every_node(trio: list[Node]) -> None:
+    """A node keeps JOURNAL_CAP entries per record; one that saw each older
+    entry arrive drops it as the state does, so a node that never saw it
+    lists the same journal (seed 3115 lost an entry another way)."""
+    a, b, c = trio
+    a.put("customers", {"code": "KH01", "name": "An"})
+    mesh(trio)
+    for i in range(JOURNAL_CAP + 2):
+        a.put("customers", {"code": "KH01", "name": f"A{i}"})
+        b.put("customers", {"code": "KH01", "name": f"B{i}"})
+        mesh([a, b])  # c stays away
+        (conflict,) = a.conflicts()
+        a.resolve(conflict["id"], keep="A")
+        mesh([a, b])
+    send(a, c)
+    journals = [n.conflicts(resolved=True) for n in trio]
+    assert len(journals[0]) == JOURNAL_CAP
+    assert journals[0] == journals[1] == journals[2]
 
 
 def test_concurrent_edit_resolved_with_a_literal_value(trio: list[Node]) -> None:

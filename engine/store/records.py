@@ -151,6 +151,20 @@ class Materializer:
             "DELETE FROM record_conflicts WHERE collection = ? AND record_id = ?",
             [(coll.name, rid) for rid in rids if rid in had],
         )
+        # The journal too is what the state holds now, not all it ever held:
+        # a node's own list can lose entries (its cap; a rebuilt home writing
+        # over its earlier life's entry), and a node that saw them must not
+        # keep rows one that did not lacks (seed 3115).
+        journalled = {
+            rid
+            for (rid,) in conn.execute(
+                "SELECT record_id FROM resolutions WHERE collection = ?", (coll.name,)
+            )
+        }
+        conn.executemany(
+            "DELETE FROM resolutions WHERE collection = ? AND record_id = ?",
+            [(coll.name, rid) for rid in rids if rid in journalled],
+        )
         written = [
             Written(rid, row[3], not r.deleted, row[9] is not None, values)
             for (rid, r, values), row in zip(resolved, rows, strict=True)
@@ -170,7 +184,7 @@ class Materializer:
         conn.executemany(
             "INSERT OR REPLACE INTO record_conflicts VALUES (?, ?, ?, ?, ?, ?)", conflicts
         )
-        conn.executemany("INSERT OR IGNORE INTO resolutions VALUES (?, ?, ?, ?, ?)", journal)
+        conn.executemany("INSERT OR REPLACE INTO resolutions VALUES (?, ?, ?, ?, ?)", journal)
         done = Materialized(len(rows))
         if rows and has_waiting(conn):
             done.changes = self._release(txn, coll, [row[1] for row in rows]).changes
