@@ -139,32 +139,12 @@ class Materializer:
                     )
                 )
         self._observe(newest)
-        # Only records that had conflicts can have stale rows there; on a bulk
-        # import that is a handful, not one DELETE per record.
-        had = {
-            rid
-            for (rid,) in conn.execute(
-                "SELECT record_id FROM record_conflicts WHERE collection = ?", (coll.name,)
-            )
-        }
-        conn.executemany(
-            "DELETE FROM record_conflicts WHERE collection = ? AND record_id = ?",
-            [(coll.name, rid) for rid in rids if rid in had],
-        )
         # The journal too is what the state holds now, not all it ever held:
         # a node's own list can lose entries (its cap; a rebuilt home writing
         # over its earlier life's entry), and a node that saw them must not
         # keep rows one that did not lacks (seed 3115).
-        journalled = {
-            rid
-            for (rid,) in conn.execute(
-                "SELECT record_id FROM resolutions WHERE collection = ?", (coll.name,)
-            )
-        }
-        conn.executemany(
-            "DELETE FROM resolutions WHERE collection = ? AND record_id = ?",
-            [(coll.name, rid) for rid in rids if rid in journalled],
-        )
+        for table in ("record_conflicts", "resolutions"):
+            _clear(conn, table, coll.name, rids)
         written = [
             Written(rid, row[3], not r.deleted, row[9] is not None, values)
             for (rid, r, values), row in zip(resolved, rows, strict=True)
@@ -614,3 +594,19 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _clear(conn: sqlite3.Connection, table: str, collection: str, rids: Iterable[str]) -> None:
+    """Delete ``table``'s rows (conflicts or journal) of records ``rids``. Few
+    records have any: on a bulk import that is a handful of DELETEs, not one
+    per record."""
+    had = {
+        rid
+        for (rid,) in conn.execute(
+            f"SELECT record_id FROM {table} WHERE collection = ?", (collection,)
+        )
+    }
+    conn.executemany(
+        f"DELETE FROM {table} WHERE collection = ? AND record_id = ?",
+        [(collection, rid) for rid in rids if rid in had],
+    )
