@@ -1295,6 +1295,7 @@ def status_cmd(home: Path, as_json: bool) -> None:
         else "never"
     )
     pending = {k: v for k, v in info["pending"].items() if v}
+    urgent = {k: v for k, v in info["urgent_pending"].items() if v}
     rows = [
         ("online", _show(info["online"]) + f" ({info['state']})"),
         ("offline mode", _show(info["offline_mode"])),
@@ -1302,6 +1303,7 @@ def status_cmd(home: Path, as_json: bool) -> None:
         ("last sync", when),
         ("relay reached", _when(info["last_reached"]) if info["last_reached"] else "never"),
         ("pending", _show(pending) if pending else "nothing"),
+        ("urgent pending", f"{_show(urgent)} (they sync first)" if urgent else "none"),
         ("waiting", f"{info['waiting']} (see 'branchline waiting')" if info["waiting"] else "none"),
         ("conflicts", str(info["conflicts"])),
         (

@@ -49,7 +49,7 @@ from .merge import resolve
 from .names import DATASET_RE, DOC_RE, META_RELAY_CA, META_TOKEN_REFUSED, NODE_RE, relay_url_ok
 from .query import QueryResult, adapter_owning, run_query
 from .schema import GAPS, Collection, Schema, load_schema, parse_schema
-from .store import NodeStore, doclog, outbox
+from .store import NodeStore, doclog, outbox, urgent
 from .store import capture as capture_sql
 from .store import records as rec
 from .store.conflict_index import is_stale
@@ -729,6 +729,16 @@ class Node:
             if name in out:
                 out[name] += count
         return out
+
+    def urgent_pending(self) -> dict[str, int]:
+        """Per collection with ``urgent_when``, its pending records that match
+        it now (engine.store.urgent); they are part of ``pending`` too."""
+        return urgent.pending(self.store.conn, self.schema).counts
+
+    def urgent_docs(self) -> set[str]:
+        """Documents a sync pass takes first: those holding urgent pending
+        records and pending changes of the records these refer to."""
+        return urgent.pending(self.store.conn, self.schema, with_docs=True).docs
 
     def pending_records(self, limit: int = 1000) -> Records:
         """Records with local changes the relay has not acknowledged, oldest

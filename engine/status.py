@@ -44,6 +44,7 @@ def node_status(node: Node, now_ms: int, run: dict[str, Any] | None = None) -> d
         "last_sync": int(last) if last else None,
         "pending": pending,
         "pending_total": sum(pending.values()),
+        "urgent_pending": node.urgent_pending(),
         "waiting": node.waiting(),
         "conflicts": len(node.conflicts()),
         "failures": failure_counts(node),

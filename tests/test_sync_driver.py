@@ -30,6 +30,7 @@ from engine.relay.hub import RelayHub
 from engine.relay.runner import StoreRunner
 from engine.relay.sqlite_store import SqliteRelayStore
 from engine.relay.store import Appended, UpdateIn, refusal_code
+from engine.status import node_status
 from engine.sync import SyncDriver, failure_counts, upload_order
 
 START_MS = 1_767_225_600_000 + 40 * 86_400_000  # 2026-02-10
@@ -280,6 +281,42 @@ def test_catalogs_before_vouchers_current_period_first(tmp_path: Path, relay: Me
         if isinstance(msg, m.Sync1)
     ]
     assert sync1 == order
+
+
+def test_urgent_documents_first_with_what_they_refer_to(tmp_path: Path, relay: MemRelay) -> None:
+    """An unpaid invoice (urgent_when paid = false; ``paid`` absent counts as
+    false) and the customer made offline for it go up before the catalogs
+    and books that have only ordinary changes; status counts it apart."""
+    a = make_node(tmp_path, "A")
+    book_day(a, "a")
+    token = relay.store.enroll("acme", "A").token
+    link = relay.connect(a, token)
+    relay.pump()
+    assert link.driver.synced and a.urgent_pending() == {"sales_invoice": 0}
+    link.cut()
+    # Offline: ordinary work in several documents, then one unpaid sale.
+    for i in range(5):
+        a.put("items", {"code": f"I{i}", "name": f"Item {i}", "unit": "pcs", "price": "1"})
+    paid = {"warehouse": "W-a", "paid": True}
+    line = [{"item": "I-a", "qty": "1", "price": "10", "vat_rate": "10"}]
+    a.post_voucher(
+        "sales_invoice", {"date": "2026-01-20", "customer": "C-a", **paid, "lines": line}
+    )
+    a.put("customers", {"code": "C-new", "name": "Walk-in"})
+    fields = {"date": "2026-02-11", "customer": "C-new", "warehouse": "W-a", "lines": line}
+    a.post_voucher("sales_invoice", fields)
+    assert a.urgent_pending() == {"sales_invoice": 1}
+    assert a.urgent_docs() == {"sales_invoice/2026-02", "customers"}
+    assert node_status(a, START_MS)["urgent_pending"] == {"sales_invoice": 1}
+    order = upload_order(a, a.documents(), dt.date(2026, 2, 10), a.urgent_docs())
+    assert order[:2] == ["customers", "sales_invoice/2026-02"]
+    relay.received.clear()
+    link2 = relay.connect(a, token)
+    relay.pump()
+    assert link2.driver.synced
+    assert [doc for _, doc in relay.received][:2] == ["customers", "sales_invoice/2026-02"]
+    assert {"items", "sales_invoice/2026-01"} <= {doc for _, doc in relay.received[2:]}
+    assert a.urgent_pending() == {"sales_invoice": 0}  # acknowledged: ordinary again
 
 
 def test_outbox_cleared_only_on_ack_and_resend_after_cut_is_harmless(

@@ -44,6 +44,12 @@ _STATUS: Schema = {
         "last_sync": {"type": ["integer", "null"], "description": "wall ms of the last pass"},
         "pending": {"type": "object", "additionalProperties": {"type": "integer"}},
         "pending_total": {"type": "integer"},
+        "urgent_pending": {
+            "type": "object",
+            "additionalProperties": {"type": "integer"},
+            "description": "per collection with urgent_when, pending records matching it "
+            "(counted in pending too; their documents sync first)",
+        },
         "waiting": {"type": "integer"},
         "conflicts": {"type": "integer"},
         "failures": {

@@ -186,20 +186,25 @@ def refused_docs(ev: ErrorReceived) -> list[str]:
     return named + [n for n in _QUOTED.findall(ev.message) if DOC_RE.match(n)]
 
 
-def upload_order(node: Node, docs: Iterable[str], today: dt.date) -> list[str]:
-    """``docs`` in upload order: catalogs before voucher books, then schema
-    priority, then (partitioned books) the current period first and the others
-    newest first. Documents of collections the schema lacks come last (their
-    import fails and is recorded)."""
+def upload_order(
+    node: Node, docs: Iterable[str], today: dt.date, first: Iterable[str] = ()
+) -> list[str]:
+    """``docs`` in upload order: the documents ``first`` names (those holding
+    urgent pending records and what they refer to, ``engine.store.urgent``),
+    then the rest; within each, catalogs before voucher books, then schema
+    priority, then (partitioned books) the current period first and the
+    others newest first. Documents of collections the schema lacks come last
+    (their import fails and is recorded)."""
     rank = {c.name: i for i, c in enumerate(node.schema.ordered())}
     current = {f"{today.year:04d}-{today.month:02d}", f"{today.year:04d}"}
+    early = set(first)
 
-    def key(doc: str) -> tuple[int, int, str]:
+    def key(doc: str) -> tuple[int, int, int]:
         name, _, period = doc.partition("/")
-        return (rank.get(name, len(rank)), 0 if period in current else 1, period)
+        return (0 if doc in early else 1, rank.get(name, len(rank)), 0 if period in current else 1)
 
     ordered = sorted(set(docs), key=lambda d: d.partition("/")[2], reverse=True)
-    ordered.sort(key=lambda d: key(d)[:2])  # stable: newest first within a rank
+    ordered.sort(key=key)  # stable: newest first within a rank
     return ordered
 
 
@@ -599,9 +604,12 @@ class SyncDriver:
         self._asked_again = set(self._retry_down)  # this first pass asks for them
         states = self.node.state()
         today = dt.date.fromtimestamp(self._wall_ms() / 1000)
+        # Documents with urgent pending records go first, up and down: the
+        # relay answers sync requests in the order they are sent.
+        first = self.node.urgent_docs()
         order = [
             d
-            for d in upload_order(self.node, set(states) | set(ev.documents), today)
+            for d in upload_order(self.node, set(states) | set(ev.documents), today, first)
             if d not in self._held_down
         ]
         self._docs = {d: _DocPass(d.partition("/")[0]) for d in order}
