@@ -457,12 +457,12 @@ def bench_relay(
 # -- 2. catch-up and 3. link restored ----------------------------------------------------
 
 
-def records_in(home: Path) -> int:
-    """Materialized live records of the bench collection (what ``count()`` reads)."""
+def records_in(home: Path, collection: str = COLLECTION) -> int:
+    """Materialized live records of ``collection`` (what ``count()`` reads)."""
     conn = sqlite3.connect(f"file:{home / 'branchline.db'}?mode=ro", uri=True, timeout=5)
     try:
         row = conn.execute(
-            "SELECT COUNT(*) FROM records WHERE collection = ? AND deleted = 0", (COLLECTION,)
+            "SELECT COUNT(*) FROM records WHERE collection = ? AND deleted = 0", (collection,)
         ).fetchone()
         return int(row[0])
     except sqlite3.OperationalError:

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -33,26 +32,13 @@ from engine.relay.sqlite_store import SqliteRelayStore
 from engine.transport import node_sync
 
 from .stats import load_facts, machine_facts, run_facts
-from .sync import BRANCHLINE, Relay, node_run, run_state, say, stop, wait_until
+from .sync import BRANCHLINE, Relay, node_run, records_in, run_state, say, stop, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DATASET = "acme"
 GOAL_S = 1.0
 CHUNK = 5_000
-
-
-def count(home: Path, collection: str) -> int:
-    conn = sqlite3.connect(f"file:{home / 'branchline.db'}?mode=ro", uri=True, timeout=5)
-    try:
-        row = conn.execute(
-            "SELECT COUNT(*) FROM records WHERE collection = ? AND deleted = 0", (collection,)
-        ).fetchone()
-        return int(row[0])
-    except sqlite3.OperationalError:
-        return -1
-    finally:
-        conn.close()
 
 
 def prepare(home: Path, n: int) -> dict[str, float]:
@@ -104,9 +90,9 @@ def one_run(tmp: Path, prepared: Path, n: int, urgent_first: bool) -> dict[str, 
     def watch(t0: float) -> None:
         while not done.is_set():
             now = time.monotonic()
-            if "urgent" not in seen and count(home_b, "sales_invoice") >= 1:
+            if "urgent" not in seen and records_in(home_b, "sales_invoice") >= 1:
                 seen["urgent"] = now - t0
-            if "all" not in seen and count(home_b, "suppliers") >= n:
+            if "all" not in seen and records_in(home_b, "suppliers") >= n:
                 seen["all"] = now - t0
             if len(seen) == 2:
                 return
