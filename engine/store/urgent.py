@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from ..schema import Collection, Schema
+from .inlists import chunks, marks
 from .records import ref_paths, references
 
 
@@ -44,34 +45,47 @@ def _where(coll: Collection) -> tuple[str, list[object]]:
     return " AND ".join(parts), params
 
 
+#: Pending records of one collection (``?``) that are live, joined to their rows.
+_FROM = (
+    "FROM pending_records p JOIN records r ON r.collection = ? AND r.id = p.record "
+    "WHERE r.deleted = 0 AND "
+)
+
+
 def pending(conn: sqlite3.Connection, schema: Schema, *, with_docs: bool = False) -> Urgent:
     """Urgent pending records per collection (every collection that has
     ``urgent_when``, zero included), and with ``with_docs`` the documents a
-    pass takes first (``Urgent``). Reads only pending records."""
+    pass takes first (``Urgent``). Reads the pending records once per
+    collection with ``urgent_when``, and once per ``CHUNK`` records they refer to."""
     out = Urgent()
+    targets: set[tuple[str, str]] = set()
     for coll in schema.ordered():
         if not coll.urgent_when:
             continue
         where, params = _where(coll)
+        if not with_docs:  # ``status``: a count, no record read
+            (n,) = conn.execute(
+                f"SELECT COUNT(DISTINCT r.id) {_FROM}{where}", [coll.name, *params]
+            ).fetchone()
+            out.counts[coll.name] = int(n)
+            continue
         rows = conn.execute(
-            "SELECT DISTINCT p.doc, r.id, r.data FROM pending_records p "
-            "JOIN records r ON r.collection = ? AND r.id = p.record "
-            f"WHERE r.deleted = 0 AND {where}",
-            [coll.name, *params],
+            f"SELECT DISTINCT p.doc, r.id, r.data {_FROM}{where}", [coll.name, *params]
         ).fetchall()
         out.counts[coll.name] = len({rid for _, rid, _ in rows})
-        if not with_docs or not rows:
-            continue
         out.docs.update(str(doc) for doc, _, _ in rows)
         paths = ref_paths(coll)
-        if not paths:
-            continue
-        targets = {t for _, _, data in rows for t in references(paths, orjson.loads(data))}
-        for target, tid in targets:
-            found = conn.execute(
-                "SELECT DISTINCT doc FROM pending_records WHERE record = ? "
-                "AND doc IN (SELECT doc FROM records WHERE collection = ? AND id = ?)",
-                (tid, target, tid),
-            ).fetchall()
-            out.docs.update(str(d) for (d,) in found)
+        if paths:
+            targets.update(t for _, _, data in rows for t in references(paths, orjson.loads(data)))
+    ids = sorted({rid for _, rid in targets})
+    for chunk in chunks(ids):
+        # One pass over the pending records per ``CHUNK`` targets, filtered by
+        # SQLite, not one per target: nothing indexes ``updates.record``.
+        for doc, coll_name, rid in conn.execute(
+            "SELECT DISTINCT p.doc, r.collection, r.id FROM pending_records p JOIN records r "
+            f"ON r.id = p.record AND r.doc = p.doc WHERE p.record IN ({marks(chunk)})",
+            chunk,
+        ):
+            if (coll_name, rid) in targets:
+                out.docs.add(str(doc))
     return out
