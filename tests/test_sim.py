@@ -38,7 +38,25 @@ REGRESSIONS = (1, 4, 7, 16, 18, 19, 20, 27, 35, 45, 174, 664, 1814, 1901, 3115, 
 
 @pytest.mark.parametrize("seed", REGRESSIONS)
 def test_regression_seed(seed: int) -> None:
-    World(seed).run()
+    # Found before receipts could be urgent: replayed as they played then.
+    World(seed, urgent=False).run()
+
+
+def test_urgent_records_go_first_and_the_check_sees_when_they_do_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world = World(12, urgent=True)
+    stats = world.run()
+    assert stats.urgent_passes > 0
+    from engine.sync import driver
+
+    order = driver.upload_order
+    monkeypatch.setattr(
+        driver, "upload_order", lambda node, docs, today, first=(): order(node, docs, today)
+    )
+    with pytest.raises(SimFailure, match="urgent records not first") as failure:
+        World(12, urgent=True).run()
+    assert failure.value.kind == "correctness"
 
 
 def test_a_few_more_seeds() -> None:
@@ -89,7 +107,7 @@ def test_the_checks_catch_a_reused_number(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(series, "learn", lambda *args: None)
     monkeypatch.setattr(series, "restore_state", lambda *args: 0)
     with pytest.raises(SimFailure, match="was issued HDN0-000001, now numbered") as failure:
-        World(45).run()
+        World(45, urgent=False).run()
     assert failure.value.kind == "correctness"
 
 

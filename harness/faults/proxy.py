@@ -15,7 +15,10 @@ target port, byte for byte and in order, unless told otherwise:
 - ``reset()``: abort every open connection with a TCP RST on both sides.
 - ``refuse(True)``: new connections are reset at once (a port that answers
   with RST) until ``refuse(False)``.
-- ``heal()``: no delay, no cut, no refusal.
+- ``limit(bytes_per_s)``: a slow line. Each direction of each connection
+  carries at most that many bytes per second (paced in ``PACE_BYTES``
+  pieces), as a branch office's uplink would; ``limit(None)`` lifts it.
+- ``heal()``: no delay, no cut, no refusal, no limit.
 
 Guarantees: the proxy never reorders, duplicates, corrupts or drops bytes of
 a connection that stays open (faults are delays, stalls and whole-connection
@@ -46,6 +49,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 CHUNK_BYTES = 64 << 10
+#: What a limited line sends at once: small enough that pacing is smooth.
+PACE_BYTES = 4 << 10
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
@@ -122,6 +127,7 @@ class FaultProxy:
         self._delay_ms = 0.0
         self._jitter_ms = 0.0
         self._refusing = False
+        self._rate: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -177,10 +183,18 @@ class FaultProxy:
         """While on, new connections are reset as soon as they are accepted."""
         self._refusing = on
 
+    def limit(self, bytes_per_s: float | None) -> None:
+        """Carry at most ``bytes_per_s`` per direction and connection (None:
+        no limit). Raises ValueError for a rate that is not positive."""
+        if bytes_per_s is not None and bytes_per_s <= 0:
+            raise ValueError("a line's rate must be > 0 bytes per second")
+        self._rate = bytes_per_s
+
     def heal(self) -> None:
-        """Forward normally again: no delay, no cut, no refusal."""
+        """Forward normally again: no delay, no cut, no refusal, no limit."""
         self._delay_ms = self._jitter_ms = 0.0
         self._refusing = False
+        self._rate = None
         self._flowing.set()
 
     @property
@@ -259,6 +273,7 @@ class FaultProxy:
         *,
         up: bool,
     ) -> None:
+        line_free = 0.0  # when a limited line has sent what it was given
         try:
             while True:
                 item = await queue.get()
@@ -270,13 +285,22 @@ class FaultProxy:
                 wait = due - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                await self._flowing.wait()
-                writer.write(data)
-                await writer.drain()
-                if up:
-                    self.counters.bytes_up += len(data)
-                else:
-                    self.counters.bytes_down += len(data)
+                rate = self._rate
+                step = PACE_BYTES if rate else len(data)
+                for i in range(0, len(data), step):
+                    piece = data[i : i + step]
+                    if rate:
+                        line_free = max(line_free, time.monotonic()) + len(piece) / rate
+                        wait = line_free - time.monotonic()
+                        if wait > 0:
+                            await asyncio.sleep(wait)
+                    await self._flowing.wait()
+                    writer.write(piece)
+                    await writer.drain()
+                    if up:
+                        self.counters.bytes_up += len(piece)
+                    else:
+                        self.counters.bytes_down += len(piece)
         except (ConnectionError, OSError):
             return
 

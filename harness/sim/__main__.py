@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         outcomes = [run_seed(seed, args.nodes, args.ops, args.relays, schema) for seed in seeds]
     faults: Counter[str] = Counter()
-    ticks = ops = acked = followed = 0
+    ticks = ops = acked = followed = urgent = 0
     failed = [o for o in outcomes if o.kind is not None]
     for o in outcomes:
         if o.stats is None:
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         ops += o.stats.ops
         acked += o.stats.acked_writes
         followed += o.stats.followed
+        urgent += o.stats.urgent_passes
     took = time.perf_counter() - started
     hours = ticks * TICK_MS / 3_600_000
     print(
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(failed)} failed; {hours:.2f} simulated hours, {ops} operations, "
         f"{acked} acknowledged writes, none lost in passing runs"
     )
+    if urgent:
+        print(f"{urgent} sync passes sent urgent records before the rest, as checked")
     if args.relays > 1:
         print(f"{followed} updates crossed from one relay to another live")
     if faults:

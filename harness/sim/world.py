@@ -48,7 +48,7 @@ from engine.errors import (
 )
 from engine.exchange import export_to_file, import_from_file
 from engine.node import Node
-from engine.protocol import ClientSession, SessionState
+from engine.protocol import SessionState
 from engine.relay.hub import HubLimits, RelayHub
 from engine.relay.runner import StoreRunner
 from engine.relay.sqlite_store import SqliteRelayStore
@@ -58,6 +58,7 @@ from engine.store import NodeStore
 from engine.sync import SyncDriver
 
 from ..soak.checks import gap_journal_problems
+from .order import OrderedSession, OrderLedger
 from .schema_workload import SchemaWorkload
 
 TICK_MS = 20
@@ -103,6 +104,8 @@ ITEMS = ("T1", "T2")
 DATES = ("2026-09-02", "2026-09-21", "2026-10-01")
 FINAL_RECEIPT = re.compile(r"^PT\d{6}\Z")  # provisional numbers look like PT-N0-P000001
 FINAL_SALE = re.compile(r"^HDN\d+-\d{6}\Z")  # provisional: HD-N0-P000001
+#: In runs with urgent receipts: receipts marked ``rush`` go up first.
+URGENT_RECEIPTS = '[collections.receipts]\nurgent_when = { rush = true }\nfields.rush = "bool"\n'
 #: The app table captured into ``customers`` in runs with an app writing SQL.
 APP_TABLE = "app_customers"
 APP_TABLE_SQL = f"CREATE TABLE IF NOT EXISTS {APP_TABLE} (code TEXT UNIQUE, name TEXT, note TEXT)"
@@ -171,6 +174,8 @@ class Link:
     up: list[tuple[int, int, bytes]] = field(default_factory=list)
     down: list[tuple[int, int, bytes]] = field(default_factory=list)
     closed: bool = False
+    reordered: bool = False  # a frame arrived after one sent later (either way)
+    delivered: dict[int, int] = field(default_factory=dict)  # queue id -> last order
 
 
 @dataclass
@@ -179,6 +184,7 @@ class Stats:
     ops: int = 0
     acked_writes: int = 0
     followed: int = 0  # updates a relay read back from another relay's commits
+    urgent_passes: int = 0  # passes that sent urgent documents, then others (checked order)
     faults: Counter[str] = field(default_factory=Counter)
 
 
@@ -219,10 +225,17 @@ class Network:
                 queue.append((tick + 1 + delay, self._order, frame))
 
     @staticmethod
-    def due(queue: list[tuple[int, int, bytes]], tick: int) -> list[bytes]:
+    def due(link: Link, queue: list[tuple[int, int, bytes]], tick: int) -> list[bytes]:
+        """Frames of ``link``'s ``queue`` due by ``tick``; notes on the link
+        when one arrives after a frame sent later."""
         ready = sorted(item for item in queue if item[0] <= tick)
         if ready:
             queue[:] = [item for item in queue if item[0] > tick]
+            last = link.delivered.get(id(queue), 0)
+            for _, order, _ in ready:
+                link.reordered = link.reordered or order < last
+                last = max(last, order)
+            link.delivered[id(queue)] = last
         return [frame for _, _, frame in ready]
 
 
@@ -385,10 +398,13 @@ class World:
         workdir: Path | None = None,
         relays: int = 1,
         schema: tuple[str, str] | None = None,
+        urgent: bool | None = None,
     ):
         """``schema``: (TOML text, where it came from) of a user's schema to
         run on instead of the simulator's own; records are then generated
-        from its fields (harness.sim.schema_workload)."""
+        from its fields (harness.sim.schema_workload). ``urgent``: whether
+        receipts can be urgent (None: drawn from the seed; False replays a
+        seed found before urgent receipts existed as it played then)."""
         if relays < 1:
             raise ValueError(f"relays must be at least 1, got {relays}")
         self.seed = seed
@@ -410,7 +426,14 @@ class World:
         self.relay_rng = random.Random(f"relays-{seed}")
         self.relay = self.relays[0]  # enrolls the nodes; the checks read its file
         assert self.relay.store is not None
-        text, origin = schema or (SCHEMA, "simulator schema")
+        # Urgent receipts (issue 15), with a generator of their own: a run
+        # without them plays as it did before they existed.
+        self.urgent_rng = random.Random(f"urgent-{seed}")
+        drawn = self.urgent_rng.random() < 0.5
+        self.urgent = schema is None and (drawn if urgent is None else urgent)
+        self.order = OrderLedger()
+        own = SCHEMA.replace("[collections.receipts]\n", URGENT_RECEIPTS) if self.urgent else SCHEMA
+        text, origin = schema or (own, "simulator schema")
         self.schema = parse_schema(text, origin=origin)
         # Its own generator: the simulator's schema keeps its seeds' streams.
         self.custom = (
@@ -465,6 +488,7 @@ class World:
             self.safety()
             self.heal()
             self.check()
+            self.stats.urgent_passes = self.order.passes
             return self.stats
         except SimFailure:
             raise
@@ -561,9 +585,9 @@ class World:
         cut = sim.name in self.partitioned or not relay.up or link.closed
         try:
             if not cut:
-                for frame in self.net.due(link.up, self.tick):
+                for frame in self.net.due(link, link.up, self.tick):
                     relay.receive(link, frame)
-                for frame in self.net.due(link.down, self.tick):
+                for frame in self.net.due(link, link.down, self.tick):
                     driver.receive(frame)
             driver.tick(now)
             driver.poll()
@@ -593,7 +617,15 @@ class World:
             return
         self._links += 1
         link = Link(self._links)
-        session = ClientSession(dataset=DATASET, node=sim.name, token=sim.token)
+        session = OrderedSession(
+            sim.node.urgent_docs,
+            lambda: not link.reordered,
+            self.order,
+            sim.name,
+            dataset=DATASET,
+            node=sim.name,
+            token=sim.token,
+        )
         sim.driver = SyncDriver(sim.node, session, wall_ms=sim.clock.wall_ms)
         sim.link = link
         relay.connect(link, now)
@@ -749,6 +781,8 @@ class World:
                 self._acked("sales", posted.id)
             elif r < 0.7:
                 fields = {"customer": self.rng.choice(CODES), "amount": "10"}
+                if self.urgent and self.urgent_rng.random() < 0.5:
+                    fields["rush"] = True
                 self._acked("receipts", node.post_voucher("receipts", fields).id)
             elif r < 0.8:
                 coll = self.rng.choice(("customers", "items", "sales"))
@@ -912,6 +946,8 @@ class World:
 
     def check(self) -> None:
         """After healing: the invariants. Raises SimFailure("correctness", ...)."""
+        if self.order.problems:
+            raise SimFailure("correctness", f"urgent records not first: {self.order.problems[0]}")
         first = self._snapshot(self.nodes[0])
         for sim in self.nodes[1:]:
             if self._snapshot(sim) != first:
