@@ -38,8 +38,41 @@ REGRESSIONS = (1, 4, 7, 16, 18, 19, 20, 27, 35, 45, 174, 664, 1814, 1901, 3115, 
 
 @pytest.mark.parametrize("seed", REGRESSIONS)
 def test_regression_seed(seed: int) -> None:
-    # Found before receipts could be urgent: replayed as they played then.
-    World(seed, urgent=False).run()
+    # Found before urgent receipts and bad app rows: replayed as they played then.
+    World(seed, urgent=False, bad_rows=False).run()
+
+
+def test_a_row_the_schema_refuses_is_held_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seed 3's app saves customers without a code: each is quarantined,
+    the changes after it are written; a drain that held the changes after a
+    refused one would fail the check."""
+    world = World(3, bad_rows=True)
+    assert world.app
+    try:
+        world.safety()
+        world.heal()
+        world.check()
+        held = [len(s.node.capture_failures()) for s in world.nodes if s.node is not None]
+    finally:
+        world.close()
+    assert sum(held) > 0 and world.stats.faults["app row given its code"] > 0
+    from engine.capture import drain
+    from engine.errors import UserError
+
+    write = drain.Capture._write
+
+    def held_behind(self: drain.Capture, w: object, spec: object, change: object) -> None:
+        if getattr(self, "failed", False):
+            raise UserError("held behind a refused change")
+        try:
+            write(self, w, spec, change)  # type: ignore[arg-type]
+        except UserError:
+            self.failed = True  # type: ignore[attr-defined]
+            raise
+
+    monkeypatch.setattr(drain.Capture, "_write", held_behind)
+    with pytest.raises(SimFailure, match="quarantined"):
+        World(3, bad_rows=True).run()
 
 
 def test_urgent_records_go_first_and_the_check_sees_when_they_do_not(
@@ -107,7 +140,7 @@ def test_the_checks_catch_a_reused_number(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(series, "learn", lambda *args: None)
     monkeypatch.setattr(series, "restore_state", lambda *args: 0)
     with pytest.raises(SimFailure, match="was issued HDN0-000001, now numbered") as failure:
-        World(45, urgent=False).run()
+        World(45, urgent=False, bad_rows=False).run()
     assert failure.value.kind == "correctness"
 
 

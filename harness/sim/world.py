@@ -13,9 +13,11 @@ sees is one the server would have sent for the same inputs.
 With the simulator's own schema, a run may also have an app writing SQL
 (drawn from a generator of its own, so other seeds play as they did): each
 node captures ``customers`` from an app table (engine.capture) that the app
-inserts into, updates and deletes from directly, crashes or not; after
-healing, every queue is empty, nothing is quarantined, and every node's
-table shows the same rows, each key's record.
+inserts into, updates and deletes from directly, crashes or not; in half of
+those runs it also saves rows without their code (refused) and later gives
+some a code. After healing, every queue is empty, exactly the rows without
+a code are quarantined, and every node's table shows the same rows with a
+code, each key's record.
 
 A run has two phases. **Safety**: a random workload while the faults chosen
 for this seed (swarm testing: each kind on or off, with a random intensity)
@@ -399,12 +401,15 @@ class World:
         relays: int = 1,
         schema: tuple[str, str] | None = None,
         urgent: bool | None = None,
+        bad_rows: bool | None = None,
     ):
         """``schema``: (TOML text, where it came from) of a user's schema to
         run on instead of the simulator's own; records are then generated
         from its fields (harness.sim.schema_workload). ``urgent``: whether
         receipts can be urgent (None: drawn from the seed; False replays a
-        seed found before urgent receipts existed as it played then)."""
+        seed found before urgent receipts existed as it played then).
+        ``bad_rows``: whether the app also writes rows the schema refuses
+        (None: drawn; False as for ``urgent``)."""
         if relays < 1:
             raise ValueError(f"relays must be at least 1, got {relays}")
         self.seed = seed
@@ -442,6 +447,11 @@ class World:
         # An app writing SQL (engine.capture), with a generator of its own.
         self.app_rng = random.Random(f"app-{seed}")
         self.app = self.custom is None and self.app_rng.random() < 0.4
+        # Rows without their code (refused: a failing item), and their fixing,
+        # from a generator of their own too.
+        self.bad_rng = random.Random(f"bad-rows-{seed}")
+        drawn = self.bad_rng.random() < 0.5
+        self.bad_rows = self.app and (drawn if bad_rows is None else bad_rows)
         self.nodes: list[SimNode] = []
         for i in range(nodes):
             name = f"N{i}"
@@ -848,22 +858,52 @@ class World:
                 )
             else:
                 conn.execute(f"DELETE FROM {APP_TABLE} WHERE code = ?", (code,))
+            if self.bad_rows and self.bad_rng.random() < 0.1:
+                self._bad_row(conn)
         self.stats.faults["app write to its table"] += 1
 
+    def _bad_row(self, conn: sqlite3.Connection) -> None:
+        """The app saves a customer without its code (the schema requires
+        one: the change is quarantined, and nothing else may wait for it),
+        or a person gives such a row a code (its change brings the whole row
+        and is written)."""
+        if self.bad_rng.random() < 0.7:
+            conn.execute(f"INSERT INTO {APP_TABLE} (name) VALUES (?)", ("no code",))
+            self.stats.faults["app row without its code"] += 1
+        else:
+            conn.execute(
+                f"UPDATE OR IGNORE {APP_TABLE} SET code = ? WHERE rowid = "
+                f"(SELECT min(rowid) FROM {APP_TABLE} WHERE code IS NULL)",
+                (self.bad_rng.choice(CODES),),
+            )
+            self.stats.faults["app row given its code"] += 1
+
     def _check_app_tables(self) -> None:
-        """Queues drained, nothing quarantined, every table the same, each
-        key shown by its record (the earliest created of a duplicate)."""
+        """Queues drained, quarantined exactly the rows without a code (each
+        failing row held alone: the changes after it were written), every
+        table the same but for those, each key shown by its record (the
+        earliest created of a duplicate)."""
         shown = []
         for sim in self.nodes:
             node = sim.node
             assert node is not None
             status = node.capture_status()
-            if status["queued"] or status["quarantined"]:
-                why = [f.reason for f in node.capture_failures()][:3]
-                raise SimFailure("correctness", f"{sim.name} capture left {status}: {why}")
+            held = {f.change.row for f in node.capture_failures()}
             with closing(self._app_conn(sim)) as conn:
-                rows = conn.execute(f"SELECT code, name, note FROM {APP_TABLE} ORDER BY code")
+                bad = {
+                    r[0] for r in conn.execute(f"SELECT rowid FROM {APP_TABLE} WHERE code IS NULL")
+                }
+                rows = conn.execute(
+                    f"SELECT code, name, note FROM {APP_TABLE} WHERE code IS NOT NULL ORDER BY code"
+                )
                 table = [tuple(r) for r in rows]
+            if status["queued"] or held != bad:
+                why = [f.reason for f in node.capture_failures()][:3]
+                raise SimFailure(
+                    "correctness",
+                    f"{sim.name} capture left {status}, rows {sorted(held)} quarantined, "
+                    f"rows {sorted(bad)} without a code: {why}",
+                )
             expected = []
             live = node.list("customers")
             for code in sorted({r["code"] for r in live if "alias_of" not in r}):
