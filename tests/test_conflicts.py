@@ -96,6 +96,23 @@ def test_voucher_waits_for_its_customer_then_is_released(trio: list[Node]) -> No
     assert b.conflicts() == []
 
 
+def test_a_waiting_voucher_holds_back_no_other_of_its_document(trio: list[Node]) -> None:
+    """One invoice of a period waits for a customer that has not come; the
+    other invoices of the same document are shown meanwhile (issue 15)."""
+    a, b, _ = trio
+    setup_catalogs(a)
+    send(a, b)
+    a.put("customers", {"code": "KH02", "name": "Binh"})
+    waits, shown = invoice(a, customer="KH02"), invoice(a)
+    send(a, b, ["sales_invoice/2026-03"])
+    assert b.get("sales_invoice", shown) is not None
+    assert b.get("sales_invoice", waits) is None
+    assert b.waiting() == 1
+    send(a, b)
+    assert b.get("sales_invoice", waits) is not None
+    assert b.waiting() == 0
+
+
 def test_missing_after_full_sync_becomes_dangling_reference(trio: list[Node]) -> None:
     a, b, _ = trio
     setup_catalogs(a)
