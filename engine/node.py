@@ -286,10 +286,12 @@ class Node:
         raised is undone alone. Raises StoreError when the commit fails (then
         none of them is durable)."""
         out: list[tuple[bool, Any]] = []
-        with self._replica.write():
+        with self._replica.write() as w:
             for call in calls:
                 try:
-                    with self.store.transaction():
+                    # Not a bare savepoint: the loaded documents may hold
+                    # what the call wrote before it raised, and must not.
+                    with w.savepoint():
                         out.append((True, call(self)))
                 except Exception as exc:
                     out.append((False, exc))

@@ -13,6 +13,8 @@ import pytest
 
 from engine.errors import ValidationError
 from engine.node import Node
+from engine.relay.sqlite_store import SqliteRelayStore
+from engine.relay.testing import push
 from engine.server.writes import WriteGroup
 from engine.transport.client import NodeThread
 
@@ -41,6 +43,11 @@ def test_a_failing_call_in_a_batch_is_undone_alone(tmp_path: Path) -> None:
     with Node.open(tmp_path / "h") as again:  # durable, and the undone write is gone
         assert [r["code"] for r in again.list("customers")] == ["A", "B"]
         assert again.get("customers", "HALF") is None
+        # What goes up builds on nothing that was undone: the relay takes
+        # every update (a write over an undone one would wait for it forever).
+        with SqliteRelayStore.create(tmp_path / "relay.db") as store:
+            store.enroll("acme", "HN")
+            assert push(store, again, "HN") == ["stored"] * len(again.outbox())
 
 
 def test_writes_arriving_together_share_one_commit(
