@@ -175,6 +175,7 @@ class Replica:
                 if drain and self.capture is not None:
                     self.capture.drain(writer)
                 yield writer
+                writer.flush()  # nothing written leaves unresolved
                 self.store.set_meta("hlc", str(self.hlc.last))
         except BaseException:
             # The ``clients`` row this write added, if any, rolled back with it.
@@ -192,6 +193,10 @@ class Writer:
         self.txn = txn
         self.schema = replica.schema
         self.node_id = replica.node_id
+        self._deferring = False
+        # (collection, document, record) written under ``deferring``, not yet
+        # re-resolved: ``flush`` does them together.
+        self._unresolved: list[tuple[Collection, str, str]] = []
 
     def now_ms(self) -> int:
         return self._r.clock.wall_ms()
@@ -211,13 +216,42 @@ class Writer:
         """A part of the transaction undone alone when it raises (and then
         the loaded documents are dropped: they may hold what was undone)."""
         noted = self._r.client_noted
+        unresolved = len(self._unresolved)
         try:
             with self._r.store.transaction():
                 yield
         except BaseException:
             self._r.log.clear()
             self._r.client_noted = noted
+            del self._unresolved[unresolved:]
             raise
+
+    @contextmanager
+    def deferring(self, on: bool = True) -> Iterator[None]:
+        """With ``on``, writes inside log their update but leave re-resolving
+        their records to ``flush``, which does a whole run of them in one
+        materialization per document: a bulk of new records costs per batch,
+        not per record. Until then the record tables (lookups by id or key,
+        ``row``) do not show those writes: callers flush before anything that
+        reads a record written so. The documents do show them."""
+        was, self._deferring = self._deferring, on
+        try:
+            yield
+        finally:
+            self._deferring = was
+
+    def flush(self) -> int:
+        """Re-resolve the records written under ``deferring`` (in the order
+        of their documents' first write); returns the rows written. Raises
+        what ``materialize`` raises."""
+        pending, self._unresolved = self._unresolved, []
+        groups: dict[tuple[str, str], tuple[Collection, set[str]]] = {}
+        for coll, docname, rid in pending:
+            groups.setdefault((coll.name, docname), (coll, set()))[1].add(rid)
+        return sum(
+            self.materialize(coll, self._r.log.get(docname).doc, rids)
+            for (_, docname), (coll, rids) in groups.items()
+        )
 
     # -- reads inside the transaction ------------------------------------------
 
@@ -393,6 +427,9 @@ class Writer:
             self._r.log.note_clients(self.txn, [self._r.client_id])
             self._r.client_noted = True
         self._r.log.append(self.txn, loaded, update, "local", rid)
+        if self._deferring:
+            self._unresolved.append((coll, docname, rid))
+            return
         self.materialize(coll, loaded.doc, {rid})
 
     def import_update(

@@ -381,3 +381,52 @@ def test_a_row_the_table_refuses_is_listed_and_retried(tmp_path: Path) -> None:
     assert b.retry_captured([failure.id]) == 1
     assert rows(b, "picky", "code, name") == [("C1", "a long name"), ("C2", "ok")]
     assert b.capture_failures() == []
+
+
+# -- a batch drains as its changes one by one would ------------------------------
+
+ONE_NODE_OPS = st.one_of(
+    st.tuples(st.just("insert"), st.just("A"), CODES, NAMES),
+    st.tuples(st.just("update"), st.just("A"), CODES, NAMES),
+    st.tuples(st.just("rename"), st.just("A"), CODES, CODES),
+    st.tuples(st.just("delete"), st.just("A"), CODES),
+    st.tuples(st.just("nameless"), st.just("A"), CODES),  # refused: name is required
+)
+
+
+def _outcome(node: Node) -> tuple[Any, ...]:
+    records = sorted((r["code"], r["name"]) for r in node.list("customers"))
+    failures = sorted((f.change.row, f.code) for f in node.capture_failures())
+    return records, rows(node, "app_customers", "id, code, name"), failures
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(ONE_NODE_OPS, max_size=30))
+def test_a_batch_ends_as_its_changes_one_by_one(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[Any, ...]]
+) -> None:
+    """The drain re-resolves a run of plain inserts together (Writer.deferring);
+    whatever the history, a batch ends as draining one change at a time does."""
+    root = tmp_path_factory.mktemp("h")
+    outcomes = []
+    for limit in (None, 1):
+        node = make(root, "A" if limit is None else "B")
+        node.enable_capture("app_customers", "customers")
+        with app(node) as conn:
+            for op in ops:
+                if op[0] == "nameless":
+                    conn.execute(
+                        "INSERT INTO app_customers (code) VALUES (?) ON CONFLICT (code) DO NOTHING",
+                        (op[2],),
+                    )
+                else:
+                    _app_op(conn, op)
+        if limit is None:
+            node.drain_captured()  # one batch
+        else:
+            while node.drain_captured(limit).changes:
+                pass
+        assert node.capture_queued() == {}
+        outcomes.append(_outcome(node))
+        node.close()
+    assert outcomes[0] == outcomes[1]

@@ -18,13 +18,14 @@ written after the import has seen it.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CaptureNotFound, DuplicateKey, UserError
 from ..schema import Collection, Schema
 from ..store import capture as sql
 from ..store import records as rec
+from ..store.records import ref_paths
 from ..values import encode
 from .convert import to_fields
 from .spec import CaptureSpec, collection_of
@@ -59,6 +60,8 @@ class Capture:
             t: collection_of(schema, s) for t, s in specs.items()
         }
         self.writebacks = [WriteBack(s, self.collections[t]) for t, s in specs.items()]
+        # Tables whose records refer to others: their inserts look those up.
+        self._refers = {t: bool(ref_paths(c)) for t, c in self.collections.items()}
 
     def drain(self, w: Writer, limit: int | None = None) -> Drained:
         """Write queued changes (all, or the oldest ``limit``) inside ``w``'s
@@ -70,13 +73,20 @@ class Capture:
             batch = sql.head(conn, room)
             if not batch:
                 break
+            seen = _Seen()
             for change in batch:
-                sql.take(conn, change.seq)
                 spec = self.specs.get(change.table)
+                plain = spec is not None and self._plain_insert(spec, change, seen)
+                if not plain:
+                    # It may read records written before it in this batch;
+                    # and it is still queued, as the write-back expects.
+                    w.flush()
+                    seen.clear()
+                sql.take(conn, change.seq)
                 if spec is None:
                     continue  # its table is no longer captured
                 try:
-                    with w.savepoint():
+                    with w.savepoint(), w.deferring(plain):
                         self._write(w, spec, change)
                 except UserError as exc:
                     sql.quarantine(conn, change, _code(exc), str(exc), w.now_ms())
@@ -84,6 +94,7 @@ class Capture:
                 else:
                     sql.clear_failures(conn, change.table, change.row)
                     written += 1
+            w.flush()
         for writeback in self.writebacks:
             writeback.settle(conn)
         return Drained(written, quarantined)
@@ -111,6 +122,28 @@ class Capture:
         return done
 
     # -- internals -------------------------------------------------------------
+
+    def _plain_insert(self, spec: CaptureSpec, change: sql.Change, seen: _Seen) -> bool:
+        """Whether ``change`` inserts a catalog row that reads no record
+        written earlier in the batch (its key and row are new to the batch):
+        then its record is re-resolved with the others at the batch's end
+        (``Writer.deferring``). Notes its key and row in ``seen``."""
+        coll = self.collections[spec.table]
+        if change.op != "insert" or coll.is_voucher or self._refers[spec.table]:
+            return False
+        try:
+            stored = self._stored_key(spec, coll, change.new_key)
+        except UserError:
+            return False  # refused by the write, in its own savepoint
+        if stored is None:
+            return False
+        key = (coll.name, stored)
+        row = (spec.table, change.row)
+        if key in seen.keys or row in seen.rows:
+            return False
+        seen.keys.add(key)
+        seen.rows.add(row)
+        return True
 
     def _write(self, w: Writer, spec: CaptureSpec, change: sql.Change) -> None:
         coll = self.collections[spec.table]
@@ -173,9 +206,20 @@ class Capture:
         if key is None:
             return None
         try:
-            return self._by_key(w, coll, to_fields(coll, {coll.key: key}, spec.table)[coll.key], "")
+            stored = self._stored_key(spec, coll, key)
         except UserError:
             return None
+        found = w.lookup(coll, stored, by_id=False) if stored is not None else None
+        return found[0] if found else None
+
+    @staticmethod
+    def _stored_key(spec: CaptureSpec, coll: Collection, raw: Any) -> str | None:
+        """The key as records hold it for a key column value ``raw`` (None
+        for none). Raises UserError for a value the key field refuses."""
+        if raw is None:
+            return None
+        value = to_fields(coll, {coll.key: raw}, spec.table)[coll.key]
+        return None if value is None else str(encode(coll.fields[coll.key], value, coll.key))
 
     @staticmethod
     def _by_key(w: Writer, coll: Collection, key: Any, where: str) -> str | None:
@@ -187,6 +231,18 @@ class Capture:
         for writeback in self.writebacks:
             if writeback.spec.table == table:
                 writeback.rewrite(w.txn.conn, rid)
+
+
+@dataclass
+class _Seen:
+    """Keys and rows of the plain inserts of a batch since its last flush."""
+
+    keys: set[tuple[str, str]] = field(default_factory=set)
+    rows: set[tuple[str, int]] = field(default_factory=set)
+
+    def clear(self) -> None:
+        self.keys.clear()
+        self.rows.clear()
 
 
 def raise_duplicate(coll: Collection, key: Any, rid: str, table: str, row: int) -> None:
