@@ -166,3 +166,38 @@ def test_bytes_that_are_not_an_update_raise_update_error(bad: bytes) -> None:
 def test_max_bytes_must_be_positive() -> None:
     with pytest.raises(ValueError):
         split_update(b"\x00\x00", 0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    writers=st.lists(steps, min_size=1, max_size=4),
+    order=st.randoms(use_true_random=False),
+    keep=st.lists(st.booleans(), min_size=4, max_size=4),
+)
+def test_reach_tells_what_waits_as_a_full_decode_does(
+    writers: list[list[tuple[Any, ...]]], order: Any, keep: list[bool]
+) -> None:
+    """``engine.crdt.document._waits`` reads struct headers (``reach``);
+    decoding what lies beyond the state (``get_update``) says the same, for
+    updates applied in any order, some of them missing."""
+    from pycrdt import get_update
+
+    from engine.crdt.document import _waits
+
+    doc: Doc[Any] = Doc(client_id=1)
+    updates = []
+    for i, ops in enumerate(writers):
+        peer: Doc[Any] = Doc(client_id=100 + i % 2)  # a client writes again later
+        peer.apply_update(doc.get_update())
+        before = peer.get_state()
+        _play(peer, ops)
+        updates.append(peer.get_update(before))
+        doc.apply_update(peer.get_update())
+    chosen = [u for u, k in zip(updates, keep, strict=False) if k] or updates[-1:]
+    order.shuffle(chosen)
+    replica: Doc[Any] = Doc(client_id=7)
+    for u in chosen:
+        replica.apply_update(u)
+        state = replica.get_state()
+        for each in updates:
+            assert _waits(each, state) == (get_update(each, state)[:1] != b"\x00")

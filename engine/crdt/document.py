@@ -15,10 +15,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from pycrdt import Doc, Map, TransactionEvent, get_update, merge_updates
+from pycrdt import Doc, Map, TransactionEvent, merge_updates
 
 from ..errors import UpdateError
 from ..merge.record import NodeState
+from .split import reach
+from .statevec import decode_state_vector
 
 ROOT = "r"
 SEP = "|"
@@ -252,12 +254,16 @@ MAX_MERGE = 1000  # updates merged at once: pycrdt's merge is quadratic in their
 def _waits(update: bytes, state: bytes) -> bool:
     """Part of ``update`` lies beyond ``state`` and holds items: it waits for
     missing earlier updates. (``pycrdt.get_state(update)`` cannot tell: it
-    omits every client whose items do not start at clock 0.) Never raises."""
+    omits every client whose items do not start at clock 0.) Read from the
+    struct headers (``split.reach``): ``get_update(update, state)`` would
+    tell too, but decodes all of it, about 70 MB more at the peak for a
+    100k-record snapshot, and slower. Never raises."""
     try:
-        beyond = get_update(update, state)
-    except Exception:
+        ends = reach(update)
+        have = decode_state_vector(state)
+    except UpdateError:
         return False
-    return beyond[:1] != b"\x00"
+    return any(end > have.get(client, 0) for client, end in ends.items())
 
 
 def merge(updates: list[bytes]) -> bytes:

@@ -162,6 +162,31 @@ class _Reader:
         return 1
 
 
+def reach(update: bytes) -> dict[int, int]:
+    """Per client of ``update``, the clock just past its last struct that is
+    not a Skip: a document whose state vector is below it for some client
+    cannot have integrated all of the update (that part waits for earlier
+    updates). Reads struct headers only, copying nothing. Raises UpdateError
+    for bytes that are not a v1 update (the delete set is not read)."""
+    r = _Reader(update)
+    out: dict[int, int] = {}
+    total = 0
+    for _ in range(r.uint()):
+        count, client, clock = r.uint(), r.uint(), r.uint()
+        total += count
+        if total > MAX_STRUCTS:
+            raise UpdateError(f"update claims more than {MAX_STRUCTS} structs")
+        end = None
+        for _ in range(count):
+            skip = r.pos < r.end and r.data[r.pos] & _BITS5 == 10
+            clock += r.struct()
+            if not skip:
+                end = clock
+        if end is not None and end > out.get(client, 0):
+            out[client] = end
+    return out
+
+
 def split_update(update: bytes, max_bytes: int) -> list[bytes]:
     """``update`` as updates to apply in the order given, the structs of
     each taking at most ``max_bytes`` (bar a single struct larger than that;
