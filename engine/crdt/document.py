@@ -53,14 +53,20 @@ class RecordDoc:
         self._capture = False
         self._update: bytes | None = None
         self._waiting: list[bytes] = []
-        initial = list(initial)
+        # Updates are read as applied; only one that waits right after it is
+        # applied is kept (the state only grows: one that does not wait then
+        # never will), so a caller streaming them holds one at a time.
+        waiting: list[bytes] = []
         for update in initial:
             try:
                 self._doc.apply_update(update)
             except Exception as exc:  # pycrdt raises bare exceptions for bad input
                 raise UpdateError(f"document {name}: not a valid update ({exc})") from None
+            if _waits(update, self._doc.get_state()):
+                waiting.append(update)
         state = self._doc.get_state()
-        self._waiting = [u for u in initial if _waits(u, state)][-MAX_WAITING:]
+        self._waiting = [u for u in waiting if _waits(u, state)][-MAX_WAITING:]
+        del waiting
         if self._waiting:
             self._retry_waiting()
         for key in self._map:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -58,6 +58,38 @@ class Loaded:
     base_bytes: int = 0  # size of the snapshot
 
 
+@dataclass
+class _Read:
+    """What ``_rows`` read of a document: its snapshot's ``upto`` and size,
+    the log rows after it, their bytes, and the last seq."""
+
+    upto: int = 0
+    base: int = 0
+    rows: int = 0
+    tail: int = 0
+    last: int = 0
+
+
+def _rows(conn: sqlite3.Connection, name: str, seen: _Read) -> Iterator[bytes]:
+    """Document ``name``'s snapshot, then its log rows after it, in order;
+    notes what it read in ``seen``."""
+    snap = conn.execute("SELECT upto, data FROM snapshots WHERE doc = ?", (name,)).fetchone()
+    if snap is not None:
+        seen.upto = seen.last = int(snap[0])
+        data: bytes = snap[1]
+        seen.base = len(data)
+        del snap
+        yield data
+        del data
+    for seq, data in conn.execute(
+        "SELECT seq, data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq", (name, seen.upto)
+    ):
+        seen.rows += 1
+        seen.tail += len(data)
+        seen.last = int(seq)
+        yield data
+
+
 class DocLog:
     """The log of one open store and the documents loaded from it.
 
@@ -97,25 +129,14 @@ class DocLog:
             self._docs.move_to_end(name)
             return loaded
         with self._reading() as conn:
-            snap = conn.execute(
-                "SELECT upto, data FROM snapshots WHERE doc = ?", (name,)
-            ).fetchone()
-            upto = int(snap[0]) if snap else 0
-            rows = conn.execute(
-                "SELECT seq, data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq", (name, upto)
-            ).fetchall()
-        updates = ([snap[1]] if snap else []) + [data for _, data in rows]
-        size = sum(len(u) for u in updates)
-        applied = int(rows[-1][0]) if rows else upto
+            seen = _Read()
+            # Read as applied, one row at a time: a large document's bytes
+            # are never all in memory beside it (tens of MB at the peak).
+            doc = RecordDoc(name, self.client_id, _rows(conn, name, seen))
         loaded = Loaded(
-            RecordDoc(name, self.client_id, updates),
-            applied,
-            upto,
-            len(rows),
-            tail_bytes=sum(len(data) for _, data in rows),
-            base_bytes=len(snap[1]) if snap else 0,
+            doc, seen.last, seen.upto, seen.rows, tail_bytes=seen.tail, base_bytes=seen.base
         )
-        del updates, snap, rows
+        size = seen.base + seen.tail
         if size > TRIM_AFTER_BYTES:
             trim_heap()
         self._docs[name] = loaded
