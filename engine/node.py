@@ -30,7 +30,7 @@ from . import series as series_mod
 from .clock import Clock, SystemClock, system_random
 from .conflicts import list_conflicts, list_resolutions
 from .crdt import trim_heap
-from .crdt.split import split_update
+from .crdt.split import iter_parts
 from .errors import (
     AdapterError,
     AdapterNotFound,
@@ -660,7 +660,9 @@ class Node:
         self._collection_of(name)
         documents = stored = waiting = 0
         changed: set[tuple[str, str]] = set()
-        for part in split_update(bytes(data), max_bytes):
+        # One slice at a time: all of them at once would be the update's
+        # size again (tens of MB) beside it.
+        for part in iter_parts(bytes(data), max_bytes):
             report, records = self._import_once({name: part}, False, None)
             documents = max(documents, report.documents)
             stored += report.stored

@@ -143,3 +143,26 @@ def test_a_sliced_import_equals_one_import_and_a_kill_leaves_slices_before_it(
     assert never.conflicts() == crashed_conflicts
     a.close()
     never.close()
+
+
+def test_a_sliced_import_of_bad_bytes_keeps_the_slices_before_them(tmp_path: Path) -> None:
+    """Slices are cut as they are imported (``split.iter_parts``): a bad
+    tail raises once the slices before it are durable, as a crash there would
+    leave them; the whole update imported later brings the rest."""
+    from engine.errors import UpdateError
+
+    a, update, _, _ = two_nodes(tmp_path)
+    a.close()
+    damaged = update[: len(update) // 2]
+    with Node.open(tmp_path / "B", rng=random.Random(4)) as b:
+        before = b.count(DOC)
+        try:
+            b.import_sliced(DOC, damaged, 2048)
+        except UpdateError:
+            pass
+        else:
+            raise AssertionError("a truncated update must raise")
+        kept = b.count(DOC) - before
+        assert 0 < kept < RECORDS
+        b.import_sliced(DOC, update, 2048)
+        assert b.count(DOC) == before + RECORDS  # B's duplicate codes stay: conflicts

@@ -17,6 +17,8 @@ input raises ``UpdateError``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from ..errors import UpdateError
 from .deleteset import decode_delete_set
 from .statevec import read_uint, write_uint
@@ -194,15 +196,22 @@ def split_update(update: bytes, max_bytes: int) -> list[bytes]:
     on top); an update that fits is returned as the only element, unchanged.
     Raises UpdateError for bytes that are not a v1 update and ValueError for
     ``max_bytes`` < 1."""
+    return list(iter_parts(update, max_bytes))
+
+
+def iter_parts(update: bytes, max_bytes: int) -> Iterator[bytes]:
+    """``split_update`` one part at a time, so a caller that applies and
+    drops each holds one part, not all of them. Raises as ``split_update``,
+    but only when it reaches the bad bytes: the parts before are valid."""
     if max_bytes < 1:
         raise ValueError("max_bytes must be at least 1")
     if len(update) <= max_bytes:
-        return [update]
+        yield update
+        return
     r = _Reader(update)
     # (client, first clock, start, end, struct count) of the current part's
     # runs of structs, in update order.
     runs: list[tuple[int, int, int, int, int]] = []
-    parts: list[bytes] = []
     size = 0
     total = 0
     for _ in range(r.uint()):
@@ -217,7 +226,7 @@ def split_update(update: bytes, max_bytes: int) -> list[bytes]:
             if (n or runs) and size + (r.pos - start) > max_bytes:
                 if n:
                     runs.append((client, first, start, at, n))
-                parts.append(_encode(update, runs, b"\x00"))
+                yield _encode(update, runs, b"\x00")
                 runs, size, start, first, n = [], 0, at, clock, 0
             clock += length
             n += 1
@@ -227,8 +236,7 @@ def split_update(update: bytes, max_bytes: int) -> list[bytes]:
     _, end = decode_delete_set(update, r.pos)
     if end != len(update):
         raise UpdateError("update has trailing bytes after its delete set")
-    parts.append(_encode(update, runs, update[r.pos :]))
-    return parts
+    yield _encode(update, runs, update[r.pos :])
 
 
 def _encode(update: bytes, runs: list[tuple[int, int, int, int, int]], deletes: bytes) -> bytes:
