@@ -10,6 +10,7 @@ from engine.store.node_store import FORMAT_VERSION, STORE_FILE
 
 # format -> SQL removing what it added over the format before
 UNDO = {
+    8: "DROP TABLE snapshot_parts;",
     7: "DROP TABLE pending_set; DROP TABLE pending_docs; DROP TRIGGER outbox_local_in; "
     "DROP TRIGGER outbox_row_back; DROP TRIGGER outbox_local_out; DROP TRIGGER outbox_local_gone; "
     "DROP TRIGGER outbox_imported_acked; DROP TRIGGER outbox_imported_gone; "

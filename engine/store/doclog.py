@@ -18,6 +18,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from ..crdt import RecordDoc, trim_heap
+from ..crdt.split import iter_parts
+from ..errors import UpdateError
 from .txn import WriteTxn
 
 MAX_LOADED_DOCS = 64
@@ -28,6 +30,8 @@ COMPACT_MIN_ROWS = 1000
 COMPACT_MAX_ROWS = 20_000
 COMPACT_RATIO = 0.25
 TRIM_AFTER_BYTES = 4 << 20  # after loading this much, hand freed memory back
+#: A snapshot is stored in parts of about this size (format 8).
+SNAPSHOT_PART_BYTES = 4 << 20
 
 Reading = Callable[[], AbstractContextManager[sqlite3.Connection]]
 
@@ -77,9 +81,14 @@ def _rows(conn: sqlite3.Connection, name: str, seen: _Read) -> Iterator[bytes]:
     if snap is not None:
         seen.upto = seen.last = int(snap[0])
         data: bytes = snap[1]
-        seen.base = len(data)
         del snap
+        seen.base = len(data)
         yield data
+        for (data,) in conn.execute(
+            "SELECT data FROM snapshot_parts WHERE doc = ? ORDER BY part", (name,)
+        ):
+            seen.base += len(data)
+            yield data
         del data
     for seq, data in conn.execute(
         "SELECT seq, data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq", (name, seen.upto)
@@ -159,9 +168,15 @@ class DocLog:
             ).fetchone()
             if snap is not None:
                 loaded.doc.apply(bytes(snap[1]))
+                loaded.base_bytes = len(snap[1])
+                for (part,) in conn.execute(
+                    "SELECT data FROM snapshot_parts WHERE doc = ? ORDER BY part",
+                    (loaded.doc.name,),
+                ):
+                    loaded.doc.apply(bytes(part))
+                    loaded.base_bytes += len(part)
                 loaded.snapshot = loaded.applied = int(snap[0])
                 loaded.tail = loaded.tail_bytes = 0
-                loaded.base_bytes = len(snap[1])
             for seq, data in conn.execute(
                 "SELECT seq, data FROM updates WHERE doc = ? AND seq > ? ORDER BY seq",
                 (loaded.doc.name, loaded.applied),
@@ -210,12 +225,7 @@ class DocLog:
         if upto <= loaded.snapshot:
             return 0
         snapshot = loaded.doc.diff()
-        txn.execute(
-            "INSERT INTO snapshots (doc, upto, data, at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (doc) DO UPDATE SET upto = excluded.upto, data = excluded.data, "
-            "at = excluded.at",
-            (loaded.doc.name, upto, snapshot, self._wall_ms()),
-        )
+        self._store_snapshot(txn, loaded.doc.name, upto, snapshot)
         cur = txn.execute(
             "DELETE FROM updates WHERE doc = ? AND seq <= ? AND pending = 0",
             (loaded.doc.name, upto),
@@ -224,6 +234,30 @@ class DocLog:
         loaded.tail = loaded.tail_bytes = 0
         loaded.base_bytes = len(snapshot)
         return int(cur.rowcount)
+
+    def _store_snapshot(self, txn: WriteTxn, name: str, upto: int, snapshot: bytes) -> None:
+        """``snapshot`` as ``name``'s snapshot, in parts of about
+        ``SNAPSHOT_PART_BYTES`` (a load then holds one part at a time)."""
+        txn.execute("DELETE FROM snapshot_parts WHERE doc = ?", (name,))
+        try:
+            for i, part in enumerate(iter_parts(snapshot, SNAPSHOT_PART_BYTES)):
+                if i == 0:
+                    self._store_part0(txn, name, upto, part)
+                else:
+                    txn.execute("INSERT INTO snapshot_parts VALUES (?, ?, ?)", (name, i, part))
+        except UpdateError:
+            # Bytes the splitter does not read (pycrdt wrote them, so they
+            # are an update): kept whole, as before parts existed.
+            txn.execute("DELETE FROM snapshot_parts WHERE doc = ?", (name,))
+            self._store_part0(txn, name, upto, snapshot)
+
+    def _store_part0(self, txn: WriteTxn, name: str, upto: int, data: bytes) -> None:
+        txn.execute(
+            "INSERT INTO snapshots (doc, upto, data, at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (doc) DO UPDATE SET upto = excluded.upto, data = excluded.data, "
+            "at = excluded.at",
+            (name, upto, data, self._wall_ms()),
+        )
 
     # -- clients --------------------------------------------------------------
 

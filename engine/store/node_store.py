@@ -25,7 +25,7 @@ from .turns import turns_of
 from .txn import WriteTxn
 
 STORE_FILE = "branchline.db"
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 BUSY_TIMEOUT_MS = 30_000
 CACHE_KIB = 16_384
 
@@ -278,6 +278,19 @@ CREATE TRIGGER outbox_imported_out AFTER DELETE ON outbox_records BEGIN
 END;
 """
 SCHEMA_SQL += PENDING_COUNTS_SQL
+# Added in format 8: a large snapshot is stored in parts (each a Yjs update;
+# applied in order they are the snapshot), so loading a document reads and
+# applies one part at a time instead of holding tens of MB beside it. Part 0
+# stays in ``snapshots.data``: a snapshot of format 7 is a snapshot of one part.
+SNAPSHOT_PARTS_SQL = """
+CREATE TABLE snapshot_parts (
+    doc TEXT NOT NULL,
+    part INTEGER NOT NULL,  -- 1, 2, ...: after snapshots.data
+    data BLOB NOT NULL,
+    PRIMARY KEY (doc, part)
+);
+"""
+SCHEMA_SQL += SNAPSHOT_PARTS_SQL
 PENDING_BACKFILL_SQL = """
 INSERT INTO pending_set
     SELECT doc, record, COUNT(*) FROM pending_records GROUP BY doc, record;
@@ -292,6 +305,7 @@ MIGRATIONS = {
     # Derived from records by code, not SQL: rebuilt when the node first opens.
     5: INDEX_SQL + f"\nINSERT INTO meta (key, value) VALUES ('{STALE_META}', '1');",
     6: PENDING_COUNTS_SQL + PENDING_BACKFILL_SQL,
+    7: SNAPSHOT_PARTS_SQL,
 }
 
 
