@@ -45,18 +45,27 @@ def _where(coll: Collection) -> tuple[str, list[object]]:
     return " AND ".join(parts), params
 
 
-#: Pending records of one collection (``?``) that are live, joined to their rows.
+#: Pending records of one collection that are live, joined to their rows.
+#: Read from ``pending_set`` (kept by triggers, keyed by document) over the
+#: collection's documents only (``coll`` and ``coll/...``; parameters: the
+#: collection, its name, and the bounds ``coll/`` and ``coll0``, as "0"
+#: follows "/"): a backlog of other collections costs nothing here.
 _FROM = (
-    "FROM pending_records p JOIN records r ON r.collection = ? AND r.id = p.record "
-    "WHERE r.deleted = 0 AND "
+    "FROM pending_set p JOIN records r ON r.collection = ? AND r.id = p.record "
+    "WHERE (p.doc = ? OR (p.doc >= ? AND p.doc < ?)) AND r.deleted = 0 AND "
 )
+
+
+def _docs_of(coll: Collection) -> list[object]:
+    return [coll.name, coll.name, f"{coll.name}/", f"{coll.name}0"]
 
 
 def pending(conn: sqlite3.Connection, schema: Schema, *, with_docs: bool = False) -> Urgent:
     """Urgent pending records per collection (every collection that has
     ``urgent_when``, zero included), and with ``with_docs`` the documents a
-    pass takes first (``Urgent``). Reads the pending records once per
-    collection with ``urgent_when``, and once per ``CHUNK`` records they refer to."""
+    pass takes first (``Urgent``). Reads the pending records of the
+    collections with ``urgent_when`` only, and the records they refer to by
+    their keys."""
     out = Urgent()
     targets: set[tuple[str, str]] = set()
     for coll in schema.ordered():
@@ -65,27 +74,31 @@ def pending(conn: sqlite3.Connection, schema: Schema, *, with_docs: bool = False
         where, params = _where(coll)
         if not with_docs:  # ``status``: a count, no record read
             (n,) = conn.execute(
-                f"SELECT COUNT(DISTINCT r.id) {_FROM}{where}", [coll.name, *params]
+                f"SELECT COUNT(DISTINCT r.id) {_FROM}{where}", [*_docs_of(coll), *params]
             ).fetchone()
             out.counts[coll.name] = int(n)
             continue
         rows = conn.execute(
-            f"SELECT DISTINCT p.doc, r.id, r.data {_FROM}{where}", [coll.name, *params]
+            f"SELECT DISTINCT p.doc, r.id, r.data {_FROM}{where}", [*_docs_of(coll), *params]
         ).fetchall()
         out.counts[coll.name] = len({rid for _, rid, _ in rows})
         out.docs.update(str(doc) for doc, _, _ in rows)
         paths = ref_paths(coll)
         if paths:
             targets.update(t for _, _, data in rows for t in references(paths, orjson.loads(data)))
-    ids = sorted({rid for _, rid in targets})
-    for chunk in chunks(ids):
-        # One pass over the pending records per ``CHUNK`` targets, filtered by
-        # SQLite, not one per target: nothing indexes ``updates.record``.
-        for doc, coll_name, rid in conn.execute(
-            "SELECT DISTINCT p.doc, r.collection, r.id FROM pending_records p JOIN records r "
-            f"ON r.id = p.record AND r.doc = p.doc WHERE p.record IN ({marks(chunk)})",
-            chunk,
-        ):
-            if (coll_name, rid) in targets:
-                out.docs.add(str(doc))
+    by_collection: dict[str, list[str]] = {}
+    for target, rid in sorted(targets):
+        by_collection.setdefault(target, []).append(rid)
+    for target, ids in by_collection.items():
+        for chunk in chunks(ids):
+            # By the records' keys, then their document's pending set: no scan.
+            out.docs.update(
+                str(doc)
+                for (doc,) in conn.execute(
+                    "SELECT DISTINCT r.doc FROM records r JOIN pending_set p "
+                    "ON p.doc = r.doc AND p.record = r.id "
+                    f"WHERE r.collection = ? AND r.id IN ({marks(chunk)})",
+                    (target, *chunk),
+                )
+            )
     return out
